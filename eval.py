@@ -1,0 +1,40 @@
+"""Multi-view evaluation of a checkpoint: `python eval.py ckpt=runs/.../checkpoints/best.pt`.
+
+Also under torchrun (`torchrun --nproc_per_node=8 eval.py ckpt=...`): the videos are split across
+ranks without padding and only rank 0 writes the result files.
+"""
+
+import sys
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from squarefuse.engine import distributed
+from squarefuse.engine.evaluator import default_eval_dir, run_eval
+
+
+def _eval_dir(ckpt: str | None) -> str:
+    # Hydra resolves this before creating the run dir; raised here, an error would come wrapped
+    # in a page of interpolation traceback, so exit with the message alone.
+    if ckpt is None:
+        sys.exit("error: ckpt is required: python eval.py ckpt=PATH/TO/checkpoint.pt")
+    try:
+        return default_eval_dir(ckpt)
+    except FileNotFoundError as e:
+        sys.exit(f"error: {e}")
+
+
+# Registered before @hydra.main so that hydra.run.dir (configs/eval.yaml) can use it.
+OmegaConf.register_new_resolver("eval_dir", _eval_dir, replace=True)
+
+
+@hydra.main(version_base="1.3", config_path="configs", config_name="eval")
+def main(cfg: DictConfig) -> None:
+    run_eval(cfg, HydraConfig.get().runtime.output_dir)
+
+
+if __name__ == "__main__":
+    distributed.agree_on_run_stamp()
+    sys.argv += distributed.hydra_rank_overrides()
+    main()

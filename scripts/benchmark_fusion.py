@@ -1,0 +1,155 @@
+"""Cost of SQuaRe-Fuse next to a ViT-B/16 backbone step and next to the seed sketch.
+
+Measures forward+backward time, interleaved in one run (so that machine load affects all
+alike), of:
+  * backbone: timm ``vit_base_patch16_224`` (random init, num_classes=0) on B*T frames,
+  * layer: ``SQuaReFuse`` (D=768, K=8, Q=3, P=2) on tokens [B,T,197,768], no mask,
+  * layer_masked: the same with a [B,T] mask (the last quarter of the frames padded),
+  * seed: the seed design's sketch (tests/seed_reference.py) at the same shape,
+and prints medians over ``--repeats`` rounds after ``--warmup`` rounds (each round: one
+backbone step, then ``--layer-repeats`` interleaved runs of the three fusion steps), with
+the ratios layer/backbone (target < 1%) and layer/seed (target <= 1).
+
+    python scripts/benchmark_fusion.py                      # CPU, B=2, T=16, 224px
+    python scripts/benchmark_fusion.py --device cuda --amp  # bf16 autocast on a GPU
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import timm
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests"))  # the seed oracle lives with the tests
+sys.path.insert(0, str(REPO))
+
+from seed_reference import SQuaReFuse as SeedSQuaReFuse  # noqa: E402
+from squarefuse.models.fusion import SQuaReFuse  # noqa: E402
+
+
+def _parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--frames", type=int, default=16)
+    p.add_argument("--img-size", type=int, default=224)
+    p.add_argument("--repeats", type=int, default=2, help="timed rounds (medians are reported)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed rounds first")
+    p.add_argument("--layer-repeats", type=int, default=5,
+                   help="runs of each fusion step per round (they are cheap next to the backbone)")
+    p.add_argument("--amp", action="store_true", help="bf16 autocast for all three")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--json", type=Path, default=None, help="also write the figures here")
+    return p.parse_args()
+
+
+def _timed(fn: Callable[[], None], device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    args = _parse_args()
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda was asked for but torch.cuda.is_available() is False")
+    torch.manual_seed(0)
+    B, T = args.batch, args.frames
+
+    backbone = timm.create_model(
+        "vit_base_patch16_224", pretrained=False, num_classes=0, img_size=args.img_size
+    ).to(device)
+    D = backbone.embed_dim
+    N = backbone.patch_embed.num_patches + backbone.num_prefix_tokens
+    layer = SQuaReFuse(d_model=D, num_dirs=8, quantiles=(0.1, 0.5, 0.9), poly_order=2).to(device)
+    seed = SeedSQuaReFuse(D, num_dirs=8, quantiles=(0.1, 0.5, 0.9), poly_order=2).to(device)
+    seed.load_state_dict(layer.state_dict())
+
+    frames = torch.randn(B * T, 3, args.img_size, args.img_size, device=device)
+    tokens = torch.randn(B, T, N, D, device=device, requires_grad=True)
+    grad_tokens = torch.randn(B, T, N, D, device=device)
+    clip_mask = torch.ones(B, T, dtype=torch.bool, device=device)
+    clip_mask[:, T - T // 4 :] = False
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp)
+
+    def step_backbone() -> None:
+        backbone.zero_grad(set_to_none=True)
+        with autocast:
+            out = backbone.forward_features(frames)  # [B*T, N, D]: the tokens the layer fuses
+        out.backward(grad_tokens.view(B * T, N, D).to(out.dtype))
+
+    def step_layer() -> None:
+        layer.zero_grad(set_to_none=True)
+        tokens.grad = None
+        with autocast:
+            h, _ = layer(tokens)
+        h.backward(grad_tokens.to(h.dtype))
+
+    def step_layer_masked() -> None:
+        layer.zero_grad(set_to_none=True)
+        tokens.grad = None
+        with autocast:
+            h, _ = layer(tokens, valid_mask=clip_mask)
+        h.backward(grad_tokens.to(h.dtype))
+
+    def step_seed() -> None:
+        seed.zero_grad(set_to_none=True)
+        tokens.grad = None
+        with autocast:
+            h = seed(tokens)
+        h.backward(grad_tokens.to(h.dtype))
+
+    fusion_steps = {"layer": step_layer, "layer_masked": step_layer_masked, "seed": step_seed}
+    times: dict[str, list[float]] = {name: [] for name in ["backbone", *fusion_steps]}
+    for round_idx in range(args.warmup + args.repeats):
+        timed = round_idx >= args.warmup
+        t = _timed(step_backbone, device)
+        if timed:
+            times["backbone"].append(t)
+        for _ in range(args.layer_repeats):
+            for name, fn in fusion_steps.items():
+                t = _timed(fn, device)
+                if timed:
+                    times[name].append(t)
+    med = {name: statistics.median(ts) for name, ts in times.items()}
+
+    print(f"device={device} threads={torch.get_num_threads()} B={B} T={T} N={N} D={D} "
+          f"img={args.img_size} amp={args.amp} warmup={args.warmup} repeats={args.repeats} "
+          f"layer_repeats={args.layer_repeats}")
+    print("forward+backward, median seconds (min..max):")
+    for name, ts in times.items():
+        print(f"  {name:13s} {med[name]:.5f}  ({min(ts):.5f}..{max(ts):.5f})")
+    ratios = {
+        "layer/backbone": med["layer"] / med["backbone"],
+        "layer_masked/backbone": med["layer_masked"] / med["backbone"],
+        "layer/seed": med["layer"] / med["seed"],
+    }
+    print(f"layer/backbone        = {100 * ratios['layer/backbone']:.3f}%   (target < 1%)")
+    print(f"layer_masked/backbone = {100 * ratios['layer_masked/backbone']:.3f}%")
+    print(f"layer/seed            = {ratios['layer/seed']:.3f}     (target <= 1)")
+    if args.json is not None:
+        args.json.write_text(json.dumps({
+            "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+            | {"N": N, "D": D, "threads": torch.get_num_threads()},
+            "seconds": times,
+            "median_seconds": med,
+            "ratios": ratios,
+        }, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,23 @@
+"""Video datasets: annotations -> frame sampling -> decoding -> uint8 augmentation.
+
+`build_dataset(cfg.dataset, split, views=..., report_dir=...)` is the entry point; see
+`squarefuse.datasets.build` for the config keys and `squarefuse.datasets.video_dataset` for what
+an item holds.
+"""
+
+from squarefuse.datasets.annotations import VideoRecord
+from squarefuse.datasets.build import DATASET_NAMES, build_dataset
+from squarefuse.datasets.decoders import DecodeError, DecodeTimeout, VideoReader, open_video, resolve_decoder
+from squarefuse.datasets.video_dataset import VideoDataset
+
+__all__ = [
+    "DATASET_NAMES",
+    "DecodeError",
+    "DecodeTimeout",
+    "VideoDataset",
+    "VideoReader",
+    "VideoRecord",
+    "build_dataset",
+    "open_video",
+    "resolve_decoder",
+]

@@ -1,0 +1,304 @@
+"""Read annotation files into video records: SSv2 json, Kinetics csv, "path label" lists.
+
+Every reader returns `Annotations` (records + class names) and fails with a ValueError naming the
+file and the line or entry for malformed input. Whether the videos exist is checked afterwards,
+in one pass over directory listings (`split_missing`), not here.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = [
+    "Annotations",
+    "VideoRecord",
+    "k400_class_names",
+    "load_k400",
+    "load_list",
+    "list_num_classes",
+    "load_ssv2",
+    "read_label_map",
+    "split_missing",
+]
+
+K400_COLUMNS = ("label", "youtube_id", "time_start", "time_end")
+K400_LAYOUTS = ("auto", "flat", "per_class")
+
+
+@dataclass(frozen=True)
+class VideoRecord:
+    """One video of a split.
+
+    Attributes:
+        path: the video file.
+        label: class id.
+        id: the dataset's own name for the sample (SSv2 id, K400 clip name, list path).
+    """
+
+    path: str
+    label: int
+    id: str
+
+
+@dataclass
+class Annotations:
+    """The records of a split and the class names (index = class id)."""
+
+    records: list[VideoRecord]
+    class_names: list[str]
+
+
+def _require(path: str | Path, key: str) -> Path:
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"{key}: {path} does not exist")
+    return path
+
+
+def _load_json(path: Path):
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}") from e
+
+
+def read_label_map(path: str | Path, *, key: str = "dataset.label_map") -> list[str]:
+    """Class names, one a line (line i names class i); blank lines are ignored.
+
+    Args:
+        path: the file.
+        key: the config key it came from, for error messages.
+    """
+    path = _require(path, key)
+    names = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not names:
+        raise ValueError(f"{path}: no class names")
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise ValueError(f"{path}: class names listed twice: {duplicates[:5]}")
+    return names
+
+
+# --- Something-Something V2 ------------------------------------------------------------------
+
+
+def load_ssv2(*, labels_file: str | Path, annotation_file: str | Path, video_dir: str | Path, video_ext: str) -> Annotations:
+    """The official SSv2 json files.
+
+    A sample's class is its ``template`` with the brackets removed ("Putting [something] on
+    [something]" -> "Putting something on something"), looked up in the labels file, which maps
+    class names to id strings.
+
+    Args:
+        labels_file: ``something-something-v2-labels.json``.
+        annotation_file: ``something-something-v2-{train,validation}.json``.
+        video_dir: folder of ``{id}.{video_ext}`` files.
+        video_ext: "webm" for the original release, "mp4" after re-encoding.
+    """
+    labels_path = _require(labels_file, "dataset.labels_file")
+    labels = _load_json(labels_path)
+    if not isinstance(labels, dict):
+        raise ValueError(f"{labels_path}: expected an object mapping class names to ids")
+    class_names: list[str | None] = [None] * len(labels)
+    for name, value in labels.items():
+        try:
+            class_id = int(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"{labels_path}: class {name!r} has a non-integer id {value!r}") from None
+        if not 0 <= class_id < len(labels) or class_names[class_id] is not None:
+            raise ValueError(f"{labels_path}: ids must be 0..{len(labels) - 1}, each once; {name!r} has {value!r}")
+        class_names[class_id] = name
+    name_to_id = {name: i for i, name in enumerate(class_names)}
+
+    path = _require(annotation_file, "the SSv2 annotation file")
+    entries = _load_json(path)
+    if not isinstance(entries, list):
+        raise ValueError(f"{path}: expected a list of samples")
+    records = []
+    for i, entry in enumerate(entries):
+        if not isinstance(entry, dict) or "id" not in entry or "template" not in entry:
+            raise ValueError(f"{path}: entry {i} lacks 'id' or 'template': {str(entry)[:120]}")
+        name = entry["template"].replace("[", "").replace("]", "")
+        if name not in name_to_id:
+            raise ValueError(f"{path}: entry {i} (id {entry['id']}): template {name!r} is not a class of {labels_path}")
+        video_id = str(entry["id"])
+        records.append(VideoRecord(str(Path(video_dir) / f"{video_id}.{video_ext}"), name_to_id[name], video_id))
+    return Annotations(records, list(class_names))
+
+
+# --- Kinetics-400 ------------------------------------------------------------------------------
+
+
+def _read_k400_rows(path: Path) -> list[tuple[int, dict[str, str]]]:
+    """(line number, row) of an official Kinetics csv, checked for columns."""
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.reader(f)
+        header = next(reader, None)
+        if header is None:
+            raise ValueError(f"{path}: empty file")
+        header = [h.strip() for h in header]
+        absent = [c for c in K400_COLUMNS if c not in header]
+        if absent:
+            raise ValueError(f"{path}:1: header {header} lacks the columns {absent}")
+        rows = []
+        for row in reader:
+            if not row or not any(cell.strip() for cell in row):
+                continue
+            if len(row) != len(header):
+                raise ValueError(
+                    f"{path}:{reader.line_num}: expected {len(header)} columns ({','.join(header)}), got {len(row)}"
+                )
+            rows.append((reader.line_num, dict(zip(header, (c.strip() for c in row)))))
+    return rows
+
+
+def k400_class_names(train_file: str | Path) -> list[str]:
+    """Sorted label names of the train csv: the class ids when no label map is given."""
+    path = _require(train_file, "dataset.train_file")
+    return sorted({row["label"] for _, row in _read_k400_rows(path)})
+
+
+def _class_folder(label: str) -> str:
+    return label.replace(" ", "_")
+
+
+class _Listings:
+    """Directory listings, each read once: checking 240k files one stat at a time is slow on NFS."""
+
+    def __init__(self) -> None:
+        self._cache: dict[str, frozenset[str]] = {}
+
+    def __call__(self, folder: str) -> frozenset[str]:
+        if folder not in self._cache:
+            try:
+                self._cache[folder] = frozenset(os.listdir(folder))
+            except (FileNotFoundError, NotADirectoryError):
+                self._cache[folder] = frozenset()
+        return self._cache[folder]
+
+
+def load_k400(
+    *,
+    annotation_file: str | Path,
+    class_names: list[str],
+    video_dir: str | Path,
+    video_ext: str = "mp4",
+    layout: str = "auto",
+) -> Annotations:
+    """An official Kinetics csv (``label,youtube_id,time_start,time_end,split``).
+
+    Files are ``{youtube_id}_{start:06d}_{end:06d}.{video_ext}`` in `video_dir`, either flat or in
+    one folder per class (the label with "_" for spaces). ``layout="auto"`` looks for each file
+    in both places (flat first), so mixed trees work too.
+
+    Args:
+        annotation_file: the split's csv.
+        class_names: class id -> label (from the label map or `k400_class_names`).
+        video_dir: the split's video folder.
+        video_ext: file extension.
+        layout: "auto", "flat" or "per_class".
+    """
+    if layout not in K400_LAYOUTS:
+        raise ValueError(f"dataset.layout={layout!r}: choose one of {list(K400_LAYOUTS)}")
+    path = _require(annotation_file, "the Kinetics annotation file")
+    name_to_id = {name: i for i, name in enumerate(class_names)}
+    video_dir = str(Path(video_dir).expanduser())
+    listing = _Listings()
+    records = []
+    for line, row in _read_k400_rows(path):
+        label = row["label"]
+        if label not in name_to_id:
+            raise ValueError(f"{path}:{line}: label {label!r} is not one of the {len(class_names)} classes")
+        try:
+            start, end = int(float(row["time_start"])), int(float(row["time_end"]))
+        except ValueError:
+            raise ValueError(f"{path}:{line}: time_start/time_end must be numbers, got {row['time_start']!r}, {row['time_end']!r}") from None
+        clip_id = f"{row['youtube_id']}_{start:06d}_{end:06d}"
+        name = f"{clip_id}.{video_ext}"
+        flat = os.path.join(video_dir, name)
+        per_class = os.path.join(video_dir, _class_folder(label), name)
+        if layout == "flat":
+            video = flat
+        elif layout == "per_class":
+            video = per_class
+        elif name in listing(video_dir):
+            video = flat
+        elif name in listing(os.path.dirname(per_class)):
+            video = per_class
+        else:
+            video = flat  # missing either way; reported under its flat name
+        records.append(VideoRecord(video, name_to_id[label], clip_id))
+    return Annotations(records, list(class_names))
+
+
+# --- "path label" lists ------------------------------------------------------------------------
+
+
+def _read_list(path: Path) -> list[tuple[int, str, int]]:
+    entries = []
+    for number, raw in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        parts = line.rsplit(maxsplit=1)
+        if len(parts) != 2:
+            raise ValueError(f"{path}:{number}: expected 'path label', got {line!r}")
+        try:
+            label = int(parts[1])
+        except ValueError:
+            raise ValueError(f"{path}:{number}: the label {parts[1]!r} is not an integer") from None
+        if label < 0:
+            raise ValueError(f"{path}:{number}: negative label {label}")
+        entries.append((number, parts[0], label))
+    return entries
+
+
+def list_num_classes(list_file: str | Path) -> int:
+    """1 + the largest label of a list file (the class count when no label map is given)."""
+    entries = _read_list(_require(list_file, "dataset.train_file"))
+    if not entries:
+        raise ValueError(f"{list_file}: no entries")
+    return 1 + max(label for _, _, label in entries)
+
+
+def load_list(*, list_file: str | Path, video_dir: str | Path | None, class_names: list[str]) -> Annotations:
+    """A ``path label`` list (VideoMAE / MMAction2): one video a line, the label last.
+
+    Paths may contain spaces; relative paths are joined to `video_dir` (or, when it is None, to
+    the list file's folder); lines starting with "#" are comments.
+
+    Args:
+        list_file: the split's list.
+        video_dir: prefix of relative paths.
+        class_names: class id -> name; labels must be below its length.
+    """
+    path = _require(list_file, "the list file")
+    base = Path(video_dir).expanduser() if video_dir is not None else path.parent
+    records = []
+    for number, video, label in _read_list(path):
+        if label >= len(class_names):
+            raise ValueError(f"{path}:{number}: label {label} but there are {len(class_names)} classes")
+        records.append(VideoRecord(str(base / video), label, video))
+    return Annotations(records, list(class_names))
+
+
+# --- missing files -----------------------------------------------------------------------------
+
+
+def split_missing(records: Iterable[VideoRecord]) -> tuple[list[VideoRecord], list[str]]:
+    """Records whose file exists, and the paths of those that do not (one listing per folder)."""
+    listing = _Listings()
+    present, missing = [], []
+    for record in records:
+        folder, name = os.path.split(record.path)
+        if name in listing(folder or "."):
+            present.append(record)
+        else:
+            missing.append(record.path)
+    return present, missing

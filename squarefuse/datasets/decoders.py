@@ -1,0 +1,334 @@
+"""Open a video with decord or PyAV, in this process or in a guarded decoding process.
+
+    with open_video("a.webm", "decord", timeout=30.0) as video:
+        frames_THWC = video.get_frames([0, 4, 8])      # uint8, RGB
+
+With ``timeout`` set, decoding runs in one small child process per calling process (started on
+first use, re-used for every later video). A decoder call that does not answer within ``timeout``
+seconds gets that process killed and raises `DecodeTimeout` naming the file; the next call starts
+a fresh process. Killing is the only cure: decord can spin forever inside C while holding the GIL,
+where no Python thread, signal handler or alarm of the hung process ever runs again. A decoder
+that crashes the process (a segfault on a corrupt file) raises `DecodeError` the same way instead
+of killing the DataLoader worker. The price is one copy of the decoded frames through a socket.
+
+Without ``timeout`` the backend runs in this process: slightly cheaper, unguarded.
+
+Readers are opened inside the process that uses them (one per sample in a DataLoader worker);
+after a fork the child starts its own decoding process and never touches its parent's.
+"""
+
+from __future__ import annotations
+
+import atexit
+import importlib.util
+import logging
+import os
+import socket
+import subprocess
+import sys
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from types import TracebackType
+
+import numpy as np
+import torch  # noqa: F401 - torch must be loaded before decord (imported lazily by the backends)
+
+from squarefuse.datasets import video_backends
+from squarefuse.datasets.video_backends import describe_error, open_backend, recv_exact, recv_msg, send_msg
+
+__all__ = ["DECODERS", "DecodeError", "DecodeTimeout", "VideoReader", "open_video", "resolve_decoder"]
+
+log = logging.getLogger(__name__)
+
+DECODERS = ("decord", "pyav")
+# How long a fresh decoding process may take to import numpy and answer (slow shared filesystems).
+_STARTUP_TIMEOUT_S = 60.0
+
+
+class DecodeError(RuntimeError):
+    """A video could not be decoded; the message names the file and what failed."""
+
+
+class DecodeTimeout(DecodeError):
+    """A decoder call did not return within the time limit; its process was killed."""
+
+
+_fallback_warned = False
+
+
+def resolve_decoder(name: str) -> str:
+    """Check a decoder name; "decord" becomes "pyav" (with a one-time warning) without decord.
+
+    Args:
+        name: "decord" or "pyav" (the value of ``dataset.decoder``).
+
+    Returns:
+        The decoder to use.
+
+    Raises:
+        ValueError: `name` is not a known decoder.
+    """
+    global _fallback_warned
+    if name not in DECODERS:
+        raise ValueError(f"dataset.decoder={name!r} is not a decoder: choose one of {list(DECODERS)}")
+    if name == "decord" and importlib.util.find_spec("decord") is None:
+        if not _fallback_warned:
+            log.warning("decord is not installed (it ships x86-64 wheels only): decoding with PyAV instead")
+            _fallback_warned = True
+        return "pyav"
+    return name
+
+
+class _DecodeProcess:
+    """The decoding child process of one (worker) process, restarted after a timeout or crash."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._proc: subprocess.Popen | None = None
+        self._sock: socket.socket | None = None
+        self._next_handle = 0
+        self.generation = 0  # bumped at every start: handles of an older process are void
+
+    def _start(self) -> None:
+        parent_sock, child_sock = socket.socketpair()
+        try:
+            self._proc = subprocess.Popen(
+                [sys.executable, video_backends.__file__, str(child_sock.fileno()), str(os.getpid())],
+                pass_fds=(child_sock.fileno(),),
+                stdin=subprocess.DEVNULL,
+            )
+        finally:
+            child_sock.close()
+        self._sock = parent_sock
+        self.generation += 1
+        try:
+            parent_sock.settimeout(_STARTUP_TIMEOUT_S)
+            if recv_msg(parent_sock) != ("ready",):
+                raise EOFError("unexpected first message")
+        except (OSError, EOFError) as e:
+            code = self._kill()
+            raise DecodeError(f"the decoding process did not start (exit code {code}): {e}") from e
+
+    def _kill(self) -> int | None:
+        code = None
+        if self._proc is not None:
+            if self._proc.poll() is None:
+                self._proc.kill()
+            try:
+                code = self._proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                pass
+        if self._sock is not None:
+            self._sock.close()
+        self._proc, self._sock = None, None
+        return code
+
+    def new_handle(self) -> int:
+        self._next_handle += 1
+        return self._next_handle
+
+    def request(self, message: tuple, *, path: str, timeout: float) -> tuple:
+        """Send one request and return the reply (frames arrive as an array in reply[1])."""
+        op = message[0]
+        with self._lock:
+            if self._proc is None or self._proc.poll() is not None:
+                if op != "open":
+                    raise DecodeError(f"{path}: the decoding process was restarted; open the video again")
+                self._kill()
+                self._start()
+            assert self._sock is not None
+            try:
+                self._sock.settimeout(timeout)
+                send_msg(self._sock, message)
+                reply = recv_msg(self._sock)
+                if reply[0] == "frames":
+                    frames = np.empty(reply[1], dtype=np.uint8)
+                    recv_exact(self._sock, memoryview(frames).cast("B"))
+                    reply = ("frames", frames)
+            except TimeoutError as e:
+                self._kill()
+                raise DecodeTimeout(
+                    f"{path}: the decoder did not answer within {timeout:g} s ({op}); its process was killed"
+                ) from e
+            except (OSError, EOFError) as e:
+                code = self._kill()
+                raise DecodeError(f"{path}: the decoding process died during {op} (exit code {code})") from e
+        if reply[0] == "error":
+            raise DecodeError(f"{path}: {reply[1]}")
+        return reply
+
+    def close(self) -> None:
+        with self._lock:
+            self._kill()
+
+
+_process: _DecodeProcess | None = None
+_process_pid = -1
+
+
+def _decode_process() -> _DecodeProcess:
+    global _process, _process_pid
+    if _process is None or _process_pid != os.getpid():
+        _process, _process_pid = _DecodeProcess(), os.getpid()
+    return _process
+
+
+def _forget_after_fork() -> None:
+    # The forked child must not talk to its parent's decoding process: drop (do not kill) it.
+    global _process
+    if _process is not None and _process._sock is not None:
+        _process._sock.close()
+    _process = None
+
+
+os.register_at_fork(after_in_child=_forget_after_fork)
+
+
+@atexit.register
+def _close_decode_process() -> None:
+    if _process is not None and _process_pid == os.getpid():
+        _process.close()
+
+
+class _RemoteBackend:
+    """A backend living in the decoding process, driven through `_DecodeProcess.request`."""
+
+    def __init__(self, path: str, decoder: str, *, num_threads: int, timeout: float) -> None:
+        self._path, self._timeout = path, timeout
+        self._process = _decode_process()
+        self._handle = self._process.new_handle()
+        _, self.num_frames, self.fps = self._request(("open", self._handle, path, decoder, num_threads))
+        self._generation = self._process.generation
+
+    def _request(self, message: tuple) -> tuple:
+        return self._process.request(message, path=self._path, timeout=self._timeout)
+
+    def frame_size(self) -> tuple[int, int]:
+        _, height, width = self._request(("size", self._handle))
+        return height, width
+
+    def read(self, indices: list[int]) -> np.ndarray:
+        return self._request(("read", self._handle, indices))[1]
+
+    def close(self) -> None:
+        if self._process.generation == self._generation and self._process._proc is not None:
+            self._request(("close", self._handle))
+
+
+class VideoReader:
+    """An open video, whichever backend decodes it and wherever it runs.
+
+    Attributes:
+        path: the file.
+        num_frames: frames in the video stream (as the container's packets count them).
+        fps: average frame rate.
+        height, width: frame size in pixels (looked up on first access).
+    """
+
+    def __init__(self, path: str, backend: video_backends.Backend) -> None:
+        self.path = path
+        self._backend = backend
+        self.num_frames = int(backend.num_frames)
+        self.fps = float(backend.fps)
+        self._size: tuple[int, int] | None = None
+        if self.num_frames < 1:
+            self.close()
+            raise DecodeError(f"{path}: the video stream has no frames")
+
+    def _size_hw(self) -> tuple[int, int]:
+        if self._size is None:
+            self._size = self._call(self._backend.frame_size)
+        return self._size
+
+    @property
+    def height(self) -> int:
+        return self._size_hw()[0]
+
+    @property
+    def width(self) -> int:
+        return self._size_hw()[1]
+
+    def _call(self, fn, *args):
+        try:
+            return fn(*args)
+        except DecodeError:
+            raise
+        except Exception as e:  # noqa: BLE001 - decord and FFmpeg raise anything; name the file
+            raise DecodeError(f"{self.path}: {describe_error(e)}") from e
+
+    def get_frames(self, indices: Sequence[int]) -> torch.Tensor:
+        """Decode frames by index.
+
+        Indices are clamped to ``[0, num_frames - 1]``; repeated and unsorted indices are fine
+        (each frame is decoded once).
+
+        Args:
+            indices: frame indices.
+
+        Returns:
+            uint8 tensor [T,H,W,C] (RGB), T = len(indices).
+
+        Raises:
+            DecodeError: the frames could not be decoded (DecodeTimeout: the decoder hung).
+        """
+        index_T = np.clip(np.asarray(indices, dtype=np.int64).reshape(-1), 0, self.num_frames - 1)
+        if index_T.size == 0:
+            raise ValueError(f"{self.path}: no frame indices given")
+        unique_U, inverse_T = np.unique(index_T, return_inverse=True)
+        frames_UHWC = self._call(self._backend.read, unique_U.tolist())
+        if frames_UHWC.ndim != 4 or frames_UHWC.shape[0] != unique_U.size:
+            raise DecodeError(f"{self.path}: asked for {unique_U.size} frames, got an array of shape {frames_UHWC.shape}")
+        frames = torch.from_numpy(frames_UHWC)
+        if unique_U.size != index_T.size or not np.array_equal(unique_U, index_T):
+            frames = frames[torch.from_numpy(inverse_T.reshape(-1))]
+        return frames
+
+    def close(self) -> None:
+        """Release the decoder (errors while closing are ignored: the frames are already out)."""
+        if self._backend is not None:
+            try:
+                self._backend.close()
+            except Exception:  # noqa: BLE001
+                pass
+            self._backend = None
+
+    def __enter__(self) -> VideoReader:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+
+def open_video(
+    path: str | Path, decoder: str = "decord", *, num_threads: int = 1, timeout: float | None = None
+) -> VideoReader:
+    """Open a video for frame access.
+
+    Args:
+        path: the video file.
+        decoder: "decord" or "pyav" ("decord" falls back to "pyav" where it is not installed).
+        num_threads: decoding threads; keep 1 inside DataLoader workers.
+        timeout: seconds each decoder call may take; decoding then runs in a guarded child
+            process (see the module docstring). None or <= 0: decode in this process, unguarded.
+
+    Returns:
+        A `VideoReader`; close it (or use it as a context manager).
+
+    Raises:
+        DecodeError: the file is missing, not a video, or could not be opened (DecodeTimeout:
+            opening hung).
+        ValueError: unknown decoder.
+    """
+    path = str(path)
+    decoder = resolve_decoder(decoder)
+    if timeout is not None and timeout > 0:
+        backend = _RemoteBackend(path, decoder, num_threads=num_threads, timeout=float(timeout))
+    else:
+        try:
+            backend = open_backend(path, decoder, num_threads=num_threads)
+        except Exception as e:  # noqa: BLE001 - see VideoReader._call
+            raise DecodeError(f"{path}: {describe_error(e)}") from e
+    return VideoReader(path, backend)

@@ -1,0 +1,1 @@
+"""Training and evaluation infrastructure: trainer, evaluator, checkpoints, distributed, logging."""

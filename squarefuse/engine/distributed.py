@@ -1,0 +1,165 @@
+"""Process-group setup from the launcher's environment, and the few collectives we need.
+
+torchrun sets RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT; a SLURM task started by
+submitit or srun without torchrun has SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID instead, and the
+master address comes from the first node of the job. Everything else in the code asks `DistInfo`.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    """Where this process sits in the job."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def is_distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def _slurm_master_addr() -> str:
+    nodelist = os.environ.get("SLURM_JOB_NODELIST") or os.environ.get("SLURM_NODELIST")
+    if not nodelist:
+        return "127.0.0.1"
+    try:
+        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, check=True)
+        return out.stdout.split()[0]
+    except (OSError, subprocess.CalledProcessError, IndexError):
+        # No scontrol (e.g. submitit's local executor): a single node, so the nodelist is the host.
+        return nodelist.split(",")[0].split("[")[0]
+
+
+def env_dist_info() -> DistInfo:
+    """Read rank/world size from torchrun's variables, else submitit's or SLURM's, else one process."""
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        return DistInfo(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0)))
+    if "SUBMITIT_EXECUTOR" in os.environ:  # a task started by submitit (SLURM or its local executor)
+        import submitit
+
+        env = submitit.JobEnvironment()
+        if env.num_tasks > 1:
+            return DistInfo(env.global_rank, env.num_tasks, env.local_rank)
+        return DistInfo()
+    if "SLURM_PROCID" in os.environ and int(os.environ.get("SLURM_NTASKS", "1")) > 1:
+        return DistInfo(int(os.environ["SLURM_PROCID"]), int(os.environ["SLURM_NTASKS"]), int(os.environ.get("SLURM_LOCALID", 0)))
+    return DistInfo()
+
+
+def default_num_workers() -> int:
+    """Data-loader workers per rank: this rank's share of the CPU cores, 1 to 8."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(8, cpus // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))))
+
+
+def resolve_device(name: str, info: DistInfo) -> torch.device:
+    """`auto` -> this rank's GPU if there is one, else CPU. Explicit names are checked."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name not in ("cpu", "cuda") and not name.startswith("cuda:"):
+        raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {name!r}")
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ValueError(f"device={name} but no CUDA device is available")
+        if name == "cuda":
+            return torch.device("cuda", info.local_rank)
+    return torch.device(name)
+
+
+RUN_STAMP_ENV = "SQUAREFUSE_RUN_STAMP"
+
+
+def agree_on_run_stamp(device_name: str = "auto") -> None:
+    """Give every rank the same run-folder timestamp before Hydra resolves `hydra.run.dir`.
+
+    Each rank of a torchrun job composes its own config, and `${now:}` would differ between them
+    by a second now and then, splitting one run into several folders. So the process group is
+    joined first, rank 0's clock is broadcast, and configs/train.yaml reads it from the
+    environment. A single process keeps Hydra's `${now:}`.
+    """
+    info = env_dist_info()
+    if not info.is_distributed or RUN_STAMP_ENV in os.environ:
+        return
+    init_distributed(device_name)
+    os.environ[RUN_STAMP_ENV] = broadcast_object(time.strftime("%Y-%m-%d/%H-%M-%S"))
+
+
+def hydra_rank_overrides() -> list[str]:
+    """Command-line overrides that keep ranks other than 0 from writing Hydra's files."""
+    if env_dist_info().is_main:
+        return []
+    return ["hydra.output_subdir=null", "hydra/job_logging=disabled", "hydra/hydra_logging=disabled"]
+
+
+def init_distributed(device_name: str = "auto", timeout_s: float = 1800) -> tuple[DistInfo, torch.device]:
+    """Join the process group described by the environment (no-op for a single process)."""
+    info = env_dist_info()
+    device = resolve_device(device_name, info)
+    if info.is_distributed and not dist.is_initialized():
+        # One group for both: collectives on CPU tensors (objects, flags) use gloo, CUDA ones NCCL.
+        backend = "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
+        if "MASTER_ADDR" not in os.environ:  # SLURM / submitit tasks: no launcher set these
+            os.environ["MASTER_ADDR"] = _slurm_master_addr()
+            job_id = os.environ.get("SLURM_JOB_ID") or os.environ.get("SUBMITIT_LOCAL_JOB_ID") or "0"
+            os.environ.setdefault("MASTER_PORT", str(20000 + int("".join(c for c in job_id if c.isdigit()) or 0) % 20000))
+        os.environ.setdefault("MASTER_PORT", "29500")
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group(
+            backend=backend,
+            rank=info.rank,
+            world_size=info.world_size,
+            timeout=timedelta(seconds=timeout_s),
+        )
+    return info, device
+
+
+def shutdown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """Rank `src`'s value of `obj` on every rank."""
+    if not dist.is_initialized():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def all_gather_objects(obj: Any) -> list[Any]:
+    """Every rank's `obj`, in rank order, on every rank."""
+    if not dist.is_initialized():
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    if dist.is_initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t

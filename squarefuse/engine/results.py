@@ -1,0 +1,156 @@
+"""Result files of an evaluation: the numbers, per-class table, per-video predictions, a plot.
+
+    results.json           metrics (percent), counts of evaluated / failed / missing videos, views,
+                           the failed videos, and whatever `meta` the caller adds (checkpoint...)
+    per_class.csv          class_id, class, support, correct, top1, top5
+    predictions.csv        one row per evaluated video: index, id, path, label, pred, prob, top-5
+    probs.pt               indices, labels, averaged probs [N, C] and class names (for ensembling;
+                           `torch.load(weights_only=True)` reads it)
+    confusion_matrix.png   row-normalised; class names on the axes up to 40 classes
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from matplotlib.figure import Figure
+
+from squarefuse.engine.evaluator import EvalResult, confusion_matrix
+
+_MAX_TICK_LABELS = 40  # beyond this, names overlap into an unreadable block
+_MAX_CELL_TEXT = 15  # per-cell numbers only while the cells are big enough to hold them
+
+
+def _finite_or_none(x: float) -> float | None:
+    # json.dump would write NaN, which is not JSON.
+    return x if math.isfinite(x) else None
+
+
+def _record_fields(records: Sequence[Any] | None, index: int) -> tuple[str, str]:
+    if records is None:
+        return "", ""
+    record = records[index]
+    return str(getattr(record, "id", "")), str(getattr(record, "path", ""))
+
+
+def write_results(
+    result: EvalResult,
+    out_dir: str | Path,
+    class_names: Sequence[str],
+    records: Sequence[Any] | None = None,
+    *,
+    missing: Sequence[str] | None = None,
+    meta: Mapping[str, Any] | None = None,
+) -> None:
+    """Write results.json, per_class.csv, predictions.csv, probs.pt and confusion_matrix.png.
+
+    Args:
+        result: what `evaluate` returned.
+        out_dir: folder to write into (created if needed).
+        class_names: name of each class id.
+        records: the dataset's records (`.id`, `.path`), indexed like the dataset; None leaves
+            the id/path columns empty.
+        missing: paths found missing at start-up (only their number goes into results.json; the
+            dataset writes the full list).
+        meta: extra entries for results.json (checkpoint, step, weights, split...).
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    num_classes = result.probs.shape[1]
+    if len(class_names) != num_classes:
+        raise ValueError(f"{len(class_names)} class names for a result over {num_classes} classes")
+    k = result.topk
+    topk_probs, topk_ids = result.probs.topk(k, dim=1)
+    preds = topk_ids[:, 0]
+    confmat = confusion_matrix(result.labels, preds, num_classes)
+
+    summary: dict[str, Any] = {
+        "top1": result.top1,
+        "top5": result.top5,
+        "topk": k,
+        "mean_class_acc": _finite_or_none(result.mean_class_acc),
+        "loss": result.loss,
+        "num_videos": result.num_videos,
+        "num_failed": result.num_failed,
+        "num_missing": len(missing) if missing is not None else None,
+        "views": {"clips": result.views[0], "crops": result.views[1]},
+        "num_classes": num_classes,
+        "failed_videos": [
+            {"index": i, "id": _record_fields(records, i)[0], "path": _record_fields(records, i)[1]}
+            for i in result.failed_indices
+        ],
+    }
+    summary.update(meta or {})
+    with open(out_dir / "results.json", "w") as f:
+        json.dump(summary, f, indent=2)
+
+    support = confmat.sum(dim=1)
+    top5_hits = (topk_ids == result.labels[:, None]).any(dim=1).long()
+    top5_correct = torch.zeros(num_classes, dtype=torch.long).index_add_(0, result.labels, top5_hits)
+    with open(out_dir / "per_class.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["class_id", "class", "support", "correct", "top1", f"top{k}"])
+        for c in range(num_classes):
+            n = int(support[c])
+            correct = int(confmat[c, c])
+            top1 = f"{100.0 * correct / n:.2f}" if n else ""
+            topk = f"{100.0 * int(top5_correct[c]) / n:.2f}" if n else ""
+            writer.writerow([c, class_names[c], n, correct, top1, topk])
+
+    with open(out_dir / "predictions.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["index", "id", "path", "label", "label_name", "pred", "pred_name", "prob", "correct", f"top{k}", f"top{k}_probs"])
+        for row in range(result.num_videos):
+            index = int(result.indices[row])
+            label = int(result.labels[row])
+            pred = int(preds[row])
+            video_id, path = _record_fields(records, index)
+            writer.writerow([
+                index, video_id, path, label, class_names[label], pred, class_names[pred],
+                f"{float(topk_probs[row, 0]):.6f}", int(pred == label),
+                " ".join(str(int(c)) for c in topk_ids[row]),
+                " ".join(f"{float(p):.6f}" for p in topk_probs[row]),
+            ])
+
+    torch.save(
+        {"indices": result.indices, "labels": result.labels, "probs": result.probs, "class_names": list(class_names)},
+        out_dir / "probs.pt",
+    )
+    plot_confusion_matrix(confmat, class_names, out_dir / "confusion_matrix.png")
+
+
+def plot_confusion_matrix(confmat: torch.Tensor, class_names: Sequence[str], path: str | Path) -> None:
+    """Row-normalised confusion matrix (each row: how a true class was predicted) as a PNG.
+
+    Uses a bare `Figure` (Agg canvas) rather than pyplot: no global state, no display needed.
+    """
+    num_classes = confmat.shape[0]
+    support = confmat.sum(dim=1, keepdim=True).clamp_min(1)
+    rates = (confmat.double() / support).numpy()
+    side = min(16.0, max(5.0, 0.45 * num_classes + 2.0))
+    fig = Figure(figsize=(side + 1.5, side), dpi=100, layout="constrained")
+    ax = fig.add_subplot()
+    image = ax.imshow(rates, vmin=0.0, vmax=1.0, cmap="Blues", interpolation="nearest")
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="fraction of the true class")
+    ax.set_xlabel("predicted class")
+    ax.set_ylabel("true class")
+    ax.set_title(f"confusion matrix ({int(confmat.sum())} videos, {num_classes} classes)")
+    if num_classes <= _MAX_TICK_LABELS:
+        ax.set_xticks(range(num_classes), labels=list(class_names), rotation=90, fontsize=8)
+        ax.set_yticks(range(num_classes), labels=list(class_names), fontsize=8)
+    else:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    if num_classes <= _MAX_CELL_TEXT:
+        for i in range(num_classes):
+            for j in range(num_classes):
+                if confmat[i, j] > 0:
+                    ax.text(j, i, str(int(confmat[i, j])), ha="center", va="center", fontsize=8,
+                            color="white" if rates[i, j] > 0.5 else "black")
+    fig.savefig(path)

@@ -1,0 +1,495 @@
+"""The training loop: read it top to bottom.
+
+`Trainer.fit` runs epochs of optimiser steps (each `accum_steps` micro-batches), validates at the
+clip level at epoch ends, keeps `last.pt` / `best.pt`, and stops cleanly on SIGTERM/SIGINT after
+saving. Everything needed to continue exactly where it stopped is in `state_dict()`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import random
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig, OmegaConf
+from timm.utils import ModelEmaV3
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
+from torchvision import tv_tensors
+from torchvision.transforms import v2
+from tqdm import tqdm
+
+from squarefuse.datasets import build_dataset
+from squarefuse.engine import distributed
+from squarefuse.engine.checkpoint import load_checkpoint, save_checkpoint
+from squarefuse.engine.evaluator import evaluate
+from squarefuse.engine.logging import MetricsLogger
+from squarefuse.engine.optim import build_optimizer, build_scheduler, scaled_lr
+from squarefuse.engine.precision import autocast, resolve_precision
+from squarefuse.engine.preprocess import VideoNormalizer
+from squarefuse.engine.sampling import ResumableSampler, SeededDataset
+from squarefuse.models import build_classifier
+
+log = logging.getLogger("squarefuse")
+
+# SIGTERM/SIGINT: stop after the current step and save; SIGUSR2: SLURM's (submitit's) warning
+# before preemption or the time limit, the same and then requeue.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR2)
+
+# The loader is called the bottleneck when the step waits this long for data, on average.
+DATA_BOUND_SHARE = 0.3
+
+
+def check_trainer_cfg(tcfg: DictConfig) -> None:
+    """Reject values that would fail late or silently misbehave; messages name the key."""
+
+    def need(ok: bool, key: str, what: str) -> None:
+        if not ok:
+            raise ValueError(f"trainer.{key} must be {what}, got {tcfg[key]!r}")
+
+    need(int(tcfg.epochs) >= 1, "epochs", ">= 1")
+    need(tcfg.max_steps is None or int(tcfg.max_steps) >= 1, "max_steps", "null or >= 1")
+    need(int(tcfg.batch_size) >= 1, "batch_size", ">= 1")
+    need(int(tcfg.accum_steps) >= 1, "accum_steps", ">= 1")
+    need(tcfg.num_workers == "auto" or int(tcfg.num_workers) >= 0, "num_workers", "auto or >= 0")
+    need(tcfg.nonfinite in ("stop", "skip"), "nonfinite", "stop or skip")
+    need(tcfg.precision in ("auto", "bf16", "fp16", "fp32"), "precision", "auto, bf16, fp16 or fp32")
+    need(float(tcfg.mixup) >= 0 and float(tcfg.cutmix) >= 0, "mixup", ">= 0 (and so must trainer.cutmix)")
+    need(0.0 <= float(tcfg.mixup_prob) <= 1.0, "mixup_prob", "in [0, 1]")
+    need(0.0 <= float(tcfg.label_smoothing) < 1.0, "label_smoothing", "in [0, 1)")
+    need(tcfg.clip_grad is None or float(tcfg.clip_grad) > 0, "clip_grad", "null or > 0")
+    need(int(tcfg.log_every) >= 1, "log_every", ">= 1")
+    need(int(tcfg.ckpt_every) >= 1, "ckpt_every", ">= 1")
+    need(int(tcfg.val_every) >= 0, "val_every", ">= 0")
+    need(0.0 < float(tcfg.ema.decay) < 1.0, "ema", "a mapping with decay in (0, 1)")
+
+
+def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return torch.sum(-targets * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
+
+
+def _rng_state() -> dict[str, Any]:
+    """This process's RNG states as tensors and plain lists (readable with weights_only=True)."""
+    np_state = np.random.get_state()
+    py_state = random.getstate()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *map(float, np_state[2:])],
+        "python": [py_state[0], list(py_state[1]), py_state[2]],
+    }
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    name, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), int(pos), int(has_gauss), float(gauss)))
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+
+
+class Trainer:
+    """Owns the model, data, optimiser and loop of one training run."""
+
+    def __init__(self, cfg: DictConfig, run_dir: str | Path):
+        self.cfg = cfg
+        self.run_dir = Path(run_dir)
+        self.ckpt_dir = self.run_dir / "checkpoints"
+        tcfg = cfg.trainer
+        check_trainer_cfg(tcfg)
+        self.dist, self.device = distributed.init_distributed(tcfg.device)
+        self.precision = resolve_precision(tcfg.precision, self.device)
+        is_main = self.dist.is_main
+        # Each rank its own model-side randomness (drop path, MixUp); data randomness is per sample.
+        torch.manual_seed(int(tcfg.seed) + self.dist.rank)
+        random.seed(int(tcfg.seed) + self.dist.rank)
+        np.random.seed(int(tcfg.seed) + self.dist.rank)
+
+        # Data. Only rank 0 writes reports; the others wait so that one process generates data.
+        report_dir = self.run_dir if is_main else None
+        if is_main:
+            self.train_set = build_dataset(cfg.dataset, "train", report_dir=report_dir)
+        distributed.barrier()
+        if not is_main:
+            self.train_set = build_dataset(cfg.dataset, "train", report_dir=None)
+        self.val_set = build_dataset(cfg.dataset, "val", views=False, report_dir=report_dir) if tcfg.val_every else None
+        self.num_classes = self.train_set.num_classes
+        self.class_names = list(self.train_set.class_names)
+        self.num_workers = distributed.default_num_workers() if tcfg.num_workers == "auto" else int(tcfg.num_workers)
+        self.micro_batch = int(tcfg.batch_size)
+        self.accum = int(tcfg.accum_steps)
+        self.sampler = ResumableSampler(
+            len(self.train_set), seed=int(tcfg.seed), rank=self.dist.rank, world_size=self.dist.world_size
+        )
+        self.steps_per_epoch = self.sampler.per_rank // (self.micro_batch * self.accum)
+        if self.steps_per_epoch == 0:
+            raise ValueError(
+                f"trainer.batch_size={self.micro_batch} x accum_steps={self.accum} is larger than the "
+                f"{self.sampler.per_rank} training videos per rank: lower trainer.batch_size"
+            )
+        self.loader = DataLoader(
+            SeededDataset(self.train_set),
+            batch_size=self.micro_batch,
+            sampler=self.sampler,
+            num_workers=self.num_workers,
+            pin_memory=self.device.type == "cuda",
+            drop_last=True,
+            persistent_workers=self.num_workers > 0,
+            prefetch_factor=int(tcfg.prefetch_factor) if self.num_workers > 0 else None,
+            # Its own generator: starting an epoch's iterator must not draw from the global RNG,
+            # or a resumed run's MixUp / drop path would be shifted by one draw.
+            generator=torch.Generator().manual_seed(int(tcfg.seed)),
+        )
+
+        # Model, EMA (after .to(device), before DDP), compile.
+        self.model = build_classifier(cfg.backbone, cfg.fusion, cfg.head, self.num_classes).to(self.device)
+        self.normalizer = VideoNormalizer(self.model.mean, self.model.std, self.device)
+        self.ema = ModelEmaV3(self.model, decay=float(tcfg.ema.decay)) if tcfg.ema.enabled else None
+        self.train_model = self.model
+        if self.dist.is_distributed:
+            self.train_model = DistributedDataParallel(
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None
+            )
+        self.forward = torch.compile(self.train_model) if tcfg.compile else self.train_model
+
+        # Optimisation.
+        self.global_batch = self.micro_batch * self.accum * self.dist.world_size
+        self.lr = scaled_lr(cfg.optim, self.global_batch)
+        self.total_steps = int(tcfg.epochs) * self.steps_per_epoch
+        if tcfg.max_steps is not None:
+            self.total_steps = min(self.total_steps, int(tcfg.max_steps))
+        warmup_steps = min(round(float(cfg.optim.warmup_epochs) * self.steps_per_epoch), self.total_steps - 1)
+        self.optimizer = build_optimizer(self.model, cfg.optim, self.lr, self.device)
+        self.scheduler = build_scheduler(self.optimizer, cfg.optim, self.total_steps, max(0, warmup_steps))
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
+        self.mix = self._build_mix(tcfg)
+
+        # Loop state (all of it is in the checkpoint).
+        self.step = 0
+        self.epoch = 0
+        self.batch_in_epoch = 0  # micro-batches of this rank done in the current epoch
+        self.best_top1 = -math.inf
+        self.last_val_step = -1
+        self.num_replaced = 0
+        self.num_skipped = 0
+        self._stop_signal: int | None = None
+        self._data_bound_reported = False
+
+        resume_from = self._resume_path()
+        if resume_from is not None:
+            self.load_state_dict(load_checkpoint(resume_from))
+            log.info("resumed from %s at step %d (epoch %d, batch %d)", resume_from, self.step, self.epoch, self.batch_in_epoch)
+        self.logger = MetricsLogger(self.run_dir, cfg, enabled=is_main, resume=resume_from is not None)
+        if is_main:
+            n_params = sum(p.numel() for p in self.model.parameters())
+            log.info(
+                "run dir %s | %d train / %s val videos, %d classes | %.1fM params | global batch %d, lr %.2e | "
+                "%d steps (%d per epoch) | %s, %s, %d workers/rank, world size %d",
+                self.run_dir, len(self.train_set), len(self.val_set) if self.val_set else 0, self.num_classes,
+                n_params / 1e6, self.global_batch, self.lr, self.total_steps, self.steps_per_epoch,
+                self.device, self.precision, self.num_workers, self.dist.world_size,
+            )
+
+    # ----------------------------------------------------------------------------------- setup
+
+    def _build_mix(self, tcfg: DictConfig):
+        choices = []
+        if float(tcfg.mixup) > 0:
+            choices.append(v2.MixUp(alpha=float(tcfg.mixup), num_classes=self.num_classes))
+        if float(tcfg.cutmix) > 0:
+            choices.append(v2.CutMix(alpha=float(tcfg.cutmix), num_classes=self.num_classes))
+        return v2.RandomChoice(choices) if choices else None
+
+    def _resume_path(self) -> Path | None:
+        if self.cfg.trainer.resume:
+            path = Path(self.cfg.trainer.resume)
+            if not path.is_file():
+                raise FileNotFoundError(f"trainer.resume: checkpoint not found: {path}")
+            return path
+        last = self.ckpt_dir / "last.pt"
+        return last if last.is_file() else None
+
+    # ------------------------------------------------------------------------------ checkpoint
+
+    def state_dict(self) -> dict[str, Any]:
+        rng = distributed.all_gather_objects(_rng_state())
+        return {
+            "model": self.model.state_dict(),
+            "ema": self.ema.module.state_dict() if self.ema is not None else None,
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "step": self.step,
+            "epoch": self.epoch,
+            "batch_in_epoch": self.batch_in_epoch,
+            "best_top1": self.best_top1,
+            "last_val_step": self.last_val_step,
+            "num_replaced": self.num_replaced,
+            "num_skipped": self.num_skipped,
+            "world_size": self.dist.world_size,
+            "rng": rng,
+            "config": OmegaConf.to_container(self.cfg, resolve=True),
+            "class_names": self.class_names,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if len(state["class_names"]) != self.num_classes:
+            raise ValueError(
+                f"the checkpoint has {len(state['class_names'])} classes but the dataset has {self.num_classes}"
+            )
+        self.model.load_state_dict(state["model"])
+        if self.ema is not None:
+            self.ema.module.load_state_dict(state["ema"] if state.get("ema") is not None else state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.step, self.epoch = int(state["step"]), int(state["epoch"])
+        self.batch_in_epoch = int(state["batch_in_epoch"])
+        self.best_top1 = float(state["best_top1"])
+        self.last_val_step = int(state["last_val_step"])
+        self.num_replaced, self.num_skipped = int(state["num_replaced"]), int(state["num_skipped"])
+        if int(state["world_size"]) == self.dist.world_size:
+            _set_rng_state(state["rng"][self.dist.rank])
+        else:
+            # The epoch order changes with the world size anyway; resume at the next epoch start.
+            log.warning(
+                "resuming a world-size %d checkpoint with world size %d: continuing from the start of epoch %d",
+                state["world_size"], self.dist.world_size, self.epoch + (self.batch_in_epoch > 0),
+            )
+            if self.batch_in_epoch > 0:
+                self.epoch, self.batch_in_epoch = self.epoch + 1, 0
+
+    def save(self, name: str) -> None:
+        state = self.state_dict()  # a collective (RNG gather): every rank calls it
+        if self.dist.is_main:
+            save_checkpoint(state, self.ckpt_dir / name)
+        distributed.barrier()
+
+    # ------------------------------------------------------------------------------------ loop
+
+    def fit(self) -> dict[str, Any]:
+        """Train to the end (or to a stop signal); return a summary."""
+        previous = {s: signal.signal(s, self._on_signal) for s in STOP_SIGNALS}
+        try:
+            while self.step < self.total_steps and self._stop_signal is None:
+                self.train_epoch()
+                if self._stop_signal is not None:
+                    break
+                if self.batch_in_epoch >= self.steps_per_epoch * self.accum:
+                    self.epoch, self.batch_in_epoch = self.epoch + 1, 0
+                    val_every = int(self.cfg.trainer.val_every)
+                    if self.val_set is not None and val_every and (self.epoch % val_every == 0 or self.step >= self.total_steps):
+                        self.validate()
+                    self.save("last.pt")
+            if self._stop_signal is not None:
+                self.save("last.pt")
+                if self.dist.is_main:
+                    log.warning(
+                        "stopped by %s at step %d: saved %s; run the same command again to resume",
+                        signal.Signals(self._stop_signal).name, self.step, self.ckpt_dir / "last.pt",
+                    )
+                # submitit's preemption/timeout handler (SIGUSR2): now that the checkpoint is safe,
+                # let it requeue the job (rank 0) — the requeued job resumes from last.pt.
+                handler = previous.get(self._stop_signal)
+                if self._stop_signal == signal.SIGUSR2 and callable(handler):
+                    handler(self._stop_signal, None)
+            else:
+                if self.val_set is not None and self.last_val_step != self.step:
+                    self.validate()  # training ended mid-epoch (max_steps): validate the final weights
+                self.save("last.pt")
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+            self.logger.close()
+        return {
+            "status": "interrupted" if self._stop_signal is not None else "finished",
+            "signal": self._stop_signal,
+            "step": self.step,
+            "epoch": self.epoch,
+            "best_val_clip_top1": self.best_top1 if self.best_top1 > -math.inf else None,
+            "run_dir": str(self.run_dir),
+        }
+
+    def _on_signal(self, signum: int, frame) -> None:
+        if self._stop_signal is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C: stop now
+        self._stop_signal = signum
+
+    def train_epoch(self) -> None:
+        """Optimiser steps until the epoch ends, training ends, or a stop is requested."""
+        tcfg = self.cfg.trainer
+        self.model.train()
+        self.sampler.set_epoch(self.epoch, start=self.batch_in_epoch * self.micro_batch)
+        steps_left = min(self.steps_per_epoch - self.batch_in_epoch // self.accum, self.total_steps - self.step)
+        batches = iter(self.loader)
+        bar = tqdm(
+            total=self.steps_per_epoch, initial=self.batch_in_epoch // self.accum, desc=f"epoch {self.epoch}",
+            disable=not self.dist.is_main, dynamic_ncols=True, leave=False,
+        )
+        window = {"loss": torch.zeros((), device=self.device), "steps": 0, "wait": 0.0, "time": 0.0}
+        t_last = time.perf_counter()
+        for _ in range(steps_left):
+            loss, wait = self.train_step(batches)
+            now = time.perf_counter()
+            window["loss"] += loss
+            window["steps"] += 1
+            window["wait"] += wait
+            window["time"] += now - t_last
+            t_last = now
+            bar.update(1)
+            if self.step % int(tcfg.log_every) == 0 or self.step == self.total_steps:
+                self._log_train(window, bar)
+                window = {"loss": torch.zeros((), device=self.device), "steps": 0, "wait": 0.0, "time": 0.0}
+            if self._stop_signal is not None:
+                break
+            if self.step % int(tcfg.ckpt_every) == 0:
+                self.save("last.pt")
+        bar.close()
+
+    def train_step(self, batches) -> tuple[torch.Tensor, float]:
+        """One optimiser step over `accum_steps` micro-batches; returns (mean loss, seconds waiting for data)."""
+        tcfg = self.cfg.trainer
+        wait = 0.0
+        loss_sum = torch.zeros((), device=self.device)
+        for micro in range(self.accum):
+            t0 = time.perf_counter()
+            batch = next(batches)
+            wait += time.perf_counter() - t0
+            video, mask, target = self._prepare(batch)
+            last_micro = micro == self.accum - 1
+            no_sync = self.train_model.no_sync() if (self.dist.is_distributed and not last_micro) else contextlib.nullcontext()
+            with no_sync:
+                with autocast(self.device, self.precision):
+                    logits = self.forward(video, mask)
+                loss = soft_cross_entropy(logits, target)
+                self.scaler.scale(loss / self.accum).backward()
+            loss_sum += loss.detach()
+            self.batch_in_epoch += 1
+        loss_mean = loss_sum / self.accum
+
+        # Every rank must take the same decision: one tiny all-reduce of (non-finite, stop) flags.
+        flags = torch.tensor(
+            [float(not torch.isfinite(loss_mean)), float(self._stop_signal is not None)], device=self.device
+        )
+        flags = distributed.all_reduce_sum(flags)
+        if flags[1] > 0 and self._stop_signal is None:
+            self._stop_signal = signal.SIGTERM
+        if flags[0] > 0:
+            self.optimizer.zero_grad(set_to_none=True)
+            if tcfg.nonfinite == "stop":
+                raise FloatingPointError(
+                    f"non-finite loss at step {self.step + 1} (epoch {self.epoch}); the weights were not "
+                    f"updated and {self.ckpt_dir / 'last.pt'} is the last good checkpoint. Lower optim.lr, "
+                    f"set trainer.clip_grad, use trainer.precision=bf16/fp32, or trainer.nonfinite=skip"
+                )
+            self.num_skipped += 1
+            log.warning("non-finite loss at step %d: step skipped (%d so far)", self.step + 1, self.num_skipped)
+            return torch.zeros((), device=self.device), wait
+
+        if tcfg.clip_grad is not None:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), float(tcfg.clip_grad))
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        self.scheduler.step_update(num_updates=self.step)
+        if self.ema is not None:
+            self.ema.update(self.model, step=self.step)
+        return loss_mean, wait
+
+    def _prepare(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """uint8 batch -> device -> float normalised -> MixUp/CutMix; targets are soft labels."""
+        video = batch["video"].to(self.device, non_blocking=True)
+        mask = batch["mask"].to(self.device, non_blocking=True)
+        label = batch["label"].to(self.device, non_blocking=True)
+        self.num_replaced += int(batch["num_replaced"].sum())
+        if video.dim() == 6:  # repeated augmentation: [B, R, T, C, H, W] -> [B*R, T, C, H, W]
+            repeats = video.shape[1]
+            video, mask = video.flatten(0, 1), mask.flatten(0, 1)
+            label = label.repeat_interleave(repeats)
+        video = self.normalizer(video)
+        tcfg = self.cfg.trainer
+        if self.mix is not None and torch.rand(()) < float(tcfg.mixup_prob):
+            # Wrapped as a Video so torchvision treats [B, T, C, H, W] as a batch of clips.
+            video, target = self.mix(tv_tensors.Video(video), label)
+            video = video.as_subclass(torch.Tensor)
+            mask = mask & mask.roll(1, 0)  # v2 MixUp/CutMix mix each clip with the previous one
+        else:
+            target = F.one_hot(label, self.num_classes).float()
+        smoothing = float(tcfg.label_smoothing)
+        if smoothing > 0:
+            target = target * (1.0 - smoothing) + smoothing / self.num_classes
+        return video, mask, target
+
+    def _log_train(self, window: dict[str, Any], bar: tqdm) -> None:
+        steps = max(1, window["steps"])
+        loss = distributed.all_reduce_sum(window["loss"].clone()) / (steps * self.dist.world_size)
+        clips_per_s = steps * self.global_batch / max(window["time"], 1e-9)
+        wait_share = window["wait"] / max(window["time"], 1e-9)
+        lr = max(group["lr"] for group in self.optimizer.param_groups)
+        record = {
+            "step": self.step, "epoch": self.epoch, "split": "train", "loss": float(loss), "lr": lr,
+            "clips_per_s": clips_per_s, "data_wait": wait_share, "num_replaced": self.num_replaced,
+        }
+        self.logger.log(record)
+        bar.set_postfix(loss=f"{float(loss):.4f}", lr=f"{lr:.2e}", clips_s=f"{clips_per_s:.1f}", wait=f"{100 * wait_share:.0f}%")
+        # After the first window (worker start-up), say once if the GPU/CPU is starved of data.
+        if self.step > int(self.cfg.trainer.log_every) and wait_share > DATA_BOUND_SHARE and not self._data_bound_reported:
+            self._data_bound_reported = True
+            if self.dist.is_main:
+                log.warning(
+                    "data loading is the bottleneck: %.0f%% of step time is spent waiting for data "
+                    "(%.1f clips/s with %d workers per rank). Raise trainer.num_workers, decode smaller "
+                    "videos (scripts/prepare_k400.py, re-encode SSv2 with scripts/prepare_ssv2.py), or use "
+                    "dataset.repeated_aug to reuse decoded clips.",
+                    100 * wait_share, clips_per_s, self.num_workers,
+                )
+
+    @torch.no_grad()
+    def validate(self) -> dict[str, float]:
+        """Clip-level validation (1 clip x 1 crop): a training signal, not the multi-view test number."""
+        tcfg = self.cfg.trainer
+        model = self.ema.module if (self.ema is not None and tcfg.ema.eval) else self.model
+        result = evaluate(
+            model, self.val_set, device=self.device, normalizer=self.normalizer,
+            batch_size=int(tcfg.val_batch_size or tcfg.batch_size), num_workers=self.num_workers,
+            precision=self.precision, dist_info=self.dist, views=(1, 1),
+        )
+        record = {
+            "step": self.step, "epoch": self.epoch, "split": "val_clip", "loss": result.loss, "top1": result.top1,
+            "top5": result.top5, "mean_class_acc": result.mean_class_acc, "num_videos": result.num_videos,
+            "num_failed": result.num_failed, "weights": "ema" if model is not self.model else "model",
+        }
+        self.logger.log(record)
+        self.last_val_step = self.step
+        if self.dist.is_main:
+            log.info(
+                "epoch %d step %d | clip-level val top1 %.2f top5 %.2f (%d videos, %d failed)",
+                self.epoch, self.step, result.top1, result.top5, result.num_videos, result.num_failed,
+            )
+        if result.top1 > self.best_top1:
+            self.best_top1 = result.top1
+            self.save("best.pt")
+        self.logger.summary({"best_val_clip_top1": self.best_top1})
+        return record
+
+
+def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
+    """Train with `cfg` into `run_dir` (resuming from its last checkpoint if there is one)."""
+    trainer = Trainer(cfg, run_dir)
+    try:
+        return trainer.fit()
+    finally:
+        distributed.shutdown()

@@ -1,0 +1,17 @@
+"""Video model: per-frame timm backbone, SQuaRe-Fuse temporal fusion, classification heads."""
+
+from squarefuse.models.backbone import VideoBackbone
+from squarefuse.models.classifier import VideoClassifier, build_classifier
+from squarefuse.models.fusion import NoFusion, SQuaReFuse, square_fuse
+from squarefuse.models.heads import ClsHead, MeanHead
+
+__all__ = [
+    "VideoBackbone",
+    "ClsHead",
+    "MeanHead",
+    "VideoClassifier",
+    "build_classifier",
+    "SQuaReFuse",
+    "NoFusion",
+    "square_fuse",
+]

@@ -1,0 +1,328 @@
+"""SQuaRe-Fuse: Sliced-Quantile & Quadratic-trend Robust Fusion over time.
+
+The layer fuses per-frame ViT tokens ``x`` [B,T,N,D] over time. Each token's time series is
+projected onto ``K`` learned orthonormal directions; per direction it takes soft quantiles
+over time (a sliced, permutation-invariant summary) and the coefficients on a Legendre basis
+of order ``0..P`` (the trend, whose odd terms tell "forwards" from "backwards"). A small MLP
+maps these statistics back to ``D`` and they are added to every frame of the token.
+
+Invalid frames (``valid_mask``) are ignored as if the clip consisted of its valid frames only:
+statistics depend on the number of valid frames ``L`` of each sequence, through tables
+precomputed for every ``L`` in ``0..T`` so that a batch of varying lengths costs one gather.
+
+State-dict keys are those of the seed design's sketch (``proj.weight``, ``head.{0,1,3}.*``,
+``beta``), so its checkpoints load with ``strict=True`` and give the same outputs.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Sequence
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+__all__ = ["SQuaReFuse", "NoFusion", "square_fuse"]
+
+
+def _validate_hparams(
+    *,
+    d_model: int,
+    num_dirs: int,
+    quantiles: Sequence[float],
+    poly_order: int,
+    sigma: float | None,
+    names: dict[str, str],
+) -> None:
+    """Raises ValueError naming the offending key (``names`` maps argument -> user-facing key)."""
+    if isinstance(d_model, bool) or not isinstance(d_model, numbers.Integral) or d_model < 1:
+        raise ValueError(f"{names['d_model']} must be an integer >= 1, got {d_model!r}")
+    if isinstance(num_dirs, bool) or not isinstance(num_dirs, numbers.Integral) or num_dirs < 1:
+        raise ValueError(f"{names['num_dirs']} must be an integer >= 1, got {num_dirs!r}")
+    if num_dirs > d_model:
+        # QR of a [D, K] matrix cannot give more than D orthonormal directions.
+        raise ValueError(f"{names['num_dirs']} must be <= d_model={d_model}, got {num_dirs}")
+    if isinstance(quantiles, (str, bytes)) or not isinstance(quantiles, Sequence) or len(quantiles) == 0:
+        raise ValueError(
+            f"{names['quantiles']} must be a non-empty list of levels in [0, 1], got {quantiles!r}"
+        )
+    for q in quantiles:
+        if isinstance(q, bool) or not isinstance(q, numbers.Real) or not 0.0 <= float(q) <= 1.0:
+            raise ValueError(
+                f"{names['quantiles']} levels must be numbers in [0, 1], got {q!r} in {list(quantiles)}"
+            )
+    if isinstance(poly_order, bool) or not isinstance(poly_order, numbers.Integral) or poly_order < 0:
+        raise ValueError(f"{names['poly_order']} must be an integer >= 0, got {poly_order!r}")
+    if sigma is not None:
+        if isinstance(sigma, bool) or not isinstance(sigma, numbers.Real) or not 0.0 < float(sigma) < math.inf:
+            raise ValueError(f"{names['sigma']} must be a finite number > 0 or null, got {sigma!r}")
+
+
+def _quantile_weight_table(
+    T: int, levels: Sequence[float], sigma: float | None, device: torch.device
+) -> Tensor:
+    """Soft-quantile weights over ranks for every number of valid frames.
+
+    Args:
+        T: Padded clip length.
+        levels: Quantile levels ``q`` in [0, 1].
+        sigma: Fixed Gaussian width over ranks, or None for ``max(0.5, L / 16)``; as in the
+            seed, widths below 1e-6 are taken as 1e-6.
+        device: Where to build the table.
+
+    Returns:
+        fp32 [T+1, Q, T]: row ``L`` weights ranks ``0..L-1`` by a Gaussian around
+        ``q * (L - 1)``, normalised to sum to 1; ranks ``>= L`` and the whole ``L = 0`` row are 0.
+    """
+    L = torch.arange(T + 1, device=device, dtype=torch.float32)[:, None, None]  # [T+1,1,1]
+    q = torch.tensor(levels, device=device, dtype=torch.float32)[None, :, None]  # [1,Q,1]
+    rank = torch.arange(T, device=device, dtype=torch.float32)[None, None, :]  # [1,1,T]
+    width = torch.full_like(L, max(sigma, 1e-6)) if sigma is not None else (L / 16).clamp_min(0.5)
+    dist2 = ((rank - q * (L - 1)) ** 2).masked_fill(rank >= L, math.inf)
+    # Shifting by the nearest rank's distance leaves the softmax unchanged but keeps it exact
+    # as sigma -> 0 (one-hot on the nearest rank), where plain exponentials all underflow.
+    logits = -0.5 * (dist2 - dist2.amin(dim=-1, keepdim=True)) / width**2
+    weights = torch.softmax(logits, dim=-1)
+    return torch.where(L > 0, weights, 0.0)  # the L = 0 row is NaN (no valid rank)
+
+
+def _legendre_table(T: int, order: int, device: torch.device) -> Tensor:
+    """Row-normalised discrete Legendre bases for every number of valid frames.
+
+    Args:
+        T: Padded clip length.
+        order: Highest polynomial order ``P``.
+        device: Where to build the table.
+
+    Returns:
+        fp32 [T+1, P+1, T]: row ``L`` holds ``P_0..P_P`` at ``t = linspace(-1, 1, L)`` in
+        positions ``0..L-1`` (zero beyond), each row divided by ``sqrt(max(sum sq, 1e-6))``
+        as in the seed's ``_legendre_basis``.
+    """
+    L = torch.arange(T + 1, device=device, dtype=torch.float32)[:, None]  # [T+1,1]
+    pos = torch.arange(T, device=device, dtype=torch.float32)[None, :]  # [1,T]
+    inside = pos < L
+    # linspace(-1, 1, 1) is [-1]: the clamp keeps that case.
+    t = (-1.0 + 2.0 * pos / (L - 1).clamp_min(1.0)) * inside
+    polys = [torch.ones_like(t), t]
+    for n in range(1, order):
+        polys.append(((2 * n + 1) * t * polys[n] - n * polys[n - 1]) / (n + 1))
+    basis = torch.stack(polys[: order + 1], dim=1) * inside[:, None, :]  # [T+1,P+1,T]
+    return basis / basis.pow(2).sum(dim=-1, keepdim=True).clamp_min(1e-6).sqrt()
+
+
+class SQuaReFuse(nn.Module):
+    """Sliced-Quantile & Quadratic-trend Robust Fusion of tokens over time.
+
+    Args:
+        d_model: Token width ``D``.
+        num_dirs: Number of orthonormal projection directions ``K`` (``K <= D``).
+        quantiles: Soft-quantile levels in [0, 1].
+        poly_order: Highest Legendre order ``P`` of the trend.
+        beta_init: Initial residual scale ``beta``.
+        sigma: Fixed Gaussian width over ranks for the soft quantiles; None uses
+            ``max(0.5, L / 16)`` with ``L`` the number of valid frames of each sequence.
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        num_dirs: int = 8,
+        quantiles: Sequence[float] = (0.1, 0.5, 0.9),
+        poly_order: int = 2,
+        beta_init: float = 0.5,
+        sigma: float | None = None,
+    ) -> None:
+        super().__init__()
+        _validate_hparams(
+            d_model=d_model,
+            num_dirs=num_dirs,
+            quantiles=quantiles,
+            poly_order=poly_order,
+            sigma=sigma,
+            names=dict(d_model="d_model", num_dirs="num_dirs", quantiles="quantiles",
+                       poly_order="poly_order", sigma="sigma"),
+        )
+        d_model, num_dirs, poly_order = int(d_model), int(num_dirs), int(poly_order)
+        self.d_model = d_model
+        self.num_dirs = num_dirs
+        self.quantiles = tuple(float(q) for q in quantiles)
+        self.poly_order = poly_order
+        self.sigma = None if sigma is None else float(sigma)
+
+        self.proj = nn.Linear(d_model, num_dirs, bias=False)
+        nn.init.kaiming_uniform_(self.proj.weight, a=math.sqrt(5))
+        num_feats = num_dirs * (len(self.quantiles) + poly_order + 1)
+        self.head = nn.Sequential(
+            nn.LayerNorm(num_feats),
+            nn.Linear(num_feats, 4 * d_model),
+            nn.GELU(),
+            nn.Linear(4 * d_model, d_model),
+        )
+        self.beta = nn.Parameter(torch.tensor(float(beta_init)))
+        # (T, device) -> tables of _get_tables. A plain cache, not buffers: T is only known at
+        # run time and seed checkpoints must load with strict=True.
+        self._tables: dict[tuple[int, torch.device], tuple[Tensor, Tensor]] = {}
+
+    def extra_repr(self) -> str:
+        return (f"d_model={self.d_model}, K={self.num_dirs}, quantiles={self.quantiles}, "
+                f"P={self.poly_order}, sigma={self.sigma}")
+
+    def directions(self) -> Tensor:
+        """Orthonormal directions U [D, K], fp32, differentiable w.r.t. ``proj.weight``.
+
+        Householder QR (``torch.linalg.qr``) with its Q used as is, as the seed does, so a
+        seed checkpoint gives the seed's directions. The parameter itself is never modified.
+        Note that LAPACK's convention makes the sign of a column of Q jump when the leading
+        entry it is computed from crosses zero (diag(R) is not kept positive).
+        """
+        q_DK, _ = torch.linalg.qr(self.proj.weight.float().t(), mode="reduced")
+        return q_DK
+
+    def _get_tables(self, T: int, device: torch.device) -> tuple[Tensor, Tensor]:
+        """(quantile weights [T+1,Q,T], Legendre basis [T+1,P+1,T]), fp32, cached per (T, device)."""
+        if torch.compiler.is_compiling():
+            # Built inside the graph (a few tiny kernels on constants): filling the cache while
+            # tracing would change the guards and force a recompile on the next call.
+            return (_quantile_weight_table(T, self.quantiles, self.sigma, device),
+                    _legendre_table(T, self.poly_order, device))
+        key = (T, device)
+        if key not in self._tables:
+            self._tables[key] = (_quantile_weight_table(T, self.quantiles, self.sigma, device),
+                                 _legendre_table(T, self.poly_order, device))
+        return self._tables[key]
+
+    def _valid_btn(self, valid_mask: Tensor, x: Tensor) -> Tensor:
+        """Boolean validity [B,T,N] from a [B,T] or [B,T,N] bool or 0/1 mask."""
+        B, T, N, _ = x.shape
+        if tuple(valid_mask.shape) == (B, T):
+            valid_mask = valid_mask[:, :, None].expand(B, T, N)
+        elif tuple(valid_mask.shape) != (B, T, N):
+            raise ValueError(
+                f"valid_mask must have shape [B,T]=[{B},{T}] or [B,T,N]=[{B},{T},{N}] for x of "
+                f"shape {list(x.shape)}, got {list(valid_mask.shape)}"
+            )
+        return valid_mask != 0
+
+    def statistics(self, x: Tensor, valid_BTN: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Soft quantiles and Legendre trend of each token's projected time series.
+
+        Computed in fp32 whatever the autocast or parameter dtype: the sort and the QR need
+        the precision, and their cost is negligible next to the backbone.
+
+        Args:
+            x: Tokens [B,T,N,D].
+            valid_BTN: Optional boolean validity [B,T,N]; None means every frame is valid.
+
+        Returns:
+            ``(quantiles [B,N,K,Q], trend [B,N,K,P+1])``, fp32; both zero where a sequence
+            has no valid frame.
+        """
+        T = x.shape[1]
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            quant_w_LQT, basis_LPT = self._get_tables(T, x.device)
+            v_BNKT = torch.matmul(x.float(), self.directions()).permute(0, 2, 3, 1)
+            if valid_BTN is None:
+                quantiles_BNKQ = torch.matmul(v_BNKT.sort(dim=-1).values, quant_w_LQT[T].t())
+                trend_BNKP = torch.matmul(v_BNKT, basis_LPT[T].t())
+                return quantiles_BNKQ, trend_BNKP
+
+            valid_BN1T = valid_BTN.permute(0, 2, 1)[:, :, None, :]
+            num_valid_BN = valid_BN1T.sum(dim=-1)[:, :, 0]
+            # Padding sorts last (+inf) and is then zeroed: the first L ranks hold the sorted
+            # valid values, and row L of the table weights only those.
+            sorted_BNKT = v_BNKT.masked_fill(~valid_BN1T, math.inf).sort(dim=-1).values
+            beyond_BN1T = torch.arange(T, device=x.device) >= num_valid_BN[:, :, None, None]
+            sorted_BNKT = sorted_BNKT.masked_fill(beyond_BN1T, 0.0)
+            quantiles_BNKQ = torch.matmul(sorted_BNKT, quant_w_LQT[num_valid_BN].transpose(-1, -2))
+            # Each valid frame takes the basis value of its rank among the valid frames, so
+            # padding anywhere (interleaved too) is as if it were not there.
+            rank_BN1T = (valid_BN1T.cumsum(dim=-1) - 1).clamp_min(0)
+            order_P1 = torch.arange(self.poly_order + 1, device=x.device)[:, None]
+            basis_BNPT = basis_LPT[num_valid_BN[:, :, None, None], order_P1, rank_BN1T]
+            basis_BNPT = basis_BNPT.masked_fill(~valid_BN1T, 0.0)
+            trend_BNKP = torch.matmul(v_BNKT.masked_fill(~valid_BN1T, 0.0), basis_BNPT.transpose(-1, -2))
+            return quantiles_BNKQ, trend_BNKP
+
+    def forward(self, x: Tensor, valid_mask: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+        """Fuses tokens over time.
+
+        Args:
+            x: Tokens [B,T,N,D].
+            valid_mask: Optional [B,T] (shared by all tokens) or [B,T,N] mask, bool or 0/1;
+                False/0 marks padding frames.
+
+        Returns:
+            ``(h, aux)``: ``h`` [B,T,N,D] in ``x``'s dtype, equal to ``x`` at invalid
+            positions; ``aux`` holds the fused statistics in fp32, ``"quantiles"``
+            [B,N,K,Q] and ``"trend"`` [B,N,K,P+1] (zero for sequences with no valid frame).
+        """
+        if x.dim() != 4 or x.shape[-1] != self.d_model:
+            raise ValueError(f"x must have shape [B,T,N,D] with D={self.d_model}, got {list(x.shape)}")
+        valid_BTN = None if valid_mask is None else self._valid_btn(valid_mask, x)
+        quantiles_BNKQ, trend_BNKP = self.statistics(x, valid_BTN)
+        feats_BNF = torch.cat([quantiles_BNKQ, trend_BNKP], dim=-1).flatten(2)
+        # The MLP follows the parameter dtype and autocast like any other layer.
+        y_BND = self.head(feats_BNF.to(self.head[0].weight.dtype))
+        update_B1ND = (self.beta * y_BND).to(x.dtype)[:, None]
+        if valid_BTN is None:
+            h_BTND = x + update_B1ND
+        else:
+            # x + 0 * update is exactly x on invalid positions, in one fused pass (with a
+            # cheaper backward than torch.where over [B,T,N,D]).
+            h_BTND = torch.addcmul(x, valid_BTN[..., None].to(x.dtype), update_B1ND)
+        return h_BTND, {"quantiles": quantiles_BNKQ, "trend": trend_BNKP}
+
+
+class NoFusion(nn.Module):
+    """The ``fusion=none`` baseline: tokens pass through unchanged.
+
+    Args:
+        d_model: Token width (unused; kept so every fusion is built the same way).
+    """
+
+    def __init__(self, d_model: int) -> None:
+        super().__init__()
+        self.d_model = d_model
+
+    def forward(self, x: Tensor, valid_mask: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+        """Returns ``(x, {})``."""
+        return x, {}
+
+
+def square_fuse(
+    d_model: int,
+    K: int = 8,
+    quantiles: Sequence[float] = (0.1, 0.5, 0.9),
+    P: int = 2,
+    beta_init: float = 0.5,
+    sigma: float | None = None,
+) -> SQuaReFuse:
+    """Builds SQuaRe-Fuse from the Hydra group ``fusion`` (paper symbols ``K`` and ``P``).
+
+    Args:
+        d_model: Token width ``D`` of the backbone.
+        K: Number of projection directions, ``1 <= K <= d_model``.
+        quantiles: Soft-quantile levels in [0, 1].
+        P: Highest Legendre order of the trend, ``>= 0``.
+        beta_init: Initial residual scale.
+        sigma: Fixed Gaussian width over ranks (> 0), or None for ``max(0.5, L / 16)``.
+
+    Raises:
+        ValueError: naming the ``fusion.*`` key of an invalid value.
+    """
+    # Hydra hands quantiles over as a ListConfig: store a plain tuple.
+    if not isinstance(quantiles, (str, bytes)) and isinstance(quantiles, Sequence):
+        quantiles = tuple(quantiles)
+    _validate_hparams(
+        d_model=d_model,
+        num_dirs=K,
+        quantiles=quantiles,
+        poly_order=P,
+        sigma=sigma,
+        names=dict(d_model="d_model", num_dirs="fusion.K", quantiles="fusion.quantiles",
+                   poly_order="fusion.P", sigma="fusion.sigma"),
+    )
+    return SQuaReFuse(d_model=d_model, num_dirs=K, quantiles=quantiles, poly_order=P,
+                      beta_init=beta_init, sigma=sigma)

@@ -1,0 +1,235 @@
+"""The training app: config groups, a tiny end-to-end run, checkpoints, exact resume, signals."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from hydra.errors import ConfigCompositionException
+from omegaconf import OmegaConf
+
+from squarefuse.engine import trainer as trainer_mod
+from squarefuse.engine.checkpoint import load_checkpoint, save_checkpoint
+from squarefuse.engine.trainer import Trainer, check_trainer_cfg
+from train_config import CONFIG_DIR, compose_config, tiny_overrides, tiny_train_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("synthetic")
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def train_losses(run_dir: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in read_metrics(run_dir) if r["split"] == "train"}
+
+
+# ------------------------------------------------------------------------------------- configs
+
+
+@pytest.mark.parametrize("group", ["dataset", "backbone", "fusion", "head", "optim", "trainer", "logger"])
+def test_every_option_of_every_group_composes(group):
+    options = sorted(p.stem for p in (CONFIG_DIR / group).glob("*.yaml"))
+    assert options, group
+    for option in options:
+        cfg = compose_config("train", [f"{group}={option}"])
+        assert cfg[group] is not None
+        OmegaConf.resolve(cfg)  # every interpolation resolves
+
+
+def test_real_datasets_select_the_vit_b16_recipe():
+    for name in ("ssv2", "k400"):
+        cfg = compose_config("train", [f"dataset={name}", "fusion.K=8"])
+        assert cfg.backbone.name.startswith("vit_base_patch16_224")
+        assert cfg.dataset.crop_size == 224
+        assert cfg.fusion.K == 8
+        assert cfg.optim.layer_decay == 0.75 and cfg.optim.weight_decay == 0.05
+        assert cfg.trainer.mixup == 0.8 and cfg.trainer.cutmix == 1.0 and cfg.trainer.label_smoothing == 0.1
+        # The command line still wins over the recipe.
+        cfg = compose_config("train", [f"dataset={name}", "backbone=tiny"])
+        assert cfg.dataset.crop_size == cfg.backbone.img_size == 64
+    assert compose_config("train", ["dataset=ssv2"]).dataset.hflip is False
+    assert compose_config("train", ["dataset=k400"]).dataset.hflip is True
+
+
+def test_unknown_key_is_named():
+    with pytest.raises(ConfigCompositionException, match="no_such_key"):
+        compose_config("train", ["trainer.no_such_key=1"])
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [("trainer.precision=bf17", "trainer.precision"), ("trainer.batch_size=0", "trainer.batch_size"),
+     ("trainer.nonfinite=ignore", "trainer.nonfinite"), ("trainer.label_smoothing=1.5", "trainer.label_smoothing")],
+)
+def test_invalid_trainer_values_are_named(override, key):
+    cfg = compose_config("train", [override])
+    with pytest.raises(ValueError, match=key):
+        check_trainer_cfg(cfg.trainer)
+
+
+# ----------------------------------------------------------------------------------- checkpoints
+
+
+class NotAllowed:
+    pass
+
+
+def test_checkpoint_with_a_pickled_object_is_refused(tmp_path):
+    path = tmp_path / "evil.pt"
+    torch.save({"model": {}, "payload": NotAllowed()}, path)
+    with pytest.raises(ValueError, match="evil.pt"):
+        load_checkpoint(path)
+
+
+def test_interrupted_checkpoint_write_leaves_previous_file(tmp_path, monkeypatch):
+    path = tmp_path / "last.pt"
+    save_checkpoint({"model": {"w": torch.ones(3)}, "step": 1}, path)
+
+    def crash_midway(obj, f, *args, **kwargs):
+        f.write(b"partial garbage")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", crash_midway)
+    with pytest.raises(OSError):
+        save_checkpoint({"model": {"w": torch.zeros(3)}, "step": 2}, path)
+    monkeypatch.undo()
+    state = load_checkpoint(path)
+    assert state["step"] == 1 and torch.equal(state["model"]["w"], torch.ones(3))
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]  # no temporary files left behind
+
+
+def test_missing_checkpoint_is_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.pt"):
+        load_checkpoint(tmp_path / "nope.pt")
+
+
+# ---------------------------------------------------------------------------------------- runs
+
+
+def test_tiny_run_writes_metrics_and_checkpoints(data_root, tmp_path):
+    run = tmp_path / "run"
+    summary = Trainer(tiny_train_config(data_root), run).fit()
+    assert summary["status"] == "finished"
+    metrics = read_metrics(run)
+    train = [r for r in metrics if r["split"] == "train"]
+    val = [r for r in metrics if r["split"] == "val_clip"]
+    assert [r["step"] for r in train] == list(range(1, len(train) + 1))
+    assert all({"step", "epoch", "loss", "lr", "clips_per_s", "data_wait"} <= set(r) for r in train)
+    assert len(val) == 2 and all(0.0 <= r["top1"] <= 100.0 for r in val)
+    assert val[-1]["num_videos"] == 8  # 8 classes x 1 val video, each counted once
+    for name in ("last.pt", "best.pt"):
+        state = load_checkpoint(run / "checkpoints" / name)
+        assert isinstance(state["config"], dict) and state["config"]["fusion"]["K"] == 4
+        assert len(state["class_names"]) == 8
+    assert load_checkpoint(run / "checkpoints" / "last.pt")["step"] == summary["step"] == train[-1]["step"]
+    assert (run / "config.yaml").is_file() and "git_commit" in json.loads((run / "run_info.json").read_text())
+
+
+def test_resume_is_exact(data_root, tmp_path, monkeypatch):
+    """An interrupted and resumed run logs the same per-step losses as an uninterrupted one."""
+    extra = ["trainer.epochs=3", "trainer.num_workers=1", "backbone.drop_path_rate=0.2",
+             "trainer.mixup=0.8", "trainer.cutmix=1.0", "trainer.ema.enabled=true", "trainer.ema.decay=0.9"]
+    full = tmp_path / "full"
+    Trainer(tiny_train_config(data_root, *extra), full).fit()
+
+    cut = tmp_path / "cut"
+    original_step = Trainer.train_step
+
+    def interrupt_after_5(self, batches):
+        out = original_step(self, batches)
+        if self.step == 5:  # mid-epoch 1 (4 steps per epoch)
+            self._stop_signal = signal.SIGTERM
+        return out
+
+    monkeypatch.setattr(Trainer, "train_step", interrupt_after_5)
+    first = Trainer(tiny_train_config(data_root, *extra), cut).fit()
+    assert first["status"] == "interrupted" and first["step"] == 5
+    monkeypatch.setattr(Trainer, "train_step", original_step)
+    second = Trainer(tiny_train_config(data_root, *extra), cut).fit()
+    assert second["status"] == "finished"
+
+    expected, got = train_losses(full), train_losses(cut)
+    assert sorted(got) == sorted(expected) == list(range(1, 13))
+    for step in expected:
+        assert got[step] == pytest.approx(expected[step], rel=1e-5, abs=1e-6), step
+    a = load_checkpoint(full / "checkpoints" / "last.pt")
+    b = load_checkpoint(cut / "checkpoints" / "last.pt")
+    for key in a["model"]:
+        torch.testing.assert_close(a["model"][key], b["model"][key], rtol=1e-5, atol=1e-6, msg=key)
+    for key in a["ema"]:
+        torch.testing.assert_close(a["ema"][key], b["ema"][key], rtol=1e-5, atol=1e-6, msg=key)
+
+
+def test_nonfinite_loss_stops_or_skips(data_root, tmp_path, monkeypatch):
+    original = trainer_mod.soft_cross_entropy
+    calls = {"n": 0}
+
+    def nan_on_third_call(logits, target):
+        calls["n"] += 1
+        loss = original(logits, target)
+        return loss * float("nan") if calls["n"] == 3 else loss
+
+    monkeypatch.setattr(trainer_mod, "soft_cross_entropy", nan_on_third_call)
+    trainer = Trainer(tiny_train_config(data_root), tmp_path / "stop")
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    with pytest.raises(FloatingPointError, match="step 3"):
+        trainer.fit()
+    assert trainer.step == 2
+    assert any(not torch.equal(before[k], v) for k, v in trainer.model.state_dict().items())
+    assert all(torch.isfinite(v).all() for v in trainer.model.state_dict().values() if v.is_floating_point())
+
+    calls["n"] = 0
+    trainer = Trainer(tiny_train_config(data_root, "trainer.nonfinite=skip"), tmp_path / "skip")
+    summary = trainer.fit()
+    assert summary["status"] == "finished" and trainer.num_skipped == 1
+    assert all(torch.isfinite(v).all() for v in trainer.model.state_dict().values() if v.is_floating_point())
+
+
+def test_wandb_offline_run_writes_its_files(data_root, tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    run = tmp_path / "run"
+    Trainer(tiny_train_config(data_root, "logger=wandb", "trainer.epochs=1"), run).fit()
+    offline = list((run / "wandb").glob("offline-run-*"))
+    assert len(offline) == 1
+    assert list(offline[0].glob("*.wandb")), "no wandb event file"
+    assert (run / "wandb_run_id.txt").read_text().strip() in offline[0].name
+
+
+@pytest.mark.slow
+def test_sigterm_saves_and_rerun_resumes(data_root, tmp_path):
+    run = tmp_path / "run"
+    cmd = [sys.executable, str(REPO / "train.py"), *tiny_overrides(data_root),
+           "trainer.epochs=6", f"hydra.run.dir={run}"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (
+        (run / "metrics.jsonl").exists() and len((run / "metrics.jsonl").read_text().splitlines()) >= 3
+    ):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, out
+    assert "Traceback" not in out, out
+    state = load_checkpoint(run / "checkpoints" / "last.pt")
+    stopped_at = state["step"]
+    assert stopped_at >= 3
+
+    done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "resumed from" in done.stdout + done.stderr
+    steps = [r["step"] for r in read_metrics(run) if r["split"] == "train"]
+    assert steps == list(range(1, 6 * 4 + 1))  # every step logged exactly once across both processes

@@ -1,0 +1,26 @@
+"""Train a video classifier: `python train.py [group=option ...] [key=value ...]` (see README).
+
+Also `torchrun --nproc_per_node=N train.py ...` and `python train.py -m hydra/launcher=slurm ...`.
+"""
+
+import sys
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+from squarefuse.engine import distributed
+from squarefuse.engine.trainer import train
+
+
+@hydra.main(version_base="1.3", config_path="configs", config_name="train")
+def main(cfg: DictConfig) -> None:
+    summary = train(cfg, HydraConfig.get().runtime.output_dir)
+    if summary["status"] == "interrupted" and not HydraConfig.get().mode.name == "MULTIRUN":
+        sys.exit(128 + summary["signal"])
+
+
+if __name__ == "__main__":
+    distributed.agree_on_run_stamp()
+    sys.argv += distributed.hydra_rank_overrides()
+    main()
