@@ -37,6 +37,7 @@ from squarefuse.engine.distributed import (
     init_distributed,
     shutdown,
 )
+from squarefuse.engine.loader import ignore_stop_signals, private_generator
 from squarefuse.engine.precision import autocast, resolve_precision
 from squarefuse.engine.preprocess import VideoNormalizer
 
@@ -200,9 +201,8 @@ def predict_shard(
         num_workers=num_workers,
         pin_memory=device.type == "cuda",
         drop_last=False,
-        # The loader draws its workers' base seed from this generator, not the global one:
-        # evaluating mid-training must not shift the training run's random stream (exact resume).
-        generator=torch.Generator().manual_seed(0),
+        worker_init_fn=ignore_stop_signals,
+        generator=private_generator(0),
     )
 
     indices: list[torch.Tensor] = []

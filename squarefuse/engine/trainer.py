@@ -32,6 +32,7 @@ from squarefuse.datasets import build_dataset
 from squarefuse.engine import distributed
 from squarefuse.engine.checkpoint import load_checkpoint, save_checkpoint
 from squarefuse.engine.evaluator import evaluate
+from squarefuse.engine.loader import ignore_stop_signals, private_generator
 from squarefuse.engine.logging import MetricsLogger
 from squarefuse.engine.optim import build_optimizer, build_scheduler, scaled_lr
 from squarefuse.engine.precision import autocast, resolve_precision
@@ -147,9 +148,8 @@ class Trainer:
             drop_last=True,
             persistent_workers=self.num_workers > 0,
             prefetch_factor=int(tcfg.prefetch_factor) if self.num_workers > 0 else None,
-            # Its own generator: starting an epoch's iterator must not draw from the global RNG,
-            # or a resumed run's MixUp / drop path would be shifted by one draw.
-            generator=torch.Generator().manual_seed(int(tcfg.seed)),
+            worker_init_fn=ignore_stop_signals,
+            generator=private_generator(int(tcfg.seed)),
         )
 
         # Model, EMA (after .to(device), before DDP), compile.
