@@ -60,18 +60,16 @@ def _timed(fn: Callable[[], None], device: torch.device) -> float:
     return time.perf_counter() - start
 
 
-def main() -> None:
-    args = _parse_args()
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda was asked for but torch.cuda.is_available() is False")
+def measure(
+    *, device: torch.device, batch: int, frames: int, img_size: int, amp: bool,
+    warmup: int, repeats: int, layer_repeats: int,
+) -> dict:
+    """Forward+backward seconds of the backbone, the layer (plain, masked) and the seed, interleaved."""
     torch.manual_seed(0)
-    B, T = args.batch, args.frames
+    B, T = batch, frames
 
     backbone = timm.create_model(
-        "vit_base_patch16_224", pretrained=False, num_classes=0, img_size=args.img_size
+        "vit_base_patch16_224", pretrained=False, num_classes=0, img_size=img_size
     ).to(device)
     D = backbone.embed_dim
     N = backbone.patch_embed.num_patches + backbone.num_prefix_tokens
@@ -79,17 +77,17 @@ def main() -> None:
     seed = SeedSQuaReFuse(D, num_dirs=8, quantiles=(0.1, 0.5, 0.9), poly_order=2).to(device)
     seed.load_state_dict(layer.state_dict())
 
-    frames = torch.randn(B * T, 3, args.img_size, args.img_size, device=device)
+    images = torch.randn(B * T, 3, img_size, img_size, device=device)
     tokens = torch.randn(B, T, N, D, device=device, requires_grad=True)
     grad_tokens = torch.randn(B, T, N, D, device=device)
     clip_mask = torch.ones(B, T, dtype=torch.bool, device=device)
     clip_mask[:, T - T // 4 :] = False
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp)
 
     def step_backbone() -> None:
         backbone.zero_grad(set_to_none=True)
         with autocast:
-            out = backbone.forward_features(frames)  # [B*T, N, D]: the tokens the layer fuses
+            out = backbone.forward_features(images)  # [B*T, N, D]: the tokens the layer fuses
         out.backward(grad_tokens.view(B * T, N, D).to(out.dtype))
 
     def step_layer() -> None:
@@ -115,36 +113,51 @@ def main() -> None:
 
     fusion_steps = {"layer": step_layer, "layer_masked": step_layer_masked, "seed": step_seed}
     times: dict[str, list[float]] = {name: [] for name in ["backbone", *fusion_steps]}
-    for round_idx in range(args.warmup + args.repeats):
-        timed = round_idx >= args.warmup
+    for round_idx in range(warmup + repeats):
+        timed = round_idx >= warmup
         t = _timed(step_backbone, device)
         if timed:
             times["backbone"].append(t)
-        for _ in range(args.layer_repeats):
+        for _ in range(layer_repeats):
             for name, fn in fusion_steps.items():
                 t = _timed(fn, device)
                 if timed:
                     times[name].append(t)
     med = {name: statistics.median(ts) for name, ts in times.items()}
+    ratios = {
+        "layer/backbone": med["layer"] / med["backbone"],
+        "layer_masked/backbone": med["layer_masked"] / med["backbone"],
+        "layer/seed": med["layer"] / med["seed"],
+    }
+    return {"N": N, "D": D, "threads": torch.get_num_threads(), "seconds": times, "median_seconds": med, "ratios": ratios}
 
+
+def main() -> None:
+    args = _parse_args()
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda was asked for but torch.cuda.is_available() is False")
+    result = measure(
+        device=device, batch=args.batch, frames=args.frames, img_size=args.img_size, amp=args.amp,
+        warmup=args.warmup, repeats=args.repeats, layer_repeats=args.layer_repeats,
+    )
+    B, T, N, D = args.batch, args.frames, result["N"], result["D"]
+    times, med, ratios = result["seconds"], result["median_seconds"], result["ratios"]
     print(f"device={device} threads={torch.get_num_threads()} B={B} T={T} N={N} D={D} "
           f"img={args.img_size} amp={args.amp} warmup={args.warmup} repeats={args.repeats} "
           f"layer_repeats={args.layer_repeats}")
     print("forward+backward, median seconds (min..max):")
     for name, ts in times.items():
         print(f"  {name:13s} {med[name]:.5f}  ({min(ts):.5f}..{max(ts):.5f})")
-    ratios = {
-        "layer/backbone": med["layer"] / med["backbone"],
-        "layer_masked/backbone": med["layer_masked"] / med["backbone"],
-        "layer/seed": med["layer"] / med["seed"],
-    }
     print(f"layer/backbone        = {100 * ratios['layer/backbone']:.3f}%   (target < 1%)")
     print(f"layer_masked/backbone = {100 * ratios['layer_masked/backbone']:.3f}%")
     print(f"layer/seed            = {ratios['layer/seed']:.3f}     (target <= 1)")
     if args.json is not None:
         args.json.write_text(json.dumps({
             "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
-            | {"N": N, "D": D, "threads": torch.get_num_threads()},
+            | {"N": N, "D": D, "threads": result["threads"]},
             "seconds": times,
             "median_seconds": med,
             "ratios": ratios,

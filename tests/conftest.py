@@ -22,7 +22,7 @@ CODECS = {".mp4": "libx264", ".webm": "libvpx-vp9", ".mkv": "libx264"}
 
 
 def frame_level(t: int) -> int:
-    """The green level of frame t (wraps every 30 frames so it stays in 20..236)."""
+    """The green level of frame t (wraps every 28 frames so it stays in 20..236)."""
     return 20 + 8 * (t % 28)
 
 

@@ -64,9 +64,9 @@ def make_ssv2(root: Path) -> Path:
     (root / "annotations").mkdir(parents=True)
     (root / "videos").mkdir()
     train = [
-        {"id": "11", "label": "pushing a cup from left to right", "template": "Pushing [something] from left to right", "placeholders": ["a cup"]},
+        {"id": "11", "label": "pushing a cup from left to right", "template": "Pushing [something] from left to right"},
         {"id": "12", "label": "holding a pen", "template": "Holding [something]", "placeholders": ["a pen"]},
-        {"id": "13", "label": "pushing a box from right to left", "template": "Pushing [something] from right to left", "placeholders": ["a box"]},
+        {"id": "13", "label": "pushing a box from right to left", "template": "Pushing [something] from right to left"},
     ]
     val = [{"id": "21", "label": "holding a cup", "template": "Holding [something]", "placeholders": ["a cup"]}]
     for name, data in (("labels", SSV2_LABELS), ("train", train), ("validation", val)):
@@ -137,8 +137,9 @@ def test_ssv2_malformed_annotations_name_file_and_entry(tmp_path):
     root = make_ssv2(tmp_path / "ssv2")
     cfg = compose_dataset("ssv2", f"dataset.root={root}").dataset
     path = root / "annotations" / "something-something-v2-validation.json"
-    path.write_text(json.dumps([{"id": "1", "template": "Holding [something]"}, {"id": "2", "template": "Juggling [something]"}]))
-    with pytest.raises(ValueError, match=r"validation.json: entry 1 \(id 2\): template 'Juggling something'"):
+    entries = [{"id": "1", "template": "Holding [something]"}, {"id": "2", "template": "Juggling [it]"}]
+    path.write_text(json.dumps(entries))
+    with pytest.raises(ValueError, match=r"validation.json: entry 1 \(id 2\): template 'Juggling it'"):
         build_dataset(cfg, "val")
     path.write_text('[{"id": "1",\n "template": }]')
     with pytest.raises(ValueError, match="validation.json: invalid JSON at line 2"):
@@ -152,7 +153,8 @@ def test_k400_csv_layouts_and_class_map(tmp_path):
     cfg = compose_dataset("k400", f"dataset.root={root}").dataset
     train = build_dataset(cfg, "train")
     assert train.class_names == K400_CLASSES  # sorted labels of the train csv
-    assert {r.id: r.label for r in train.records} == {"bbb_000000_000010": 2, "aaa_000014_000024": 1, "ccc_000005_000015": 0}
+    labels = {r.id: r.label for r in train.records}
+    assert labels == {"bbb_000000_000010": 2, "aaa_000014_000024": 1, "ccc_000005_000015": 0}
     assert not train.missing
     val = build_dataset(cfg, "val")  # per-class folders, detected; the train csv's class map
     assert val.class_names == K400_CLASSES and not val.missing
@@ -181,10 +183,11 @@ def test_k400_malformed_csv_names_file_and_line(tmp_path):
 
 
 def test_list_format(tmp_path):
-    root = make_list(tmp_path / "data", [("a/x 1.mp4", 0), ("b.webm", 2), ("/ABS", 1)][:2])
+    root = make_list(tmp_path / "data", [("a/x 1.mp4", 0), ("b.webm", 2)])
     label_map = tmp_path / "names.txt"
     label_map.write_text("cat\ndog\nbird\n")
-    ds = build_dataset(cfg_for(train_file=str(root / "train.txt"), video_dir=str(root), label_map=str(label_map)), "train")
+    named = {"train_file": str(root / "train.txt"), "video_dir": str(root), "label_map": str(label_map)}
+    ds = build_dataset(cfg_for(**named), "train")
     assert [(r.path, r.label) for r in ds.records] == [(str(root / "a" / "x 1.mp4"), 0), (str(root / "b.webm"), 2)]
     assert ds.class_names == ["cat", "dog", "bird"]
     ds = build_dataset(cfg_for(train_file=str(root / "train.txt"), video_dir=str(root)), "train")
@@ -194,7 +197,7 @@ def test_list_format(tmp_path):
         build_dataset(cfg_for(train_file=str(root / "train.txt"), video_dir=str(root)), "train")
     (root / "train.txt").write_text("a/x 1.mp4 3\n")
     with pytest.raises(ValueError, match=r"train.txt:1: label 3 but there are 3 classes"):
-        build_dataset(cfg_for(train_file=str(root / "train.txt"), video_dir=str(root), label_map=str(label_map)), "train")
+        build_dataset(cfg_for(**named), "train")
 
 
 def test_missing_videos_are_reported_and_left_out(tmp_path):
@@ -210,7 +213,8 @@ def test_missing_videos_are_reported_and_left_out(tmp_path):
     with pytest.raises(ValueError, match=r"2 of 6 videos are missing.*dataset.max_missing_fraction=0.2"):
         build_dataset(OmegaConf.merge(cfg, {"max_missing_fraction": 0.2}), "train")
     with pytest.raises(ValueError, match="6 of 6 videos are missing"):
-        build_dataset(OmegaConf.merge(cfg, {"video_dir": str(tmp_path / "elsewhere"), "max_missing_fraction": 1.0}), "train")
+        elsewhere = {"video_dir": str(tmp_path / "elsewhere"), "max_missing_fraction": 1.0}
+        build_dataset(OmegaConf.merge(cfg, elsewhere), "train")
 
 
 def test_unknown_name_decoder_sampling(tmp_path):
@@ -266,7 +270,8 @@ def broken_list(tmp_path, bad_videos):
     root.mkdir()
     write_video(root / "good0.mp4", num_frames=12, width=40, height=32)
     write_video(root / "good1.webm", num_frames=12, width=40, height=32)
-    names = ["good0.mp4", *(str(bad_videos[k]) for k in ("zero", "text", "truncated", "truncated_faststart")), "good1.webm"]
+    bad = [str(bad_videos[k]) for k in ("zero", "text", "truncated", "truncated_faststart")]
+    names = ["good0.mp4", *bad, "good1.webm"]
     (root / "list.txt").write_text("".join(f"{n} {i}\n" for i, n in enumerate(names)))
     return cfg_for(train_file=str(root / "list.txt"), val_file=str(root / "list.txt"), video_dir=str(root))
 

@@ -132,10 +132,23 @@ def test_resolve_decoder(monkeypatch, caplog):
     assert resolve_decoder("pyav") == "pyav"
     with pytest.raises(ValueError, match="dataset.decoder='opencv'"):
         resolve_decoder("opencv")
-    real_find_spec = decoders.importlib.util.find_spec
-    monkeypatch.setattr(decoders.importlib.util, "find_spec", lambda n: None if n == "decord" else real_find_spec(n))
+    monkeypatch.setattr(decoders, "_decord_installed", lambda: False)
     monkeypatch.setattr(decoders, "_fallback_warned", False)
     with caplog.at_level(logging.WARNING):
         assert resolve_decoder("decord") == "pyav"
         assert resolve_decoder("decord") == "pyav"
     assert sum("decord is not installed" in r.message for r in caplog.records) == 1
+
+
+def test_decoding_process_is_recycled_between_videos(make_video, tmp_path, monkeypatch):
+    monkeypatch.setattr(decoders, "_RECYCLE_AFTER_OPENS", 2)
+    path = make_video(tmp_path / "v.mp4", num_frames=6)
+    process = decoders._decode_process()
+    process.close()
+    generations = []
+    for _ in range(5):
+        with open_video(path, "pyav", timeout=20.0) as video:
+            video.get_frames([5])
+            generations.append(process.generation)
+    first = generations[0]
+    assert generations == [first, first, first + 1, first + 1, first + 2]

@@ -200,3 +200,26 @@ def test_prepare_k400_names_trims_and_resizes(tmp_path):
 
     again = prepare_k400.main(["--csv", str(csv_file), "--source", str(source), "--out", str(out), "--short-side", "32"])
     assert again == {"done": 0, "skipped": 2, "missing": 1, "failed": 0}
+
+
+# --- benchmark_loader --------------------------------------------------------------------------
+
+
+def test_benchmark_loader_quick(tmp_path, capsys):
+    benchmark_loader = load_script("benchmark_loader")
+    results = benchmark_loader.main(["--quick", "--json", "--profile", "--work-dir", str(tmp_path)])
+    assert set(results) == {"k400", "ssv2"}
+    printed = json.loads(capsys.readouterr().out)
+    assert printed == results
+    for name, r in results.items():
+        assert r["raw_decode_clips_s"] > 0 and r["pipeline_clips_s"] > 0
+        assert r["ratio"] == pytest.approx(r["pipeline_clips_s"] / r["raw_decode_clips_s"], rel=0.01)
+        assert len(r["rounds_raw"]) == len(r["rounds_pipeline"]) == 2
+        steps = r["ms_per_decoded_clip"]
+        assert "decode (open excluded)" in steps and any("RandomResizedCrop" in s for s in steps)
+    # The recipes are the dataset configs': flip for K400, never for SSv2.
+    assert any("HorizontalFlip" in s for s in results["k400"]["ms_per_decoded_clip"])
+    assert not any("HorizontalFlip" in s for s in results["ssv2"]["ms_per_decoded_clip"])
+    # The test videos are what the benchmark claims: H.264 and VP9 at the quick sizes.
+    assert probe(tmp_path / "k400.mp4")[1:] == (120, 160, "h264")
+    assert probe(tmp_path / "ssv2.webm")[1:] == (80, 142, "vp9")

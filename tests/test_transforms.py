@@ -79,3 +79,29 @@ def test_eval_views_rejects_bad_settings():
     with pytest.raises(ValueError, match="dataset.eval_short_side=24"):
         eval_views(clip, short_side=24, crop_size=32, num_crops=1)
     assert default_eval_short_side(224) == 256 and default_eval_short_side(64) == 73
+
+
+def test_device_augment_draws_one_policy_per_clip_shared_by_its_frames():
+    from squarefuse.datasets.transforms import DeviceAugment
+
+    torch.manual_seed(0)
+    frame = torch.randint(0, 256, (3, 32, 32), dtype=torch.uint8)
+    batch = frame.expand(6, 4, 3, 32, 32).clone()  # 6 identical clips of 4 identical frames
+    out = DeviceAugment(randaug_n=2, randaug_m=9, random_erasing=0.0)(batch)
+    assert out.shape == batch.shape and out.dtype == torch.uint8
+    for clip in out:  # the same policy for every frame of a clip
+        assert all(torch.equal(clip[0], f) for f in clip[1:])
+    assert len({bytes(clip[0].flatten().numpy()) for clip in out}) > 1  # clips differ
+
+
+def test_augment_on_device_moves_randaugment_out_of_the_worker():
+    from squarefuse.datasets.build import build_device_augment
+
+    cfg = {"augment_on_device": True, "randaug_n": 4, "randaug_m": 7, "random_erasing": 0.25}
+    device_aug = build_device_augment(cfg)
+    names = [type(t).__name__ for t in device_aug.transform.transforms]
+    assert names == ["RandAugment", "RandomErasingUint8"]
+    assert build_device_augment({**cfg, "augment_on_device": False}) is None
+    assert build_device_augment({**cfg, "randaug_n": 0, "random_erasing": 0.0}) is None
+    worker = TrainTransform(crop_size=16, randaug_n=4, randaug_m=7, random_erasing=0.25, photometric=False)
+    assert [type(t).__name__ for t in worker.transform.transforms] == ["RandomResizedCrop"]

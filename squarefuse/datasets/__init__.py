@@ -6,7 +6,7 @@ an item holds.
 """
 
 from squarefuse.datasets.annotations import VideoRecord
-from squarefuse.datasets.build import DATASET_NAMES, build_dataset
+from squarefuse.datasets.build import DATASET_NAMES, build_dataset, build_device_augment
 from squarefuse.datasets.decoders import DecodeError, DecodeTimeout, VideoReader, open_video, resolve_decoder
 from squarefuse.datasets.video_dataset import VideoDataset
 
@@ -18,6 +18,7 @@ __all__ = [
     "VideoReader",
     "VideoRecord",
     "build_dataset",
+    "build_device_augment",
     "open_video",
     "resolve_decoder",
 ]

@@ -88,7 +88,9 @@ def read_label_map(path: str | Path, *, key: str = "dataset.label_map") -> list[
 # --- Something-Something V2 ------------------------------------------------------------------
 
 
-def load_ssv2(*, labels_file: str | Path, annotation_file: str | Path, video_dir: str | Path, video_ext: str) -> Annotations:
+def load_ssv2(
+    *, labels_file: str | Path, annotation_file: str | Path, video_dir: str | Path, video_ext: str
+) -> Annotations:
     """The official SSv2 json files.
 
     A sample's class is its ``template`` with the brackets removed ("Putting [something] on
@@ -218,7 +220,9 @@ def load_k400(
         try:
             start, end = int(float(row["time_start"])), int(float(row["time_end"]))
         except ValueError:
-            raise ValueError(f"{path}:{line}: time_start/time_end must be numbers, got {row['time_start']!r}, {row['time_end']!r}") from None
+            raise ValueError(
+                f"{path}:{line}: time_start/time_end must be numbers, got {row['time_start']!r}, {row['time_end']!r}"
+            ) from None
         clip_id = f"{row['youtube_id']}_{start:06d}_{end:06d}"
         name = f"{clip_id}.{video_ext}"
         flat = os.path.join(video_dir, name)

@@ -14,7 +14,7 @@ dataset).
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -30,10 +30,10 @@ from squarefuse.datasets.annotations import (
 )
 from squarefuse.datasets.decoders import resolve_decoder
 from squarefuse.datasets.sampling import FrameSampler
-from squarefuse.datasets.transforms import TrainTransform, default_eval_short_side
+from squarefuse.datasets.transforms import DeviceAugment, TrainTransform, default_eval_short_side
 from squarefuse.datasets.video_dataset import VideoDataset
 
-__all__ = ["DATASET_NAMES", "build_dataset"]
+__all__ = ["DATASET_NAMES", "build_dataset", "load_annotations"]
 
 log = logging.getLogger(__name__)
 
@@ -60,13 +60,17 @@ def _video_dir(cfg: Mapping[str, Any], split: str) -> Any:
     return video_dir
 
 
-def _class_names_from(cfg: Mapping[str, Any], fallback) -> list[str]:
+def _class_names_from(cfg: Mapping[str, Any], fallback: Callable[[], list[str]]) -> list[str]:
     if cfg.get("label_map") is not None:
         return read_label_map(cfg["label_map"])
     return fallback()
 
 
-def _load_annotations(cfg: Mapping[str, Any], split: str) -> Annotations:
+def load_annotations(cfg: Mapping[str, Any], split: str) -> Annotations:
+    """The records (missing files included) and class names of one split of a dataset config.
+
+    For the synthetic dataset this generates the videos first if needed.
+    """
     name = cfg.get("name")
     if name == "ssv2":
         return load_ssv2(
@@ -96,7 +100,7 @@ def _load_annotations(cfg: Mapping[str, Any], split: str) -> Annotations:
             class_names=_class_names_from(cfg, numbered),
         )
     if name == "synthetic":
-        # Imported here: generating needs only this dataset, and the module is optional elsewhere.
+        # Imported on use: only this dataset needs the generator.
         from squarefuse.datasets.synthetic import ensure_synthetic  # noqa: PLC0415
 
         generate = dict(cfg.get("generate") or {})
@@ -106,6 +110,9 @@ def _load_annotations(cfg: Mapping[str, Any], split: str) -> Annotations:
             raise ValueError(f"the synthetic dataset has splits {list(lists)}, not {split!r}")
         return load_list(list_file=lists[split], video_dir=splits.root, class_names=list(splits.class_names))
     raise ValueError(f"dataset.name={name!r}: choose one of {list(DATASET_NAMES)}")
+
+
+_load_annotations = load_annotations  # the name scripts/check_videos.py uses
 
 
 def _report_missing(
@@ -126,6 +133,17 @@ def _report_missing(
             "check dataset.root and the video folder keys"
         )
     log.warning(f"{message}; they are left out")
+
+
+def build_device_augment(dataset_cfg: Mapping[str, Any]) -> DeviceAugment | None:
+    """The photometric train augmentation to run on the device, when `dataset.augment_on_device`."""
+    cfg = dataset_cfg
+    if not cfg.get("augment_on_device", False):
+        return None
+    randaug_n, erasing = int(cfg.get("randaug_n", 0)), float(cfg.get("random_erasing", 0.0))
+    if randaug_n == 0 and erasing == 0:
+        return None
+    return DeviceAugment(randaug_n=randaug_n, randaug_m=int(cfg.get("randaug_m", 0)), random_erasing=erasing)
 
 
 def build_dataset(
@@ -178,12 +196,13 @@ def build_dataset(
             randaug_n=int(cfg.get("randaug_n", 0)),
             randaug_m=int(cfg.get("randaug_m", 0)),
             random_erasing=float(cfg.get("random_erasing", 0.0)),
+            photometric=not bool(cfg.get("augment_on_device", False)),
         )
     eval_short_side = int(cfg.get("eval_short_side") or default_eval_short_side(crop_size))
     if eval_short_side < crop_size:
         raise ValueError(f"dataset.eval_short_side={eval_short_side} is smaller than dataset.crop_size={crop_size}")
 
-    annotations = _load_annotations(cfg, split)
+    annotations = load_annotations(cfg, split)
     records, missing = split_missing(annotations.records)
     _report_missing(
         missing,

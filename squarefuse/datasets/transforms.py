@@ -19,7 +19,7 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
-__all__ = ["RandomErasingUint8", "TrainTransform", "default_eval_short_side", "eval_views"]
+__all__ = ["DeviceAugment", "RandomErasingUint8", "TrainTransform", "default_eval_short_side", "eval_views", "photometric_steps"]
 
 
 class RandomErasingUint8(v2.RandomErasing):
@@ -63,6 +63,8 @@ class TrainTransform:
         randaug_m: RandAugment magnitude on timm's 0..10 scale (``rand-m7-n4`` -> m=7, n=4);
             timm's magnitude noise (mstd) and "increasing" variants are not reproduced.
         random_erasing: probability of erasing one random patch with uniform noise.
+        photometric: include RandAugment and random erasing; False when `DeviceAugment` applies
+            them to the batch on the training device instead.
     """
 
     def __init__(
@@ -75,11 +77,12 @@ class TrainTransform:
         randaug_n: int = 0,
         randaug_m: int = 0,
         random_erasing: float = 0.0,
+        photometric: bool = True,
     ) -> None:
         if not (0.0 <= random_erasing <= 1.0):
             raise ValueError(f"dataset.random_erasing={random_erasing}: must be a probability in [0, 1]")
         if randaug_n < 0 or not (0 <= randaug_m <= 10):
-            raise ValueError(f"dataset.randaug_n={randaug_n}, dataset.randaug_m={randaug_m}: need n >= 0 and 0 <= m <= 10")
+            raise ValueError(f"dataset.randaug_n={randaug_n}, dataset.randaug_m={randaug_m}: need n >= 0, 0 <= m <= 10")
         if len(scale) != 2 or not (0 < scale[0] <= scale[1] <= 1):
             raise ValueError(f"dataset.scale={list(scale)}: need [min, max] with 0 < min <= max <= 1")
         if len(ratio) != 2 or not (0 < ratio[0] <= ratio[1]):
@@ -89,11 +92,8 @@ class TrainTransform:
         ]
         if hflip:
             steps.append(v2.RandomHorizontalFlip(p=0.5))
-        if randaug_n > 0:
-            # 11 bins make `magnitude` read on timm's 0..10 scale with the same maximum strengths.
-            steps.append(v2.RandAugment(num_ops=randaug_n, magnitude=randaug_m, num_magnitude_bins=11))
-        if random_erasing > 0:
-            steps.append(RandomErasingUint8(p=random_erasing))
+        if photometric:
+            steps += photometric_steps(randaug_n=randaug_n, randaug_m=randaug_m, random_erasing=random_erasing)
         self.transform = v2.Compose(steps)
 
     def __call__(self, video_TCHW: torch.Tensor) -> torch.Tensor:
@@ -101,6 +101,37 @@ class TrainTransform:
 
     def __repr__(self) -> str:
         return f"TrainTransform({self.transform})"
+
+
+def photometric_steps(*, randaug_n: int, randaug_m: int, random_erasing: float) -> list[v2.Transform]:
+    """RandAugment then random erasing, the costly part of the train augmentation."""
+    steps: list[v2.Transform] = []
+    if randaug_n > 0:
+        # 11 bins make `magnitude` read on timm's 0..10 scale with the same maximum strengths.
+        steps.append(v2.RandAugment(num_ops=randaug_n, magnitude=randaug_m, num_magnitude_bins=11))
+    if random_erasing > 0:
+        steps.append(RandomErasingUint8(p=random_erasing))
+    return steps
+
+
+class DeviceAugment:
+    """RandAugment + random erasing of a uint8 batch [B,T,C,H,W] on the training device.
+
+    RandAugment n=4 on a 16x224x224 clip costs about as much CPU time as decoding it, which halves
+    what a loader worker delivers; on the GPU it is a few kernels per clip. Each clip draws its own
+    policy (the same for all its frames), as in the worker. Randomness comes from the global torch
+    RNG of the training process, so it is part of the exactly-resumable state.
+    """
+
+    def __init__(self, *, randaug_n: int, randaug_m: int, random_erasing: float) -> None:
+        self.transform = v2.Compose(photometric_steps(randaug_n=randaug_n, randaug_m=randaug_m, random_erasing=random_erasing))
+
+    def __call__(self, video_BTCHW: torch.Tensor) -> torch.Tensor:
+        clips = [self.transform(tv_tensors.Video(clip)).as_subclass(torch.Tensor) for clip in video_BTCHW]
+        return torch.stack(clips)
+
+    def __repr__(self) -> str:
+        return f"DeviceAugment({self.transform})"
 
 
 def default_eval_short_side(crop_size: int) -> int:

@@ -1,7 +1,7 @@
 """Video decoding backends (decord, PyAV) on numpy, and the loop that serves them in a child process.
 
 This module imports neither torch nor the rest of the package, so that it can run as the small
-decoding process started by :mod:`squarefuse.datasets.decoders` (``python video_backends.py FD``):
+decoding process started by :mod:`squarefuse.datasets.decoders` (``python video_backends.py FD PARENT_PID``):
 a decoder that hangs there (decord can spin forever in C holding the GIL) is killed from outside
 without taking the DataLoader worker down with it.
 
@@ -15,12 +15,17 @@ from __future__ import annotations
 import bisect
 import os
 import pickle
+import signal
 import socket
 import struct
 import sys
 from typing import Any, Protocol
 
-import numpy as np
+if __name__ == "__main__" and sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(__file__)):
+    # Run as the decoding process's script: this package folder must not shadow other modules.
+    sys.path.pop(0)
+
+import numpy as np  # noqa: E402
 
 __all__ = ["Backend", "DecordBackend", "PyAVBackend", "describe_error", "open_backend", "recv_msg", "send_msg", "serve"]
 
@@ -231,26 +236,29 @@ def recv_msg(sock: socket.socket) -> Any:
     return pickle.loads(body)
 
 
-def _die_with_parent() -> None:
+def _live_and_die_with_parent() -> None:
+    # Ctrl-C and a scheduler's SIGTERM reach the whole process group: the parent decides what
+    # happens (a preempted job checkpoints first), and requests in flight must not fail meanwhile.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     # If the parent (a DataLoader worker) is killed, a decoder stuck in C would otherwise live on.
     try:
         import ctypes  # noqa: PLC0415
-        import signal  # noqa: PLC0415
 
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG (Linux)
     except (OSError, AttributeError):
         pass
 
 
 def serve(sock: socket.socket, parent_pid: int) -> None:
-    """Answer requests from the parent until it closes the connection.
+    """Answer requests from the parent until it closes the connection (or dies).
 
     Requests: ``("open", handle, path, decoder, num_threads)`` -> ``("ok", num_frames, fps)``;
     ``("size", handle)`` -> ``("ok", height, width)``; ``("read", handle, indices)`` ->
     ``("frames", shape)`` then the raw uint8 bytes; ``("close", handle)`` -> ``("ok",)``.
     Any failure answers ``("error", "TypeName: message")`` and the process carries on.
     """
-    _die_with_parent()
+    _live_and_die_with_parent()
     if os.getppid() != parent_pid:  # the parent died before PR_SET_PDEATHSIG took effect
         return
     readers: dict[int, Backend] = {}

@@ -28,7 +28,7 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 from tqdm import tqdm
 
-from squarefuse.datasets import build_dataset
+from squarefuse.datasets import build_dataset, build_device_augment
 from squarefuse.engine import distributed
 from squarefuse.engine.checkpoint import load_checkpoint, save_checkpoint
 from squarefuse.engine.evaluator import evaluate
@@ -155,6 +155,7 @@ class Trainer:
         # Model, EMA (after .to(device), before DDP), compile.
         self.model = build_classifier(cfg.backbone, cfg.fusion, cfg.head, self.num_classes).to(self.device)
         self.normalizer = VideoNormalizer(self.model.mean, self.model.std, self.device)
+        self.device_augment = build_device_augment(cfg.dataset)
         self.ema = ModelEmaV3(self.model, decay=float(tcfg.ema.decay)) if tcfg.ema.enabled else None
         self.train_model = self.model
         if self.dist.is_distributed:
@@ -419,6 +420,8 @@ class Trainer:
             repeats = video.shape[1]
             video, mask = video.flatten(0, 1), mask.flatten(0, 1)
             label = label.repeat_interleave(repeats)
+        if self.device_augment is not None:
+            video = self.device_augment(video)
         video = self.normalizer(video)
         tcfg = self.cfg.trainer
         if self.mix is not None and torch.rand(()) < float(tcfg.mixup_prob):
