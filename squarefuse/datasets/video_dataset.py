@@ -144,7 +144,8 @@ class VideoDataset(Dataset):
                 video = torch.stack([self.train_transform(video_TCHW) for _ in range(self.repeated_aug)])
                 mask = torch.from_numpy(mask_CT[0]).expand(self.repeated_aug, -1).clone()
             return {
-                "video": video.contiguous(),
+                # No .contiguous(): the collate's stack copies every clip into the batch anyway.
+                "video": video,
                 "mask": mask,
                 "label": record.label,
                 "index": i,
