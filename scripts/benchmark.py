@@ -187,12 +187,13 @@ def bench_train(torch, device, preset: dict, args, work: Path) -> dict:
 
 def main() -> None:
     args = parse_args()
-    # The loader benchmark encodes VP9 with PyAV before anything imports decord (see its notes).
+    import torch  # noqa: PLC0415 (torch does not load decord; the loader benchmark needs that order)
+
+    threads = torch.get_num_threads()
     results: dict = {}
     if "loader" not in args.skip:
         results["loader"] = benchmark_loader.main(["--rounds", "5", "--iters", "4", "--json"])
-
-    import torch  # noqa: PLC0415
+        torch.set_num_threads(threads)  # it measures one worker with one thread
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     preset_name = args.preset or ("gpu" if device.type == "cuda" else "cpu")

@@ -163,7 +163,7 @@ def split_from_config(overrides: list[str], split: str) -> tuple[Split, dict]:
     name = dataset_cfg.get("name")
     # The same reader build_dataset uses, so the check sees exactly the records training sees
     # (for the synthetic set it also generates the videos if needed).
-    annotations = build._load_annotations(dataset_cfg, split)
+    annotations = build.load_annotations(dataset_cfg, split)
     records = annotations.records
     if name == "synthetic":
         annotation_file = Path(dataset_cfg["root"]).expanduser().resolve() / f"{split}.txt"

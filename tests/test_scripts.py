@@ -10,7 +10,6 @@ import sys
 from pathlib import Path
 
 import av
-import numpy as np
 import pytest
 from conftest import write_video
 
@@ -213,8 +212,9 @@ def test_benchmark_loader_quick(tmp_path, capsys):
     assert printed == results
     for name, r in results.items():
         assert r["raw_decode_clips_s"] > 0 and r["pipeline_clips_s"] > 0
-        assert r["ratio"] == pytest.approx(r["pipeline_clips_s"] / r["raw_decode_clips_s"], rel=0.01)
         assert len(r["rounds_raw"]) == len(r["rounds_pipeline"]) == 2
+        paired = sorted(p / q for p, q in zip(r["rounds_pipeline"], r["rounds_raw"]))
+        assert r["ratio"] == pytest.approx(sum(paired) / 2, rel=0.02)  # the median of two rounds
         steps = r["ms_per_decoded_clip"]
         assert "decode (open excluded)" in steps and any("RandomResizedCrop" in s for s in steps)
     # The recipes are the dataset configs': flip for K400, never for SSv2.

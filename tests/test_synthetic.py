@@ -54,14 +54,6 @@ def all_files(root: Path) -> dict[str, bytes]:
     }
 
 
-def shape_mask(frame_HW3: np.ndarray) -> np.ndarray:
-    """Pixels far from the background colour (estimated on the frame border)."""
-    frame = frame_HW3.astype(np.float32)
-    border = np.concatenate([frame[0], frame[-1], frame[:, 0], frame[:, -1]])
-    background = np.median(border, axis=0)
-    return np.linalg.norm(frame - background, axis=-1) > 55.0
-
-
 def centroid(mask_HW: np.ndarray) -> np.ndarray:
     ys, xs = np.nonzero(mask_HW)
     return np.array([xs.mean(), ys.mean()])
@@ -139,16 +131,29 @@ def test_twin_is_exact_time_reversal(class_index):
     )
 
 
+def decoded_shape_masks(root: Path, path: str, label: int) -> np.ndarray:
+    """Shape pixels of a generated file: far from its background drawn alone (lighting included)."""
+    split, _, name = Path(path).parts[-3:]
+    rng = synthetic._video_rng(SMALL["seed"], split, label, int(Path(name).stem))
+    # render_clip draws the base motion's parameters first from the video's generator.
+    params = sample_clip_params(synthetic._BASE_MOTIONS[label // 2], rng=rng, size=SMALL["size"])
+    traj = class_trajectory(label, params, SMALL["num_frames"])
+    traj[:, 2] = 1e-3  # a vanishing shape: the background alone
+    background = draw_frames(params, traj, size=SMALL["size"])
+    frames, _ = read_pyav(root / path)
+    return np.linalg.norm(frames.astype(np.float32) - background, axis=-1) > 35.0
+
+
 def test_decoded_videos_move_grow_in_their_direction(tmp_path):
     splits = ensure_synthetic(tmp_path / "syn", **SMALL)
-    size = 64
+    size = SMALL["size"]
     checked = 0
     for path, label in list_entries(splits.train_list) + list_entries(splits.val_list):
         name = CLASS_NAMES[label]
         if name.startswith("turn"):
             continue  # turning keeps the centroid in place: tested on the drawn frames below
-        frames, _ = read_pyav(splits.root / path)
-        first, last = shape_mask(frames[0]), shape_mask(frames[-1])
+        masks = decoded_shape_masks(splits.root, path, label)
+        first, last = masks[0], masks[-1]
         shift_x, shift_y = centroid(last) - centroid(first)
         growth = last.sum() / first.sum()
         if name == "move_left_to_right":
@@ -168,18 +173,22 @@ def test_decoded_videos_move_grow_in_their_direction(tmp_path):
     assert checked == 6 * (SMALL["train_per_class"] + SMALL["val_per_class"])
 
 
-@pytest.mark.parametrize("shape", synthetic._TURN_SHAPES)
+@pytest.mark.parametrize("shape", ["hand", "arrow", "ell", "dotted_disc"])
 def test_turn_clockwise_turns_clockwise_on_screen(shape):
     from torchvision.transforms.v2 import functional as F  # noqa: PLC0415
 
     size = 64
     params = sample_clip_params("turn", rng=np.random.default_rng(0), size=size)
-    params = dataclasses.replace(params, shape=shape)
+    # The dot painted in the background colour is cut out of the shape mask, so the mask of
+    # dotted_disc is as asymmetric as the shape is.
+    params = dataclasses.replace(params, shape=shape, dot_colour=params.background)
     for class_name, clockwise in (("turn_clockwise", True), ("turn_anticlockwise", False)):
         traj = class_trajectory(CLASS_NAMES.index(class_name), params, 8)
         frames = draw_frames(params, traj, size=size)
-        colour = np.asarray(params.colour, dtype=np.float32)
-        masks = torch.from_numpy(np.linalg.norm(frames - colour, axis=-1) < 30.0).float()[:, None]
+        empty = traj.copy()
+        empty[:, 2] = 1e-3  # a vanishing shape: the lit background alone
+        background = draw_frames(params, empty, size=size)
+        masks = torch.from_numpy(np.linalg.norm(frames - background, axis=-1) > 35.0).float()[:, None]
         for t in range(len(traj) - 1):
             step = abs(float(np.degrees(traj[t + 1, 3] - traj[t, 3])))
             centre = [float(traj[t, 0]) - 0.5, float(traj[t, 1]) - 0.5]
@@ -297,6 +306,23 @@ def test_incomplete_or_stale_dataset_is_regenerated(tmp_path, damage):
     assert video.read_bytes() == original
     assert json.loads(manifest_path.read_text())["version"] == synthetic.GENERATOR_VERSION
     assert not list(root.glob(".staging-*"))
+
+
+def test_failed_generation_leaves_nothing_that_looks_complete(tmp_path, monkeypatch):
+    root = tmp_path / "syn"
+
+    def crash(staging, params):
+        (staging / "videos").mkdir()
+        (staging / "train.txt").write_text("videos/half_written.mp4 0\n")
+        raise RuntimeError("encoder died")
+
+    monkeypatch.setattr(synthetic, "_generate_in_subprocess", crash)
+    with pytest.raises(RuntimeError, match="encoder died"):
+        ensure_synthetic(root, **SMALL)
+    assert sorted(p.name for p in root.iterdir()) == [".lock"]
+    monkeypatch.undo()
+    splits = ensure_synthetic(root, **SMALL)
+    assert len(list_entries(splits.train_list)) == 8 * SMALL["train_per_class"]
 
 
 @pytest.mark.parametrize(

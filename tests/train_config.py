@@ -31,6 +31,7 @@ def tiny_overrides(data_root: Path) -> list[str]:
         "trainer.num_workers=0",
         "trainer.epochs=2",
         "trainer.log_every=1",
+        "trainer.val_every=1",
         "trainer.device=cpu",
         "trainer.precision=fp32",
     ]

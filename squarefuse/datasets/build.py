@@ -33,7 +33,7 @@ from squarefuse.datasets.sampling import FrameSampler
 from squarefuse.datasets.transforms import DeviceAugment, TrainTransform, default_eval_short_side
 from squarefuse.datasets.video_dataset import VideoDataset
 
-__all__ = ["DATASET_NAMES", "build_dataset", "load_annotations"]
+__all__ = ["DATASET_NAMES", "build_dataset", "build_device_augment", "load_annotations"]
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +112,6 @@ def load_annotations(cfg: Mapping[str, Any], split: str) -> Annotations:
     raise ValueError(f"dataset.name={name!r}: choose one of {list(DATASET_NAMES)}")
 
 
-_load_annotations = load_annotations  # the name scripts/check_videos.py uses
 
 
 def _report_missing(

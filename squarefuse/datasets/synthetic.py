@@ -1,16 +1,24 @@
 """Built-in synthetic video dataset: moving, growing and turning shapes in time-reversed pairs.
 
-Every class has a *twin* that is exactly its time reversal (``move_left_to_right`` and
-``move_right_to_left``, ``grow`` and ``shrink``, ...): a sample of a twin class is rendered as a
-sample of the base class played backwards. The set of frames of a video therefore has the same
-distribution in both classes of a pair, so a model that pools frames without looking at their
-order (``fusion=none`` with a mean over time) cannot beat chance within a pair, while a model that
-sees temporal order can solve the task.
+Eight classes in four pairs: ``move_left_to_right`` / ``move_right_to_left``,
+``move_top_to_bottom`` / ``move_bottom_to_top``, ``grow`` / ``shrink``, ``turn_clockwise`` /
+``turn_anticlockwise``. A shape (square, disc, triangle, arrow, L, disc with a dot; random colour
+in strong luminance contrast with a tinted background, a little noise) moves across the frame,
+grows, or turns; turning shapes have no rotational symmetry (a clock hand, a disc with a dot) and
+turn clockwise from pointing up, through the right, to pointing down. A fixed scene lighting
+(brighter to the right, redder to the bottom) makes positions show in colours too.
+
+Every class has a *twin* that is exactly its time reversal: a sample of a twin class is
+rendered as a sample of the base class played backwards. The set of frames of a video therefore
+has the same distribution in both classes of a pair, so a model that pools frames without
+looking at their order (``fusion=none`` with a mean over time) cannot beat chance within a pair,
+while a model that sees temporal order can solve the task.
 
 The videos are real encoded files, alternately H.264 mp4 (``libx264``, yuv420p) and VP9 webm
-(``libvpx-vp9``), so the whole decode path is exercised. They are generated deterministically from
-the seed on first use, under a file lock so several processes (DataLoader workers, DDP ranks) may
-call :func:`ensure_synthetic` at once; one generates, the others wait and re-use the result.
+(``libvpx-vp9``), so the whole decode path is exercised. They are generated deterministically
+(byte for byte) from the seed on first use, under a file lock so several processes (DataLoader
+workers, DDP ranks) may call :func:`ensure_synthetic` at once; one generates, the others wait
+and re-use the result.
 
 Layout under ``root``::
 
@@ -55,7 +63,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 # Bump whenever the rendered content or the layout changes: existing datasets are regenerated.
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 4
 
 # Class 2k is a base motion, class 2k+1 its exact time reversal.
 CLASS_NAMES = (
@@ -70,14 +78,23 @@ CLASS_NAMES = (
 )
 _BASE_MOTIONS = ("move_x", "move_y", "scale", "turn")
 
-# Turning needs shapes without rotational symmetry, or the direction of a turn is invisible.
+# Turning needs shapes without rotational symmetry, or the direction of a turn is invisible; a
+# clock hand (pinned at its tail) and a dot near the rim of a disc move much of their area round
+# the circle, which the tiny ViT picks up far sooner than an arrow turning about its middle.
 _ALL_SHAPES = ("square", "disc", "triangle", "arrow", "ell", "dotted_disc")
-_TURN_SHAPES = ("arrow", "ell", "dotted_disc")
+_TURN_SHAPES = ("hand", "dotted_disc")
 
 _SPLIT_CODES = {"train": 0, "val": 1}
 _SUPERSAMPLE = 2  # anti-aliasing: shapes are rasterised on a 2x grid and averaged
-_NOISE_STD = 5.0  # per-pixel Gaussian noise (uint8 units), fresh in every frame
-_MIN_COLOUR_DISTANCE = 110.0  # shape vs background, Euclidean in RGB
+_NOISE_STD = 4.0  # per-pixel Gaussian noise (uint8 units), fresh in every frame
+# Fixed scene lighting, the same in every video: brighter towards the right, bluer towards the top
+# and redder towards the bottom. A shape's position then shows in its colour, a global statistic
+# that a small ViT trained from scratch reads early (as it reads size), instead of first having
+# to learn position embeddings: measured on the default set, the tiny model reached 94-97% val
+# top-1 within 1200 steps for seeds that stayed at 45-60% without the lighting. Every frame is
+# lit alike, so time order still decides each pair.
+_LIGHT_GAIN = (0.6, 1.4)  # brightness multiplier at the left and at the right edge
+_LIGHT_CAST = 40.0  # red-minus-blue shift from the top to the bottom edge (uint8 units)
 
 _CODECS = (  # alternated by video index so both codecs appear in every class and split
     # mbtree off: with it, libx264 reads uninitialised memory at widths such as 80 and the
@@ -114,7 +131,7 @@ class ClipParams:
     Attributes:
         motion: One of ``move_x``, ``move_y``, ``scale``, ``turn``.
         shape: One of the shape names (``square``, ``disc``, ``triangle``, ``arrow``, ``ell``,
-            ``dotted_disc``).
+            ``dotted_disc``, and ``hand`` for turning only).
         colour: Shape RGB colour, 0..255.
         dot_colour: RGB colour of the dot of ``dotted_disc`` (unused by other shapes).
         background: Background RGB tint, 0..255.
@@ -139,21 +156,24 @@ def twin_of(class_index: int) -> int:
     return class_index ^ 1
 
 
-def _far_colour(rng: np.random.Generator, *, away_from: list[np.ndarray]) -> np.ndarray:
-    """Draws an RGB colour at least ``_MIN_COLOUR_DISTANCE`` from every colour in ``away_from``."""
-    for _ in range(1000):
+def _luma(rgb: np.ndarray) -> float:
+    return float(0.299 * rgb[0] + 0.587 * rgb[1] + 0.114 * rgb[2])
+
+
+def _contrasting_colour(rng: np.random.Generator, *, against: np.ndarray, min_luma_difference: float) -> np.ndarray:
+    """Draws an RGB colour whose luminance differs from ``against``'s by at least the minimum."""
+    while True:  # `against` is never mid-grey enough to make this loop long (<= 1/3 rejected)
         colour = rng.uniform(0.0, 255.0, size=3)
-        if all(np.linalg.norm(colour - other) >= _MIN_COLOUR_DISTANCE for other in away_from):
+        if abs(_luma(colour) - _luma(against)) >= min_luma_difference:
             return colour
-    # Unreachable in practice (the background is mid-grey-ish), but never loop forever.
-    return 255.0 - away_from[0]
 
 
 def sample_clip_params(motion: str, *, rng: np.random.Generator, size: int) -> ClipParams:
     """Draws the appearance and the trajectory end points of one base-motion clip.
 
-    Motions are large (about half the frame) and shapes big (a sixth to a third of the frame
-    across) so that they stay clearly visible after a RandomResizedCrop down to 64 px.
+    Motions are large (about half the frame), shapes big (moving ones 40-50% of the frame
+    across) and in strong luminance contrast with the background, so that they stay clearly
+    visible after a RandomResizedCrop down to 64 px.
 
     Args:
         motion: Base motion, one of ``move_x``, ``move_y``, ``scale``, ``turn``.
@@ -165,17 +185,19 @@ def sample_clip_params(motion: str, *, rng: np.random.Generator, size: int) -> C
     """
     if motion not in _BASE_MOTIONS:
         raise ValueError(f"unknown synthetic motion {motion!r}; expected one of {_BASE_MOTIONS}")
-    grey = rng.uniform(60.0, 190.0)
-    background = np.clip(grey + rng.uniform(-30.0, 30.0, size=3), 0.0, 255.0)
-    gradient = rng.uniform(-20.0, 20.0, size=2)
-    colour = _far_colour(rng, away_from=[background])
-    dot_colour = _far_colour(rng, away_from=[colour])
+    # Contrast in luminance, not only in colour: a shape stands out whatever its hue, which a
+    # small ViT trained from scratch picks up much sooner.
+    grey = rng.uniform(25.0, 85.0) if rng.random() < 0.5 else rng.uniform(170.0, 230.0)
+    background = np.clip(grey + rng.uniform(-15.0, 15.0, size=3), 0.0, 255.0)
+    gradient = rng.uniform(-10.0, 10.0, size=2)
+    colour = _contrasting_colour(rng, against=background, min_luma_difference=100.0)
+    dot_colour = _contrasting_colour(rng, against=colour, min_luma_difference=90.0)
     shape = str(rng.choice(_TURN_SHAPES if motion == "turn" else _ALL_SHAPES))
     angle = rng.uniform(0.0, 2.0 * math.pi)
     s = float(size)
 
     if motion in ("move_x", "move_y"):
-        radius = rng.uniform(0.17, 0.23) * s
+        radius = rng.uniform(0.2, 0.26) * s
         along_start = rng.uniform(0.18, 0.3) * s
         along_end = rng.uniform(0.7, 0.82) * s
         across = rng.uniform(0.3, 0.7) * s
@@ -189,11 +211,16 @@ def sample_clip_params(motion: str, *, rng: np.random.Generator, size: int) -> C
         cx, cy = rng.uniform(0.4, 0.6, size=2) * s
         start = (cx, cy, rng.uniform(0.07, 0.1) * s, angle)
         end = (cx, cy, rng.uniform(0.3, 0.36) * s, angle)
-    else:  # turn: clockwise on screen by 135..200 degrees, well below a half turn per frame step
+    else:
+        # turn: clockwise on screen by 150..200 degrees, from pointing up (+-30 degrees) through
+        # the right to pointing down. A fixed starting side makes the direction a linear read-out
+        # of the tip's vertical motion; from any start angle it is the sign of a product
+        # (position x motion), which the tiny ViT took several times longer to learn.
         cx, cy = rng.uniform(0.42, 0.58, size=2) * s
-        radius = rng.uniform(0.28, 0.34) * s
+        radius = rng.uniform(0.3, 0.36) * s
+        angle = math.radians(rng.uniform(-120.0, -60.0))  # 0 points right, -90 up
         start = (cx, cy, radius, angle)
-        end = (cx, cy, radius, angle + math.radians(rng.uniform(135.0, 200.0)))
+        end = (cx, cy, radius, angle + math.radians(rng.uniform(150.0, 200.0)))
 
     return ClipParams(
         motion=motion,
@@ -252,15 +279,20 @@ def _shape_masks(shape: str, u: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, 
         shaft = (u >= -0.95) & (u <= 0.15) & (np.abs(v) <= 0.22)
         head = (u >= 0.15) & (np.abs(v) <= 0.65 * (0.95 - u) / 0.8)
         return shaft | head, None
+    if shape == "hand":  # a clock hand: hub at the origin, arrow head at the rim
+        hub = u * u + v * v <= 0.2**2
+        shaft = (u >= 0.0) & (u <= 0.6) & (np.abs(v) <= 0.15)
+        head = (u >= 0.6) & (np.abs(v) <= (1.0 - u))
+        return hub | shaft | head, None
     if shape == "ell":
         upright = (u >= -0.7) & (u <= -0.2) & (v >= -0.85) & (v <= 0.85)
         foot = (u >= -0.7) & (u <= 0.7) & (v >= 0.35) & (v <= 0.85)
         return upright | foot, None
     if shape == "dotted_disc":
         body = u * u + v * v <= 0.9**2
-        dot = (u - 0.5) ** 2 + v * v <= 0.3**2
+        dot = (u - 0.55) ** 2 + v * v <= 0.33**2
         return body, dot
-    raise ValueError(f"unknown synthetic shape {shape!r}; expected one of {_ALL_SHAPES}")
+    raise ValueError(f"unknown synthetic shape {shape!r}; expected one of {_ALL_SHAPES + ('hand',)}")
 
 
 def _coverage(mask: np.ndarray) -> np.ndarray:
@@ -271,7 +303,7 @@ def _coverage(mask: np.ndarray) -> np.ndarray:
 
 
 def draw_frames(params: ClipParams, traj_T4: np.ndarray, *, size: int) -> np.ndarray:
-    """Draws the shape of ``params`` along a trajectory onto its background, without noise.
+    """Draws the shape of ``params`` along a trajectory onto its background, lit, without noise.
 
     Args:
         params: Appearance (shape, colours, background).
@@ -307,7 +339,10 @@ def draw_frames(params: ClipParams, traj_T4: np.ndarray, *, size: int) -> np.nda
             cover_dot = _coverage(dot & body)
             frame += (dot_colour - frame) * cover_dot
         frames[t] = frame
-    return frames
+    ramp = np.linspace(0.0, 1.0, size, dtype=np.float32)
+    gain_W1 = (_LIGHT_GAIN[0] + (_LIGHT_GAIN[1] - _LIGHT_GAIN[0]) * ramp)[:, None]
+    cast_H13 = (ramp - 0.5)[:, None, None] * np.asarray([_LIGHT_CAST, 0.0, -_LIGHT_CAST], dtype=np.float32)
+    return np.clip(frames * gain_W1 + cast_H13, 0.0, 255.0)
 
 
 def render_clip(
@@ -491,7 +526,8 @@ def ensure_synthetic(
 
     Args:
         root: Dataset folder (created if needed).
-        seed: Seed of all randomness; the same seed gives byte-identical files.
+        seed: Seed of all randomness; the same seed gives byte-identical files (with the same
+            FFmpeg/PyAV build).
         train_per_class: Training videos per class.
         val_per_class: Validation videos per class.
         num_frames: Frames per video.
@@ -530,14 +566,16 @@ def ensure_synthetic(
         start = time.perf_counter()
         _remove_generated(root)
         staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=root))
-        counts = _generate_in_subprocess(staging, params)
-        os.replace(staging / "videos", root / "videos")
-        for name in ("classes.txt", "train.txt", "val.txt"):
-            os.replace(staging / name, root / name)
-        manifest = {**expected, "num_videos": counts}
-        (staging / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-        os.replace(staging / "manifest.json", root / "manifest.json")
-        shutil.rmtree(staging)
+        try:
+            counts = _generate_in_subprocess(staging, params)
+            os.replace(staging / "videos", root / "videos")
+            for name in ("classes.txt", "train.txt", "val.txt"):
+                os.replace(staging / name, root / name)
+            manifest = {**expected, "num_videos": counts}
+            (staging / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+            os.replace(staging / "manifest.json", root / "manifest.json")
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
         log.info(
             "Generated %d train + %d val synthetic videos in %.1f s",
             counts["train"],
