@@ -358,7 +358,7 @@ def _apply_overrides(node: DictConfig, overrides: Mapping[str, Any], *, prefix: 
             node[key] = value
 
 
-def resolve_num_workers(num_workers: int | str, dist_info: DistInfo) -> int:
+def resolve_num_workers(num_workers: int | str) -> int:
     """`auto` -> this rank's share of the CPU cores, 1 to 8; ints pass through."""
     if num_workers == "auto":
         return default_num_workers()
@@ -468,7 +468,7 @@ def run_eval(cfg: DictConfig, run_dir: str | Path) -> EvalResult:
             device=device,
             normalizer=VideoNormalizer(model.mean, model.std, device),
             batch_size=int(cfg.batch_size),
-            num_workers=resolve_num_workers(cfg.num_workers, dist_info),
+            num_workers=resolve_num_workers(cfg.num_workers),
             precision=precision,
             dist_info=dist_info,
             views=views,
