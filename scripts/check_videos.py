@@ -28,10 +28,8 @@ import argparse
 import csv
 import json
 import logging
-import multiprocessing
 import os
 import time
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -39,6 +37,7 @@ import numpy as np
 
 from squarefuse.datasets.annotations import list_num_classes, load_list
 from squarefuse.datasets.decoders import DecodeError, DecodeTimeout, open_video, resolve_decoder
+from squarefuse.process_pool import video_process_pool
 
 log = logging.getLogger("check_videos")
 
@@ -107,13 +106,9 @@ def run_checks(
     jobs = [(p, kwargs) for p in paths]
     if workers <= 1:
         return [_check_star(job) for job in jobs]
-    # fork: workers inherit the imported package at no cost; each starts its own decoding child
-    # (decoders.py drops the parent's after a fork).
-    methods = multiprocessing.get_all_start_methods()
-    context = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
     results = []
     start = time.monotonic()
-    with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+    with video_process_pool(workers) as pool:
         for i, result in enumerate(pool.map(_check_star, jobs, chunksize=4), start=1):
             results.append(result)
             if i % 1000 == 0:

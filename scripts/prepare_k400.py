@@ -25,16 +25,16 @@ from __future__ import annotations
 import argparse
 import csv
 import logging
-import multiprocessing
 import os
 import re
 import time
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
 
 import av
+
+from squarefuse.process_pool import video_process_pool
 
 log = logging.getLogger("prepare_k400")
 
@@ -182,13 +182,6 @@ def _convert_job(job: tuple[str, Path, Path, dict]) -> tuple[str, str, str]:
         return name, "failed", f"{type(e).__name__}: {e}"
 
 
-def _pool_context() -> multiprocessing.context.BaseContext:
-    # fork where there is one: the workers need nothing re-imported, and this script need not
-    # be importable by name (it is run as __main__ or loaded from its path by the tests).
-    methods = multiprocessing.get_all_start_methods()
-    return multiprocessing.get_context("fork" if "fork" in methods else "spawn")
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
@@ -240,7 +233,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     split_of = {clip.name: clip.split for clip in clips}
     start_time = time.monotonic()
-    with ProcessPoolExecutor(max_workers=max(1, args.workers), mp_context=_pool_context()) as pool:
+    with video_process_pool(args.workers) as pool:
         for i, (name, status, error) in enumerate(pool.map(_convert_job, jobs, chunksize=4), start=1):
             report.append((name, split_of[name], status, error))
             if status == "failed":

@@ -20,14 +20,14 @@ from __future__ import annotations
 
 import argparse
 import logging
-import multiprocessing
 import os
 import time
-from concurrent.futures import ProcessPoolExecutor
 from fractions import Fraction
 from pathlib import Path
 
 import av
+
+from squarefuse.process_pool import video_process_pool
 
 log = logging.getLogger("prepare_ssv2")
 
@@ -120,7 +120,7 @@ def reencode_all(sources: list[Path], out_dir: Path, *, workers: int, crf: int, 
     jobs = [(s, out_dir / f"{s.stem}.mp4", options) for s in sources]
     outcome: dict[str, list] = {"done": [], "skipped": [], "failed": []}
     start = time.monotonic()
-    with ProcessPoolExecutor(max_workers=max(1, workers), mp_context=_pool_context()) as pool:
+    with video_process_pool(workers) as pool:
         for i, (source, status, error) in enumerate(pool.map(_reencode_job, jobs, chunksize=8), start=1):
             outcome[status].append((source, error) if error else source)
             if status == "failed":
@@ -128,13 +128,6 @@ def reencode_all(sources: list[Path], out_dir: Path, *, workers: int, crf: int, 
             if i % 1000 == 0:
                 log.info(f"{i}/{len(jobs)} ({i / (time.monotonic() - start):.1f} videos/s)")
     return outcome
-
-
-def _pool_context() -> multiprocessing.context.BaseContext:
-    # fork where there is one: the workers need nothing re-imported, and this script need not
-    # be importable by name (it is run as __main__ or loaded from its path by the tests).
-    methods = multiprocessing.get_all_start_methods()
-    return multiprocessing.get_context("fork" if "fork" in methods else "spawn")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
