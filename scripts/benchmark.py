@@ -38,19 +38,42 @@ import benchmark_loader  # noqa: E402
 PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0, "V100": 125.0}
 
 PRESETS = {
-    "gpu": {"backbone": "vit_b16", "img_size": 224, "frames": 16, "stride": 4, "batch": 32, "precision": "bf16",
-            "fusion_batch": 2, "fusion_frames": 16, "extra": []},
-    "cpu": {"backbone": "tiny", "img_size": 112, "frames": 8, "stride": 4, "batch": 8, "precision": "fp32",
-            "fusion_batch": 1, "fusion_frames": 8, "extra": ["backbone.model_kwargs.depth=4"]},
+    "gpu": {
+        "backbone": "vit_b16",
+        "img_size": 224,
+        "frames": 16,
+        "stride": 4,
+        "batch": 32,
+        "precision": "bf16",
+        "fusion_batch": 2,
+        "fusion_frames": 16,
+        "extra": [],
+    },
+    "cpu": {
+        "backbone": "tiny",
+        "img_size": 112,
+        "frames": 8,
+        "stride": 4,
+        "batch": 8,
+        "precision": "fp32",
+        "fusion_batch": 1,
+        "fusion_frames": 8,
+        "extra": ["backbone.model_kwargs.depth=4"],
+    },
 }
 
 
 def parse_args() -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog=__doc__.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--preset", choices=sorted(PRESETS), default=None, help="default: gpu when CUDA is available")
     p.add_argument("--batch", type=int, default=None, help="training clips per step (preset default)")
-    p.add_argument("--workers", type=int, default=None, help="loader workers for the real-loader run (default: the trainer's auto)")
+    p.add_argument(
+        "--workers", type=int, default=None, help="loader workers for the real-loader run (default: the trainer's auto)"
+    )
     p.add_argument("--steps", type=int, default=10, help="timed training steps per mode")
     p.add_argument("--warmup-steps", type=int, default=3)
     p.add_argument("--videos", type=int, default=8, help="distinct generated K400-like videos")
@@ -69,12 +92,20 @@ def bench_fusion(torch, device, preset: dict) -> dict:
     import benchmark_fusion  # noqa: PLC0415
 
     result = benchmark_fusion.measure(
-        device=device, batch=preset["fusion_batch"], frames=preset["fusion_frames"], img_size=224,
-        amp=device.type == "cuda", warmup=1, repeats=3 if device.type == "cuda" else 2,
+        device=device,
+        batch=preset["fusion_batch"],
+        frames=preset["fusion_frames"],
+        img_size=224,
+        amp=device.type == "cuda",
+        warmup=1,
+        repeats=3 if device.type == "cuda" else 2,
         layer_repeats=5,
     )
-    return {"shape": f"B={preset['fusion_batch']} T={preset['fusion_frames']} 224px ViT-B/16",
-            "median_seconds": result["median_seconds"], "ratios": result["ratios"]}
+    return {
+        "shape": f"B={preset['fusion_batch']} T={preset['fusion_frames']} 224px ViT-B/16",
+        "median_seconds": result["median_seconds"],
+        "ratios": result["ratios"],
+    }
 
 
 def bench_device_augment(torch, device, frames: int, img_size: int) -> dict:
@@ -93,7 +124,11 @@ def bench_device_augment(torch, device, frames: int, img_size: int) -> dict:
             torch.cuda.synchronize()
         if i >= 1:
             times.append((time.perf_counter() - start) / batch.shape[0])
-    return {"device": str(device), "clip": f"{frames}x{img_size}x{img_size}", "ms_per_clip": round(1000 * statistics.median(times), 2)}
+    return {
+        "device": str(device),
+        "clip": f"{frames}x{img_size}x{img_size}",
+        "ms_per_clip": round(1000 * statistics.median(times), 2),
+    }
 
 
 def make_list_dataset(work: Path, count: int, entries: int = 1024) -> tuple[Path, Path]:
@@ -112,13 +147,27 @@ def build_trainer(preset: dict, args, listing: Path, video_dir: Path, run_dir: P
     from squarefuse.engine.trainer import Trainer  # noqa: PLC0415
 
     overrides = [
-        "dataset=list", f"backbone={preset['backbone']}", "backbone.pretrained=false",
-        f"backbone.img_size={preset['img_size']}", *preset["extra"],
-        f"dataset.train_file={listing}", f"dataset.video_dir={video_dir}", "dataset.num_classes=400",
-        "dataset.sampling=dense", f"dataset.num_frames={preset['frames']}", f"dataset.stride={preset['stride']}",
-        "dataset.repeated_aug=1", "trainer.val_every=0", "logger=none", f"trainer.batch_size={args.batch or preset['batch']}",
-        f"trainer.precision={preset['precision']}", f"trainer.num_workers={workers}", f"trainer.compile={args.compile}",
-        "trainer.log_every=1000000", "trainer.ckpt_every=1000000", "trainer.epochs=1000",
+        "dataset=list",
+        f"backbone={preset['backbone']}",
+        "backbone.pretrained=false",
+        f"backbone.img_size={preset['img_size']}",
+        *preset["extra"],
+        f"dataset.train_file={listing}",
+        f"dataset.video_dir={video_dir}",
+        "dataset.num_classes=400",
+        "dataset.sampling=dense",
+        f"dataset.num_frames={preset['frames']}",
+        f"dataset.stride={preset['stride']}",
+        "dataset.repeated_aug=1",
+        "trainer.val_every=0",
+        "logger=none",
+        f"trainer.batch_size={args.batch or preset['batch']}",
+        f"trainer.precision={preset['precision']}",
+        f"trainer.num_workers={workers}",
+        f"trainer.compile={args.compile}",
+        "trainer.log_every=1000000",
+        "trainer.ckpt_every=1000000",
+        "trainer.epochs=1000",
     ]
     with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
         cfg = compose(config_name="train", overrides=overrides)
@@ -139,7 +188,11 @@ def time_steps(torch, trainer, batches, steps: int, warmup: int) -> dict:
         torch.cuda.synchronize()
     elapsed = time.perf_counter() - start
     clips = steps * trainer.global_batch
-    return {"clips_per_s": round(clips / elapsed, 2), "data_wait": round(wait / elapsed, 3), "seconds": round(elapsed, 2)}
+    return {
+        "clips_per_s": round(clips / elapsed, 2),
+        "data_wait": round(wait / elapsed, 3),
+        "seconds": round(elapsed, 2),
+    }
 
 
 def step_flops(torch, trainer, batch) -> float:
@@ -169,8 +222,11 @@ def bench_train(torch, device, preset: dict, args, work: Path) -> dict:
     batch = next(iter(trainer.loader))
     memory = time_steps(torch, trainer, itertools.repeat(batch), args.steps, args.warmup_steps)
     out = {
-        "config": " ".join(overrides), "global_batch": trainer.global_batch, "workers": workers,
-        "real_loader": real, "in_memory": memory,
+        "config": " ".join(overrides),
+        "global_batch": trainer.global_batch,
+        "workers": workers,
+        "real_loader": real,
+        "in_memory": memory,
         "real/in_memory": round(real["clips_per_s"] / memory["clips_per_s"], 3),
     }
     if device.type == "cuda":
@@ -198,7 +254,9 @@ def main() -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     preset_name = args.preset or ("gpu" if device.type == "cuda" else "cpu")
     preset = PRESETS[preset_name]
-    results["device"] = torch.cuda.get_device_name() if device.type == "cuda" else f"cpu x{torch.get_num_threads()} threads"
+    results["device"] = (
+        torch.cuda.get_device_name() if device.type == "cuda" else f"cpu x{torch.get_num_threads()} threads"
+    )
     results["preset"] = preset_name
     if "loader" not in args.skip:
         results["device_augment"] = bench_device_augment(torch, device, preset["frames"], preset["img_size"])
@@ -212,19 +270,28 @@ def main() -> None:
     print(f"\n== benchmark ({results['device']}, preset {preset_name}) ==")
     if "fusion" in results:
         r = results["fusion"]["ratios"]
-        print(f"fusion: layer / ViT-B/16 step = {100 * r['layer/backbone']:.3f}% (target < 1%), "
-              f"layer / seed sketch = {r['layer/seed']:.3f} ({results['fusion']['shape']})")
+        print(
+            f"fusion: layer / ViT-B/16 step = {100 * r['layer/backbone']:.3f}% (target < 1%), "
+            f"layer / seed sketch = {r['layer/seed']:.3f} ({results['fusion']['shape']})"
+        )
     for name, r in results.get("loader", {}).items():
-        print(f"loader {name}: one worker {r['pipeline_clips_s']} clips/s vs raw decode {r['raw_decode_clips_s']} "
-              f"-> ratio {r['ratio']} (target >= 0.85)")
+        print(
+            f"loader {name}: one worker {r['pipeline_clips_s']} clips/s vs raw decode {r['raw_decode_clips_s']} "
+            f"-> ratio {r['ratio']} (target >= 0.85)"
+        )
     if "device_augment" in results:
         d = results["device_augment"]
-        print(f"device augment (RandAugment n4 m7 + erasing, on {d['device']}): {d['ms_per_clip']} ms per {d['clip']} clip")
+        print(
+            f"device augment (RandAugment n4 m7 + erasing, on {d['device']}): "
+            f"{d['ms_per_clip']} ms per {d['clip']} clip"
+        )
     if "train" in results:
         t = results["train"]
-        print(f"train: real loader {t['real_loader']['clips_per_s']} clips/s (waiting for data "
-              f"{100 * t['real_loader']['data_wait']:.0f}% of the time, {t['workers']} workers) vs in-memory "
-              f"{t['in_memory']['clips_per_s']} clips/s -> {t['real/in_memory']}")
+        print(
+            f"train: real loader {t['real_loader']['clips_per_s']} clips/s (waiting for data "
+            f"{100 * t['real_loader']['data_wait']:.0f}% of the time, {t['workers']} workers) vs in-memory "
+            f"{t['in_memory']['clips_per_s']} clips/s -> {t['real/in_memory']}"
+        )
         for key in ("peak_memory_gb", "model_tflops_per_step", "mfu_in_memory", "mfu_real_loader"):
             if key in t:
                 print(f"  {key}: {t[key]}")

@@ -13,6 +13,7 @@ the ratios layer/backbone (target < 1%) and layer/seed (target <= 1).
     python scripts/benchmark_fusion.py                      # CPU, B=2, T=16, 224px
     python scripts/benchmark_fusion.py --device cuda --amp  # bf16 autocast on a GPU
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,6 +32,7 @@ sys.path.insert(0, str(REPO / "tests"))  # the seed oracle lives with the tests
 sys.path.insert(0, str(REPO))
 
 from seed_reference import SQuaReFuse as SeedSQuaReFuse  # noqa: E402
+
 from squarefuse.models.fusion import SQuaReFuse  # noqa: E402
 
 
@@ -42,8 +44,12 @@ def _parse_args() -> argparse.Namespace:
     p.add_argument("--img-size", type=int, default=224)
     p.add_argument("--repeats", type=int, default=2, help="timed rounds (medians are reported)")
     p.add_argument("--warmup", type=int, default=1, help="untimed rounds first")
-    p.add_argument("--layer-repeats", type=int, default=5,
-                   help="runs of each fusion step per round (they are cheap next to the backbone)")
+    p.add_argument(
+        "--layer-repeats",
+        type=int,
+        default=5,
+        help="runs of each fusion step per round (they are cheap next to the backbone)",
+    )
     p.add_argument("--amp", action="store_true", help="bf16 autocast for all three")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--json", type=Path, default=None, help="also write the figures here")
@@ -61,16 +67,21 @@ def _timed(fn: Callable[[], None], device: torch.device) -> float:
 
 
 def measure(
-    *, device: torch.device, batch: int, frames: int, img_size: int, amp: bool,
-    warmup: int, repeats: int, layer_repeats: int,
+    *,
+    device: torch.device,
+    batch: int,
+    frames: int,
+    img_size: int,
+    amp: bool,
+    warmup: int,
+    repeats: int,
+    layer_repeats: int,
 ) -> dict:
     """Forward+backward seconds of the backbone, the layer (plain, masked) and the seed, interleaved."""
     torch.manual_seed(0)
     B, T = batch, frames
 
-    backbone = timm.create_model(
-        "vit_base_patch16_224", pretrained=False, num_classes=0, img_size=img_size
-    ).to(device)
+    backbone = timm.create_model("vit_base_patch16_224", pretrained=False, num_classes=0, img_size=img_size).to(device)
     D = backbone.embed_dim
     N = backbone.patch_embed.num_patches + backbone.num_prefix_tokens
     layer = SQuaReFuse(d_model=D, num_dirs=8, quantiles=(0.1, 0.5, 0.9), poly_order=2).to(device)
@@ -129,7 +140,14 @@ def measure(
         "layer_masked/backbone": med["layer_masked"] / med["backbone"],
         "layer/seed": med["layer"] / med["seed"],
     }
-    return {"N": N, "D": D, "threads": torch.get_num_threads(), "seconds": times, "median_seconds": med, "ratios": ratios}
+    return {
+        "N": N,
+        "D": D,
+        "threads": torch.get_num_threads(),
+        "seconds": times,
+        "median_seconds": med,
+        "ratios": ratios,
+    }
 
 
 def main() -> None:
@@ -140,14 +158,22 @@ def main() -> None:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda was asked for but torch.cuda.is_available() is False")
     result = measure(
-        device=device, batch=args.batch, frames=args.frames, img_size=args.img_size, amp=args.amp,
-        warmup=args.warmup, repeats=args.repeats, layer_repeats=args.layer_repeats,
+        device=device,
+        batch=args.batch,
+        frames=args.frames,
+        img_size=args.img_size,
+        amp=args.amp,
+        warmup=args.warmup,
+        repeats=args.repeats,
+        layer_repeats=args.layer_repeats,
     )
     B, T, N, D = args.batch, args.frames, result["N"], result["D"]
     times, med, ratios = result["seconds"], result["median_seconds"], result["ratios"]
-    print(f"device={device} threads={torch.get_num_threads()} B={B} T={T} N={N} D={D} "
-          f"img={args.img_size} amp={args.amp} warmup={args.warmup} repeats={args.repeats} "
-          f"layer_repeats={args.layer_repeats}")
+    print(
+        f"device={device} threads={torch.get_num_threads()} B={B} T={T} N={N} D={D} "
+        f"img={args.img_size} amp={args.amp} warmup={args.warmup} repeats={args.repeats} "
+        f"layer_repeats={args.layer_repeats}"
+    )
     print("forward+backward, median seconds (min..max):")
     for name, ts in times.items():
         print(f"  {name:13s} {med[name]:.5f}  ({min(ts):.5f}..{max(ts):.5f})")
@@ -155,13 +181,18 @@ def main() -> None:
     print(f"layer_masked/backbone = {100 * ratios['layer_masked/backbone']:.3f}%")
     print(f"layer/seed            = {ratios['layer/seed']:.3f}     (target <= 1)")
     if args.json is not None:
-        args.json.write_text(json.dumps({
-            "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
-            | {"N": N, "D": D, "threads": result["threads"]},
-            "seconds": times,
-            "median_seconds": med,
-            "ratios": ratios,
-        }, indent=2))
+        args.json.write_text(
+            json.dumps(
+                {
+                    "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+                    | {"N": N, "D": D, "threads": result["threads"]},
+                    "seconds": times,
+                    "median_seconds": med,
+                    "ratios": ratios,
+                },
+                indent=2,
+            )
+        )
 
 
 if __name__ == "__main__":

@@ -16,7 +16,8 @@ it (torch on 1 thread):
 The two loops are interleaved round by round (alternating which goes first, the same frame
 indices in both) and medians over rounds are reported, so machine noise hits both alike.
 ``ratio`` = pipeline / raw decode in decoded clips per second (median of the per-round ratios):
-the share of a worker's decoding speed left after augmentation (the target is >= 0.85). With repeated augmentation R > 1 a pipeline item holds R augmented clips.
+the share of a worker's decoding speed left after augmentation (the target is >= 0.85).
+With repeated augmentation R > 1 a pipeline item holds R augmented clips.
 The per-transform cost (``--profile``, and always when a ratio is below the target) times each
 step of the train transform separately on decoded frames, to show where the time goes.
 """
@@ -102,7 +103,9 @@ def recipe(dataset: str, *, video: Path, quick: bool) -> dict:
     list_file = video.with_suffix(".txt")
     list_file.write_text(f"{video.name} 0\n")
     folder = str(video.parent)
-    dataset_cfg.update(name="list", train_file=str(list_file), video_dir=folder, train_video_dir=folder, num_classes=1, label_map=None)
+    dataset_cfg.update(
+        name="list", train_file=str(list_file), video_dir=folder, train_video_dir=folder, num_classes=1, label_map=None
+    )
     if quick:
         dataset_cfg.update(crop_size=64, num_frames=8)
     return dataset_cfg
@@ -144,7 +147,7 @@ def measure(dataset, *, rounds: int, iters: int) -> dict:
             rates[name].append(iters / (time.perf_counter() - start))
     raw, full = statistics.median(rates["raw_decode"]), statistics.median(rates["pipeline"])
     # Paired: the two loops of a round ran back to back, so their ratio cancels slow drifts.
-    ratio = statistics.median(p / r for p, r in zip(rates["pipeline"], rates["raw_decode"]))
+    ratio = statistics.median(p / r for p, r in zip(rates["pipeline"], rates["raw_decode"], strict=True))
     return {
         "raw_decode_clips_s": round(raw, 2),
         "pipeline_clips_s": round(full, 2),
@@ -240,7 +243,8 @@ def main(argv: list[str] | None = None) -> dict:
                 "recipe": f"{cfg['sampling']} {cfg['num_frames']} frames"
                 + (f" stride {cfg['stride']}" if cfg["sampling"] == "dense" else "")
                 + f", crop {cfg['crop_size']}, randaug n{cfg['randaug_n']} m{cfg['randaug_m']} + "
-                f"erasing {cfg['random_erasing']} {'on the device' if cfg.get('augment_on_device') else 'in the worker'}, "
+                f"erasing {cfg['random_erasing']} "
+                f"{'on the device' if cfg.get('augment_on_device') else 'in the worker'}, "
                 f"hflip {cfg['hflip']}, repeated_aug {dataset.repeated_aug}, "
                 f"decoder {dataset.decoder}, decode_timeout {dataset.decode_timeout}",
                 **measure(dataset, rounds=rounds, iters=iters),
@@ -255,8 +259,10 @@ def main(argv: list[str] | None = None) -> dict:
         for name, r in results.items():
             verdict = "ok" if r["ratio"] >= TARGET_RATIO else f"BELOW the {TARGET_RATIO:.0%} target"
             print(f"{name}: {r['video']}\n  recipe: {r['recipe']}")
-            print(f"  raw decode {r['raw_decode_clips_s']:.2f} clips/s | pipeline {r['pipeline_clips_s']:.2f} "
-                  f"items/s ({r['pipeline_augmented_clips_s']:.2f} augmented clips/s) | ratio {r['ratio']:.3f} {verdict}")
+            print(
+                f"  raw decode {r['raw_decode_clips_s']:.2f} clips/s | pipeline {r['pipeline_clips_s']:.2f} "
+                f"items/s ({r['pipeline_augmented_clips_s']:.2f} augmented clips/s) | ratio {r['ratio']:.3f} {verdict}"
+            )
             for step, ms in r.get("ms_per_decoded_clip", {}).items():
                 print(f"    {step:28s} {ms:8.2f} ms")
     return results

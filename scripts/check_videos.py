@@ -239,7 +239,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         metavar="KEY=VALUE",
         help="Hydra overrides composed on configs/train.yaml (e.g. dataset=k400 dataset.root=/data/k400)",
     )
-    parser.add_argument("--root", type=Path, default=None, help="--list only: prefix of relative paths (default: the list's folder)")
+    parser.add_argument(
+        "--root", type=Path, default=None, help="--list only: prefix of relative paths (default: the list's folder)"
+    )
     parser.add_argument("--split", default="val", help="--config-overrides only: the split to check (default: val)")
     parser.add_argument("--out-dir", type=Path, default=Path("video_check"), help="where the report and clean file go")
     parser.add_argument("--report-format", choices=("csv", "json"), default="csv")
@@ -249,9 +251,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=None,
         help="tried when --decoder fails; 'none' = no retry (default: the config's, or pyav)",
     )
-    parser.add_argument("--timeout", type=float, default=None, help="seconds per decoder call (default: the config's decode_timeout, or 60)")
-    parser.add_argument("--frames", type=int, default=0, help="decode N evenly spaced frames per video; 0 = every frame (default)")
-    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="worker processes (default: all cores)")
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=None,
+        help="seconds per decoder call (default: the config's decode_timeout, or 60)",
+    )
+    parser.add_argument(
+        "--frames", type=int, default=0, help="decode N evenly spaced frames per video; 0 = every frame (default)"
+    )
+    parser.add_argument(
+        "--workers", type=int, default=os.cpu_count() or 1, help="worker processes (default: all cores)"
+    )
     return parser.parse_args(argv)
 
 
@@ -274,20 +285,28 @@ def main(argv: list[str] | None = None) -> dict:
     if timeout <= 0:
         raise ValueError(f"--timeout={timeout}: a check needs a positive per-call timeout")
 
-    log.info(f"checking {len(split.paths)} videos of {split.annotation_file} with {'+'.join(decoders)}, "
-             f"{args.workers} workers, {timeout:g} s per decoder call")
+    log.info(
+        f"checking {len(split.paths)} videos of {split.annotation_file} with {'+'.join(decoders)}, "
+        f"{args.workers} workers, {timeout:g} s per decoder call"
+    )
     start = time.monotonic()
     results = run_checks(split.paths, decoders=decoders, frames=args.frames, timeout=timeout, workers=args.workers)
 
     args.out_dir.mkdir(parents=True, exist_ok=True)
     report = args.out_dir / f"report_{split.name}.{args.report_format}"
     write_report(results, report)
-    good = {record_id for record_id, r in zip(split.ids, results) if r.status == "ok"}
+    good = {record_id for record_id, r in zip(split.ids, results, strict=True) if r.status == "ok"}
     clean = args.out_dir / f"clean_{split.annotation_file.name}"
     kept = write_clean(split, good, clean)
     counts = {status: sum(r.status == status for r in results) for status in STATUSES}
-    summary = {"counts": counts, "total": len(results), "kept": kept, "report": str(report), "clean": str(clean),
-               "seconds": round(time.monotonic() - start, 1)}
+    summary = {
+        "counts": counts,
+        "total": len(results),
+        "kept": kept,
+        "report": str(report),
+        "clean": str(clean),
+        "seconds": round(time.monotonic() - start, 1),
+    }
     log.info(f"{len(results)} videos in {summary['seconds']} s: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
     for result in results:
         if result.status != "ok":

@@ -40,7 +40,14 @@ log = logging.getLogger("prepare_k400")
 
 VIDEO_EXTENSIONS = {".mp4", ".mkv", ".webm", ".avi", ".mov", ".flv"}
 TRIMMED_NAME = re.compile(r"^(?P<youtube_id>.+)_(?P<start>\d{6})_(?P<end>\d{6})$")
-SPLIT_NAMES = {"train": "train", "training": "train", "val": "val", "validate": "val", "validation": "val", "test": "test"}
+SPLIT_NAMES = {
+    "train": "train",
+    "training": "train",
+    "val": "val",
+    "validate": "val",
+    "validation": "val",
+    "test": "test",
+}
 
 
 @dataclass(frozen=True)
@@ -191,8 +198,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--csv", type=Path, nargs="+", required=True, help="official annotation csv files")
     parser.add_argument("--source", type=Path, required=True, help="folder searched recursively for the videos")
     parser.add_argument("--out", type=Path, required=True, help="the dataset folder to write (dataset.root)")
-    parser.add_argument("--short-side", type=int, default=320, help="resize so the short side is this (0 = keep; default 320)")
-    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="encoding processes (default: all cores)")
+    parser.add_argument(
+        "--short-side", type=int, default=320, help="resize so the short side is this (0 = keep; default 320)"
+    )
+    parser.add_argument(
+        "--workers", type=int, default=os.cpu_count() or 1, help="encoding processes (default: all cores)"
+    )
     parser.add_argument("--crf", type=int, default=20, help="x264 quality, lower is better (default 20)")
     parser.add_argument("--preset", default="fast", help="x264 preset (default: fast)")
     return parser.parse_args(argv)
@@ -215,7 +226,10 @@ def main(argv: list[str] | None = None) -> dict:
             clips.append(clip)
 
     trimmed, full = index_sources(args.source)
-    log.info(f"{len(clips)} clips in {len(args.csv)} csv files; sources: {len(trimmed)} trimmed clips, {len(full)} full videos")
+    log.info(
+        f"{len(clips)} clips in {len(args.csv)} csv files; "
+        f"sources: {len(trimmed)} trimmed clips, {len(full)} full videos"
+    )
     options = dict(short_side=args.short_side, crf=args.crf, preset=args.preset)
     jobs, report = [], []
     missing: dict[str, list[str]] = {}

@@ -113,7 +113,9 @@ def _reencode_job(job: tuple[Path, Path, dict]) -> tuple[str, str, str]:
         return str(source), "failed", f"{type(e).__name__}: {e}"
 
 
-def reencode_all(sources: list[Path], out_dir: Path, *, workers: int, crf: int, preset: str, gop: int) -> dict[str, list]:
+def reencode_all(
+    sources: list[Path], out_dir: Path, *, workers: int, crf: int, preset: str, gop: int
+) -> dict[str, list]:
     """Re-encode `sources` into `out_dir` as ``{stem}.mp4`` in a process pool."""
     out_dir.mkdir(parents=True, exist_ok=True)
     options = dict(crf=crf, preset=preset, gop=gop)
@@ -140,10 +142,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--video-dir", type=Path, default=None, help="the webm folder (default: ROOT/videos)")
     parser.add_argument("--reencode", action="store_true", help="re-encode every *.webm of --video-dir to H.264 mp4")
     parser.add_argument("--out-dir", type=Path, default=None, help="where the mp4 files go (default: ROOT/videos_mp4)")
-    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="encoding processes (default: all cores)")
-    parser.add_argument("--crf", type=int, default=18, help="x264 quality, lower is better (default 18: visually lossless)")
+    parser.add_argument(
+        "--workers", type=int, default=os.cpu_count() or 1, help="encoding processes (default: all cores)"
+    )
+    parser.add_argument(
+        "--crf", type=int, default=18, help="x264 quality, lower is better (default 18: visually lossless)"
+    )
     parser.add_argument("--preset", default="fast", help="x264 preset (default: fast)")
-    parser.add_argument("--gop", type=int, default=12, help="keyframe interval in frames (default 12 = 1 s): cheap seeks")
+    parser.add_argument(
+        "--gop", type=int, default=12, help="keyframe interval in frames (default 12 = 1 s): cheap seeks"
+    )
     return parser.parse_args(argv)
 
 

@@ -11,10 +11,9 @@ seed does.
 # fusion_square.py
 # SQuaRe-Fuse: Sliced-Quantile & Quadratic-trend Robust Fusion
 # Drop-in sequence fusion layer: no Attention/SSM/Graph/low-rank kernel/ToMe
-from typing import Optional, Dict, Tuple
+
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 
 def _legendre_basis(T: int, order: int, device, dtype):
@@ -25,14 +24,14 @@ def _legendre_basis(T: int, order: int, device, dtype):
         P.append(t)
     for n in range(1, order):
         # Recurrence: (n+1)P_{n+1} = (2n+1)t P_n - n P_{n-1}
-        P.append(((2*n+1)*t*P[n] - n*P[n-1])/(n+1))
-    B = torch.stack(P[:order+1], dim=0)  # [ord+1, T]
+        P.append(((2 * n + 1) * t * P[n] - n * P[n - 1]) / (n + 1))
+    B = torch.stack(P[: order + 1], dim=0)  # [ord+1, T]
     # L2 normalize rows
     B = B / (B.pow(2).sum(dim=1, keepdim=True).clamp_min(1e-6).sqrt())
     return B  # [P+1, T]
 
 
-def _soft_quantiles(sorted_vals: torch.Tensor, levels: torch.Tensor, sigma: float=0.5):
+def _soft_quantiles(sorted_vals: torch.Tensor, levels: torch.Tensor, sigma: float = 0.5):
     """
     Differentiable quantiles: Gaussian N(mu, sigma) weighted average over ranks of sorted s[i].
     sorted_vals: [..., T]
@@ -43,7 +42,7 @@ def _soft_quantiles(sorted_vals: torch.Tensor, levels: torch.Tensor, sigma: floa
     targets = levels * (T - 1)  # target ranks
     # weights w[q, i] = exp(-(i - targets[q])^2 / (2 sigma^2)) / Z
     diff = ranks[None, :] - targets[:, None]  # [Q, T]
-    w = torch.exp(-0.5 * (diff / max(sigma, 1e-6))**2)
+    w = torch.exp(-0.5 * (diff / max(sigma, 1e-6)) ** 2)
     w = w / w.sum(dim=1, keepdim=True).clamp_min(1e-6)  # [Q, T]
     # matmul over the last dim: [..., T] x [T] -> [...,]
     # flatten sorted to [-1, T] then multiply by [Q, T]^T
@@ -58,13 +57,16 @@ class SQuaReFuse(nn.Module):
     Input : x:[B,T,N,D], valid_mask:[B,T,N] (optional)
     Output: h:[B,T,N,D], memory_dict (API aligned with RamaFuse)
     """
-    def __init__(self,
-                 d_model: int,
-                 num_dirs: int = 8,           # K: number of projection directions
-                 quantiles: Tuple[float,...] = (0.1, 0.5, 0.9),
-                 poly_order: int = 2,         # 0..2 is usually enough
-                 beta_init: float = 0.5,
-                 ortho_every_forward: bool = True):
+
+    def __init__(
+        self,
+        d_model: int,
+        num_dirs: int = 8,  # K: number of projection directions
+        quantiles: tuple[float, ...] = (0.1, 0.5, 0.9),
+        poly_order: int = 2,  # 0..2 is usually enough
+        beta_init: float = 0.5,
+        ortho_every_forward: bool = True,
+    ):
         super().__init__()
         self.d_model = d_model
         self.K = int(num_dirs)
@@ -87,19 +89,20 @@ class SQuaReFuse(nn.Module):
         # residual scale
         self.beta = nn.Parameter(torch.tensor(beta_init, dtype=torch.float32))
 
-        self._mem_state: Dict[str, torch.Tensor] = {}
+        self._mem_state: dict[str, torch.Tensor] = {}
 
     def _orthonormalize(self):
         with torch.no_grad():
             W = self.proj.weight.data  # [K, D]
             # QR of the transpose gives Q^T -> directions (rows) orthonormal
-            Q, _ = torch.linalg.qr(W.t(), mode='reduced')  # [D, K]
+            Q, _ = torch.linalg.qr(W.t(), mode="reduced")  # [D, K]
             self.proj.weight.data.copy_(Q.t())
 
-    def forward(self,
-                x: torch.Tensor,                # [B,T,N,D]
-                valid_mask: Optional[torch.Tensor] = None,  # [B,T,N]
-            ):
+    def forward(
+        self,
+        x: torch.Tensor,  # [B,T,N,D]
+        valid_mask: torch.Tensor | None = None,  # [B,T,N]
+    ):
         B, T, N, D = x.shape
         device, dtype = x.device, x.dtype
         if valid_mask is None:
@@ -110,21 +113,21 @@ class SQuaReFuse(nn.Module):
 
         # 1) project onto K directions: v = x · U  -> [B,T,N,K]
         U = self.proj.weight.t()  # [D,K]
-        v = torch.einsum('btn d, dk -> btnk', x, U)  # [B,T,N,K]
+        v = torch.einsum("btn d, dk -> btnk", x, U)  # [B,T,N,K]
         v = v * valid_mask[..., None]  # zero-fill the mask
 
         # 2) differentiable quantiles along time
         # sort: [B,N,K,T]
-        s, _ = torch.sort(v.permute(0,2,3,1).contiguous(), dim=-1)
+        s, _ = torch.sort(v.permute(0, 2, 3, 1).contiguous(), dim=-1)
         levels = self.Q.to(device=device, dtype=dtype)  # [Q]
-        qv = _soft_quantiles(s, levels=levels, sigma=max(0.5, T/16))  # [B,N,K*Q]
+        qv = _soft_quantiles(s, levels=levels, sigma=max(0.5, T / 16))  # [B,N,K*Q]
         qv = qv.view(B, N, self.K, -1)  # [B,N,K,Q]
 
         # 3) Legendre trend coefficients (0..P) on time
         Bmat = _legendre_basis(T, self.P, device, dtype)  # [P+1, T]
         # coefficients = <v_k(t), B_p(t)>, first turn v into [B,N,K,T]
-        v_bnkt = v.permute(0,2,3,1).contiguous()
-        coeff = torch.einsum('bnkt, pt -> bnkp', v_bnkt, Bmat)  # [B,N,K,P+1]
+        v_bnkt = v.permute(0, 2, 3, 1).contiguous()
+        coeff = torch.einsum("bnkt, pt -> bnkp", v_bnkt, Bmat)  # [B,N,K,P+1]
 
         # concatenate into a token-level statistics vector, then map back to D
         feats = torch.cat([qv, coeff], dim=-1).reshape(B, N, -1)  # [B,N, K*(Q+P+1)]

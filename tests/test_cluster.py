@@ -11,9 +11,10 @@ import time
 from pathlib import Path
 
 import pytest
+from hydra import compose, initialize_config_dir
+from train_config import CONFIG_DIR, compose_config, tiny_overrides
 
 from squarefuse.engine.checkpoint import load_checkpoint
-from train_config import compose_config, tiny_overrides
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -26,15 +27,18 @@ def train_steps(run_dir: Path) -> list[int]:
 
 
 def test_slurm_launcher_preset_composes():
-    from hydra import compose, initialize_config_dir
-
-    from train_config import CONFIG_DIR
 
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         cfg = compose(
             config_name="train",
-            overrides=["hydra/launcher=slurm", "hydra.launcher.nodes=2", "hydra.launcher.partition=gpu",
-                       "hydra.launcher.account=lab", "hydra.launcher.gpus_per_node=4", "hydra.launcher.timeout_min=60"],
+            overrides=[
+                "hydra/launcher=slurm",
+                "hydra.launcher.nodes=2",
+                "hydra.launcher.partition=gpu",
+                "hydra.launcher.account=lab",
+                "hydra.launcher.gpus_per_node=4",
+                "hydra.launcher.timeout_min=60",
+            ],
             return_hydra_config=True,
         )
     launcher = cfg.hydra.launcher
@@ -46,8 +50,16 @@ def test_slurm_launcher_preset_composes():
 
 def test_local_sweep_runs_every_value(tmp_path):
     data = tmp_path / "data"
-    cmd = [sys.executable, str(REPO / "train.py"), "-m", *tiny_overrides(data), "trainer.max_steps=2",
-           "trainer.val_every=0", "fusion.K=2,4", f"hydra.sweep.dir={tmp_path}/sweep"]
+    cmd = [
+        sys.executable,
+        str(REPO / "train.py"),
+        "-m",
+        *tiny_overrides(data),
+        "trainer.max_steps=2",
+        "trainer.val_every=0",
+        "fusion.K=2,4",
+        f"hydra.sweep.dir={tmp_path}/sweep",
+    ]
     out = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=TIMEOUT)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     for job, k in ((0, 2), (1, 4)):
@@ -73,8 +85,16 @@ def _submitit_task_pids(marker: str) -> list[int]:
 def test_preempted_submitit_job_checkpoints_requeues_and_resumes(tmp_path):
     data = tmp_path / "data"
     sweep = tmp_path / "sweep"
-    cmd = [sys.executable, str(REPO / "train.py"), "-m", "hydra/launcher=submitit_local",
-           "hydra.launcher.timeout_min=10", *tiny_overrides(data), "trainer.epochs=10", f"hydra.sweep.dir={sweep}"]
+    cmd = [
+        sys.executable,
+        str(REPO / "train.py"),
+        "-m",
+        "hydra/launcher=submitit_local",
+        "hydra.launcher.timeout_min=10",
+        *tiny_overrides(data),
+        "trainer.epochs=10",
+        f"hydra.sweep.dir={sweep}",
+    ]
     proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     run_dir = sweep / "0"
     deadline = time.time() + TIMEOUT

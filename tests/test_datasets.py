@@ -301,8 +301,13 @@ def test_hung_video_counts_as_failed_and_the_job_goes_on(tmp_path):
     os.mkfifo(root / "hangs.mp4")  # opening blocks forever inside the decoder
     write_video(root / "good.mp4", num_frames=12, width=40, height=32)
     (root / "list.txt").write_text("hangs.mp4 0\ngood.mp4 1\n")
-    cfg = cfg_for(train_file=str(root / "list.txt"), val_file=str(root / "list.txt"), video_dir=str(root),
-                  decode_timeout=1.0, fallback_decoder=None)
+    cfg = cfg_for(
+        train_file=str(root / "list.txt"),
+        val_file=str(root / "list.txt"),
+        video_dir=str(root),
+        decode_timeout=1.0,
+        fallback_decoder=None,
+    )
     start = time.monotonic()
     item = build_dataset(cfg, "train")[0]
     assert (item["index"], item["num_replaced"]) == (1, 1)
@@ -328,16 +333,38 @@ def test_dataloader_with_two_workers(broken_list):
 # --- configs -------------------------------------------------------------------------------------
 
 COMMON_KEYS = {
-    "name", "root", "num_frames", "sampling", "stride", "decoder", "decode_timeout", "crop_size",
-    "test_clips", "test_crops", "hflip", "scale", "ratio", "randaug_n", "randaug_m", "random_erasing",
-    "repeated_aug", "short_video", "fallback_decoder", "max_missing_fraction", "max_replacements",
+    "name",
+    "root",
+    "num_frames",
+    "sampling",
+    "stride",
+    "decoder",
+    "decode_timeout",
+    "crop_size",
+    "test_clips",
+    "test_crops",
+    "hflip",
+    "scale",
+    "ratio",
+    "randaug_n",
+    "randaug_m",
+    "random_erasing",
+    "repeated_aug",
+    "short_video",
+    "fallback_decoder",
+    "max_missing_fraction",
+    "max_replacements",
 }
 
 
 @pytest.mark.parametrize(
     "name,backbone,hflip,sampling",
-    [("ssv2", "vit_base_patch16_224", False, "segment"), ("k400", "vit_base_patch16_224", True, "dense"),
-     ("list", "vit_base_patch16_224", True, "dense"), ("synthetic", "vit_tiny_patch16_224", False, "segment")],
+    [
+        ("ssv2", "vit_base_patch16_224", False, "segment"),
+        ("k400", "vit_base_patch16_224", True, "dense"),
+        ("list", "vit_base_patch16_224", True, "dense"),
+        ("synthetic", "vit_tiny_patch16_224", False, "segment"),
+    ],
 )
 def test_dataset_configs_compose(name, backbone, hflip, sampling):
     cfg = compose_dataset(name)
@@ -351,8 +378,14 @@ def test_dataset_configs_compose(name, backbone, hflip, sampling):
 def test_ssv2_never_flips_by_default(tmp_path):
     """A flip would turn "left to right" into "right to left": the ssv2 config must not flip."""
     root = make_ssv2(tmp_path / "ssv2")
-    cfg = compose_dataset("ssv2", f"dataset.root={root}", "backbone=tiny", "dataset.randaug_n=0",
-                          "dataset.random_erasing=0", "dataset.repeated_aug=1").dataset
+    cfg = compose_dataset(
+        "ssv2",
+        f"dataset.root={root}",
+        "backbone=tiny",
+        "dataset.randaug_n=0",
+        "dataset.random_erasing=0",
+        "dataset.repeated_aug=1",
+    ).dataset
     train = build_dataset(cfg, "train")
 
     def flipped(video):  # the test videos' red channel rises from left to right
@@ -366,8 +399,11 @@ def test_ssv2_never_flips_by_default(tmp_path):
 
 def test_synthetic_dataset_is_generated_and_read(tmp_path):
     cfg = compose_dataset(
-        "synthetic", f"dataset.root={tmp_path / 'synthetic'}", "dataset.generate.train_per_class=1",
-        "dataset.generate.val_per_class=1", "dataset.generate.size=32",
+        "synthetic",
+        f"dataset.root={tmp_path / 'synthetic'}",
+        "dataset.generate.train_per_class=1",
+        "dataset.generate.val_per_class=1",
+        "dataset.generate.size=32",
     ).dataset
     train = build_dataset(cfg, "train")
     val = build_dataset(cfg, "val", views=True)

@@ -36,14 +36,34 @@ def list_data(tmp_path_factory) -> Path:
 
 def overrides(root: Path, *extra: str) -> list[str]:
     return [
-        "dataset=list", "backbone=tiny", f"dataset.root={root}", f"dataset.val_file={root}/val_odd.txt",
-        f"dataset.label_map={root}/classes.txt", "dataset.sampling=segment", "dataset.num_frames=4",
-        "dataset.hflip=false", "dataset.randaug_n=0", "dataset.random_erasing=0", "dataset.repeated_aug=1",
-        "dataset.max_missing_fraction=0", "dataset.test_clips=1", "dataset.test_crops=1",
-        "backbone.img_size=32", "backbone.model_kwargs.depth=2", "backbone.model_kwargs.embed_dim=48",
-        "backbone.drop_path_rate=0", "backbone.pretrained=false", "fusion.K=4",
-        "trainer.mixup=0", "trainer.cutmix=0", "trainer.num_workers=1", "trainer.device=cpu",
-        "trainer.precision=fp32", "trainer.log_every=1", "trainer.epochs=2", *extra,
+        "dataset=list",
+        "backbone=tiny",
+        f"dataset.root={root}",
+        f"dataset.val_file={root}/val_odd.txt",
+        f"dataset.label_map={root}/classes.txt",
+        "dataset.sampling=segment",
+        "dataset.num_frames=4",
+        "dataset.hflip=false",
+        "dataset.randaug_n=0",
+        "dataset.random_erasing=0",
+        "dataset.repeated_aug=1",
+        "dataset.max_missing_fraction=0",
+        "dataset.test_clips=1",
+        "dataset.test_crops=1",
+        "backbone.img_size=32",
+        "backbone.model_kwargs.depth=2",
+        "backbone.model_kwargs.embed_dim=48",
+        "backbone.drop_path_rate=0",
+        "backbone.pretrained=false",
+        "fusion.K=4",
+        "trainer.mixup=0",
+        "trainer.cutmix=0",
+        "trainer.num_workers=1",
+        "trainer.device=cpu",
+        "trainer.precision=fp32",
+        "trainer.log_every=1",
+        "trainer.epochs=2",
+        *extra,
     ]
 
 
@@ -55,7 +75,15 @@ def run(cmd: list[str], cwd: Path, **kwargs) -> subprocess.CompletedProcess:
 
 
 def torchrun(script: str, *args: str) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(REPO / script), *args]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        str(REPO / script),
+        *args,
+    ]
 
 
 def single(script: str, *args: str) -> list[str]:
@@ -89,7 +117,7 @@ def test_two_process_training_matches_one_process_and_writes_one_run_folder(list
     one_val = [r for r in metrics(tmp_path / "one") if r["split"] == "val_clip"]
     two_val = [r for r in metrics(ddp_run) if r["split"] == "val_clip"]
     assert [r["num_videos"] for r in two_val] == [r["num_videos"] for r in one_val] == [7, 7]
-    for a, b in zip(one_val, two_val):
+    for a, b in zip(one_val, two_val, strict=True):
         assert a["top1"] == pytest.approx(b["top1"]) and a["loss"] == pytest.approx(b["loss"], rel=1e-4)
 
     # Multi-view eval of the checkpoint: same metrics with 1 and 2 processes, 7 videos each counted once.

@@ -11,10 +11,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import write_video
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from conftest import write_video
 from squarefuse.datasets import build_dataset
 from squarefuse.engine.checkpoint import save_checkpoint
 from squarefuse.engine.distributed import DistInfo
@@ -120,8 +120,16 @@ def model(train_cfg):
 
 def run_evaluate(model, dataset, *, views=(1, 1), **kwargs):
     return evaluate(
-        model, dataset, device=CPU, normalizer=VideoNormalizer(model.mean, model.std, CPU), batch_size=3,
-        num_workers=0, precision="fp32", dist_info=DistInfo(), views=views, **kwargs,
+        model,
+        dataset,
+        device=CPU,
+        normalizer=VideoNormalizer(model.mean, model.std, CPU),
+        batch_size=3,
+        num_workers=0,
+        precision="fp32",
+        dist_info=DistInfo(),
+        views=views,
+        **kwargs,
     )
 
 
@@ -180,8 +188,14 @@ def test_evaluate_counts_each_video_once(model, train_cfg):
 
 def test_sharded_evaluation_equals_single_process(model, train_cfg):
     dataset = build_dataset(train_cfg.dataset, "val")
-    common = dict(device=CPU, normalizer=VideoNormalizer(model.mean, model.std, CPU), batch_size=2,
-                  num_workers=0, precision="fp32", views=(1, 1))
+    common = dict(
+        device=CPU,
+        normalizer=VideoNormalizer(model.mean, model.std, CPU),
+        batch_size=2,
+        num_workers=0,
+        precision="fp32",
+        views=(1, 1),
+    )
     parts = [predict_shard(model, dataset, shard=shard_indices(len(dataset), rank, 2), **common) for rank in (0, 1)]
     assert len(parts[0]["indices"]) == 4 and len(parts[1]["indices"]) == 3
     assert not set(parts[0]["indices"].tolist()) & set(parts[1]["indices"].tolist())
@@ -247,7 +261,9 @@ def test_result_files_agree_with_a_hand_computation(tmp_path, model, train_cfg):
     hand_top1 = 100.0 * (saved["probs"].argmax(1) == saved["labels"]).float().mean().item()
     assert summary["top1"] == pytest.approx(hand_top1)  # percent scale, from the saved probs
     per_class_hand = [
-        100.0 * ((saved["probs"].argmax(1) == c) & (saved["labels"] == c)).sum().item() / (saved["labels"] == c).sum().item()
+        100.0
+        * ((saved["probs"].argmax(1) == c) & (saved["labels"] == c)).sum().item()
+        / (saved["labels"] == c).sum().item()
         for c in range(len(CLASS_NAMES))
     ]
     assert summary["mean_class_acc"] == pytest.approx(np.mean(per_class_hand))
@@ -303,7 +319,10 @@ def test_run_eval_with_dataset_root_override(tmp_path, moved_checkpoint, data_ro
     for name in ("per_class.csv", "predictions.csv", "probs.pt", "confusion_matrix.png", "missing_val.txt"):
         assert (tmp_path / "ema" / name).is_file(), name
 
-    plain = run_eval(eval_cfg(moved_checkpoint, f"dataset.root={data_root}", "dataset.test_clips=2", "use_ema=false"), tmp_path / "model")
+    plain = run_eval(
+        eval_cfg(moved_checkpoint, f"dataset.root={data_root}", "dataset.test_clips=2", "use_ema=false"),
+        tmp_path / "model",
+    )
     assert json.loads((tmp_path / "model" / "results.json").read_text())["weights"] == "model"
     assert not torch.allclose(plain.probs, ema.probs)  # the other weights were really used
 
@@ -326,8 +345,13 @@ def test_a_split_the_training_run_did_not_use(tmp_path, moved_checkpoint, data_r
 
 
 def test_root_override_moves_paths_derived_from_the_old_root():
-    stored = {"root": "/old", "val_file": "/old/lists/val.txt", "video_dir": "/old", "label_map": "/elsewhere/c.txt",
-              "generate": {"seed": 0, "size": 80}}
+    stored = {
+        "root": "/old",
+        "val_file": "/old/lists/val.txt",
+        "video_dir": "/old",
+        "label_map": "/elsewhere/c.txt",
+        "generate": {"seed": 0, "size": 80},
+    }
     merged = merge_dataset_overrides(stored, {"root": "/new", "test_clips": None, "generate": {"seed": 3}})
     assert merged.val_file == "/new/lists/val.txt" and merged.video_dir == "/new"
     assert merged.label_map == "/elsewhere/c.txt"  # an explicit path outside the old root stays
@@ -353,8 +377,15 @@ def test_default_eval_dir_is_next_to_the_run(tmp_path):
 
 @pytest.mark.slow
 def test_eval_py_end_to_end(tmp_path, moved_checkpoint, data_root):
-    command = [sys.executable, str(REPO / "eval.py"), f"ckpt={moved_checkpoint}", f"dataset.root={data_root}",
-               "num_workers=0", "device=cpu", "progress=false"]
+    command = [
+        sys.executable,
+        str(REPO / "eval.py"),
+        f"ckpt={moved_checkpoint}",
+        f"dataset.root={data_root}",
+        "num_workers=0",
+        "device=cpu",
+        "progress=false",
+    ]
     done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     outputs = list((moved_checkpoint.parent.parent / "eval").glob("*/results.json"))
@@ -365,10 +396,17 @@ def test_eval_py_end_to_end(tmp_path, moved_checkpoint, data_root):
     assert "top-1" in log and "weights: ema" in log and f"videos: {len(LABELS)} evaluated, 0 failed" in log
 
     missing = tmp_path / "runs" / "typo" / "checkpoints" / "best.pt"
-    done = subprocess.run([sys.executable, str(REPO / "eval.py"), f"ckpt={missing}"], cwd=tmp_path,
-                          capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, str(REPO / "eval.py"), f"ckpt={missing}"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode != 0 and str(missing) in done.stderr
     assert not (tmp_path / "runs").exists()  # no stray run folder for a mistyped path
 
-    done = subprocess.run([sys.executable, str(REPO / "eval.py")], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, str(REPO / "eval.py")], cwd=tmp_path, capture_output=True, text=True, timeout=120
+    )
     assert done.returncode != 0 and "ckpt is required" in done.stderr

@@ -1,4 +1,5 @@
 """Tests of the SQuaRe-Fuse layer (squarefuse/models/fusion.py)."""
+
 from __future__ import annotations
 
 import copy
@@ -8,8 +9,8 @@ import pytest
 import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
-
 from seed_reference import SQuaReFuse as SeedSQuaReFuse
+
 from squarefuse.models.fusion import NoFusion, SQuaReFuse, square_fuse
 
 REPO = Path(__file__).resolve().parents[1]
@@ -257,7 +258,7 @@ def test_torch_compile_fullgraph_matches_eager() -> None:
         torch.testing.assert_close(h_comp, h_eager, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(aux_comp["trend"], aux_eager["trend"], atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(xc.grad, xe.grad, atol=1e-4, rtol=1e-4)
-        for g_comp, g_eager in zip([p.grad for p in m.parameters()], grads_eager):
+        for g_comp, g_eager in zip([p.grad for p in m.parameters()], grads_eager, strict=True):
             torch.testing.assert_close(g_comp, g_eager, atol=1e-4, rtol=1e-4)
         m.zero_grad()
 

@@ -1,4 +1,5 @@
 """Tests of the video model: backbone wrapper, heads, classifier, config building."""
+
 from __future__ import annotations
 
 import functools
@@ -7,6 +8,7 @@ from pathlib import Path
 import pytest
 import safetensors.torch
 import timm
+import timm.models._builder as builder
 import timm.optim
 import torch
 from omegaconf import OmegaConf
@@ -41,8 +43,6 @@ def no_network(monkeypatch):
 
     def refuse(*args, **kwargs):
         raise OSError("network disabled in tests")
-
-    import timm.models._builder as builder
 
     for fn in ("load_state_dict_from_hf", "load_state_dict_from_url", "download_cached_file"):
         monkeypatch.setattr(builder, fn, refuse)
@@ -147,7 +147,10 @@ def test_local_pretrained_file_resamples_pos_embed(tmp_path, suffix, no_network)
         torch.save(state, path)
 
     backbone = VideoBackbone(
-        "vit_tiny_patch16_224", img_size=48, pretrained=True, pretrained_path=str(path),
+        "vit_tiny_patch16_224",
+        img_size=48,
+        pretrained=True,
+        pretrained_path=str(path),
         model_kwargs=kwargs,
     )
     model = backbone.model
@@ -338,9 +341,14 @@ def test_layer_decay_param_groups_through_wrapper():
     assert last == pytest.approx(0.75) and first == pytest.approx(0.75**2)
 
     for name in [
-        "backbone.model.pos_embed", "backbone.model.cls_token", "backbone.model.blocks.0.attn.qkv.bias",
-        "backbone.model.blocks.0.norm1.weight", "backbone.model.norm.weight", "fusion.beta",
-        "head.norm.weight", "head.fc.bias",
+        "backbone.model.pos_embed",
+        "backbone.model.cls_token",
+        "backbone.model.blocks.0.attn.qkv.bias",
+        "backbone.model.blocks.0.norm1.weight",
+        "backbone.model.norm.weight",
+        "fusion.beta",
+        "head.norm.weight",
+        "head.fc.bias",
     ]:
         assert decay[name] == 0.0, name
     for name in ["backbone.model.blocks.0.attn.qkv.weight", "head.fc.weight", "fusion.head.1.weight"]:
@@ -375,8 +383,10 @@ def test_build_classifier_from_yaml_configs():
 def test_tiny_backbone_config_as_shipped_builds_and_runs():
     cfg = OmegaConf.load(CONFIGS / "backbone" / "tiny.yaml")
     model = build_classifier(
-        cfg, OmegaConf.load(CONFIGS / "fusion" / "square.yaml"),
-        OmegaConf.load(CONFIGS / "head" / "cls.yaml"), num_classes=NUM_CLASSES,
+        cfg,
+        OmegaConf.load(CONFIGS / "fusion" / "square.yaml"),
+        OmegaConf.load(CONFIGS / "head" / "cls.yaml"),
+        num_classes=NUM_CLASSES,
     )
     assert model(clip(B=1, frames=2, img_size=cfg.img_size)).shape == (1, NUM_CLASSES)
 

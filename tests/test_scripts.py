@@ -51,8 +51,16 @@ def video_folder(tmp_path, bad_videos):
     write_video(folder / "good.webm", num_frames=14)
     # Opening a FIFO blocks until someone writes to it: a decoder that hangs in C.
     os.mkfifo(folder / "hang.mp4")
-    names = ["good.mp4", "zero.mp4", "good.webm", "text.mp4", "truncated.mp4", "truncated_faststart.mp4",
-             "absent.mp4", "hang.mp4"]
+    names = [
+        "good.mp4",
+        "zero.mp4",
+        "good.webm",
+        "text.mp4",
+        "truncated.mp4",
+        "truncated_faststart.mp4",
+        "absent.mp4",
+        "hang.mp4",
+    ]
     list_file = folder / "videos.txt"
     list_file.write_text("# a comment stays\n" + "".join(f"{name} {i % 3}\n" for i, name in enumerate(names)))
     return folder, list_file
@@ -74,9 +82,7 @@ def test_check_videos_list(video_folder, tmp_path):
     check_videos = load_script("check_videos")
     folder, list_file = video_folder
     out = tmp_path / "out"
-    summary = check_videos.main(
-        ["--list", str(list_file), "--out-dir", str(out), "--workers", "2", "--timeout", "4"]
-    )
+    summary = check_videos.main(["--list", str(list_file), "--out-dir", str(out), "--workers", "2", "--timeout", "4"])
     report = read_report(out / "report_videos.csv")
     assert {name: row["status"] for name, row in report.items()} == EXPECTED_STATUS
     assert report["good.mp4"]["num_frames"] == "20" and report["good.webm"]["num_frames"] == "14"
@@ -93,10 +99,25 @@ def test_check_videos_config_json_report(video_folder, tmp_path):
     out = tmp_path / "out"
     check_videos.main(
         [
-            "--config-overrides", "dataset=list", f"dataset.root={folder}", f"dataset.val_file={list_file}",
+            "--config-overrides",
+            "dataset=list",
+            f"dataset.root={folder}",
+            f"dataset.val_file={list_file}",
             "dataset.num_classes=3",
-            "--split", "val", "--out-dir", str(out), "--workers", "1", "--report-format", "json",
-            "--decoder", "pyav", "--fallback-decoder", "none", "--frames", "4",
+            "--split",
+            "val",
+            "--out-dir",
+            str(out),
+            "--workers",
+            "1",
+            "--report-format",
+            "json",
+            "--decoder",
+            "pyav",
+            "--fallback-decoder",
+            "none",
+            "--frames",
+            "4",
         ]
     )
     rows = {Path(r["path"]).name: r for r in json.loads((out / "report_val.json").read_text())}
@@ -111,15 +132,17 @@ def test_check_videos_cleans_k400_and_ssv2_formats(tmp_path):
     check_videos = load_script("check_videos")
     k400_csv = tmp_path / "val.csv"
     k400_csv.write_text(
-        'label,youtube_id,time_start,time_end,split\n'
-        '"dancing, ballet",abc,14.0,24.0,val\n'
-        'juggling,xyz,3,13,val\n'
+        'label,youtube_id,time_start,time_end,split\n"dancing, ballet",abc,14.0,24.0,val\njuggling,xyz,3,13,val\n'
     )
-    split = check_videos.Split("val", k400_csv, "k400", paths=["a", "b"], ids=["abc_000014_000024", "xyz_000003_000013"])
+    split = check_videos.Split(
+        "val", k400_csv, "k400", paths=["a", "b"], ids=["abc_000014_000024", "xyz_000003_000013"]
+    )
     assert check_videos.write_clean(split, {"xyz_000003_000013"}, tmp_path / "clean.csv") == 1
     with open(tmp_path / "clean.csv", newline="") as f:
-        assert list(csv.reader(f)) == [["label", "youtube_id", "time_start", "time_end", "split"],
-                                       ["juggling", "xyz", "3", "13", "val"]]
+        assert list(csv.reader(f)) == [
+            ["label", "youtube_id", "time_start", "time_end", "split"],
+            ["juggling", "xyz", "3", "13", "val"],
+        ]
 
     ssv2_json = tmp_path / "validation.json"
     ssv2_json.write_text(json.dumps([{"id": "7", "template": "a"}, {"id": "9", "template": "b"}]))
@@ -137,9 +160,11 @@ def test_prepare_ssv2_reports_layout_and_reencodes(tmp_path):
     (root / "annotations").mkdir(parents=True)
     labels = {"Pushing something from left to right": "0", "Moving something up": "1"}
     (root / "annotations" / "something-something-v2-labels.json").write_text(json.dumps(labels))
-    train = [{"id": "1", "template": "Pushing [something] from left to right"},
-             {"id": "2", "template": "Moving [something] up"},
-             {"id": "3", "template": "Moving [something] up"}]
+    train = [
+        {"id": "1", "template": "Pushing [something] from left to right"},
+        {"id": "2", "template": "Moving [something] up"},
+        {"id": "3", "template": "Moving [something] up"},
+    ]
     (root / "annotations" / "something-something-v2-train.json").write_text(json.dumps(train))
     validation = [{"id": "4", "template": "Moving [something] up"}]
     (root / "annotations" / "something-something-v2-validation.json").write_text(json.dumps(validation))
@@ -148,8 +173,13 @@ def test_prepare_ssv2_reports_layout_and_reencodes(tmp_path):
     write_video(root / "videos" / "4.webm", num_frames=10, width=64, height=48, fps=12)
 
     result = prepare_ssv2.main(["--root", str(root), "--reencode", "--workers", "2"])
-    assert result["layout"]["train"] == {"annotated": 3, "present": 2, "missing": 1, "classes": 2,
-                                         "missing_examples": [str(root / "videos" / "3.webm")]}
+    assert result["layout"]["train"] == {
+        "annotated": 3,
+        "present": 2,
+        "missing": 1,
+        "classes": 2,
+        "missing_examples": [str(root / "videos" / "3.webm")],
+    }
     assert result["layout"]["validation"]["missing"] == 0
     assert result["reencode"] == {"done": 3, "skipped": 0, "failed": 0}
     assert f"dataset.video_dir={root / 'videos_mp4'}" in result["overrides"]
@@ -197,7 +227,9 @@ def test_prepare_k400_names_trims_and_resizes(tmp_path):
     with open(out / "annotations" / "val.csv", newline="") as f:
         assert [row[1] for row in csv.reader(f)] == ["youtube_id", "abc-DEF_123", "xyz", "gone"]
 
-    again = prepare_k400.main(["--csv", str(csv_file), "--source", str(source), "--out", str(out), "--short-side", "32"])
+    again = prepare_k400.main(
+        ["--csv", str(csv_file), "--source", str(source), "--out", str(out), "--short-side", "32"]
+    )
     assert again == {"done": 0, "skipped": 2, "missing": 1, "failed": 0}
 
 
@@ -210,10 +242,10 @@ def test_benchmark_loader_quick(tmp_path, capsys):
     assert set(results) == {"k400", "ssv2"}
     printed = json.loads(capsys.readouterr().out)
     assert printed == results
-    for name, r in results.items():
+    for r in results.values():
         assert r["raw_decode_clips_s"] > 0 and r["pipeline_clips_s"] > 0
         assert len(r["rounds_raw"]) == len(r["rounds_pipeline"]) == 2
-        paired = sorted(p / q for p, q in zip(r["rounds_pipeline"], r["rounds_raw"]))
+        paired = sorted(p / q for p, q in zip(r["rounds_pipeline"], r["rounds_raw"], strict=True))
         assert r["ratio"] == pytest.approx(sum(paired) / 2, rel=0.02)  # the median of two rounds
         steps = r["ms_per_decoded_clip"]
         assert "decode (open excluded)" in steps and any("RandomResizedCrop" in s for s in steps)

@@ -64,7 +64,10 @@ def test_lists_classes_and_codecs(tmp_path):
     assert splits.root == (tmp_path / "syn").resolve()
     assert splits.class_names == list(CLASS_NAMES)
     assert splits.classes_file.read_text().splitlines() == list(CLASS_NAMES)
-    for list_file, per_class in ((splits.train_list, SMALL["train_per_class"]), (splits.val_list, SMALL["val_per_class"])):
+    for list_file, per_class in (
+        (splits.train_list, SMALL["train_per_class"]),
+        (splits.val_list, SMALL["val_per_class"]),
+    ):
         entries = list_entries(list_file)
         labels = [label for _, label in entries]
         assert sorted(set(labels)) == list(range(len(CLASS_NAMES)))
@@ -126,9 +129,7 @@ def test_twin_is_exact_time_reversal(class_index):
 
     base = class_index & ~1
     params = sample_clip_params(synthetic._BASE_MOTIONS[base // 2], rng=np.random.default_rng(3), size=48)
-    np.testing.assert_array_equal(
-        class_trajectory(base + 1, params, 12), class_trajectory(base, params, 12)[::-1]
-    )
+    np.testing.assert_array_equal(class_trajectory(base + 1, params, 12), class_trajectory(base, params, 12)[::-1])
 
 
 def decoded_shape_masks(root: Path, path: str, label: int) -> np.ndarray:

@@ -14,11 +14,11 @@ import pytest
 import torch
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
+from train_config import CONFIG_DIR, compose_config, tiny_overrides, tiny_train_config
 
 from squarefuse.engine import trainer as trainer_mod
 from squarefuse.engine.checkpoint import load_checkpoint, save_checkpoint
 from squarefuse.engine.trainer import Trainer, check_trainer_cfg
-from train_config import CONFIG_DIR, compose_config, tiny_overrides, tiny_train_config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -71,8 +71,12 @@ def test_unknown_key_is_named():
 
 @pytest.mark.parametrize(
     "override, key",
-    [("trainer.precision=bf17", "trainer.precision"), ("trainer.batch_size=0", "trainer.batch_size"),
-     ("trainer.nonfinite=ignore", "trainer.nonfinite"), ("trainer.label_smoothing=1.5", "trainer.label_smoothing")],
+    [
+        ("trainer.precision=bf17", "trainer.precision"),
+        ("trainer.batch_size=0", "trainer.batch_size"),
+        ("trainer.nonfinite=ignore", "trainer.nonfinite"),
+        ("trainer.label_smoothing=1.5", "trainer.label_smoothing"),
+    ],
 )
 def test_invalid_trainer_values_are_named(override, key):
     cfg = compose_config("train", [override])
@@ -140,8 +144,15 @@ def test_tiny_run_writes_metrics_and_checkpoints(data_root, tmp_path):
 
 def test_resume_is_exact(data_root, tmp_path, monkeypatch):
     """An interrupted and resumed run logs the same per-step losses as an uninterrupted one."""
-    extra = ["trainer.epochs=3", "trainer.num_workers=1", "backbone.drop_path_rate=0.2",
-             "trainer.mixup=0.8", "trainer.cutmix=1.0", "trainer.ema.enabled=true", "trainer.ema.decay=0.9"]
+    extra = [
+        "trainer.epochs=3",
+        "trainer.num_workers=1",
+        "backbone.drop_path_rate=0.2",
+        "trainer.mixup=0.8",
+        "trainer.cutmix=1.0",
+        "trainer.ema.enabled=true",
+        "trainer.ema.decay=0.9",
+    ]
     full = tmp_path / "full"
     Trainer(tiny_train_config(data_root, *extra), full).fit()
 
@@ -211,8 +222,13 @@ def test_wandb_offline_run_writes_its_files(data_root, tmp_path, monkeypatch):
 @pytest.mark.slow
 def test_sigterm_saves_and_rerun_resumes(data_root, tmp_path):
     run = tmp_path / "run"
-    cmd = [sys.executable, str(REPO / "train.py"), *tiny_overrides(data_root),
-           "trainer.epochs=6", f"hydra.run.dir={run}"]
+    cmd = [
+        sys.executable,
+        str(REPO / "train.py"),
+        *tiny_overrides(data_root),
+        "trainer.epochs=6",
+        f"hydra.run.dir={run}",
+    ]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 120

@@ -5,7 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from squarefuse.datasets.transforms import RandomErasingUint8, TrainTransform, default_eval_short_side, eval_views
+from squarefuse.datasets.build import build_device_augment
+from squarefuse.datasets.transforms import (
+    DeviceAugment,
+    RandomErasingUint8,
+    TrainTransform,
+    default_eval_short_side,
+    eval_views,
+)
 
 
 def _ramp_clip(T=4, H=48, W=64):
@@ -82,7 +89,6 @@ def test_eval_views_rejects_bad_settings():
 
 
 def test_device_augment_draws_one_policy_per_clip_shared_by_its_frames():
-    from squarefuse.datasets.transforms import DeviceAugment
 
     torch.manual_seed(0)
     frame = torch.randint(0, 256, (3, 32, 32), dtype=torch.uint8)
@@ -95,7 +101,6 @@ def test_device_augment_draws_one_policy_per_clip_shared_by_its_frames():
 
 
 def test_augment_on_device_moves_randaugment_out_of_the_worker():
-    from squarefuse.datasets.build import build_device_augment
 
     cfg = {"augment_on_device": True, "randaug_n": 4, "randaug_m": 7, "random_erasing": 0.25}
     device_aug = build_device_augment(cfg)

@@ -156,7 +156,7 @@ def _read_k400_rows(path: Path) -> list[tuple[int, dict[str, str]]]:
                 raise ValueError(
                     f"{path}:{reader.line_num}: expected {len(header)} columns ({','.join(header)}), got {len(row)}"
                 )
-            rows.append((reader.line_num, dict(zip(header, (c.strip() for c in row)))))
+            rows.append((reader.line_num, dict(zip(header, (c.strip() for c in row), strict=False))))
     return rows
 
 

@@ -112,8 +112,6 @@ def load_annotations(cfg: Mapping[str, Any], split: str) -> Annotations:
     raise ValueError(f"dataset.name={name!r}: choose one of {list(DATASET_NAMES)}")
 
 
-
-
 def _report_missing(
     missing: list[str], total: int, *, name: str, split: str, max_fraction: float, report_dir: str | Path | None
 ) -> None:

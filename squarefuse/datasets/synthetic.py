@@ -255,9 +255,7 @@ def class_trajectory(class_index: int, params: ClipParams, num_frames: int) -> n
     """
     _check_class_index(class_index)
     if params.motion != _BASE_MOTIONS[class_index // 2]:
-        raise ValueError(
-            f"params.motion={params.motion!r} does not belong to class {CLASS_NAMES[class_index]!r}"
-        )
+        raise ValueError(f"params.motion={params.motion!r} does not belong to class {CLASS_NAMES[class_index]!r}")
     traj_T4 = _base_trajectory(params, num_frames)
     return traj_T4[::-1].copy() if class_index % 2 else traj_T4
 
@@ -345,9 +343,7 @@ def draw_frames(params: ClipParams, traj_T4: np.ndarray, *, size: int) -> np.nda
     return np.clip(frames * gain_W1 + cast_H13, 0.0, 255.0)
 
 
-def render_clip(
-    class_index: int, *, rng: np.random.Generator, num_frames: int, size: int
-) -> np.ndarray:
+def render_clip(class_index: int, *, rng: np.random.Generator, num_frames: int, size: int) -> np.ndarray:
     """Renders one clip of a class (before encoding).
 
     The base motion is drawn and rendered, noise included, in its own time order; a twin class

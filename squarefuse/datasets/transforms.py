@@ -19,7 +19,14 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
-__all__ = ["DeviceAugment", "RandomErasingUint8", "TrainTransform", "default_eval_short_side", "eval_views", "photometric_steps"]
+__all__ = [
+    "DeviceAugment",
+    "RandomErasingUint8",
+    "TrainTransform",
+    "default_eval_short_side",
+    "eval_views",
+    "photometric_steps",
+]
 
 
 class RandomErasingUint8(v2.RandomErasing):
@@ -124,7 +131,9 @@ class DeviceAugment:
     """
 
     def __init__(self, *, randaug_n: int, randaug_m: int, random_erasing: float) -> None:
-        self.transform = v2.Compose(photometric_steps(randaug_n=randaug_n, randaug_m=randaug_m, random_erasing=random_erasing))
+        self.transform = v2.Compose(
+            photometric_steps(randaug_n=randaug_n, randaug_m=randaug_m, random_erasing=random_erasing)
+        )
 
     def __call__(self, video_BTCHW: torch.Tensor) -> torch.Tensor:
         clips = [self.transform(tv_tensors.Video(clip)).as_subclass(torch.Tensor) for clip in video_BTCHW]

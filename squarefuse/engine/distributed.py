@@ -52,14 +52,16 @@ def env_dist_info() -> DistInfo:
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
         return DistInfo(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0)))
     if "SUBMITIT_EXECUTOR" in os.environ:  # a task started by submitit (SLURM or its local executor)
-        import submitit
+        import submitit  # noqa: PLC0415 - only under submitit
 
         env = submitit.JobEnvironment()
         if env.num_tasks > 1:
             return DistInfo(env.global_rank, env.num_tasks, env.local_rank)
         return DistInfo()
     if "SLURM_PROCID" in os.environ and int(os.environ.get("SLURM_NTASKS", "1")) > 1:
-        return DistInfo(int(os.environ["SLURM_PROCID"]), int(os.environ["SLURM_NTASKS"]), int(os.environ.get("SLURM_LOCALID", 0)))
+        return DistInfo(
+            int(os.environ["SLURM_PROCID"]), int(os.environ["SLURM_NTASKS"]), int(os.environ.get("SLURM_LOCALID", 0))
+        )
     return DistInfo()
 
 
@@ -118,7 +120,9 @@ def init_distributed(device_name: str = "auto", timeout_s: float = 1800) -> tupl
         if "MASTER_ADDR" not in os.environ:  # SLURM / submitit tasks: no launcher set these
             os.environ["MASTER_ADDR"] = _slurm_master_addr()
             job_id = os.environ.get("SLURM_JOB_ID") or os.environ.get("SUBMITIT_LOCAL_JOB_ID") or "0"
-            os.environ.setdefault("MASTER_PORT", str(20000 + int("".join(c for c in job_id if c.isdigit()) or 0) % 20000))
+            os.environ.setdefault(
+                "MASTER_PORT", str(20000 + int("".join(c for c in job_id if c.isdigit()) or 0) % 20000)
+            )
         os.environ.setdefault("MASTER_PORT", "29500")
         if device.type == "cuda":
             torch.cuda.set_device(device)

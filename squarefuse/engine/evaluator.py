@@ -43,6 +43,7 @@ from squarefuse.engine.preprocess import VideoNormalizer
 
 log = logging.getLogger(__name__)
 
+
 @dataclass
 class EvalResult:
     """Metrics over the videos that decoded, and the per-video predictions behind them.
@@ -260,8 +261,7 @@ def merge_shards(parts: list[dict[str, Any]], *, num_items: int, views: tuple[in
     failed = sorted(i for p in parts for i in p["failed"])
     seen = indices.tolist() + failed
     assert len(seen) == num_items and set(seen) == set(range(num_items)), (
-        f"eval shards do not cover the {num_items} videos exactly once "
-        f"({len(seen)} results, {len(set(seen))} distinct)"
+        f"eval shards do not cover the {num_items} videos exactly once ({len(seen)} results, {len(set(seen))} distinct)"
     )
     order = indices.argsort()
     indices = indices[order]
@@ -369,7 +369,7 @@ def resolve_num_workers(num_workers: int | str) -> int:
 
 def _strip_prefix(state_dict: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
     if state_dict and all(k.startswith(prefix) for k in state_dict):
-        return {k[len(prefix):]: v for k, v in state_dict.items()}
+        return {k[len(prefix) :]: v for k, v in state_dict.items()}
     return dict(state_dict)
 
 

@@ -23,8 +23,16 @@ def git_commit(repo_dir: Path | None = None) -> str | None:
     """The commit of the code that runs (with a `-dirty` suffix for uncommitted changes), if known."""
     repo_dir = repo_dir or Path(__file__).resolve().parents[2]
     try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo_dir, capture_output=True, text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo_dir, capture_output=True, text=True, check=True).stdout.strip()
+        sha = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=repo_dir, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=repo_dir,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return None
     return sha + ("-dirty" if dirty else "")
@@ -66,7 +74,11 @@ class MetricsLogger:
         if self._wandb is not None:
             split = record.get("split", "train")
             self._wandb.log(
-                {f"{split}/{k}": v for k, v in record.items() if k not in ("step", "split") and isinstance(v, (int, float))},
+                {
+                    f"{split}/{k}": v
+                    for k, v in record.items()
+                    if k not in ("step", "split") and isinstance(v, (int, float))
+                },
                 step=record.get("step"),
             )
 
@@ -84,7 +96,7 @@ class MetricsLogger:
 
 
 def _start_wandb(cfg: DictConfig, run_dir: Path):
-    import wandb
+    import wandb  # noqa: PLC0415 - slow import, only with logger=wandb
 
     lcfg = cfg.logger
     if lcfg.mode not in ("online", "offline", "disabled"):

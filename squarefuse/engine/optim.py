@@ -27,7 +27,10 @@ def build_optimizer(model: nn.Module, optim_cfg: DictConfig, lr: float, device: 
     skip = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
     if float(optim_cfg.layer_decay) < 1.0:
         groups = param_groups_layer_decay(
-            model, weight_decay=float(optim_cfg.weight_decay), no_weight_decay_list=skip, layer_decay=float(optim_cfg.layer_decay)
+            model,
+            weight_decay=float(optim_cfg.weight_decay),
+            no_weight_decay_list=skip,
+            layer_decay=float(optim_cfg.layer_decay),
         )
     else:
         groups = param_groups_weight_decay(model, weight_decay=float(optim_cfg.weight_decay), no_weight_decay_list=skip)
@@ -39,7 +42,9 @@ def build_optimizer(model: nn.Module, optim_cfg: DictConfig, lr: float, device: 
     )
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, optim_cfg: DictConfig, total_steps: int, warmup_steps: int) -> CosineLRScheduler:
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, optim_cfg: DictConfig, total_steps: int, warmup_steps: int
+) -> CosineLRScheduler:
     """Warmup then cosine to `min_lr`, stepped per optimiser update (`step_update`)."""
     return CosineLRScheduler(
         optimizer,

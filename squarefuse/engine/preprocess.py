@@ -13,7 +13,10 @@ class VideoNormalizer:
     def __init__(self, mean: Sequence[float], std: Sequence[float], device: torch.device):
         # Fold the /255 into the constants: one fused multiply-add on the device.
         self.scale = (1.0 / (255.0 * torch.tensor(std, dtype=torch.float32, device=device))).view(3, 1, 1)
-        self.shift = (-torch.tensor(mean, dtype=torch.float32, device=device) / torch.tensor(std, dtype=torch.float32, device=device)).view(3, 1, 1)
+        self.shift = (
+            -torch.tensor(mean, dtype=torch.float32, device=device)
+            / torch.tensor(std, dtype=torch.float32, device=device)
+        ).view(3, 1, 1)
 
     def __call__(self, video: torch.Tensor) -> torch.Tensor:
         if video.dtype != torch.uint8:

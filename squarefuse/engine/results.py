@@ -1,12 +1,12 @@
 """Result files of an evaluation: the numbers, per-class table, per-video predictions, a plot.
 
-    results.json           metrics (percent), counts of evaluated / failed / missing videos, views,
-                           the failed videos, and whatever `meta` the caller adds (checkpoint...)
-    per_class.csv          class_id, class, support, correct, top1, top5
-    predictions.csv        one row per evaluated video: index, id, path, label, pred, prob, top-5
-    probs.pt               indices, labels, averaged probs [N, C] and class names (for ensembling;
-                           `torch.load(weights_only=True)` reads it)
-    confusion_matrix.png   row-normalised; class names on the axes up to 40 classes
+results.json           metrics (percent), counts of evaluated / failed / missing videos, views,
+                       the failed videos, and whatever `meta` the caller adds (checkpoint...)
+per_class.csv          class_id, class, support, correct, top1, top5
+predictions.csv        one row per evaluated video: index, id, path, label, pred, prob, top-5
+probs.pt               indices, labels, averaged probs [N, C] and class names (for ensembling;
+                       `torch.load(weights_only=True)` reads it)
+confusion_matrix.png   row-normalised; class names on the axes up to 40 classes
 """
 
 from __future__ import annotations
@@ -105,18 +105,41 @@ def write_results(
 
     with open(out_dir / "predictions.csv", "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["index", "id", "path", "label", "label_name", "pred", "pred_name", "prob", "correct", f"top{k}", f"top{k}_probs"])
+        writer.writerow(
+            [
+                "index",
+                "id",
+                "path",
+                "label",
+                "label_name",
+                "pred",
+                "pred_name",
+                "prob",
+                "correct",
+                f"top{k}",
+                f"top{k}_probs",
+            ]
+        )
         for row in range(result.num_videos):
             index = int(result.indices[row])
             label = int(result.labels[row])
             pred = int(preds[row])
             video_id, path = _record_fields(records, index)
-            writer.writerow([
-                index, video_id, path, label, class_names[label], pred, class_names[pred],
-                f"{float(topk_probs[row, 0]):.6f}", int(pred == label),
-                " ".join(str(int(c)) for c in topk_ids[row]),
-                " ".join(f"{float(p):.6f}" for p in topk_probs[row]),
-            ])
+            writer.writerow(
+                [
+                    index,
+                    video_id,
+                    path,
+                    label,
+                    class_names[label],
+                    pred,
+                    class_names[pred],
+                    f"{float(topk_probs[row, 0]):.6f}",
+                    int(pred == label),
+                    " ".join(str(int(c)) for c in topk_ids[row]),
+                    " ".join(f"{float(p):.6f}" for p in topk_probs[row]),
+                ]
+            )
 
     torch.save(
         {"indices": result.indices, "labels": result.labels, "probs": result.probs, "class_names": list(class_names)},
@@ -151,6 +174,13 @@ def plot_confusion_matrix(confmat: torch.Tensor, class_names: Sequence[str], pat
         for i in range(num_classes):
             for j in range(num_classes):
                 if confmat[i, j] > 0:
-                    ax.text(j, i, str(int(confmat[i, j])), ha="center", va="center", fontsize=8,
-                            color="white" if rates[i, j] > 0.5 else "black")
+                    ax.text(
+                        j,
+                        i,
+                        str(int(confmat[i, j])),
+                        ha="center",
+                        va="center",
+                        fontsize=8,
+                        color="white" if rates[i, j] > 0.5 else "black",
+                    )
     fig.savefig(path)

@@ -189,16 +189,32 @@ class Trainer:
         resume_from = self._resume_path()
         if resume_from is not None:
             self.load_state_dict(load_checkpoint(resume_from))
-            log.info("resumed from %s at step %d (epoch %d, batch %d)", resume_from, self.step, self.epoch, self.batch_in_epoch)
+            log.info(
+                "resumed from %s at step %d (epoch %d, batch %d)",
+                resume_from,
+                self.step,
+                self.epoch,
+                self.batch_in_epoch,
+            )
         self.logger = MetricsLogger(self.run_dir, cfg, enabled=is_main, resume=resume_from is not None)
         if is_main:
             n_params = sum(p.numel() for p in self.model.parameters())
             log.info(
                 "run dir %s | %d train / %s val videos, %d classes | %.1fM params | global batch %d, lr %.2e | "
                 "%d steps (%d per epoch) | %s, %s, %d workers/rank, world size %d",
-                self.run_dir, len(self.train_set), len(self.val_set) if self.val_set else 0, self.num_classes,
-                n_params / 1e6, self.global_batch, self.lr, self.total_steps, self.steps_per_epoch,
-                self.device, self.precision, self.num_workers, self.dist.world_size,
+                self.run_dir,
+                len(self.train_set),
+                len(self.val_set) if self.val_set else 0,
+                self.num_classes,
+                n_params / 1e6,
+                self.global_batch,
+                self.lr,
+                self.total_steps,
+                self.steps_per_epoch,
+                self.device,
+                self.precision,
+                self.num_workers,
+                self.dist.world_size,
             )
 
     # ----------------------------------------------------------------------------------- setup
@@ -265,7 +281,9 @@ class Trainer:
             # The epoch order changes with the world size anyway; resume at the next epoch start.
             log.warning(
                 "resuming a world-size %d checkpoint with world size %d: continuing from the start of epoch %d",
-                state["world_size"], self.dist.world_size, self.epoch + (self.batch_in_epoch > 0),
+                state["world_size"],
+                self.dist.world_size,
+                self.epoch + (self.batch_in_epoch > 0),
             )
             if self.batch_in_epoch > 0:
                 self.epoch, self.batch_in_epoch = self.epoch + 1, 0
@@ -289,7 +307,11 @@ class Trainer:
                 if self.batch_in_epoch >= self.steps_per_epoch * self.accum:
                     self.epoch, self.batch_in_epoch = self.epoch + 1, 0
                     val_every = int(self.cfg.trainer.val_every)
-                    if self.val_set is not None and val_every and (self.epoch % val_every == 0 or self.step >= self.total_steps):
+                    if (
+                        self.val_set is not None
+                        and val_every
+                        and (self.epoch % val_every == 0 or self.step >= self.total_steps)
+                    ):
                         self.validate()
                     self.save("last.pt")
             if self._stop_signal is not None:
@@ -297,7 +319,9 @@ class Trainer:
                 if self.dist.is_main:
                     log.warning(
                         "stopped by %s at step %d: saved %s; run the same command again to resume",
-                        signal.Signals(self._stop_signal).name, self.step, self.ckpt_dir / "last.pt",
+                        signal.Signals(self._stop_signal).name,
+                        self.step,
+                        self.ckpt_dir / "last.pt",
                     )
                 # submitit's preemption/timeout handler (SIGUSR2): now that the checkpoint is safe,
                 # let it requeue the job (rank 0) — the requeued job resumes from last.pt.
@@ -334,8 +358,12 @@ class Trainer:
         steps_left = min(self.steps_per_epoch - self.batch_in_epoch // self.accum, self.total_steps - self.step)
         batches = iter(self.loader)
         bar = tqdm(
-            total=self.steps_per_epoch, initial=self.batch_in_epoch // self.accum, desc=f"epoch {self.epoch}",
-            disable=not self.dist.is_main, dynamic_ncols=True, leave=False,
+            total=self.steps_per_epoch,
+            initial=self.batch_in_epoch // self.accum,
+            desc=f"epoch {self.epoch}",
+            disable=not self.dist.is_main,
+            dynamic_ncols=True,
+            leave=False,
         )
         window = {"loss": torch.zeros((), device=self.device), "steps": 0, "wait": 0.0, "time": 0.0}
         t_last = time.perf_counter()
@@ -368,7 +396,11 @@ class Trainer:
             wait += time.perf_counter() - t0
             video, mask, target = self._prepare(batch)
             last_micro = micro == self.accum - 1
-            no_sync = self.train_model.no_sync() if (self.dist.is_distributed and not last_micro) else contextlib.nullcontext()
+            no_sync = (
+                self.train_model.no_sync()
+                if (self.dist.is_distributed and not last_micro)
+                else contextlib.nullcontext()
+            )
             with no_sync:
                 with autocast(self.device, self.precision):
                     logits = self.forward(video, mask)
@@ -442,13 +474,25 @@ class Trainer:
         wait_share = window["wait"] / max(window["time"], 1e-9)
         lr = max(group["lr"] for group in self.optimizer.param_groups)
         record = {
-            "step": self.step, "epoch": self.epoch, "split": "train", "loss": float(loss), "lr": lr,
-            "clips_per_s": clips_per_s, "data_wait": wait_share, "num_replaced": self.num_replaced,
+            "step": self.step,
+            "epoch": self.epoch,
+            "split": "train",
+            "loss": float(loss),
+            "lr": lr,
+            "clips_per_s": clips_per_s,
+            "data_wait": wait_share,
+            "num_replaced": self.num_replaced,
         }
         self.logger.log(record)
-        bar.set_postfix(loss=f"{float(loss):.4f}", lr=f"{lr:.2e}", clips_s=f"{clips_per_s:.1f}", wait=f"{100 * wait_share:.0f}%")
+        bar.set_postfix(
+            loss=f"{float(loss):.4f}", lr=f"{lr:.2e}", clips_s=f"{clips_per_s:.1f}", wait=f"{100 * wait_share:.0f}%"
+        )
         # After the first window (worker start-up), say once if the GPU/CPU is starved of data.
-        if self.step > int(self.cfg.trainer.log_every) and wait_share > DATA_BOUND_SHARE and not self._data_bound_reported:
+        if (
+            self.step > int(self.cfg.trainer.log_every)
+            and wait_share > DATA_BOUND_SHARE
+            and not self._data_bound_reported
+        ):
             self._data_bound_reported = True
             if self.dist.is_main:
                 log.warning(
@@ -456,7 +500,9 @@ class Trainer:
                     "(%.1f clips/s with %d workers per rank). Raise trainer.num_workers, decode smaller "
                     "videos (scripts/prepare_k400.py, re-encode SSv2 with scripts/prepare_ssv2.py), or use "
                     "dataset.repeated_aug to reuse decoded clips.",
-                    100 * wait_share, clips_per_s, self.num_workers,
+                    100 * wait_share,
+                    clips_per_s,
+                    self.num_workers,
                 )
 
     @torch.no_grad()
@@ -465,21 +511,39 @@ class Trainer:
         tcfg = self.cfg.trainer
         model = self.ema.module if (self.ema is not None and tcfg.ema.eval) else self.model
         result = evaluate(
-            model, self.val_set, device=self.device, normalizer=self.normalizer,
-            batch_size=int(tcfg.val_batch_size or tcfg.batch_size), num_workers=self.num_workers,
-            precision=self.precision, dist_info=self.dist, views=(1, 1),
+            model,
+            self.val_set,
+            device=self.device,
+            normalizer=self.normalizer,
+            batch_size=int(tcfg.val_batch_size or tcfg.batch_size),
+            num_workers=self.num_workers,
+            precision=self.precision,
+            dist_info=self.dist,
+            views=(1, 1),
         )
         record = {
-            "step": self.step, "epoch": self.epoch, "split": "val_clip", "loss": result.loss, "top1": result.top1,
-            "top5": result.top5, "mean_class_acc": result.mean_class_acc, "num_videos": result.num_videos,
-            "num_failed": result.num_failed, "weights": "ema" if model is not self.model else "model",
+            "step": self.step,
+            "epoch": self.epoch,
+            "split": "val_clip",
+            "loss": result.loss,
+            "top1": result.top1,
+            "top5": result.top5,
+            "mean_class_acc": result.mean_class_acc,
+            "num_videos": result.num_videos,
+            "num_failed": result.num_failed,
+            "weights": "ema" if model is not self.model else "model",
         }
         self.logger.log(record)
         self.last_val_step = self.step
         if self.dist.is_main:
             log.info(
                 "epoch %d step %d | clip-level val top1 %.2f top5 %.2f (%d videos, %d failed)",
-                self.epoch, self.step, result.top1, result.top5, result.num_videos, result.num_failed,
+                self.epoch,
+                self.step,
+                result.top1,
+                result.top5,
+                result.num_videos,
+                result.num_failed,
             )
         if result.top1 > self.best_top1:
             self.best_top1 = result.top1

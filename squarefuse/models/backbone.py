@@ -4,6 +4,7 @@ The backbone turns a normalised clip ``[B,T,C,H,W]`` into tokens ``[B,T,N,D]``, 
 counts the prefix tokens (class token, registers, distillation token) followed by the patch
 tokens, exactly as timm's ``forward_features`` returns them.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -45,10 +46,11 @@ def prefix_group_matcher(
         A matcher of the same kind for the prefixed names.
     """
     if callable(matcher):
+
         def _match(name: str) -> Any:
             if not name.startswith(prefix):
                 return (float("inf"),)
-            return matcher(name[len(prefix):])
+            return matcher(name[len(prefix) :])
 
         return _match
 
@@ -171,9 +173,7 @@ class VideoBackbone(nn.Module):
                 f"backbone.pretrained_path={pretrained_path!r} is set but backbone.pretrained is "
                 f"false; set backbone.pretrained=true to load it."
             )
-        create_kwargs: dict[str, Any] = dict(
-            num_classes=0, img_size=img_size, drop_path_rate=drop_path_rate
-        )
+        create_kwargs: dict[str, Any] = dict(num_classes=0, img_size=img_size, drop_path_rate=drop_path_rate)
         create_kwargs.update(model_kwargs or {})
 
         if pretrained and pretrained_path is not None:
@@ -231,13 +231,10 @@ class VideoBackbone(nn.Module):
             custom_load=is_npz,
         )
         with _capture_missing_key_reports() as missing:
-            model = _create_model(
-                name, pretrained=True, pretrained_cfg_overlay=overlay, **create_kwargs
-            )
+            model = _create_model(name, pretrained=True, pretrained_cfg_overlay=overlay, **create_kwargs)
         if missing:
             raise ValueError(
-                f"backbone.pretrained_path={path!r} does not fit {name!r} "
-                f"(model_kwargs included): {' '.join(missing)}"
+                f"backbone.pretrained_path={path!r} does not fit {name!r} (model_kwargs included): {' '.join(missing)}"
             )
         return model
 
@@ -258,9 +255,7 @@ class VideoBackbone(nn.Module):
             Tokens ``[B,T,N,D]``, prefix tokens first.
         """
         if video_BTCHW.ndim != 5:
-            raise ValueError(
-                f"VideoBackbone expects a clip [B,T,C,H,W], got shape {tuple(video_BTCHW.shape)}"
-            )
+            raise ValueError(f"VideoBackbone expects a clip [B,T,C,H,W], got shape {tuple(video_BTCHW.shape)}")
         B, T, C, H, W = video_BTCHW.shape
         frames = video_BTCHW.reshape(B * T, C, H, W)
         grad_context = torch.no_grad() if self.freeze else contextlib.nullcontext()

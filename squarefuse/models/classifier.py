@@ -1,4 +1,5 @@
 """The video classifier: per-frame backbone -> temporal fusion -> head."""
+
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
@@ -66,18 +67,13 @@ class VideoClassifier(nn.Module):
         if mask is None:
             return
         if mask.shape != video.shape[:2]:
-            raise ValueError(
-                f"mask shape {tuple(mask.shape)} does not match the clip's [B,T]="
-                f"{tuple(video.shape[:2])}"
-            )
+            raise ValueError(f"mask shape {tuple(mask.shape)} does not match the clip's [B,T]={tuple(video.shape[:2])}")
         # One host sync per step; an all-padding clip would otherwise yield arbitrary logits.
         # A data-dependent check: skipped while compiling, where it would break the graph.
         if not torch.compiler.is_compiling() and not bool(mask.to(torch.bool).any(dim=1).all()):
             raise ValueError("mask: every clip needs at least one valid frame")
 
-    def forward_features(
-        self, video: Tensor, mask: Tensor | None = None
-    ) -> tuple[Tensor, dict[str, Tensor]]:
+    def forward_features(self, video: Tensor, mask: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
         """Returns fused tokens ``h [B,T,N,D]`` and the fusion's aux statistics.
 
         Args:
@@ -138,9 +134,7 @@ def build_classifier(
     """
     backbone = hydra.utils.instantiate(backbone_cfg, _convert_="all")
     if not isinstance(backbone, VideoBackbone):
-        raise ValueError(
-            f"backbone._target_={backbone_cfg.get('_target_')!r} must build a VideoBackbone"
-        )
+        raise ValueError(f"backbone._target_={backbone_cfg.get('_target_')!r} must build a VideoBackbone")
     fusion = hydra.utils.instantiate(fusion_cfg, _convert_="all")
     head = hydra.utils.instantiate(head_cfg, _convert_="all")
     return VideoClassifier(backbone=backbone, fusion=fusion, head=head, num_classes=num_classes)

@@ -13,6 +13,7 @@ precomputed for every ``L`` in ``0..T`` so that a batch of varying lengths costs
 State-dict keys are those of the seed design's sketch (``proj.weight``, ``head.{0,1,3}.*``,
 ``beta``), so its checkpoints load with ``strict=True`` and give the same outputs.
 """
+
 from __future__ import annotations
 
 import math
@@ -44,14 +45,10 @@ def _validate_hparams(
         # QR of a [D, K] matrix cannot give more than D orthonormal directions.
         raise ValueError(f"{names['num_dirs']} must be <= d_model={d_model}, got {num_dirs}")
     if isinstance(quantiles, (str, bytes)) or not isinstance(quantiles, Sequence) or len(quantiles) == 0:
-        raise ValueError(
-            f"{names['quantiles']} must be a non-empty list of levels in [0, 1], got {quantiles!r}"
-        )
+        raise ValueError(f"{names['quantiles']} must be a non-empty list of levels in [0, 1], got {quantiles!r}")
     for q in quantiles:
         if isinstance(q, bool) or not isinstance(q, numbers.Real) or not 0.0 <= float(q) <= 1.0:
-            raise ValueError(
-                f"{names['quantiles']} levels must be numbers in [0, 1], got {q!r} in {list(quantiles)}"
-            )
+            raise ValueError(f"{names['quantiles']} levels must be numbers in [0, 1], got {q!r} in {list(quantiles)}")
     if isinstance(poly_order, bool) or not isinstance(poly_order, numbers.Integral) or poly_order < 0:
         raise ValueError(f"{names['poly_order']} must be an integer >= 0, got {poly_order!r}")
     if sigma is not None:
@@ -59,9 +56,7 @@ def _validate_hparams(
             raise ValueError(f"{names['sigma']} must be a finite number > 0 or null, got {sigma!r}")
 
 
-def _quantile_weight_table(
-    T: int, levels: Sequence[float], sigma: float | None, device: torch.device
-) -> Tensor:
+def _quantile_weight_table(T: int, levels: Sequence[float], sigma: float | None, device: torch.device) -> Tensor:
     """Soft-quantile weights over ranks for every number of valid frames.
 
     Args:
@@ -141,8 +136,9 @@ class SQuaReFuse(nn.Module):
             quantiles=quantiles,
             poly_order=poly_order,
             sigma=sigma,
-            names=dict(d_model="d_model", num_dirs="num_dirs", quantiles="quantiles",
-                       poly_order="poly_order", sigma="sigma"),
+            names=dict(
+                d_model="d_model", num_dirs="num_dirs", quantiles="quantiles", poly_order="poly_order", sigma="sigma"
+            ),
         )
         d_model, num_dirs, poly_order = int(d_model), int(num_dirs), int(poly_order)
         self.d_model = d_model
@@ -166,8 +162,10 @@ class SQuaReFuse(nn.Module):
         self._tables: dict[tuple[int, torch.device], tuple[Tensor, Tensor]] = {}
 
     def extra_repr(self) -> str:
-        return (f"d_model={self.d_model}, K={self.num_dirs}, quantiles={self.quantiles}, "
-                f"P={self.poly_order}, sigma={self.sigma}")
+        return (
+            f"d_model={self.d_model}, K={self.num_dirs}, quantiles={self.quantiles}, "
+            f"P={self.poly_order}, sigma={self.sigma}"
+        )
 
     def directions(self) -> Tensor:
         """Orthonormal directions U [D, K], fp32, differentiable w.r.t. ``proj.weight``.
@@ -185,12 +183,16 @@ class SQuaReFuse(nn.Module):
         if torch.compiler.is_compiling():
             # Built inside the graph (a few tiny kernels on constants): filling the cache while
             # tracing would change the guards and force a recompile on the next call.
-            return (_quantile_weight_table(T, self.quantiles, self.sigma, device),
-                    _legendre_table(T, self.poly_order, device))
+            return (
+                _quantile_weight_table(T, self.quantiles, self.sigma, device),
+                _legendre_table(T, self.poly_order, device),
+            )
         key = (T, device)
         if key not in self._tables:
-            self._tables[key] = (_quantile_weight_table(T, self.quantiles, self.sigma, device),
-                                 _legendre_table(T, self.poly_order, device))
+            self._tables[key] = (
+                _quantile_weight_table(T, self.quantiles, self.sigma, device),
+                _legendre_table(T, self.poly_order, device),
+            )
         return self._tables[key]
 
     def _valid_btn(self, valid_mask: Tensor, x: Tensor) -> Tensor:
@@ -321,8 +323,12 @@ def square_fuse(
         quantiles=quantiles,
         poly_order=P,
         sigma=sigma,
-        names=dict(d_model="d_model", num_dirs="fusion.K", quantiles="fusion.quantiles",
-                   poly_order="fusion.P", sigma="fusion.sigma"),
+        names=dict(
+            d_model="d_model",
+            num_dirs="fusion.K",
+            quantiles="fusion.quantiles",
+            poly_order="fusion.P",
+            sigma="fusion.sigma",
+        ),
     )
-    return SQuaReFuse(d_model=d_model, num_dirs=K, quantiles=quantiles, poly_order=P,
-                      beta_init=beta_init, sigma=sigma)
+    return SQuaReFuse(d_model=d_model, num_dirs=K, quantiles=quantiles, poly_order=P, beta_init=beta_init, sigma=sigma)

@@ -1,4 +1,5 @@
 """Classification heads: pool fused tokens ``[B,T,N,D]`` over valid frames -> logits."""
+
 from __future__ import annotations
 
 import torch
@@ -26,10 +27,7 @@ def masked_mean_over_time(x_BTD: Tensor, mask_BT: Tensor | None) -> Tensor:
     if mask_BT is None:
         return x_BTD.mean(dim=1)
     if mask_BT.shape != x_BTD.shape[:2]:
-        raise ValueError(
-            f"mask shape {tuple(mask_BT.shape)} does not match the clip's [B,T]="
-            f"{tuple(x_BTD.shape[:2])}"
-        )
+        raise ValueError(f"mask shape {tuple(mask_BT.shape)} does not match the clip's [B,T]={tuple(x_BTD.shape[:2])}")
     valid_BT = mask_BT.to(torch.bool)
     summed_BD = torch.where(valid_BT[..., None], x_BTD, 0.0).sum(dim=1)
     count_B1 = valid_BT.sum(dim=1, keepdim=True).clamp_min(1).to(x_BTD.dtype)
@@ -49,9 +47,7 @@ class _LinearHead(nn.Module):
         self.drop = nn.Dropout(dropout)
         self.fc = nn.Linear(embed_dim, num_classes)
         # Bounds are absolute in torch; truncate at 2 std, not at +-2.
-        nn.init.trunc_normal_(
-            self.fc.weight, std=HEAD_INIT_STD, a=-2 * HEAD_INIT_STD, b=2 * HEAD_INIT_STD
-        )
+        nn.init.trunc_normal_(self.fc.weight, std=HEAD_INIT_STD, a=-2 * HEAD_INIT_STD, b=2 * HEAD_INIT_STD)
         nn.init.zeros_(self.fc.bias)
 
     def classify(self, pooled_BD: Tensor) -> Tensor:
@@ -113,5 +109,5 @@ class MeanHead(_LinearHead):
 
     def forward(self, h_BTND: Tensor, mask_BT: Tensor | None = None) -> Tensor:
         """Args: h_BTND fused tokens, mask_BT valid frames or None. Returns logits [B,C]."""
-        patches_BTD = h_BTND[:, :, self.num_prefix_tokens:].mean(dim=2)
+        patches_BTD = h_BTND[:, :, self.num_prefix_tokens :].mean(dim=2)
         return self.classify(masked_mean_over_time(patches_BTD, mask_BT))
