@@ -11,7 +11,9 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from squarefuse.engine import distributed
+from squarefuse.engine.checkpoint import check_checkpoint_file
 from squarefuse.engine.evaluator import default_eval_dir, run_eval
+from squarefuse.engine.override_types import check_override_types
 
 
 def _eval_dir(ckpt: str | None) -> str:
@@ -20,8 +22,9 @@ def _eval_dir(ckpt: str | None) -> str:
     if ckpt is None:
         sys.exit("error: ckpt is required: python eval.py ckpt=PATH/TO/checkpoint.pt")
     try:
+        check_checkpoint_file(ckpt)  # before Hydra makes an eval folder next to a file that is no checkpoint
         return default_eval_dir(ckpt)
-    except FileNotFoundError as e:
+    except (FileNotFoundError, ValueError) as e:
         sys.exit(f"error: {e}")
 
 
@@ -31,6 +34,7 @@ OmegaConf.register_new_resolver("eval_dir", _eval_dir, replace=True)
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="eval")
 def main(cfg: DictConfig) -> None:
+    check_override_types(cfg, "eval")
     run_eval(cfg, HydraConfig.get().runtime.output_dir)
 
 

@@ -10,11 +10,13 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from squarefuse.engine import distributed
+from squarefuse.engine.override_types import check_override_types
 from squarefuse.engine.trainer import train
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="train")
 def main(cfg: DictConfig) -> None:
+    check_override_types(cfg, "train")
     summary = train(cfg, HydraConfig.get().runtime.output_dir)
     if summary["status"] == "interrupted" and not HydraConfig.get().mode.name == "MULTIRUN":
         sys.exit(128 + summary["signal"])

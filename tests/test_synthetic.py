@@ -27,6 +27,8 @@ from squarefuse.datasets.synthetic import (
     twin_of,
 )
 
+REPO = Path(__file__).resolve().parents[1]
+
 # Small enough to generate in well under a second; large enough for every class and codec.
 SMALL = dict(seed=0, train_per_class=2, val_per_class=2, num_frames=8, size=64, fps=8)
 
@@ -296,17 +298,82 @@ def test_incomplete_or_stale_dataset_is_regenerated(tmp_path, damage):
         manifest_path.write_text(json.dumps(manifest))
     elif damage == "missing_video":
         video.unlink()
-    elif damage == "no_manifest":  # what a crash half-way through generating leaves behind
-        manifest_path.unlink()
+    elif damage == "no_manifest":  # what a crash half-way through moving the files in leaves behind
+        manifest_path.rename(root / ".generating.json")
         video.write_bytes(original[: len(original) // 2])
     else:
         (root / ".staging-crashed").mkdir()
         (root / ".staging-crashed" / "junk.mp4").write_bytes(b"x")
-        manifest_path.unlink()
+        manifest_path.rename(root / ".generating.json")
     ensure_synthetic(root, **SMALL)
     assert video.read_bytes() == original
     assert json.loads(manifest_path.read_text())["version"] == synthetic.GENERATOR_VERSION
     assert not list(root.glob(".staging-*"))
+
+
+def _fake_ssv2_root(root: Path) -> dict[Path, bytes]:
+    """A folder laid out like an SSv2 root; returns every file with its bytes."""
+    files = {
+        root / "annotations" / "something-something-v2-labels.json": b'{"Pushing something": "0"}',
+        root / "annotations" / "something-something-v2-train.json": b"[]",
+        root / "videos" / "1.webm": b"not really a video 1",
+        root / "videos" / "2.webm": b"not really a video 2",
+        root / "train.txt": b"videos/1.webm 0\n",
+        root / "classes.txt": b"Pushing something\n",
+    }
+    for path, data in files.items():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+    return files
+
+
+def _unchanged(files: dict[Path, bytes]) -> bool:
+    return all(path.is_file() and path.read_bytes() == data for path, data in files.items())
+
+
+def test_a_real_dataset_root_is_refused_and_left_untouched(tmp_path):
+    files = _fake_ssv2_root(tmp_path / "ssv2")
+    with pytest.raises(ValueError, match=r"(?s)dataset.root=.*ssv2.*did not write.*dataset=ssv2"):
+        ensure_synthetic(tmp_path / "ssv2", **SMALL)
+    assert _unchanged(files)
+    assert not (tmp_path / "ssv2" / "manifest.json").exists()
+
+
+def test_regeneration_deletes_only_the_generators_own_files(tmp_path):
+    root = tmp_path / "syn"
+    ensure_synthetic(root, **SMALL)
+    mine = root / "videos" / "train" / "my_notes.txt"
+    mine.write_text("keep me")
+    with pytest.raises(ValueError, match="my_notes.txt"):
+        ensure_synthetic(root, **{**SMALL, "num_frames": 10})
+    assert mine.read_text() == "keep me"
+    assert json.loads((root / "manifest.json").read_text())["params"] == SMALL  # nothing was removed
+    mine.unlink()
+    ensure_synthetic(root, **{**SMALL, "num_frames": 10})
+    manifest = json.loads((root / "manifest.json").read_text())
+    listed = {p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file() and p.name != ".lock"}
+    assert set(manifest["files"]) == listed
+
+
+def test_an_old_manifest_without_a_file_list_still_owns_its_files(tmp_path):
+    root = tmp_path / "syn"
+    ensure_synthetic(root, **SMALL)
+    manifest = json.loads((root / "manifest.json").read_text())
+    del manifest["files"]
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    ensure_synthetic(root, **{**SMALL, "train_per_class": 1})
+    assert len(list(root.glob("videos/train/*/*"))) == 8
+
+
+@pytest.mark.slow
+def test_train_py_on_a_real_dataset_root_fails_and_deletes_nothing(tmp_path):
+    files = _fake_ssv2_root(tmp_path / "x")
+    command = [sys.executable, "train.py", f"dataset.root={tmp_path / 'x'}", "trainer.max_steps=1"]
+    command += [f"hydra.run.dir={tmp_path / 'run'}"]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
+    assert result.returncode != 0
+    assert "did not write" in result.stderr and "dataset=ssv2" in result.stderr
+    assert _unchanged(files)
 
 
 def test_failed_generation_leaves_nothing_that_looks_complete(tmp_path, monkeypatch):

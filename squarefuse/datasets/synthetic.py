@@ -493,12 +493,100 @@ def _why_stale(root: Path, expected: dict) -> str | None:
     return None
 
 
-def _remove_generated(root: Path) -> None:
-    """Deletes a previous dataset, manifest first so an interrupted delete never looks complete."""
-    for name in ("manifest.json", "train.txt", "val.txt", "classes.txt"):
-        (root / name).unlink(missing_ok=True)
-    shutil.rmtree(root / "videos", ignore_errors=True)
-    for staging in root.glob(".staging-*"):  # left by a crashed generator; we hold the lock
+# What the generator may find in a root besides its files: its lock and its staging folders.
+_LOCK_NAME = ".lock"
+_STAGING_PREFIX = ".staging-"
+# Written before generated files are moved in and removed after the manifest: so files of an
+# interrupted move are still known to be the generator's own.
+_PENDING_NAME = ".generating.json"
+_LIST_NAMES = ("classes.txt", "train.txt", "val.txt")
+
+
+def _generated_files(staging: Path) -> list[str]:
+    """Every file the generator wrote under ``staging``, as sorted root-relative POSIX paths."""
+    return sorted(p.relative_to(staging).as_posix() for p in staging.rglob("*") if p.is_file())
+
+
+def _owned_files(root: Path) -> set[str]:
+    """The root-relative paths the generator wrote under ``root``, from its manifest and pending list.
+
+    A manifest from before the file list (generator version <= 4) names its videos through
+    ``train.txt`` / ``val.txt``, which it wrote too.
+    """
+    owned: set[str] = set()
+    for name in ("manifest.json", _PENDING_NAME):
+        path = root / name
+        try:
+            record = json.loads(path.read_text())
+        except FileNotFoundError:
+            continue
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+            continue  # not ours to read, so it claims nothing
+        if not isinstance(record, dict) or "version" not in record:
+            continue
+        owned.add(name)
+        files = record.get("files")
+        if isinstance(files, list):
+            owned.update(f for f in files if isinstance(f, str))
+            continue
+        owned.update(_LIST_NAMES)
+        for split in ("train", "val"):
+            list_path = root / f"{split}.txt"
+            if list_path.is_file():
+                owned.update(line.rsplit(" ", 1)[0] for line in list_path.read_text().splitlines() if line)
+    return owned
+
+
+def _foreign_files(root: Path, owned: set[str]) -> list[Path]:
+    """Files under ``root`` that the generator did not write (its lock and staging folders aside)."""
+    foreign = []
+    for path in sorted(root.rglob("*")):
+        relative = path.relative_to(root)
+        if relative.parts[0] == _LOCK_NAME or relative.parts[0].startswith(_STAGING_PREFIX):
+            continue
+        if not path.is_dir() and relative.as_posix() not in owned:
+            foreign.append(path)
+    return foreign
+
+
+def _not_a_synthetic_root(root: Path, foreign: list[Path]) -> ValueError:
+    if (root / "annotations").is_dir() and any((root / "annotations").glob("something-something-v2-*.json")):
+        guess = "it looks like Something-Something V2: dataset=ssv2"
+    elif any(root.glob("*.csv")) or any(root.rglob("annotations/*.csv")):
+        guess = "it looks like Kinetics: dataset=k400"
+    elif (root / "train.txt").is_file():
+        guess = "it has a train.txt list: dataset=list"
+    else:
+        guess = "for your own videos use dataset=ssv2, dataset=k400 or dataset=list"
+    shown = ", ".join(str(p) for p in foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+    return ValueError(
+        f"dataset.root={root} holds files the synthetic generator did not write ({shown}), so it is not a "
+        f"synthetic dataset folder and nothing in it was changed. If it is a real dataset, select its format ("
+        f"{guess} dataset.root={root}); for synthetic videos give dataset.root an empty or new folder "
+        f"(the default is data/synthetic)."
+    )
+
+
+def _remove_generated(root: Path, owned: set[str]) -> None:
+    """Deletes the generator's own files, manifest first so an interrupted delete never looks complete.
+
+    Only paths in ``owned`` are deleted, then the folders that became empty: nothing else is touched.
+    """
+    for name in ("manifest.json", *_LIST_NAMES):
+        if name in owned:
+            (root / name).unlink(missing_ok=True)
+    for relative in sorted(owned):
+        if relative != _PENDING_NAME:
+            (root / relative).unlink(missing_ok=True)
+    videos = root / "videos"
+    if videos.is_dir():
+        for folder in sorted((p for p in videos.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True):
+            if not any(folder.iterdir()):
+                folder.rmdir()
+        if not any(videos.iterdir()):
+            videos.rmdir()
+    (root / _PENDING_NAME).unlink(missing_ok=True)
+    for staging in root.glob(_STAGING_PREFIX + "*"):  # left by a crashed generator; we hold the lock
         shutil.rmtree(staging, ignore_errors=True)
 
 
@@ -550,7 +638,7 @@ def ensure_synthetic(
     root = Path(root).expanduser().resolve()
     root.mkdir(parents=True, exist_ok=True)
 
-    with open(root / ".lock", "a") as lock:
+    with open(root / _LOCK_NAME, "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file is closed, even on error
         reason = _why_stale(root, expected)
         if reason is None:
@@ -559,17 +647,26 @@ def ensure_synthetic(
             log.warning("Regenerating synthetic dataset in %s: %s", root, reason)
         else:
             log.info("Generating synthetic dataset in %s", root)
+        owned = _owned_files(root)
+        foreign = _foreign_files(root, owned)
+        if foreign:
+            raise _not_a_synthetic_root(root, foreign)
         start = time.perf_counter()
-        _remove_generated(root)
-        staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=root))
+        _remove_generated(root, owned)
+        staging = Path(tempfile.mkdtemp(prefix=_STAGING_PREFIX, dir=root))
         try:
             counts = _generate_in_subprocess(staging, params)
+            files = _generated_files(staging)
+            manifest = json.dumps({**expected, "num_videos": counts, "files": ["manifest.json", *files]}, indent=2)
+            # Claim the files before they appear in root, so that a crash mid-move leaves them ours.
+            (staging / _PENDING_NAME).write_text(manifest + "\n")
+            os.replace(staging / _PENDING_NAME, root / _PENDING_NAME)
+            (staging / "manifest.json").write_text(manifest + "\n")
             os.replace(staging / "videos", root / "videos")
-            for name in ("classes.txt", "train.txt", "val.txt"):
+            for name in _LIST_NAMES:
                 os.replace(staging / name, root / name)
-            manifest = {**expected, "num_videos": counts}
-            (staging / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
             os.replace(staging / "manifest.json", root / "manifest.json")
+            (root / _PENDING_NAME).unlink()
         finally:
             shutil.rmtree(staging, ignore_errors=True)
         log.info(

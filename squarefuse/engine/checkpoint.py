@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import pickle
 import tempfile
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -37,11 +38,39 @@ def save_checkpoint(state: dict[str, Any], path: str | Path) -> Path:
     return path
 
 
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Read a checkpoint with the safe unpickler; errors name the file."""
+def check_checkpoint_file(path: str | Path) -> Path:
+    """Cheap checks that ``path`` can be a checkpoint, before anything is created for it.
+
+    ``torch.save`` writes a zip archive; an empty file (an interrupted copy, a full disk) or any
+    other file (a text file, a log) fails here with a message that names it, not deep in unpickling.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
+    size = path.stat().st_size
+    if size == 0:
+        raise ValueError(
+            f"checkpoint {path} is empty (0 bytes): an interrupted copy or a full disk when it was written? "
+            "Use another checkpoint of the run (checkpoints/last.pt or best.pt)."
+        )
+    if not zipfile.is_zipfile(path):
+        with open(path, "rb") as f:
+            truncated = f.read(4) == b"PK\x03\x04"  # a zip archive's start without its end
+        if truncated:
+            raise ValueError(
+                f"checkpoint {path} is truncated ({size} bytes; an interrupted copy or a full disk?): "
+                "use another checkpoint of the run (checkpoints/last.pt or best.pt)."
+            )
+        raise ValueError(
+            f"{path} is not a PyTorch checkpoint ({size} bytes, not the zip archive torch.save writes): "
+            "pass a file written by squarefuse (runs/.../checkpoints/best.pt or last.pt)."
+        )
+    return path
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Read a checkpoint with the safe unpickler; errors name the file."""
+    path = check_checkpoint_file(path)
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
@@ -49,8 +78,9 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
             f"refusing to load {path}: it contains objects other than tensors and plain containers "
             f"(torch.load(weights_only=True) failed: {str(e).splitlines()[0]})"
         ) from e
-    except (RuntimeError, EOFError) as e:
-        raise ValueError(f"cannot read checkpoint {path}: {e}") from e
+    except Exception as e:  # noqa: BLE001 - a damaged archive raises many kinds; all mean the same to the user
+        reason = str(e).strip() or type(e).__name__
+        raise ValueError(f"cannot read checkpoint {path}: damaged or truncated file ({reason})") from e
     if not isinstance(state, dict) or "model" not in state:
         raise ValueError(f"{path} is not a squarefuse checkpoint (no 'model' entry)")
     return state

@@ -1,0 +1,68 @@
+"""Mistakes a user makes on the command line fail fast, name the file or key, and leave nothing behind."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+
+from squarefuse.engine.checkpoint import check_checkpoint_file, load_checkpoint
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _run(script: str, *args: str) -> subprocess.CompletedProcess:
+    command = [sys.executable, str(REPO / script), *args]
+    return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
+
+
+@pytest.fixture
+def bad_checkpoints(tmp_path):
+    text = tmp_path / "notes.pt"
+    text.write_text("hello, this is a text file\n")
+    empty = tmp_path / "empty.pt"
+    empty.touch()
+    good = tmp_path / "good.pt"
+    torch.save({"model": {"w": torch.zeros(3)}, "step": 1}, good)
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    return {"text": text, "empty": empty, "truncated": truncated, "good": good}
+
+
+@pytest.mark.parametrize(
+    "kind, message", [("text", "is not a PyTorch checkpoint"), ("empty", "is empty"), ("truncated", "is truncated")]
+)
+def test_unreadable_checkpoints_name_the_file_and_the_reason(bad_checkpoints, kind, message):
+    path = bad_checkpoints[kind]
+    for check in (check_checkpoint_file, load_checkpoint):
+        with pytest.raises(ValueError, match=message) as error:
+            check(path)
+        assert str(path) in str(error.value)
+    assert zipfile.is_zipfile(bad_checkpoints["good"])
+    assert load_checkpoint(bad_checkpoints["good"])["step"] == 1
+
+
+def test_eval_of_a_text_file_fails_without_making_an_eval_folder(bad_checkpoints):
+    result = _run("eval.py", f"ckpt={bad_checkpoints['text']}")
+    assert result.returncode != 0
+    assert "is not a PyTorch checkpoint" in result.stderr and str(bad_checkpoints["text"]) in result.stderr
+    assert not (bad_checkpoints["text"].parent / "eval").exists()
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("trainer.batch_size=abc", "trainer.batch_size='abc': must be an integer"),
+        ("trainer.epochs=1.5", "trainer.epochs=1.5: must be an integer"),
+        ("optim.lr=fast", "optim.lr='fast': must be a number"),
+    ],
+)
+def test_a_value_of_the_wrong_type_names_its_key(tmp_path, override, message):
+    result = _run("train.py", override, f"hydra.run.dir={tmp_path / 'run'}")
+    assert result.returncode != 0
+    assert message in result.stderr
+    assert not (tmp_path / "run" / "checkpoints").exists()
