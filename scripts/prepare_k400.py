@@ -35,6 +35,7 @@ from pathlib import Path
 import av
 
 from squarefuse.process_pool import video_process_pool
+from squarefuse.video_writer import write_video
 
 log = logging.getLogger("prepare_k400")
 
@@ -140,44 +141,31 @@ def convert(
     """
     if target.exists():
         return "skipped"
-    target.parent.mkdir(parents=True, exist_ok=True)
-    partial = target.with_name(f".{target.name}.{os.getpid()}.partial")
-    try:
-        with av.open(str(source)) as src:
-            in_stream = src.streams.video[0]
-            rate = in_stream.average_rate or in_stream.guessed_rate or Fraction(30)
-            offset = float((in_stream.start_time or 0) * in_stream.time_base) if in_stream.time_base else 0.0
-            if start is not None and start > 0 and in_stream.time_base:
-                # To the keyframe before `start`; frames before it are decoded and dropped below.
-                src.seek(int((start + offset) / in_stream.time_base), stream=in_stream, backward=True)
-            written = 0
-            with av.open(str(partial), mode="w", format="mp4") as dst:
-                out_stream = dst.add_stream("libx264", rate=rate)
-                out_stream.options = {"crf": str(crf), "preset": preset, "g": str(max(1, round(rate)))}
-                out_stream.pix_fmt = "yuv420p"
-                out_stream.thread_count = 1  # one clip per worker process: the pool is the parallelism
-                size = None
-                for frame in src.decode(in_stream):
-                    t = (frame.time or 0.0) - offset
-                    if start is not None and t < start - 1e-6:
-                        continue
-                    if end is not None and t >= end - 1e-6:
-                        break
-                    if size is None:
-                        size = target_size(frame.width, frame.height, short_side)
-                        out_stream.width, out_stream.height = size
-                    image = frame.reformat(width=size[0], height=size[1], format="yuv420p", interpolation="AREA")
-                    image.pts = None  # re-timed at a constant rate
-                    for packet in out_stream.encode(image):
-                        dst.mux(packet)
-                    written += 1
-                if written == 0:
-                    raise ValueError(f"no frame between {start} s and {end} s")
-                for packet in out_stream.encode():
-                    dst.mux(packet)
-        os.replace(partial, target)
-    finally:
-        partial.unlink(missing_ok=True)
+    with av.open(str(source)) as src:
+        in_stream = src.streams.video[0]
+        rate = in_stream.average_rate or in_stream.guessed_rate or Fraction(30)
+        offset = float((in_stream.start_time or 0) * in_stream.time_base) if in_stream.time_base else 0.0
+        if start is not None and start > 0 and in_stream.time_base:
+            # To the keyframe before `start`; frames before it are decoded and dropped below.
+            src.seek(int((start + offset) / in_stream.time_base), stream=in_stream, backward=True)
+
+        def frames():
+            size = None
+            for frame in src.decode(in_stream):
+                t = (frame.time or 0.0) - offset
+                if start is not None and t < start - 1e-6:
+                    continue
+                if end is not None and t >= end - 1e-6:
+                    break
+                if size is None:
+                    size = target_size(frame.width, frame.height, short_side)
+                yield frame.reformat(width=size[0], height=size[1], format="yuv420p", interpolation="AREA")
+            if size is None:
+                raise ValueError(f"no frame between {start} s and {end} s")
+
+        # One clip per worker process: the pool is the parallelism, so one encoder thread.
+        options = {"crf": str(crf), "preset": preset, "g": str(max(1, round(rate)))}
+        write_video(target, frames(), rate, "libx264", options=options, container_format="mp4", threads=1)
     return "done"
 
 
