@@ -60,10 +60,7 @@ class Clip:
     youtube_id: str
     start: int
     end: int
-
-    @property
-    def name(self) -> str:
-        return f"{self.youtube_id}_{self.start:06d}_{self.end:06d}"
+    name: str  # the official clip name, {youtube_id}_{start:06d}_{end:06d}
 
 
 def split_name(value: str, *, where: str) -> str:
@@ -76,30 +73,17 @@ def split_name(value: str, *, where: str) -> str:
 def read_csv(path: Path) -> tuple[list[str], list[tuple[Clip, list[str]]]]:
     """The header and (clip, raw row) pairs of an official csv; the split comes from the `split`
     column, or from the file name (train/validate/val/test.csv) when there is none."""
-    with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.reader(f)
-        header = [h.strip() for h in next(reader, [])]
-        needed = ["label", "youtube_id", "time_start", "time_end"]
-        if any(c not in header for c in needed):
-            raise ValueError(f"{path}:1: header {header} lacks one of {needed}")
-        column = {c: header.index(c) for c in header}
-        default_split = None
-        if "split" not in column:
-            default_split = split_name(path.stem, where=f"{path} (no split column; split from the file name)")
-        clips = []
-        for row in reader:
-            if not row or not any(cell.strip() for cell in row):
-                continue
-            where = f"{path}:{reader.line_num}"
-            if len(row) != len(header):
-                raise ValueError(f"{where}: expected {len(header)} columns, got {len(row)}")
-            try:
-                start, end = int(float(row[column["time_start"]])), int(float(row[column["time_end"]]))
-            except ValueError:
-                raise ValueError(f"{where}: time_start/time_end are not numbers: {row}") from None
-            split = default_split or split_name(row[column["split"]], where=where)
-            clip = Clip(split, row[column["label"]].strip(), row[column["youtube_id"]].strip(), start, end)
-            clips.append((clip, row))
+    # Imported here so `--help` and the encoding workers stay light.
+    from squarefuse.datasets.annotations import read_k400_csv  # noqa: PLC0415
+
+    header, rows = read_k400_csv(path)
+    default_split = None
+    if "split" not in header:
+        default_split = split_name(path.stem, where=f"{path} (no split column; split from the file name)")
+    clips = []
+    for row in rows:
+        split = default_split or split_name(row.cells["split"], where=f"{path}:{row.line}")
+        clips.append((Clip(split, row.label, row.youtube_id, row.start, row.end, row.clip_id), row.raw))
     return header, clips
 
 
