@@ -10,7 +10,7 @@ names are free, so these two are the only keys that may be absent.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from squarefuse.datasets.annotations import (
@@ -60,7 +60,7 @@ def _required_video_dir(cfg: Mapping[str, Any], split: str) -> Any:
     return video_dir
 
 
-def _label_map_or(cfg: Mapping[str, Any], names_from_train: Any) -> list[str]:
+def _label_map_or(cfg: Mapping[str, Any], names_from_train: Callable[[], list[str]]) -> list[str]:
     """Class names from ``dataset.label_map`` when set, else from `names_from_train()`."""
     label_map = optional(cfg, "label_map")
     return read_label_map(label_map) if label_map is not None else names_from_train()
