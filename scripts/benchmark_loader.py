@@ -32,9 +32,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import av
 import numpy as np
 import yaml
+
+from squarefuse.video_writer import write_video
 
 REPO = Path(__file__).resolve().parent.parent
 TARGET_RATIO = 0.85
@@ -74,22 +75,17 @@ def write_test_video(spec: VideoSpec, path: Path) -> Path:
     options = {"crf": "23", "preset": "fast"}
     if spec.codec == "libvpx-vp9":
         options = {"crf": "32", "b": "0", "deadline": "realtime", "cpu-used": "8"}
-    with av.open(str(path), mode="w") as container:
-        stream = container.add_stream(spec.codec, rate=spec.fps)
-        stream.width, stream.height, stream.pix_fmt = spec.width, spec.height, "yuv420p"
-        stream.options = options
+
+    def frames():
         for t in range(num_frames):
             shift = int(t * 240 / max(1, num_frames))
             frame = texture[: spec.height, shift : shift + spec.width].copy()
             x = int((spec.width - spec.height // 3) * t / max(1, num_frames - 1))
             frame[spec.height // 3 : 2 * spec.height // 3, x : x + spec.height // 3] = (250, 240, 30)
             frame += rng.normal(0, 4, size=frame.shape)
-            image = av.VideoFrame.from_ndarray(np.clip(frame, 0, 255).astype(np.uint8), format="rgb24")
-            for packet in stream.encode(image):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
-    return path
+            yield np.clip(frame, 0, 255).astype(np.uint8)
+
+    return write_video(path, frames(), spec.fps, spec.codec, options=options)
 
 
 def recipe(dataset: str, *, video: Path, quick: bool) -> dict:

@@ -35,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
-from squarefuse.datasets.annotations import list_num_classes, load_list
+from squarefuse.datasets.annotations import list_num_classes, load_list, read_k400_csv
 from squarefuse.datasets.decoders import DecodeError, DecodeTimeout, open_video, resolve_decoder
 from squarefuse.process_pool import video_process_pool
 
@@ -160,14 +160,10 @@ def split_from_config(overrides: list[str], split: str) -> tuple[Split, dict]:
     # (for the synthetic set it also generates the videos if needed).
     annotations = build.load_annotations(dataset_cfg, split)
     records = annotations.records
-    if name == "synthetic":
-        annotation_file = Path(dataset_cfg["root"]).expanduser().resolve() / f"{split}.txt"
-    else:
-        annotation_file = Path(dataset_cfg[f"{split}_file"]).expanduser()
     file_format = {"ssv2": "ssv2", "k400": "k400"}.get(name, "list")
     split_info = Split(
         name=split,
-        annotation_file=annotation_file,
+        annotation_file=annotations.source,
         format=file_format,
         paths=[r.path for r in records],
         ids=[r.id for r in records],
@@ -195,21 +191,12 @@ def write_clean(split: Split, good_ids: set[str], out: Path) -> int:
         clean = [e for e in entries if str(e["id"]) in good_ids]
         kept = len(clean)
         out.write_text(json.dumps(clean, indent=1) + "\n", encoding="utf-8")
-    else:  # k400: the clip id is rebuilt from each row the way the loader builds it
-        with open(source, newline="", encoding="utf-8") as f:
-            rows = list(csv.reader(f))
-        header = [h.strip() for h in rows[0]]
-        youtube, start, end = (header.index(c) for c in ("youtube_id", "time_start", "time_end"))
-        clean_rows = [rows[0]]
-        for row in rows[1:]:
-            if not row or not any(cell.strip() for cell in row):
-                continue
-            clip_id = f"{row[youtube].strip()}_{int(float(row[start])):06d}_{int(float(row[end])):06d}"
-            if clip_id in good_ids:
-                clean_rows.append(row)
-                kept += 1
+    else:  # k400: rows read and clip ids built by the loader's own parser
+        header, rows = read_k400_csv(source)
+        clean_rows = [row.raw for row in rows if row.clip_id in good_ids]
+        kept = len(clean_rows)
         with open(out, "w", newline="", encoding="utf-8") as f:
-            csv.writer(f).writerows(clean_rows)
+            csv.writer(f).writerows([header, *clean_rows])
     return kept
 
 

@@ -35,6 +35,7 @@ from pathlib import Path
 import av
 
 from squarefuse.process_pool import video_process_pool
+from squarefuse.video_writer import write_video
 
 log = logging.getLogger("prepare_k400")
 
@@ -59,10 +60,7 @@ class Clip:
     youtube_id: str
     start: int
     end: int
-
-    @property
-    def name(self) -> str:
-        return f"{self.youtube_id}_{self.start:06d}_{self.end:06d}"
+    name: str  # the official clip name, {youtube_id}_{start:06d}_{end:06d}
 
 
 def split_name(value: str, *, where: str) -> str:
@@ -75,30 +73,17 @@ def split_name(value: str, *, where: str) -> str:
 def read_csv(path: Path) -> tuple[list[str], list[tuple[Clip, list[str]]]]:
     """The header and (clip, raw row) pairs of an official csv; the split comes from the `split`
     column, or from the file name (train/validate/val/test.csv) when there is none."""
-    with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.reader(f)
-        header = [h.strip() for h in next(reader, [])]
-        needed = ["label", "youtube_id", "time_start", "time_end"]
-        if any(c not in header for c in needed):
-            raise ValueError(f"{path}:1: header {header} lacks one of {needed}")
-        column = {c: header.index(c) for c in header}
-        default_split = None
-        if "split" not in column:
-            default_split = split_name(path.stem, where=f"{path} (no split column; split from the file name)")
-        clips = []
-        for row in reader:
-            if not row or not any(cell.strip() for cell in row):
-                continue
-            where = f"{path}:{reader.line_num}"
-            if len(row) != len(header):
-                raise ValueError(f"{where}: expected {len(header)} columns, got {len(row)}")
-            try:
-                start, end = int(float(row[column["time_start"]])), int(float(row[column["time_end"]]))
-            except ValueError:
-                raise ValueError(f"{where}: time_start/time_end are not numbers: {row}") from None
-            split = default_split or split_name(row[column["split"]], where=where)
-            clip = Clip(split, row[column["label"]].strip(), row[column["youtube_id"]].strip(), start, end)
-            clips.append((clip, row))
+    # Imported here so `--help` and the encoding workers stay light.
+    from squarefuse.datasets.annotations import read_k400_csv  # noqa: PLC0415
+
+    header, rows = read_k400_csv(path)
+    default_split = None
+    if "split" not in header:
+        default_split = split_name(path.stem, where=f"{path} (no split column; split from the file name)")
+    clips = []
+    for row in rows:
+        split = default_split or split_name(row.cells["split"], where=f"{path}:{row.line}")
+        clips.append((Clip(split, row.label, row.youtube_id, row.start, row.end, row.clip_id), row.raw))
     return header, clips
 
 
@@ -140,44 +125,31 @@ def convert(
     """
     if target.exists():
         return "skipped"
-    target.parent.mkdir(parents=True, exist_ok=True)
-    partial = target.with_name(f".{target.name}.{os.getpid()}.partial")
-    try:
-        with av.open(str(source)) as src:
-            in_stream = src.streams.video[0]
-            rate = in_stream.average_rate or in_stream.guessed_rate or Fraction(30)
-            offset = float((in_stream.start_time or 0) * in_stream.time_base) if in_stream.time_base else 0.0
-            if start is not None and start > 0 and in_stream.time_base:
-                # To the keyframe before `start`; frames before it are decoded and dropped below.
-                src.seek(int((start + offset) / in_stream.time_base), stream=in_stream, backward=True)
-            written = 0
-            with av.open(str(partial), mode="w", format="mp4") as dst:
-                out_stream = dst.add_stream("libx264", rate=rate)
-                out_stream.options = {"crf": str(crf), "preset": preset, "g": str(max(1, round(rate)))}
-                out_stream.pix_fmt = "yuv420p"
-                out_stream.thread_count = 1  # one clip per worker process: the pool is the parallelism
-                size = None
-                for frame in src.decode(in_stream):
-                    t = (frame.time or 0.0) - offset
-                    if start is not None and t < start - 1e-6:
-                        continue
-                    if end is not None and t >= end - 1e-6:
-                        break
-                    if size is None:
-                        size = target_size(frame.width, frame.height, short_side)
-                        out_stream.width, out_stream.height = size
-                    image = frame.reformat(width=size[0], height=size[1], format="yuv420p", interpolation="AREA")
-                    image.pts = None  # re-timed at a constant rate
-                    for packet in out_stream.encode(image):
-                        dst.mux(packet)
-                    written += 1
-                if written == 0:
-                    raise ValueError(f"no frame between {start} s and {end} s")
-                for packet in out_stream.encode():
-                    dst.mux(packet)
-        os.replace(partial, target)
-    finally:
-        partial.unlink(missing_ok=True)
+    with av.open(str(source)) as src:
+        in_stream = src.streams.video[0]
+        rate = in_stream.average_rate or in_stream.guessed_rate or Fraction(30)
+        offset = float((in_stream.start_time or 0) * in_stream.time_base) if in_stream.time_base else 0.0
+        if start is not None and start > 0 and in_stream.time_base:
+            # To the keyframe before `start`; frames before it are decoded and dropped below.
+            src.seek(int((start + offset) / in_stream.time_base), stream=in_stream, backward=True)
+
+        def frames():
+            size = None
+            for frame in src.decode(in_stream):
+                t = (frame.time or 0.0) - offset
+                if start is not None and t < start - 1e-6:
+                    continue
+                if end is not None and t >= end - 1e-6:
+                    break
+                if size is None:
+                    size = target_size(frame.width, frame.height, short_side)
+                yield frame.reformat(width=size[0], height=size[1], format="yuv420p", interpolation="AREA")
+            if size is None:
+                raise ValueError(f"no frame between {start} s and {end} s")
+
+        # One clip per worker process: the pool is the parallelism, so one encoder thread.
+        options = {"crf": str(crf), "preset": preset, "g": str(max(1, round(rate)))}
+        write_video(target, frames(), rate, "libx264", options=options, container_format="mp4", threads=1)
     return "done"
 
 

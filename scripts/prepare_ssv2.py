@@ -28,6 +28,7 @@ from pathlib import Path
 import av
 
 from squarefuse.process_pool import video_process_pool
+from squarefuse.video_writer import write_video
 
 log = logging.getLogger("prepare_ssv2")
 
@@ -75,33 +76,23 @@ def reencode(source: Path, target: Path, *, crf: int, preset: str, gop: int) -> 
     """
     if target.exists():
         return "skipped"
-    partial = target.with_name(f".{target.name}.{os.getpid()}.partial")
-    try:
-        with av.open(str(source)) as src:
-            in_stream = src.streams.video[0]
-            rate = in_stream.average_rate or in_stream.guessed_rate or Fraction(12)
-            with av.open(str(partial), mode="w", format="mp4") as dst:
-                out_stream = dst.add_stream("libx264", rate=rate)
-                out_stream.options = {"crf": str(crf), "preset": preset, "g": str(gop)}
-                out_stream.pix_fmt = "yuv420p"
-                out_stream.thread_count = 1  # one video per worker process: the pool is the parallelism
-                size = None
-                for frame in src.decode(in_stream):
-                    if size is None:
-                        size = (even(frame.width), even(frame.height))
-                        out_stream.width, out_stream.height = size
-                    # Frames are re-timed at a constant rate: decoders count frames, not timestamps.
-                    image = frame.reformat(width=size[0], height=size[1], format="yuv420p")
-                    image.pts = None
-                    for packet in out_stream.encode(image):
-                        dst.mux(packet)
+    with av.open(str(source)) as src:
+        in_stream = src.streams.video[0]
+        rate = in_stream.average_rate or in_stream.guessed_rate or Fraction(12)
+
+        def frames():
+            size = None
+            for frame in src.decode(in_stream):
                 if size is None:
-                    raise ValueError("no frame decoded")
-                for packet in out_stream.encode():
-                    dst.mux(packet)
-        os.replace(partial, target)
-    finally:
-        partial.unlink(missing_ok=True)
+                    size = (even(frame.width), even(frame.height))
+                # Frames are re-timed at a constant rate (by write_video): decoders count frames, not timestamps.
+                yield frame.reformat(width=size[0], height=size[1], format="yuv420p")
+            if size is None:
+                raise ValueError("no frame decoded")
+
+        # One video per worker process: the pool is the parallelism, so one encoder thread.
+        options = {"crf": str(crf), "preset": preset, "g": str(gop)}
+        write_video(target, frames(), rate, "libx264", options=options, container_format="mp4", threads=1)
     return "done"
 
 

@@ -14,9 +14,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-import av
 import numpy as np
 import pytest
+
+from squarefuse.video_writer import write_video as encode_video
 
 CODECS = {".mp4": "libx264", ".webm": "libvpx-vp9", ".mkv": "libx264"}
 
@@ -56,26 +57,15 @@ def write_video(
         frames: uint8 [T,H,W,3] to encode instead of the pattern.
         faststart: mp4 only: index (moov) at the front, as streaming copies of K400 have it.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    codec = CODECS[path.suffix]
+    codec = CODECS[Path(path).suffix]
     if frames is None:
         frames = video_frames(num_frames, width, height)
-    options = {"movflags": "faststart"} if faststart else {}
-    with av.open(str(path), "w", options=options) as container:
-        stream = container.add_stream(codec, rate=fps)
-        stream.height, stream.width = frames.shape[1:3]
-        stream.pix_fmt = "yuv420p"
-        if codec == "libx264":
-            stream.options = {"crf": "12", "preset": "ultrafast", "g": "8"}
-        else:
-            stream.options = {"crf": "10", "b:v": "0", "deadline": "realtime", "cpu-used": "8", "g": "8"}
-        for frame in frames:
-            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
-    return path
+    if codec == "libx264":
+        options = {"crf": "12", "preset": "ultrafast", "g": "8"}
+    else:
+        options = {"crf": "10", "b:v": "0", "deadline": "realtime", "cpu-used": "8", "g": "8"}
+    container_options = {"movflags": "faststart"} if faststart else {}
+    return encode_video(path, frames, fps, codec, options=options, container_options=container_options)
 
 
 @pytest.fixture

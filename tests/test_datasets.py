@@ -15,6 +15,7 @@ from omegaconf import OmegaConf
 from torch.utils.data import DataLoader
 
 from squarefuse.datasets import build_dataset
+from squarefuse.datasets.formats import FORMATS, find_format
 
 CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "configs")
 T = 4
@@ -45,7 +46,10 @@ def cfg_for(**overrides):
         "randaug_n": 0,
         "randaug_m": 0,
         "random_erasing": 0.0,
+        "augment_on_device": False,
         "repeated_aug": 1,
+        "label_map": None,
+        "num_classes": None,
     }
     cfg.update(overrides)
     return OmegaConf.create(cfg)
@@ -373,6 +377,41 @@ def test_dataset_configs_compose(name, backbone, hflip, sampling):
     assert cfg.dataset.crop_size == cfg.backbone.img_size
     assert cfg.dataset.hflip is hflip and cfg.dataset.sampling == sampling
     assert cfg.dataset.decoder == "decord"
+
+
+@pytest.mark.parametrize("name", ["ssv2", "k400", "list", "synthetic"])
+def test_each_format_is_found_by_the_name_its_config_gives(name):
+    dataset_format = find_format(compose_dataset(name).dataset.name)
+    assert dataset_format is FORMATS[name] and dataset_format.name == name
+    with pytest.raises(
+        ValueError, match=r"dataset.name='ucf101': choose one of \['ssv2', 'k400', 'list', 'synthetic'\]"
+    ):
+        find_format("ucf101")
+
+
+def test_keys_come_from_the_config_not_from_code_defaults(tmp_path):
+    root = make_list(tmp_path / "data", [("v0.mp4", 0)])
+    cfg = OmegaConf.to_container(cfg_for(train_file=str(root / "train.txt"), video_dir=str(root)))
+    assert len(build_dataset(cfg, "train")) == 1
+    for key in ("label_map", "max_replacements", "augment_on_device", "short_video"):
+        with pytest.raises(ValueError, match=f"dataset.{key} is missing from the config"):
+            build_dataset({k: v for k, v in cfg.items() if k != key}, "train")
+
+
+def test_the_dataset_selects_a_recipe_that_recipe_swaps():
+    ssv2, synthetic = compose_dataset("ssv2"), compose_dataset("synthetic")
+    assert ssv2.backbone.name.startswith("vit_base_patch16_224") and ssv2.optim.lr == 5e-4 and ssv2.trainer.mixup == 0.8
+    assert synthetic.backbone.name == "vit_tiny_patch16_224" and synthetic.optim.lr == 1e-3
+    assert synthetic.trainer.epochs == 80 and synthetic.trainer.mixup == 0.0
+
+    swapped = compose_dataset("ssv2", "recipe=tiny_scratch")
+    for group in ("backbone", "optim", "trainer"):
+        assert swapped[group] == synthetic[group]
+    assert swapped.dataset == OmegaConf.merge(ssv2.dataset, {"crop_size": 64})  # the crop follows the backbone
+    back = compose_dataset("synthetic", "recipe=vitb16_finetune")
+    assert all(back[group] == ssv2[group] for group in ("backbone", "optim", "trainer"))
+    # the command line still wins over the recipe
+    assert compose_dataset("ssv2", "recipe=tiny_scratch", "optim.lr=0.01", "backbone=vit_s16").optim.lr == 0.01
 
 
 def test_ssv2_never_flips_by_default(tmp_path):

@@ -15,6 +15,8 @@ import av
 import numpy as np
 import pytest
 import torch  # noqa: F401 - loaded before decord, as everywhere in the package
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 
 from squarefuse.datasets import synthetic
 from squarefuse.datasets.synthetic import (
@@ -420,18 +422,23 @@ def test_default_size_generation_and_dataset(tmp_path):
     assert len(list_entries(splits.train_list)) == 8 * 32
     assert len(list_entries(splits.val_list)) == 8 * 8
 
-    cfg = {
-        "name": "synthetic",
-        "root": str(tmp_path / "syn"),
-        "generate": {"seed": 0, "train_per_class": 32, "val_per_class": 8, "num_frames": 16, "size": 80, "fps": 8},
-        "num_frames": 8,
-        "sampling": "segment",
-        "decoder": "decord",
-        "decode_timeout": 0,
-        "crop_size": 64,
-        "scale": [0.5, 1.0],
-        "hflip": False,
-    }
+    with initialize_config_dir(config_dir=str(Path(__file__).resolve().parents[1] / "configs"), version_base="1.3"):
+        defaults = compose("train", overrides=["dataset=synthetic"]).dataset  # every key a dataset config has
+    cfg = OmegaConf.merge(
+        defaults,
+        {
+            "name": "synthetic",
+            "root": str(tmp_path / "syn"),
+            "generate": {"seed": 0, "train_per_class": 32, "val_per_class": 8, "num_frames": 16, "size": 80, "fps": 8},
+            "num_frames": 8,
+            "sampling": "segment",
+            "decoder": "decord",
+            "decode_timeout": 0,
+            "crop_size": 64,
+            "scale": [0.5, 1.0],
+            "hflip": False,
+        },
+    )
     train = build_dataset(cfg, "train")
     val = build_dataset(cfg, "val")
     assert train.class_names == list(CLASS_NAMES) and len(train) == 256 and len(val) == 64

@@ -16,12 +16,15 @@ from pathlib import Path
 
 __all__ = [
     "Annotations",
+    "K400Row",
     "VideoRecord",
     "k400_class_names",
+    "k400_clip_id",
     "load_k400",
     "load_list",
     "list_num_classes",
     "load_ssv2",
+    "read_k400_csv",
     "read_label_map",
     "split_missing",
 ]
@@ -47,10 +50,11 @@ class VideoRecord:
 
 @dataclass
 class Annotations:
-    """The records of a split and the class names (index = class id)."""
+    """The records of a split, the class names (index = class id) and the annotation file read."""
 
     records: list[VideoRecord]
     class_names: list[str]
+    source: Path | None = None
 
 
 def _require(path: str | Path, key: str) -> Path:
@@ -131,14 +135,54 @@ def load_ssv2(
             raise ValueError(f"{path}: entry {i} (id {entry['id']}): template {name!r} is not a class of {labels_path}")
         video_id = str(entry["id"])
         records.append(VideoRecord(str(Path(video_dir) / f"{video_id}.{video_ext}"), name_to_id[name], video_id))
-    return Annotations(records, list(class_names))
+    return Annotations(records, list(class_names), path)
 
 
 # --- Kinetics-400 ------------------------------------------------------------------------------
 
 
-def _read_k400_rows(path: Path) -> list[tuple[int, dict[str, str]]]:
-    """(line number, row) of an official Kinetics csv, checked for columns."""
+def k400_clip_id(youtube_id: str, start: int, end: int) -> str:
+    """The official name of a Kinetics clip (its file name without extension)."""
+    return f"{youtube_id}_{start:06d}_{end:06d}"
+
+
+@dataclass(frozen=True)
+class K400Row:
+    """One row of an official Kinetics csv.
+
+    Attributes:
+        line: its line number, for error messages.
+        cells: every column by header name, stripped (the split column among them, when present).
+        raw: the row as read, to write back verbatim.
+        start, end: time_start and time_end as whole seconds.
+    """
+
+    line: int
+    cells: dict[str, str]
+    raw: list[str]
+    start: int
+    end: int
+
+    @property
+    def label(self) -> str:
+        return self.cells["label"]
+
+    @property
+    def youtube_id(self) -> str:
+        return self.cells["youtube_id"]
+
+    @property
+    def clip_id(self) -> str:
+        return k400_clip_id(self.youtube_id, self.start, self.end)
+
+
+def read_k400_csv(path: str | Path) -> tuple[list[str], list[K400Row]]:
+    """The header and the rows of an official Kinetics csv (``label,youtube_id,time_start,time_end[,split]``).
+
+    Blank lines are skipped; a missing column, a row of the wrong length or a time that is not a
+    number is a ValueError naming the file and line.
+    """
+    path = Path(path)
     with open(path, newline="", encoding="utf-8") as f:
         reader = csv.reader(f)
         header = next(reader, None)
@@ -152,18 +196,24 @@ def _read_k400_rows(path: Path) -> list[tuple[int, dict[str, str]]]:
         for row in reader:
             if not row or not any(cell.strip() for cell in row):
                 continue
+            where = f"{path}:{reader.line_num}"
             if len(row) != len(header):
+                raise ValueError(f"{where}: expected {len(header)} columns ({','.join(header)}), got {len(row)}")
+            cells = dict(zip(header, (c.strip() for c in row), strict=True))
+            try:
+                start, end = int(float(cells["time_start"])), int(float(cells["time_end"]))
+            except ValueError:
                 raise ValueError(
-                    f"{path}:{reader.line_num}: expected {len(header)} columns ({','.join(header)}), got {len(row)}"
-                )
-            rows.append((reader.line_num, dict(zip(header, (c.strip() for c in row), strict=False))))
-    return rows
+                    f"{where}: time_start/time_end must be numbers, got {cells['time_start']!r}, {cells['time_end']!r}"
+                ) from None
+            rows.append(K400Row(reader.line_num, cells, row, start, end))
+    return header, rows
 
 
 def k400_class_names(train_file: str | Path) -> list[str]:
     """Sorted label names of the train csv: the class ids when no label map is given."""
     path = _require(train_file, "dataset.train_file")
-    return sorted({row["label"] for _, row in _read_k400_rows(path)})
+    return sorted({row.label for row in read_k400_csv(path)[1]})
 
 
 def _class_folder(label: str) -> str:
@@ -190,8 +240,8 @@ def load_k400(
     annotation_file: str | Path,
     class_names: list[str],
     video_dir: str | Path,
-    video_ext: str = "mp4",
-    layout: str = "auto",
+    video_ext: str,
+    layout: str,
 ) -> Annotations:
     """An official Kinetics csv (``label,youtube_id,time_start,time_end,split``).
 
@@ -213,17 +263,11 @@ def load_k400(
     video_dir = str(Path(video_dir).expanduser())
     listing = _Listings()
     records = []
-    for line, row in _read_k400_rows(path):
-        label = row["label"]
+    for row in read_k400_csv(path)[1]:
+        label = row.label
         if label not in name_to_id:
-            raise ValueError(f"{path}:{line}: label {label!r} is not one of the {len(class_names)} classes")
-        try:
-            start, end = int(float(row["time_start"])), int(float(row["time_end"]))
-        except ValueError:
-            raise ValueError(
-                f"{path}:{line}: time_start/time_end must be numbers, got {row['time_start']!r}, {row['time_end']!r}"
-            ) from None
-        clip_id = f"{row['youtube_id']}_{start:06d}_{end:06d}"
+            raise ValueError(f"{path}:{row.line}: label {label!r} is not one of the {len(class_names)} classes")
+        clip_id = row.clip_id
         name = f"{clip_id}.{video_ext}"
         flat = os.path.join(video_dir, name)
         per_class = os.path.join(video_dir, _class_folder(label), name)
@@ -238,7 +282,7 @@ def load_k400(
         else:
             video = flat  # missing either way; reported under its flat name
         records.append(VideoRecord(video, name_to_id[label], clip_id))
-    return Annotations(records, list(class_names))
+    return Annotations(records, list(class_names), path)
 
 
 # --- "path label" lists ------------------------------------------------------------------------
@@ -289,7 +333,7 @@ def load_list(*, list_file: str | Path, video_dir: str | Path | None, class_name
         if label >= len(class_names):
             raise ValueError(f"{path}:{number}: label {label} but there are {len(class_names)} classes")
         records.append(VideoRecord(str(base / video), label, video))
-    return Annotations(records, list(class_names))
+    return Annotations(records, list(class_names), path)
 
 
 # --- missing files -----------------------------------------------------------------------------

@@ -1,9 +1,10 @@
 """`build_dataset`: a dataset config (``configs/dataset/*.yaml``) and a split name -> VideoDataset.
 
 Splits are named freely: split "train" gives random, augmented train items; any other name
-("val", "test", ...) gives deterministic eval items. A split's annotation file is the config key
-``{split}_file``; its video folder ``{split}_video_dir`` when the config has one, else
-``video_dir``.
+("val", "test", ...) gives deterministic eval items. `dataset.name` names the annotation format
+(`squarefuse.datasets.formats`), which reads the split's records and class names; everything
+else (frames, decoding, crops, augmentation) is read here, the same for every format. Every key
+comes from the config; the defaults live in configs/dataset/base.yaml.
 
 Missing videos are looked for at start-up (one directory listing per folder), logged with a count
 and the first few paths, written in full to ``report_dir/missing_{split}.txt``, and left out; more
@@ -14,21 +15,13 @@ dataset).
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from squarefuse.datasets.annotations import (
-    Annotations,
-    k400_class_names,
-    list_num_classes,
-    load_k400,
-    load_list,
-    load_ssv2,
-    read_label_map,
-    split_missing,
-)
+from squarefuse.datasets.annotations import Annotations, split_missing
 from squarefuse.datasets.decoders import resolve_decoder
+from squarefuse.datasets.formats import FORMATS, find_format, optional, required
 from squarefuse.datasets.sampling import FrameSampler
 from squarefuse.datasets.transforms import DeviceAugment, TrainTransform, default_eval_short_side
 from squarefuse.datasets.video_dataset import VideoDataset
@@ -37,33 +30,7 @@ __all__ = ["DATASET_NAMES", "build_dataset", "build_device_augment", "load_annot
 
 log = logging.getLogger(__name__)
 
-DATASET_NAMES = ("ssv2", "k400", "list", "synthetic")
-
-
-def _key(cfg: Mapping[str, Any], key: str) -> Any:
-    value = cfg.get(key)
-    if value is None:
-        raise ValueError(f"dataset.{key} is not set (dataset.name={cfg.get('name')!r})")
-    return value
-
-
-def _split_file(cfg: Mapping[str, Any], split: str) -> Any:
-    if cfg.get(f"{split}_file") is None:
-        raise ValueError(f"dataset.{split}_file is not set: dataset {cfg.get('name')!r} has no split {split!r}")
-    return cfg[f"{split}_file"]
-
-
-def _video_dir(cfg: Mapping[str, Any], split: str) -> Any:
-    video_dir = cfg.get(f"{split}_video_dir") or cfg.get("video_dir")
-    if video_dir is None:
-        raise ValueError(f"neither dataset.{split}_video_dir nor dataset.video_dir is set")
-    return video_dir
-
-
-def _class_names_from(cfg: Mapping[str, Any], fallback: Callable[[], list[str]]) -> list[str]:
-    if cfg.get("label_map") is not None:
-        return read_label_map(cfg["label_map"])
-    return fallback()
+DATASET_NAMES = tuple(FORMATS)
 
 
 def load_annotations(cfg: Mapping[str, Any], split: str) -> Annotations:
@@ -71,45 +38,7 @@ def load_annotations(cfg: Mapping[str, Any], split: str) -> Annotations:
 
     For the synthetic dataset this generates the videos first if needed.
     """
-    name = cfg.get("name")
-    if name == "ssv2":
-        return load_ssv2(
-            labels_file=_key(cfg, "labels_file"),
-            annotation_file=_split_file(cfg, split),
-            video_dir=_video_dir(cfg, split),
-            video_ext=str(cfg.get("video_ext", "webm")),
-        )
-    if name == "k400":
-        class_names = _class_names_from(cfg, lambda: k400_class_names(_split_file(cfg, "train")))
-        return load_k400(
-            annotation_file=_split_file(cfg, split),
-            class_names=class_names,
-            video_dir=_video_dir(cfg, split),
-            video_ext=str(cfg.get("video_ext", "mp4")),
-            layout=str(cfg.get("layout", "auto")),
-        )
-    if name == "list":
-
-        def numbered() -> list[str]:
-            count = cfg.get("num_classes") or list_num_classes(_split_file(cfg, "train"))
-            return [str(i) for i in range(int(count))]
-
-        return load_list(
-            list_file=_split_file(cfg, split),
-            video_dir=cfg.get(f"{split}_video_dir") or cfg.get("video_dir"),
-            class_names=_class_names_from(cfg, numbered),
-        )
-    if name == "synthetic":
-        # Imported on use: only this dataset needs the generator.
-        from squarefuse.datasets.synthetic import ensure_synthetic  # noqa: PLC0415
-
-        generate = dict(cfg.get("generate") or {})
-        splits = ensure_synthetic(_key(cfg, "root"), **generate)
-        lists = {"train": splits.train_list, "val": splits.val_list}
-        if split not in lists:
-            raise ValueError(f"the synthetic dataset has splits {list(lists)}, not {split!r}")
-        return load_list(list_file=lists[split], video_dir=splits.root, class_names=list(splits.class_names))
-    raise ValueError(f"dataset.name={name!r}: choose one of {list(DATASET_NAMES)}")
+    return find_format(required(cfg, "name")).load(cfg, split)
 
 
 def _report_missing(
@@ -135,12 +64,12 @@ def _report_missing(
 def build_device_augment(dataset_cfg: Mapping[str, Any]) -> DeviceAugment | None:
     """The photometric train augmentation to run on the device, when `dataset.augment_on_device`."""
     cfg = dataset_cfg
-    if not cfg.get("augment_on_device", False):
+    if not required(cfg, "augment_on_device"):
         return None
-    randaug_n, erasing = int(cfg.get("randaug_n", 0)), float(cfg.get("random_erasing", 0.0))
+    randaug_n, erasing = int(required(cfg, "randaug_n")), float(required(cfg, "random_erasing"))
     if randaug_n == 0 and erasing == 0:
         return None
-    return DeviceAugment(randaug_n=randaug_n, randaug_m=int(cfg.get("randaug_m", 0)), random_erasing=erasing)
+    return DeviceAugment(randaug_n=randaug_n, randaug_m=int(required(cfg, "randaug_m")), random_erasing=erasing)
 
 
 def build_dataset(
@@ -164,52 +93,51 @@ def build_dataset(
         FileNotFoundError: an annotation file does not exist.
     """
     cfg = dataset_cfg
-    name = str(cfg.get("name"))
-    if name not in DATASET_NAMES:
-        raise ValueError(f"dataset.name={cfg.get('name')!r}: choose one of {list(DATASET_NAMES)}")
+    dataset_format = find_format(required(cfg, "name"))
     train = split == "train"
-    decoder = resolve_decoder(str(_key(cfg, "decoder")))
-    fallback = cfg.get("fallback_decoder")
+    multi_view = views and not train
+    decoder = resolve_decoder(str(required(cfg, "decoder")))
+    fallback = optional(cfg, "fallback_decoder")
     fallback = resolve_decoder(str(fallback)) if fallback else None
     sampler = FrameSampler(
-        sampling=str(_key(cfg, "sampling")),
-        num_frames=int(_key(cfg, "num_frames")),
-        stride=int(cfg.get("stride") or 1),
+        sampling=str(required(cfg, "sampling")),
+        num_frames=int(required(cfg, "num_frames")),
+        stride=int(required(cfg, "stride")),
         train=train,
-        num_clips=int(cfg.get("test_clips") or 1) if (views and not train) else 1,
-        short_video=str(cfg.get("short_video", "pad")),
+        num_clips=int(required(cfg, "test_clips")) if multi_view else 1,
+        short_video=str(required(cfg, "short_video")),
     )
-    crop_size = int(_key(cfg, "crop_size"))
-    num_crops = int(cfg.get("test_crops") or 1) if (views and not train) else 1
+    crop_size = int(required(cfg, "crop_size"))
+    num_crops = int(required(cfg, "test_crops")) if multi_view else 1
     if num_crops not in (1, 3):
         raise ValueError(f"dataset.test_crops={num_crops}: choose 1 or 3")
     train_transform = None
     if train:
         train_transform = TrainTransform(
             crop_size=crop_size,
-            scale=tuple(cfg.get("scale", (0.08, 1.0))),
-            ratio=tuple(cfg.get("ratio", (0.75, 4 / 3))),
-            hflip=bool(cfg.get("hflip", False)),
-            randaug_n=int(cfg.get("randaug_n", 0)),
-            randaug_m=int(cfg.get("randaug_m", 0)),
-            random_erasing=float(cfg.get("random_erasing", 0.0)),
-            photometric=not bool(cfg.get("augment_on_device", False)),
+            scale=tuple(required(cfg, "scale")),
+            ratio=tuple(required(cfg, "ratio")),
+            hflip=bool(required(cfg, "hflip")),
+            randaug_n=int(required(cfg, "randaug_n")),
+            randaug_m=int(required(cfg, "randaug_m")),
+            random_erasing=float(required(cfg, "random_erasing")),
+            photometric=not required(cfg, "augment_on_device"),
         )
-    eval_short_side = int(cfg.get("eval_short_side") or default_eval_short_side(crop_size))
+    eval_short_side = int(optional(cfg, "eval_short_side") or default_eval_short_side(crop_size))
     if eval_short_side < crop_size:
         raise ValueError(f"dataset.eval_short_side={eval_short_side} is smaller than dataset.crop_size={crop_size}")
 
-    annotations = load_annotations(cfg, split)
+    annotations = dataset_format.load(cfg, split)
     records, missing = split_missing(annotations.records)
     _report_missing(
         missing,
         len(annotations.records),
-        name=name,
+        name=dataset_format.name,
         split=split,
-        max_fraction=float(cfg.get("max_missing_fraction", 0.0)),
+        max_fraction=float(required(cfg, "max_missing_fraction")),
         report_dir=report_dir,
     )
-    timeout = cfg.get("decode_timeout")
+    timeout = optional(cfg, "decode_timeout")  # 0 or null: unguarded
     return VideoDataset(
         records,
         class_names=annotations.class_names,
@@ -222,8 +150,8 @@ def build_dataset(
         decoder=decoder,
         fallback_decoder=fallback,
         decode_timeout=float(timeout) if timeout else None,
-        repeated_aug=int(cfg.get("repeated_aug", 1) or 1) if train else 1,
-        max_replacements=int(cfg.get("max_replacements", 10)),
+        repeated_aug=int(required(cfg, "repeated_aug")) if train else 1,
+        max_replacements=int(required(cfg, "max_replacements")),
         missing=missing,
         split=split,
     )

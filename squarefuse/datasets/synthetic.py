@@ -44,8 +44,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-import av
 import numpy as np
+
+from squarefuse.video_writer import write_video
 
 __all__ = [
     "CLASS_NAMES",
@@ -377,19 +378,18 @@ def _check_class_index(class_index: int) -> None:
 def _encode(path: Path, clip_THW3: np.ndarray, *, codec_index: int, fps: int) -> None:
     """Encodes RGB frames to ``path`` with PyAV, byte-for-byte reproducibly."""
     codec, container_format, _, options = _CODECS[codec_index]
-    # bitexact: no random segment UIDs or version strings, so the same frames give the same bytes.
-    with av.open(str(path), mode="w", format=container_format, options={"fflags": "+bitexact"}) as out:
-        stream = out.add_stream(codec, rate=fps)
-        stream.width = clip_THW3.shape[2]
-        stream.height = clip_THW3.shape[1]
-        stream.pix_fmt = "yuv420p"
-        stream.options = dict(options)
-        stream.thread_count = 1  # single-threaded encoders are deterministic
-        for frame_HW3 in clip_THW3:
-            for packet in stream.encode(av.VideoFrame.from_ndarray(frame_HW3, format="rgb24")):
-                out.mux(packet)
-        for packet in stream.encode():
-            out.mux(packet)
+    # bitexact: no random segment UIDs or version strings, so the same frames give the same bytes;
+    # single-threaded encoders are deterministic.
+    write_video(
+        path,
+        clip_THW3,
+        fps,
+        codec,
+        options=options,
+        container_format=container_format,
+        container_options={"fflags": "+bitexact"},
+        threads=1,
+    )
 
 
 def _video_rng(seed: int, split: str, class_index: int, index: int) -> np.random.Generator:

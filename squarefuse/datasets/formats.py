@@ -1,0 +1,149 @@
+"""Dataset formats: each reads its own keys of a dataset config and returns a split's annotations.
+
+`dataset.name` names the format; `find_format(name)` looks it up in `FORMATS`. A format knows which
+keys it needs (its docstring lists them) and turns them into the arguments of its reader in
+`squarefuse.datasets.annotations`; every value comes from the config (configs/dataset/*.yaml
+hold the defaults), none is assumed here. A split's annotation file is the key ``{split}_file``
+and its video folder ``{split}_video_dir`` when the config has one, else ``video_dir``: split
+names are free, so these two are the only keys that may be absent.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from squarefuse.datasets.annotations import (
+    Annotations,
+    k400_class_names,
+    list_num_classes,
+    load_k400,
+    load_list,
+    load_ssv2,
+    read_label_map,
+)
+
+__all__ = ["FORMATS", "DatasetFormat", "find_format", "optional", "required"]
+
+
+def optional(cfg: Mapping[str, Any], key: str) -> Any:
+    """`cfg[key]`, which may be null; a ValueError naming the key when the config lacks it."""
+    if key not in cfg:
+        raise ValueError(f"dataset.{key} is missing from the config (dataset.name={cfg.get('name')!r})")
+    return cfg[key]
+
+
+def required(cfg: Mapping[str, Any], key: str) -> Any:
+    """`cfg[key]`; a ValueError naming the key when it is missing or null."""
+    value = optional(cfg, key)
+    if value is None:
+        raise ValueError(f"dataset.{key} is not set (dataset.name={cfg.get('name')!r})")
+    return value
+
+
+def split_file(cfg: Mapping[str, Any], split: str) -> Any:
+    """The annotation file of `split` (``dataset.{split}_file``)."""
+    if cfg.get(f"{split}_file") is None:
+        raise ValueError(f"dataset.{split}_file is not set: dataset {cfg.get('name')!r} has no split {split!r}")
+    return cfg[f"{split}_file"]
+
+
+def split_video_dir(cfg: Mapping[str, Any], split: str) -> Any:
+    """``dataset.{split}_video_dir`` if set, else ``dataset.video_dir`` (None when neither is)."""
+    return cfg.get(f"{split}_video_dir") or cfg.get("video_dir")
+
+
+def _required_video_dir(cfg: Mapping[str, Any], split: str) -> Any:
+    video_dir = split_video_dir(cfg, split)
+    if video_dir is None:
+        raise ValueError(f"neither dataset.{split}_video_dir nor dataset.video_dir is set")
+    return video_dir
+
+
+def _label_map_or(cfg: Mapping[str, Any], names_from_train: Callable[[], list[str]]) -> list[str]:
+    """Class names from ``dataset.label_map`` when set, else from `names_from_train()`."""
+    label_map = optional(cfg, "label_map")
+    return read_label_map(label_map) if label_map is not None else names_from_train()
+
+
+class DatasetFormat:
+    """One annotation format: `load(cfg, split)` reads the split's records and class names."""
+
+    name: str
+
+    def load(self, cfg: Mapping[str, Any], split: str) -> Annotations:
+        raise NotImplementedError
+
+
+class SSv2(DatasetFormat):
+    """Something-Something V2 json files. Keys: labels_file, {split}_file, video_dir, video_ext."""
+
+    name = "ssv2"
+
+    def load(self, cfg: Mapping[str, Any], split: str) -> Annotations:
+        return load_ssv2(
+            labels_file=required(cfg, "labels_file"),
+            annotation_file=split_file(cfg, split),
+            video_dir=_required_video_dir(cfg, split),
+            video_ext=str(required(cfg, "video_ext")),
+        )
+
+
+class Kinetics(DatasetFormat):
+    """Official Kinetics csv files. Keys: {split}_file, {split}_video_dir, video_ext, layout, label_map
+    (null: the sorted labels of train_file)."""
+
+    name = "k400"
+
+    def load(self, cfg: Mapping[str, Any], split: str) -> Annotations:
+        return load_k400(
+            annotation_file=split_file(cfg, split),
+            class_names=_label_map_or(cfg, lambda: k400_class_names(split_file(cfg, "train"))),
+            video_dir=_required_video_dir(cfg, split),
+            video_ext=str(required(cfg, "video_ext")),
+            layout=str(required(cfg, "layout")),
+        )
+
+
+class PathLabelList(DatasetFormat):
+    """ "path label" list files. Keys: {split}_file, video_dir (null: the list's folder), label_map
+    (null: classes 0..num_classes-1), num_classes (null: 1 + the largest label of train_file)."""
+
+    name = "list"
+
+    def load(self, cfg: Mapping[str, Any], split: str) -> Annotations:
+        def numbered() -> list[str]:
+            count = optional(cfg, "num_classes") or list_num_classes(split_file(cfg, "train"))
+            return [str(i) for i in range(int(count))]
+
+        return load_list(
+            list_file=split_file(cfg, split),
+            video_dir=split_video_dir(cfg, split),
+            class_names=_label_map_or(cfg, numbered),
+        )
+
+
+class Synthetic(DatasetFormat):
+    """The built-in synthetic videos, generated under `root` on first use. Keys: root, generate."""
+
+    name = "synthetic"
+
+    def load(self, cfg: Mapping[str, Any], split: str) -> Annotations:
+        # Imported on use: only this format needs the generator.
+        from squarefuse.datasets.synthetic import ensure_synthetic  # noqa: PLC0415
+
+        splits = ensure_synthetic(required(cfg, "root"), **dict(required(cfg, "generate")))
+        lists = {"train": splits.train_list, "val": splits.val_list}
+        if split not in lists:
+            raise ValueError(f"the synthetic dataset has splits {list(lists)}, not {split!r}")
+        return load_list(list_file=lists[split], video_dir=splits.root, class_names=list(splits.class_names))
+
+
+FORMATS: dict[str, DatasetFormat] = {f.name: f for f in (SSv2(), Kinetics(), PathLabelList(), Synthetic())}
+
+
+def find_format(name: Any) -> DatasetFormat:
+    """The format `dataset.name` names."""
+    if name not in FORMATS:
+        raise ValueError(f"dataset.name={name!r}: choose one of {list(FORMATS)}")
+    return FORMATS[name]
