@@ -29,7 +29,7 @@ from squarefuse.datasets.annotations import (
     split_missing,
 )
 from squarefuse.datasets.decoders import resolve_decoder
-from squarefuse.datasets.sampling import FrameSampler
+from squarefuse.datasets.frame_sampling import FrameSampler
 from squarefuse.datasets.transforms import DeviceAugment, TrainTransform, default_eval_short_side
 from squarefuse.datasets.video_dataset import VideoDataset
 

@@ -22,7 +22,7 @@ from torch.utils.data import Dataset
 
 from squarefuse.datasets.annotations import VideoRecord
 from squarefuse.datasets.decoders import DecodeError, open_video
-from squarefuse.datasets.sampling import FrameSampler
+from squarefuse.datasets.frame_sampling import FrameSampler
 from squarefuse.datasets.transforms import TrainTransform, eval_views
 
 __all__ = ["VideoDataset"]
