@@ -171,7 +171,7 @@ def build_dataset(
     decoder = resolve_decoder(str(_key(cfg, "decoder")))
     fallback = cfg.get("fallback_decoder")
     fallback = resolve_decoder(str(fallback)) if fallback else None
-    sampler = FrameSampler(
+    frame_sampler = FrameSampler(
         sampling=str(_key(cfg, "sampling")),
         num_frames=int(_key(cfg, "num_frames")),
         stride=int(cfg.get("stride") or 1),
@@ -213,7 +213,7 @@ def build_dataset(
     return VideoDataset(
         records,
         class_names=annotations.class_names,
-        sampler=sampler,
+        frame_sampler=frame_sampler,
         train=train,
         crop_size=crop_size,
         train_transform=train_transform,

@@ -460,7 +460,7 @@ def run_eval(cfg: DictConfig, run_dir: str | Path) -> EvalResult:
             )
         if list(dataset.class_names) != class_names:
             log.warning("the dataset's class names differ from the checkpoint's; labels are compared by id")
-        views = (dataset.sampler.num_clips, dataset.num_crops)
+        views = (dataset.frame_sampler.num_clips, dataset.num_crops)
         precision = resolve_precision(str(cfg.precision), device)
         result = evaluate(
             model,
