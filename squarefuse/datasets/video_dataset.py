@@ -92,9 +92,9 @@ class VideoDataset(Dataset):
         self._primary_failed: set[str] = set()
 
     @property
-    def num_views(self) -> int:
-        """Views per eval item (clips x crops); 1 in train."""
-        return 1 if self.train else self.frame_sampler.num_clips * self.num_crops
+    def views(self) -> tuple[int, int]:
+        """(clips, crops) of each eval item; (1, 1) in train."""
+        return (1, 1) if self.train else (self.frame_sampler.num_clips, self.num_crops)
 
     def __len__(self) -> int:
         return len(self.records)
@@ -158,7 +158,7 @@ class VideoDataset(Dataset):
 
     def _eval_item(self, index: int) -> dict[str, Any]:
         record = self.records[index]
-        clips, crops = self.frame_sampler.num_clips, self.num_crops
+        clips, crops = self.views
         try:
             frames_NHWC, mask_CT = self._decode(record.path, None)
         except DecodeError as e:
