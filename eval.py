@@ -10,9 +10,9 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from squarefuse.engine import distributed
 from squarefuse.engine.checkpoint import check_checkpoint_file
-from squarefuse.engine.evaluator import default_eval_dir, run_eval
+from squarefuse.engine.eval_app import default_eval_dir, run_eval
+from squarefuse.engine.hydra_resolvers import register_resolvers
 from squarefuse.engine.override_types import check_override_types
 
 
@@ -28,8 +28,9 @@ def _eval_dir(ckpt: str | None) -> str:
         sys.exit(f"error: {e}")
 
 
-# Registered before @hydra.main so that hydra.run.dir (configs/eval.yaml) can use it.
-OmegaConf.register_new_resolver("eval_dir", _eval_dir, replace=True)
+# Before @hydra.main composes the config: configs/eval.yaml names the output folder with them.
+register_resolvers()
+OmegaConf.register_new_resolver("eval_dir", _eval_dir, use_cache=True, replace=True)
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="eval")
@@ -39,6 +40,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    distributed.agree_on_run_stamp()
-    sys.argv += distributed.hydra_rank_overrides()
     main()

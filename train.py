@@ -9,9 +9,12 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from squarefuse.engine import distributed
+from squarefuse.engine.hydra_resolvers import register_resolvers
 from squarefuse.engine.override_types import check_override_types
 from squarefuse.engine.trainer import train
+
+# Before @hydra.main composes the config: configs/train.yaml names the run folder with them.
+register_resolvers()
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="train")
@@ -23,6 +26,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    distributed.agree_on_run_stamp()
-    sys.argv += distributed.hydra_rank_overrides()
     main()

@@ -211,7 +211,7 @@ def step_flops(torch, trainer, batch) -> float:
 
 
 def bench_train(torch, device, preset: dict, args, work: Path) -> dict:
-    from squarefuse.engine.distributed import default_num_workers  # noqa: PLC0415
+    from squarefuse.engine.loader import default_num_workers  # noqa: PLC0415
 
     listing, video_dir = make_list_dataset(work, args.videos)
     workers = args.workers if args.workers is not None else default_num_workers()

@@ -124,7 +124,7 @@ def measure(dataset, *, rounds: int, iters: int) -> dict:
     def raw_decode() -> None:
         rng = np.random.default_rng(int(torch.randint(0, 2**62, ()).item()))
         with open_video(path, dataset.decoder, timeout=dataset.decode_timeout) as video:
-            index_CT, _ = dataset.sampler(video.num_frames, rng)
+            index_CT, _ = dataset.frame_sampler(video.num_frames, rng)
             video.get_frames(index_CT.reshape(-1))
 
     def pipeline() -> None:
@@ -174,7 +174,7 @@ def profile_transforms(dataset, *, iters: int) -> dict:
     steps = list(dataset.train_transform.transform.transforms)
     for _ in range(iters):
         with open_video(path, dataset.decoder, timeout=dataset.decode_timeout) as video:
-            index_CT, _ = timed("sample indices", dataset.sampler, video.num_frames, rng)
+            index_CT, _ = timed("sample indices", dataset.frame_sampler, video.num_frames, rng)
             frames_THWC = timed("decode (open excluded)", video.get_frames, index_CT.reshape(-1))
         for _ in range(dataset.repeated_aug):  # each augmented copy pays every step
             x = tv_tensors.Video(frames_THWC.permute(0, 3, 1, 2))

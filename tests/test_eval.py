@@ -18,15 +18,8 @@ from omegaconf import OmegaConf
 from squarefuse.datasets import build_dataset
 from squarefuse.engine.checkpoint import save_checkpoint
 from squarefuse.engine.distributed import DistInfo
-from squarefuse.engine.evaluator import (
-    default_eval_dir,
-    evaluate,
-    merge_dataset_overrides,
-    merge_shards,
-    predict_shard,
-    run_eval,
-    shard_indices,
-)
+from squarefuse.engine.eval_app import default_eval_dir, merge_dataset_overrides, run_eval
+from squarefuse.engine.evaluator import evaluate, merge_shards, predict_shard, shard_indices
 from squarefuse.engine.preprocess import VideoNormalizer
 from squarefuse.engine.results import plot_confusion_matrix, write_results
 from squarefuse.models import build_classifier
@@ -118,7 +111,7 @@ def model(train_cfg):
     return build_classifier(train_cfg.backbone, train_cfg.fusion, train_cfg.head, num_classes=len(CLASS_NAMES))
 
 
-def run_evaluate(model, dataset, *, views=(1, 1), **kwargs):
+def run_evaluate(model, dataset, **kwargs):
     return evaluate(
         model,
         dataset,
@@ -128,7 +121,6 @@ def run_evaluate(model, dataset, *, views=(1, 1), **kwargs):
         num_workers=0,
         precision="fp32",
         dist_info=DistInfo(),
-        views=views,
         **kwargs,
     )
 
@@ -194,7 +186,6 @@ def test_sharded_evaluation_equals_single_process(model, train_cfg):
         batch_size=2,
         num_workers=0,
         precision="fp32",
-        views=(1, 1),
     )
     parts = [predict_shard(model, dataset, shard=shard_indices(len(dataset), rank, 2), **common) for rank in (0, 1)]
     assert len(parts[0]["indices"]) == 4 and len(parts[1]["indices"]) == 3
@@ -212,7 +203,7 @@ def test_multi_view_probs_are_the_mean_of_per_view_softmax(model, train_cfg):
     dataset = build_dataset(cfg, "val", views=True)
     item = dataset[4]
     assert item["video"].shape[:2] == (6, 4) and item["mask"].shape == (6, 4)  # V = 2 x 3
-    result = run_evaluate(model, dataset, views=(2, 3))
+    result = run_evaluate(model, dataset)  # the views come from the dataset
     assert result.views == (2, 3) and result.num_videos == len(LABELS)
     model.eval()
     with torch.no_grad():
@@ -221,8 +212,8 @@ def test_multi_view_probs_are_the_mean_of_per_view_softmax(model, train_cfg):
     assert torch.allclose(result.probs[4], expected, atol=1e-5)
     # A single view would not give this: the views really differ.
     assert not torch.allclose(result.probs[4], model(video[:1], item["mask"][:1]).softmax(-1)[0], atol=1e-4)
-    with pytest.raises(ValueError, match="6 views"):
-        run_evaluate(model, dataset, views=(1, 1))
+    # evaluate() is not told the views, so it cannot be told wrong ones: it reports the dataset's.
+    assert dataset.views == result.views
 
 
 def test_corrupt_video_is_failed_not_replaced(tmp_path, model):

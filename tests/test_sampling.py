@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from squarefuse.datasets.sampling import FrameSampler, dense_indices, segment_indices
+from squarefuse.datasets.frame_sampling import FrameSampler, dense_indices, segment_indices
 
 
 @pytest.mark.parametrize("num_frames", [8, 13, 48, 301])

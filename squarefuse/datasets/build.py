@@ -22,7 +22,7 @@ from typing import Any
 from squarefuse.datasets.annotations import Annotations, split_missing
 from squarefuse.datasets.decoders import resolve_decoder
 from squarefuse.datasets.formats import FORMATS, find_format, optional, required
-from squarefuse.datasets.sampling import FrameSampler
+from squarefuse.datasets.frame_sampling import FrameSampler
 from squarefuse.datasets.transforms import DeviceAugment, TrainTransform, default_eval_short_side
 from squarefuse.datasets.video_dataset import VideoDataset
 
@@ -99,7 +99,7 @@ def build_dataset(
     decoder = resolve_decoder(str(required(cfg, "decoder")))
     fallback = optional(cfg, "fallback_decoder")
     fallback = resolve_decoder(str(fallback)) if fallback else None
-    sampler = FrameSampler(
+    frame_sampler = FrameSampler(
         sampling=str(required(cfg, "sampling")),
         num_frames=int(required(cfg, "num_frames")),
         stride=int(required(cfg, "stride")),
@@ -141,7 +141,7 @@ def build_dataset(
     return VideoDataset(
         records,
         class_names=annotations.class_names,
-        sampler=sampler,
+        frame_sampler=frame_sampler,
         train=train,
         crop_size=crop_size,
         train_transform=train_transform,

@@ -22,7 +22,7 @@ from torch.utils.data import Dataset
 
 from squarefuse.datasets.annotations import VideoRecord
 from squarefuse.datasets.decoders import DecodeError, open_video
-from squarefuse.datasets.sampling import FrameSampler
+from squarefuse.datasets.frame_sampling import FrameSampler
 from squarefuse.datasets.transforms import TrainTransform, eval_views
 
 __all__ = ["VideoDataset"]
@@ -36,7 +36,7 @@ class VideoDataset(Dataset):
     Args:
         records: the videos (missing ones already left out).
         class_names: class id -> name.
-        sampler: which frames make a clip (train: one random clip; eval: test clips).
+        frame_sampler: which frames make a clip (train: one random clip; eval: test clips).
         train: train items (random, augmented, replaced on failure) or eval items.
         crop_size: output height and width.
         train_transform: the train augmentation (train only).
@@ -57,7 +57,7 @@ class VideoDataset(Dataset):
         records: Sequence[VideoRecord],
         *,
         class_names: Sequence[str],
-        sampler: FrameSampler,
+        frame_sampler: FrameSampler,
         train: bool,
         crop_size: int,
         train_transform: TrainTransform | None = None,
@@ -82,7 +82,7 @@ class VideoDataset(Dataset):
         self.num_classes = len(self.class_names)
         self.missing = list(missing)
         self.split = split
-        self.sampler, self.train = sampler, train
+        self.frame_sampler, self.train = frame_sampler, train
         self.crop_size, self.train_transform = crop_size, train_transform
         self.eval_short_side, self.num_crops = eval_short_side, num_crops
         self.decoder, self.fallback_decoder = decoder, fallback_decoder
@@ -92,9 +92,9 @@ class VideoDataset(Dataset):
         self._primary_failed: set[str] = set()
 
     @property
-    def num_views(self) -> int:
-        """Views per eval item (clips x crops); 1 in train."""
-        return 1 if self.train else self.sampler.num_clips * self.num_crops
+    def views(self) -> tuple[int, int]:
+        """(clips, crops) of each eval item; (1, 1) in train."""
+        return (1, 1) if self.train else (self.frame_sampler.num_clips, self.num_crops)
 
     def __len__(self) -> int:
         return len(self.records)
@@ -109,7 +109,7 @@ class VideoDataset(Dataset):
         for decoder in decoders:
             try:
                 with open_video(path, decoder, timeout=self.decode_timeout) as video:
-                    index_CT, mask_CT = self.sampler(video.num_frames, rng)
+                    index_CT, mask_CT = self.frame_sampler(video.num_frames, rng)
                     frames = video.get_frames(index_CT.reshape(-1))
             except DecodeError as e:
                 errors.append(f"{decoder}: {e}")
@@ -158,12 +158,12 @@ class VideoDataset(Dataset):
 
     def _eval_item(self, index: int) -> dict[str, Any]:
         record = self.records[index]
-        clips, crops = self.sampler.num_clips, self.num_crops
+        clips, crops = self.views
         try:
             frames_NHWC, mask_CT = self._decode(record.path, None)
         except DecodeError as e:
             log.warning(f"eval video {index} could not be decoded and counts as failed: {e}")
-            T = self.sampler.num_frames
+            T = self.frame_sampler.num_frames
             return {
                 "video": torch.zeros(clips * crops, T, 3, self.crop_size, self.crop_size, dtype=torch.uint8),
                 "mask": torch.zeros(clips * crops, T, dtype=torch.bool),

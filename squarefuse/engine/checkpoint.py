@@ -1,20 +1,30 @@
-"""Checkpoint files: written atomically, read with `weights_only=True` only.
+"""Checkpoint files, and the model a checkpoint holds.
 
-A checkpoint is a plain dict of tensors, numbers, strings, lists and dicts (the config is stored
-with `OmegaConf.to_container`), so the safe unpickler can read every file we write and refuses
-anything else.
+Files are written atomically and read with `weights_only=True` only. A checkpoint is a plain dict
+of tensors, numbers, strings, lists and dicts (the config is stored with `OmegaConf.to_container`),
+so the safe unpickler can read every file we write and refuses anything else. The trainer's
+checkpoints also hold "config" and "class_names", from which `build_model_from_checkpoint` rebuilds
+the `VideoClassifier` without touching the hub or the pretrained file.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import pickle
 import tempfile
 import zipfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
+from omegaconf import OmegaConf
+from torch import nn
+
+from squarefuse.models import build_classifier
+
+log = logging.getLogger(__name__)
 
 
 def save_checkpoint(state: dict[str, Any], path: str | Path) -> Path:
@@ -84,3 +94,36 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     if not isinstance(state, dict) or "model" not in state:
         raise ValueError(f"{path} is not a squarefuse checkpoint (no 'model' entry)")
     return state
+
+
+def _strip_prefix(state_dict: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    if state_dict and all(k.startswith(prefix) for k in state_dict):
+        return {k[len(prefix) :]: v for k, v in state_dict.items()}
+    return dict(state_dict)
+
+
+def select_weights(state: Mapping[str, Any], use_ema: bool) -> tuple[dict[str, torch.Tensor], str]:
+    """The state dict to evaluate and its name ("ema" or "model").
+
+    EMA weights when asked for and present; a wrapper's `module.` / torch.compile's `_orig_mod.`
+    prefix is removed so the state dict fits the bare `VideoClassifier`.
+    """
+    if use_ema and state.get("ema") is not None:
+        weights, name = state["ema"], "ema"
+    else:
+        if use_ema:
+            log.warning("use_ema=true but the checkpoint has no EMA weights: evaluating the model weights")
+        weights, name = state["model"], "model"
+    for prefix in ("module.", "_orig_mod."):
+        weights = _strip_prefix(weights, prefix)
+    return weights, name
+
+
+def build_model_from_checkpoint(state: Mapping[str, Any], weights: Mapping[str, torch.Tensor]) -> nn.Module:
+    """Rebuild the `VideoClassifier` from the stored config and load `weights` (strict)."""
+    cfg = OmegaConf.create(state["config"])
+    backbone_cfg = OmegaConf.merge(cfg.backbone, {"pretrained": False, "pretrained_path": None})
+    # Every weight comes from the checkpoint: never touch the hub or the pretrained file again.
+    model = build_classifier(backbone_cfg, cfg.fusion, cfg.head, num_classes=len(state["class_names"]))
+    model.load_state_dict(weights, strict=True)
+    return model

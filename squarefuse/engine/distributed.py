@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import subprocess
-import time
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -65,12 +64,6 @@ def env_dist_info() -> DistInfo:
     return DistInfo()
 
 
-def default_num_workers() -> int:
-    """Data-loader workers per rank: this rank's share of the CPU cores, 1 to 8."""
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, min(8, cpus // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))))
-
-
 def resolve_device(name: str, info: DistInfo) -> torch.device:
     """`auto` -> this rank's GPU if there is one, else CPU. Explicit names are checked."""
     if name == "auto":
@@ -83,31 +76,6 @@ def resolve_device(name: str, info: DistInfo) -> torch.device:
         if name == "cuda":
             return torch.device("cuda", info.local_rank)
     return torch.device(name)
-
-
-RUN_STAMP_ENV = "SQUAREFUSE_RUN_STAMP"
-
-
-def agree_on_run_stamp(device_name: str = "auto") -> None:
-    """Give every rank the same run-folder timestamp before Hydra resolves `hydra.run.dir`.
-
-    Each rank of a torchrun job composes its own config, and `${now:}` would differ between them
-    by a second now and then, splitting one run into several folders. So the process group is
-    joined first, rank 0's clock is broadcast, and configs/train.yaml reads it from the
-    environment. A single process keeps Hydra's `${now:}`.
-    """
-    info = env_dist_info()
-    if not info.is_distributed or RUN_STAMP_ENV in os.environ:
-        return
-    init_distributed(device_name)
-    os.environ[RUN_STAMP_ENV] = broadcast_object(time.strftime("%Y-%m-%d/%H-%M-%S"))
-
-
-def hydra_rank_overrides() -> list[str]:
-    """Command-line overrides that keep ranks other than 0 from writing Hydra's files."""
-    if env_dist_info().is_main:
-        return []
-    return ["hydra.output_subdir=null", "hydra/job_logging=disabled", "hydra/hydra_logging=disabled"]
 
 
 def init_distributed(device_name: str = "auto", timeout_s: float = 1800) -> tuple[DistInfo, torch.device]:

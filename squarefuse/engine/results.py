@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from matplotlib.figure import Figure
 
-from squarefuse.engine.evaluator import EvalResult, confusion_matrix
+from squarefuse.engine.metrics import EvalResult, confusion_matrix
 
 _MAX_TICK_LABELS = 40  # beyond this, names overlap into an unreadable block
 _MAX_CELL_TEXT = 15  # per-cell numbers only while the cells are big enough to hold them

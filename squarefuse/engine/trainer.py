@@ -31,7 +31,7 @@ from squarefuse.datasets import build_dataset, build_device_augment
 from squarefuse.engine import distributed
 from squarefuse.engine.checkpoint import load_checkpoint, save_checkpoint
 from squarefuse.engine.evaluator import evaluate
-from squarefuse.engine.loader import ignore_stop_signals, private_generator
+from squarefuse.engine.loader import ignore_stop_signals, private_generator, resolve_num_workers
 from squarefuse.engine.logging import MetricsLogger
 from squarefuse.engine.optim import build_optimizer, build_scheduler, scaled_lr
 from squarefuse.engine.precision import autocast, resolve_precision
@@ -60,7 +60,6 @@ def check_trainer_cfg(tcfg: DictConfig) -> None:
     need(tcfg.max_steps is None or int(tcfg.max_steps) >= 1, "max_steps", "null or >= 1")
     need(int(tcfg.batch_size) >= 1, "batch_size", ">= 1")
     need(int(tcfg.accum_steps) >= 1, "accum_steps", ">= 1")
-    need(tcfg.num_workers == "auto" or int(tcfg.num_workers) >= 0, "num_workers", "auto or >= 0")
     need(tcfg.nonfinite in ("stop", "skip"), "nonfinite", "stop or skip")
     need(tcfg.precision in ("auto", "bf16", "fp16", "fp32"), "precision", "auto, bf16, fp16 or fp32")
     need(float(tcfg.mixup) >= 0 and float(tcfg.cutmix) >= 0, "mixup", ">= 0 (and so must trainer.cutmix)")
@@ -108,6 +107,7 @@ class Trainer:
         self.ckpt_dir = self.run_dir / "checkpoints"
         tcfg = cfg.trainer
         check_trainer_cfg(tcfg)
+        self.num_workers = resolve_num_workers(tcfg.num_workers, key="trainer.num_workers")
         self.dist, self.device = distributed.init_distributed(tcfg.device)
         self.precision = resolve_precision(tcfg.precision, self.device)
         is_main = self.dist.is_main
@@ -126,7 +126,6 @@ class Trainer:
         self.val_set = build_dataset(cfg.dataset, "val", views=False, report_dir=report_dir) if tcfg.val_every else None
         self.num_classes = self.train_set.num_classes
         self.class_names = list(self.train_set.class_names)
-        self.num_workers = distributed.default_num_workers() if tcfg.num_workers == "auto" else int(tcfg.num_workers)
         self.micro_batch = int(tcfg.batch_size)
         self.accum = int(tcfg.accum_steps)
         self.sampler = ResumableSampler(
@@ -519,7 +518,6 @@ class Trainer:
             num_workers=self.num_workers,
             precision=self.precision,
             dist_info=self.dist,
-            views=(1, 1),
         )
         record = {
             "step": self.step,
