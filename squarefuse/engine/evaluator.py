@@ -289,8 +289,9 @@ def merge_shards(parts: list[dict[str, Any]], *, num_items: int, views: tuple[in
 # The eval.py app
 
 
-def default_eval_dir(ckpt: str) -> str:
-    """Where `eval.py` writes by default: `<run>/eval/<stamp>` next to the checkpoint's run.
+def default_eval_dir(ckpt: str, subdir: str = "eval") -> str:
+    """Where `eval.py` writes by default: `<run>/eval/<stamp>` next to the checkpoint's run
+    (`<run>/<subdir>/<stamp>` for the other apps that read a checkpoint: predict, extract, export).
 
     `<run>` is the folder above `checkpoints/` (the trainer's layout), else the checkpoint's own
     folder; `<stamp>` the time, the same on every rank of a torchrun job.
@@ -305,7 +306,7 @@ def default_eval_dir(ckpt: str) -> str:
     run = path.parent.parent if path.parent.name == "checkpoints" else path.parent
     # Under torchrun eval.py first makes every rank agree on one stamp (distributed.agree_on_run_stamp).
     stamp = os.environ.get(RUN_STAMP_ENV, time.strftime("%Y-%m-%d/%H-%M-%S")).replace("/", "_")
-    return str(run / "eval" / stamp)
+    return str(run / subdir / stamp)
 
 
 def merge_dataset_overrides(

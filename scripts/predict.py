@@ -1,0 +1,31 @@
+"""Top-k classes of your own videos: `python scripts/predict.py ckpt=PATH input=VIDEO|FOLDER|LIST_FILE`.
+
+Options in configs/predict.yaml (`views=1x1` for speed, `topk=3`, `device=cuda`...); results in
+<run>/predict/<stamp>/predictions.csv and predictions.json (or hydra.run.dir=...).
+"""
+
+import sys
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from squarefuse.engine.inference import register_checkpoint_dir_resolver  # noqa: E402
+from squarefuse.engine.predict_app import run_predict  # noqa: E402
+
+register_checkpoint_dir_resolver("python scripts/predict.py ckpt=PATH input=VIDEO|FOLDER|LIST_FILE")
+
+
+@hydra.main(version_base="1.3", config_path="../configs", config_name="predict")
+def main(cfg: DictConfig) -> None:
+    try:
+        run_predict(cfg, HydraConfig.get().runtime.output_dir)
+    except (FileNotFoundError, ValueError) as e:
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main()
