@@ -1,0 +1,31 @@
+"""Export a trained model: `python scripts/export.py ckpt=PATH format=onnx|torchscript`.
+
+The file takes a normalised clip [B,T,C,H,W] and returns logits; export.json says the shapes, the
+mean/std and the class names. Options in configs/export.yaml.
+"""
+
+import sys
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from squarefuse.engine.export import run_export  # noqa: E402
+from squarefuse.engine.inference import register_checkpoint_dir_resolver  # noqa: E402
+
+register_checkpoint_dir_resolver("python scripts/export.py ckpt=PATH format=onnx|torchscript")
+
+
+@hydra.main(version_base="1.3", config_path="../configs", config_name="export")
+def main(cfg: DictConfig) -> None:
+    try:
+        run_export(cfg, HydraConfig.get().runtime.output_dir)
+    except (FileNotFoundError, ValueError, RuntimeError) as e:
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main()
