@@ -111,7 +111,7 @@ def run_predict(cfg: DictConfig, run_dir: str | Path) -> list[dict[str, Any]]:
             ["path", "id", "label", "error"] + [f"{n}_{j}" for j in range(1, k + 1) for n in ("class", "prob")]
         )
         for row in rows:
-            top = [v for t in row["top"] for v in (t["class"], t["prob"])]
+            top = [v for t in row["top"] for v in (t["class"], t["prob"])] or [""] * (2 * k)
             writer.writerow([row["path"], row["id"], row["label"], row["error"] or "", *top])
 
     for line in format_table(rows[: int(cfg.show)], topk=min(k, 3)):
