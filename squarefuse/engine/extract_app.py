@@ -33,8 +33,9 @@ from omegaconf import DictConfig
 
 from squarefuse.engine.distributed import all_gather_objects, broadcast_object, init_distributed, shutdown
 from squarefuse.engine.evaluator import merge_dataset_overrides, resolve_num_workers, shard_indices
-from squarefuse.engine.inference import EvalPreprocess, atomic_write, find_videos, load_model, run_batches
+from squarefuse.engine.inference import EvalPreprocess, atomic_write, find_videos, load_model
 from squarefuse.engine.precision import resolve_precision
+from squarefuse.engine.video_batches import run_batches
 
 __all__ = ["COMPLETE_FILE", "run_extract"]
 

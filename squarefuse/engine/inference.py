@@ -10,8 +10,8 @@
 normalisation, from the checkpoint's dataset config): a prediction here is eval's prediction for
 that video and those views.
 
-The apps (`scripts/predict.py`, `scripts/extract.py`) run `run_batches` over many files:
-a DataLoader over the same eval items, the model function averaged over each video's views.
+The apps (`scripts/predict.py`, `scripts/extract.py`) run many files through
+`video_batches.run_batches`, the batch loop of eval, over `EvalPreprocess.dataset(paths)`.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import logging
 import os
 import sys
 import tempfile
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -29,8 +29,6 @@ from typing import IO, Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
-from torch.utils.data import DataLoader
-from tqdm import tqdm
 
 from squarefuse.datasets.annotations import VideoRecord
 from squarefuse.datasets.build import video_dataset_options
@@ -44,7 +42,6 @@ from squarefuse.engine.evaluator import (
     merge_dataset_overrides,
     select_weights,
 )
-from squarefuse.engine.loader import ignore_stop_signals, private_generator
 from squarefuse.engine.precision import autocast, resolve_precision
 from squarefuse.engine.preprocess import VideoNormalizer
 
@@ -60,7 +57,6 @@ __all__ = [
     "predict",
     "predict_probs",
     "register_checkpoint_dir_resolver",
-    "run_batches",
 ]
 
 log = logging.getLogger(__name__)
@@ -324,71 +320,6 @@ def find_videos(input: str | Path) -> list[VideoRecord]:
     raise ValueError(
         f"input={input}: neither a video ({' '.join(VIDEO_EXTENSIONS)}) nor a list file ({' '.join(LIST_EXTENSIONS)})"
     )
-
-
-def run_batches(
-    fn: Callable[[Tensor, Tensor], dict[str, Tensor]],
-    dataset: VideoDataset,
-    *,
-    shard: Sequence[int],
-    device: torch.device,
-    normalizer: VideoNormalizer,
-    batch_size: int,
-    num_workers: int,
-    precision: str,
-    progress: bool = False,
-    desc: str = "videos",
-) -> dict[str, Any]:
-    """`fn` on the views of every video of `shard` that decodes, averaged over each video's views.
-
-    Args:
-        fn: (normalised views [B*V,T,C,H,W], mask [B*V,T]) -> named outputs [B*V, ...]; it runs
-            under `torch.inference_mode` and autocast.
-        dataset: eval items (`EvalPreprocess.dataset` or `build_dataset(..., views=True)`).
-        shard: the dataset indices to run, in this order.
-        device, normalizer, batch_size, num_workers, precision: as in `evaluator.evaluate`.
-        progress: show a progress bar.
-        desc: the progress bar's label.
-
-    Returns:
-        {"indices": int64 [n], "outputs": {name: float32 [n, ...]} (CPU), "errors": {index: message}}
-        for the n videos that decoded and the ones that did not.
-    """
-    loader = DataLoader(
-        dataset,
-        batch_size=batch_size,
-        sampler=list(shard),  # a plain list of indices: no shuffling, no padding
-        num_workers=num_workers,
-        pin_memory=device.type == "cuda",
-        drop_last=False,
-        worker_init_fn=ignore_stop_signals,
-        generator=private_generator(0),
-    )
-    indices: list[Tensor] = []
-    outputs: dict[str, list[Tensor]] = {}
-    errors: dict[int, str] = {}
-    with torch.inference_mode():
-        for batch in tqdm(loader, desc=desc, disable=not progress):
-            ok_B = ~batch["failed"].bool()
-            for i in (~ok_B).nonzero().flatten().tolist():
-                errors[int(batch["index"][i])] = batch["error"][i]
-            if not ok_B.any():
-                continue
-            video_BVTCHW = batch["video"][ok_B]
-            B, V = video_BVTCHW.shape[:2]
-            video = normalizer(video_BVTCHW.flatten(0, 1).to(device, non_blocking=True))
-            mask = batch["mask"][ok_B].flatten(0, 1).to(device, non_blocking=True)
-            with autocast(device, precision):
-                out = fn(video, mask)
-            for name, value in out.items():
-                mean = value.float().unflatten(0, (B, V)).mean(dim=1)
-                outputs.setdefault(name, []).append(mean.cpu())
-            indices.append(batch["index"][ok_B].long())
-    return {
-        "indices": torch.cat(indices) if indices else torch.zeros(0, dtype=torch.long),
-        "outputs": {name: torch.cat(parts) for name, parts in outputs.items()},
-        "errors": errors,
-    }
 
 
 @contextlib.contextmanager

@@ -23,8 +23,9 @@ import torch
 from omegaconf import DictConfig
 
 from squarefuse.engine.evaluator import resolve_num_workers
-from squarefuse.engine.inference import atomic_write, find_videos, load_model, run_batches
+from squarefuse.engine.inference import atomic_write, find_videos, load_model
 from squarefuse.engine.precision import resolve_precision
+from squarefuse.engine.video_batches import run_batches
 
 __all__ = ["format_table", "run_predict"]
 
