@@ -149,34 +149,41 @@ def run_extract(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
             progress=bool(cfg.progress) and dist_info.is_main,
             desc="extract",
         )
-        parts = all_gather_objects(part)
+        # Merged and checked on every rank, so that an error stops all of them, not rank 0 alone.
+        merged = _merge(all_gather_objects(part), num_videos=len(dataset))
         summary = {**request, "world_size": dist_info.world_size}
         if dist_info.is_main:
-            summary = _write(parts, dataset, run_dir, summary)
+            summary = _write(merged, dataset, run_dir, summary)
         return broadcast_object(summary)
     finally:
         if not was_initialised:
             shutdown()
 
 
-def _write(parts: list[dict[str, Any]], dataset: Any, run_dir: Path, summary: dict[str, Any]) -> dict[str, Any]:
-    """Merge the ranks' shares in dataset order and write the files, extract.json last."""
+def _merge(parts: list[dict[str, Any]], *, num_videos: int) -> dict[str, Any]:
+    """The ranks' `run_batches` outputs in dataset order, checked to cover every video exactly once."""
     indices = torch.cat([p["indices"] for p in parts])
     errors = {i: e for p in parts for i, e in p["errors"].items()}
     seen = indices.tolist() + list(errors)
-    assert len(seen) == len(dataset) and set(seen) == set(range(len(dataset))), (
-        f"extract shards do not cover the {len(dataset)} videos exactly once ({len(seen)} results)"
+    assert len(seen) == num_videos and set(seen) == set(range(num_videos)), (
+        f"extract shards do not cover the {num_videos} videos exactly once ({len(seen)} results)"
     )
     if indices.numel() == 0:
         raise ValueError(
-            f"none of the {len(dataset)} videos could be decoded; first error: {next(iter(errors.values()))}"
+            f"none of the {num_videos} videos could be decoded; first error: {next(iter(errors.values()))}"
         )
     order = indices.argsort()
-    indices = indices[order]
     names = next(list(p["outputs"]) for p in parts if p["outputs"])  # a rank whose videos all failed has none
+    outputs = {name: torch.cat([p["outputs"][name] for p in parts if p["outputs"]])[order] for name in names}
+    return {"indices": indices[order], "outputs": outputs, "errors": dict(sorted(errors.items()))}
+
+
+def _write(merged: dict[str, Any], dataset: Any, run_dir: Path, summary: dict[str, Any]) -> dict[str, Any]:
+    """Write the arrays, videos.csv and failed.csv, then extract.json last."""
+    indices, errors = merged["indices"], merged["errors"]
     shapes = {}
-    for name in names:
-        array = torch.cat([p["outputs"][name] for p in parts if name in p["outputs"]])[order].numpy()
+    for name, values in merged["outputs"].items():
+        array = values.numpy()
         with atomic_write(run_dir / f"{name}.npy", "wb") as f:
             np.save(f, array)
         shapes[f"{name}.npy"] = list(array.shape)
@@ -191,9 +198,9 @@ def _write(parts: list[dict[str, Any]], dataset: Any, run_dir: Path, summary: di
         with atomic_write(failed) as f:
             writer = csv.writer(f)
             writer.writerow(["index", "id", "path", "error"])
-            for index in sorted(errors):
+            for index, error in errors.items():
                 record = dataset.records[index]
-                writer.writerow([index, record.id, record.path, errors[index]])
+                writer.writerow([index, record.id, record.path, error])
         log.warning(f"{len(errors)} of {len(dataset)} videos did not decode and have no features: see {failed}")
     else:
         failed.unlink(missing_ok=True)  # from an overwritten extraction
