@@ -1,6 +1,11 @@
-"""squarefuse: video action recognition with a per-frame timm ViT and SQuaRe-Fuse temporal fusion."""
+"""squarefuse: video action recognition with a per-frame timm ViT and SQuaRe-Fuse temporal fusion.
 
-__all__ = ["SQuaReFuse"]
+import squarefuse
+model = squarefuse.load_model("runs/<run>/checkpoints/best.pt")
+print(squarefuse.predict(model, "clip.mp4"))
+"""
+
+__all__ = ["SQuaReFuse", "load_model", "predict"]
 __version__ = "0.1.0"
 
 
@@ -10,4 +15,8 @@ def __getattr__(name: str):
         from squarefuse.models.fusion import SQuaReFuse  # noqa: PLC0415 - lazy: `import squarefuse` stays light
 
         return SQuaReFuse
+    if name in ("load_model", "predict"):
+        from squarefuse.engine import inference  # noqa: PLC0415 - lazy: `import squarefuse` stays light
+
+        return getattr(inference, name)
     raise AttributeError(f"module 'squarefuse' has no attribute {name!r}")

@@ -71,7 +71,7 @@ def test_slurm_tasks_without_torchrun_use_the_job_id(bare_env):
 @pytest.mark.parametrize("config_name", ["train", "eval"])
 def test_only_rank_zero_writes_hydra_files(bare_env, config_name):
     register_resolvers()
-    OmegaConf.register_new_resolver("eval_dir", lambda ckpt: "out", replace=True)
+    OmegaConf.register_new_resolver("checkpoint_dir", lambda ckpt, subdir: "out", replace=True)
 
     def hydra_cfg():
         with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):

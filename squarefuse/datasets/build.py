@@ -26,7 +26,7 @@ from squarefuse.datasets.frame_sampling import FrameSampler
 from squarefuse.datasets.transforms import DeviceAugment, TrainTransform, default_eval_short_side
 from squarefuse.datasets.video_dataset import VideoDataset
 
-__all__ = ["DATASET_NAMES", "build_dataset", "build_device_augment", "load_annotations"]
+__all__ = ["DATASET_NAMES", "build_dataset", "build_device_augment", "load_annotations", "video_dataset_options"]
 
 log = logging.getLogger(__name__)
 
@@ -72,29 +72,21 @@ def build_device_augment(dataset_cfg: Mapping[str, Any]) -> DeviceAugment | None
     return DeviceAugment(randaug_n=randaug_n, randaug_m=int(required(cfg, "randaug_m")), random_erasing=erasing)
 
 
-def build_dataset(
-    dataset_cfg: Mapping[str, Any], split: str, *, views: bool = False, report_dir: str | Path | None = None
-) -> VideoDataset:
-    """Build one split of the dataset a config describes.
+def video_dataset_options(dataset_cfg: Mapping[str, Any], *, train: bool, views: bool) -> dict[str, Any]:
+    """The `VideoDataset` keyword arguments a dataset config sets: sampling, decoding, transforms.
+
+    Everything but the videos themselves, so that any list of records (a split's, or the files
+    `scripts/predict.py` is given) is read exactly as `build_dataset` reads a split.
 
     Args:
-        dataset_cfg: the ``dataset`` block of the config (DictConfig or dict).
-        split: "train" for training items; any other split (with a ``{split}_file`` key) for
-            deterministic eval items.
-        views: eval only: dataset.test_clips x dataset.test_crops views per video (multi-view
-            test) instead of 1 centre clip x 1 centre crop (clip-level validation).
-        report_dir: where ``missing_{split}.txt`` is written; None writes nothing (non-zero ranks).
-
-    Returns:
-        The `VideoDataset`.
+        dataset_cfg: the ``dataset`` block of the config.
+        train: train items (random clip, augmented) or deterministic eval items.
+        views: eval only: test_clips x test_crops views instead of 1 centre clip x 1 centre crop.
 
     Raises:
-        ValueError: unknown name/decoder/sampling, malformed annotations, too many videos missing.
-        FileNotFoundError: an annotation file does not exist.
+        ValueError: a key is missing or has a bad value (named).
     """
     cfg = dataset_cfg
-    dataset_format = find_format(required(cfg, "name"))
-    train = split == "train"
     multi_view = views and not train
     decoder = resolve_decoder(str(required(cfg, "decoder")))
     fallback = optional(cfg, "fallback_decoder")
@@ -127,20 +119,8 @@ def build_dataset(
     if eval_short_side < crop_size:
         raise ValueError(f"dataset.eval_short_side={eval_short_side} is smaller than dataset.crop_size={crop_size}")
 
-    annotations = dataset_format.load(cfg, split)
-    records, missing = split_missing(annotations.records)
-    _report_missing(
-        missing,
-        len(annotations.records),
-        name=dataset_format.name,
-        split=split,
-        max_fraction=float(required(cfg, "max_missing_fraction")),
-        report_dir=report_dir,
-    )
     timeout = optional(cfg, "decode_timeout")  # 0 or null: unguarded
-    return VideoDataset(
-        records,
-        class_names=annotations.class_names,
+    return dict(
         frame_sampler=frame_sampler,
         train=train,
         crop_size=crop_size,
@@ -152,6 +132,39 @@ def build_dataset(
         decode_timeout=float(timeout) if timeout else None,
         repeated_aug=int(required(cfg, "repeated_aug")) if train else 1,
         max_replacements=int(required(cfg, "max_replacements")),
-        missing=missing,
-        split=split,
     )
+
+
+def build_dataset(
+    dataset_cfg: Mapping[str, Any], split: str, *, views: bool = False, report_dir: str | Path | None = None
+) -> VideoDataset:
+    """Build one split of the dataset a config describes.
+
+    Args:
+        dataset_cfg: the ``dataset`` block of the config (DictConfig or dict).
+        split: "train" for training items; any other split (with a ``{split}_file`` key) for
+            deterministic eval items.
+        views: eval only: dataset.test_clips x dataset.test_crops views per video (multi-view
+            test) instead of 1 centre clip x 1 centre crop (clip-level validation).
+        report_dir: where ``missing_{split}.txt`` is written; None writes nothing (non-zero ranks).
+
+    Returns:
+        The `VideoDataset`.
+
+    Raises:
+        ValueError: unknown name/decoder/sampling, malformed annotations, too many videos missing.
+        FileNotFoundError: an annotation file does not exist.
+    """
+    dataset_format = find_format(required(dataset_cfg, "name"))
+    options = video_dataset_options(dataset_cfg, train=split == "train", views=views)
+    annotations = dataset_format.load(dataset_cfg, split)
+    records, missing = split_missing(annotations.records)
+    _report_missing(
+        missing,
+        len(annotations.records),
+        name=dataset_format.name,
+        split=split,
+        max_fraction=float(required(dataset_cfg, "max_missing_fraction")),
+        report_dir=report_dir,
+    )
+    return VideoDataset(records, class_names=annotations.class_names, missing=missing, split=split, **options)

@@ -5,9 +5,10 @@ Train items: ``{"video": uint8 [T,C,H,W] (or [R,T,C,H,W] with repeated augmentat
 is logged, skipped and replaced by the next index (up to ``max_replacements`` in a row, then an
 error); ``num_replaced`` says how many were skipped for this item, ``index`` is the record used.
 
-Eval items: ``{"video": uint8 [V,T,C,H,W], "mask": bool [V,T], "label", "index", "failed"}`` with
-V = clips x crops views, clip-major (clip 0 crop 0, clip 0 crop 1, ...). A video that cannot be
-decoded is never replaced: ``failed=True``, video zeros, mask all False.
+Eval items: ``{"video": uint8 [V,T,C,H,W], "mask": bool [V,T], "label", "index", "failed", "error"}``
+with V = clips x crops views, clip-major (clip 0 crop 0, clip 0 crop 1, ...). A video that cannot be
+decoded is never replaced: ``failed=True``, video zeros, mask all False, ``error`` the decoder's
+message ("" when it decoded).
 """
 
 from __future__ import annotations
@@ -170,6 +171,7 @@ class VideoDataset(Dataset):
                 "label": record.label,
                 "index": index,
                 "failed": True,
+                "error": str(e),
             }
         T = mask_CT.shape[1]
         # All clips' frames are resized in one call, then cut into crops.
@@ -187,4 +189,5 @@ class VideoDataset(Dataset):
             "label": record.label,
             "index": index,
             "failed": False,
+            "error": "",
         }

@@ -30,8 +30,9 @@ from squarefuse.engine.results import write_results
 log = logging.getLogger(__name__)
 
 
-def default_eval_dir(ckpt: str) -> str:
-    """Where `eval.py` writes by default: `<run>/eval/<stamp>` next to the checkpoint's run.
+def default_eval_dir(ckpt: str, subdir: str = "eval") -> str:
+    """Where `eval.py` writes by default: `<run>/eval/<stamp>` next to the checkpoint's run
+    (`<run>/<subdir>/<stamp>` for the other apps that read a checkpoint: predict, extract, export).
 
     `<run>` is the folder above `checkpoints/` (the trainer's layout), else the checkpoint's own
     folder; `<stamp>` the launch time, the same on every rank of a torchrun job
@@ -45,7 +46,7 @@ def default_eval_dir(ckpt: str) -> str:
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: ckpt={ckpt}")
     run = path.parent.parent if path.parent.name == "checkpoints" else path.parent
-    return str(run / "eval" / launch_stamp().replace("/", "_"))
+    return str(run / subdir / launch_stamp().replace("/", "_"))
 
 
 def merge_dataset_overrides(

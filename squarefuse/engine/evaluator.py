@@ -15,14 +15,11 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
-from tqdm import tqdm
 
 from squarefuse.engine.distributed import DistInfo, all_gather_objects
-from squarefuse.engine.loader import ignore_stop_signals, private_generator
 from squarefuse.engine.metrics import EvalResult, compute_metrics
-from squarefuse.engine.precision import autocast
 from squarefuse.engine.preprocess import VideoNormalizer
+from squarefuse.engine.video_batches import run_batches
 
 
 def shard_indices(num_items: int, rank: int, world_size: int) -> list[int]:
@@ -113,57 +110,39 @@ def predict_shard(
     """
     num_classes = int(dataset.num_classes)
     model = _unwrap(model)
-    loader = DataLoader(
-        dataset,
-        batch_size=batch_size,
-        sampler=shard,  # a plain list of indices: no shuffling, no padding
-        num_workers=num_workers,
-        pin_memory=device.type == "cuda",
-        drop_last=False,
-        worker_init_fn=ignore_stop_signals,
-        generator=private_generator(0),
-    )
 
-    indices: list[torch.Tensor] = []
-    labels: list[torch.Tensor] = []
-    probs: list[torch.Tensor] = []
-    failed: list[int] = []
+    def probabilities(video: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
+        logits = model(video, mask)
+        if logits.shape[-1] != num_classes:
+            raise ValueError(f"the model has {logits.shape[-1]} outputs but the dataset has {num_classes} classes")
+        # Softmax per view in fp32; run_batches then takes the mean over the V views of each video.
+        return {"probs": logits.float().softmax(dim=-1)}
+
     # Restore each module's own mode afterwards: model.train() would also flip sub-modules the
     # trainer keeps in eval mode on purpose (e.g. a frozen backbone).
     modes = [(m, m.training) for m in model.modules()]
     model.eval()
     try:
-        with torch.inference_mode():
-            for batch in tqdm(loader, desc="eval", disable=not progress):
-                ok_B = ~batch["failed"].bool()
-                failed.extend(batch["index"][~ok_B].tolist())
-                if not ok_B.any():
-                    continue
-                video_BVTCHW = batch["video"][ok_B]
-                mask_BVT = batch["mask"][ok_B]
-                B, V = video_BVTCHW.shape[:2]
-                video = normalizer(video_BVTCHW.flatten(0, 1).to(device, non_blocking=True))
-                mask = mask_BVT.flatten(0, 1).to(device, non_blocking=True)
-                with autocast(device, precision):
-                    logits = model(video, mask)
-                if logits.shape[-1] != num_classes:
-                    raise ValueError(
-                        f"the model has {logits.shape[-1]} outputs but the dataset has {num_classes} classes"
-                    )
-                # Softmax per view in fp32, then the mean over the V views of each video.
-                probs_BC = logits.float().softmax(dim=-1).view(B, V, -1).mean(dim=1)
-                probs.append(probs_BC.cpu())
-                indices.append(batch["index"][ok_B].long())
-                labels.append(batch["label"][ok_B].long())
+        out = run_batches(
+            probabilities,
+            dataset,
+            shard=shard,
+            device=device,
+            normalizer=normalizer,
+            batch_size=batch_size,
+            num_workers=num_workers,
+            precision=precision,
+            progress=progress,
+            desc="eval",
+        )
     finally:
         for m, mode in modes:
             m.training = mode
-
     return {
-        "indices": torch.cat(indices) if indices else torch.zeros(0, dtype=torch.long),
-        "labels": torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long),
-        "probs": torch.cat(probs) if probs else torch.zeros(0, num_classes),
-        "failed": failed,
+        "indices": out["indices"],
+        "labels": out["labels"],
+        "probs": out["outputs"].get("probs", torch.zeros(0, num_classes)),
+        "failed": list(out["errors"]),
     }
 
 

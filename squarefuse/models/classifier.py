@@ -84,9 +84,11 @@ class VideoClassifier(nn.Module):
         tokens_BTND = self.backbone(video)
         return self.fusion(tokens_BTND, valid_mask=mask)
 
-    def forward_head(self, h: Tensor, mask: Tensor | None = None) -> Tensor:
-        """Logits ``[B,num_classes]`` from fused tokens ``[B,T,N,D]``."""
-        return self.head(h, mask)
+    def forward_head(self, h: Tensor, mask: Tensor | None = None, pre_logits: bool = False) -> Tensor:
+        """Logits ``[B,num_classes]`` from fused tokens ``[B,T,N,D]``; with `pre_logits`, the
+        pooled feature ``[B,D]`` the final linear layer reads (timm's convention)."""
+        # Only asked for when wanted: a head without the keyword still classifies.
+        return self.head(h, mask, pre_logits=True) if pre_logits else self.head(h, mask)
 
     def forward(self, video: Tensor, mask: Tensor | None = None) -> Tensor:
         """Logits ``[B,num_classes]`` for a normalised clip ``[B,T,C,H,W]``."""

@@ -157,6 +157,8 @@ class SQuaReFuse(nn.Module):
             nn.Linear(4 * d_model, d_model),
         )
         self.beta = nn.Parameter(torch.tensor(float(beta_init)))
+        # U fixed by `freeze_directions` (export); non-persistent, so state dicts do not change.
+        self.register_buffer("frozen_directions", None, persistent=False)
         # (T, device) -> tables of _get_tables. A plain cache, not buffers: T is only known at
         # run time and seed checkpoints must load with strict=True.
         self._tables: dict[tuple[int, torch.device], tuple[Tensor, Tensor]] = {}
@@ -175,8 +177,18 @@ class SQuaReFuse(nn.Module):
         Note that LAPACK's convention makes the sign of a column of Q jump when the leading
         entry it is computed from crosses zero (diag(R) is not kept positive).
         """
+        if self.frozen_directions is not None:
+            return self.frozen_directions
         q_DK, _ = torch.linalg.qr(self.proj.weight.float().t(), mode="reduced")
         return q_DK
+
+    def freeze_directions(self, frozen: bool = True) -> None:
+        """Compute U once now and use that constant in every later forward (or go back to QR).
+
+        For export: the graph then holds U as a constant instead of a QR, which ONNX lacks.
+        Later changes to ``proj.weight`` are ignored until ``freeze_directions(False)``.
+        """
+        self.frozen_directions = self.directions().detach().clone() if frozen else None
 
     def _get_tables(self, T: int, device: torch.device) -> tuple[Tensor, Tensor]:
         """(quantile weights [T+1,Q,T], Legendre basis [T+1,P+1,T]), fp32, cached per (T, device)."""

@@ -50,8 +50,10 @@ class _LinearHead(nn.Module):
         nn.init.trunc_normal_(self.fc.weight, std=HEAD_INIT_STD, a=-2 * HEAD_INIT_STD, b=2 * HEAD_INIT_STD)
         nn.init.zeros_(self.fc.bias)
 
-    def classify(self, pooled_BD: Tensor) -> Tensor:
-        return self.fc(self.drop(self.norm(pooled_BD)))
+    def classify(self, pooled_BD: Tensor, pre_logits: bool = False) -> Tensor:
+        """Logits [B,C]; with `pre_logits`, the feature the final linear layer reads [B,D]."""
+        features_BD = self.drop(self.norm(pooled_BD))
+        return features_BD if pre_logits else self.fc(features_BD)
 
 
 class ClsHead(_LinearHead):
@@ -80,9 +82,10 @@ class ClsHead(_LinearHead):
             )
         super().__init__(embed_dim, num_classes, dropout)
 
-    def forward(self, h_BTND: Tensor, mask_BT: Tensor | None = None) -> Tensor:
-        """Args: h_BTND fused tokens, mask_BT valid frames or None. Returns logits [B,C]."""
-        return self.classify(masked_mean_over_time(h_BTND[:, :, 0], mask_BT))
+    def forward(self, h_BTND: Tensor, mask_BT: Tensor | None = None, pre_logits: bool = False) -> Tensor:
+        """Args: h_BTND fused tokens, mask_BT valid frames or None. Returns logits [B,C] (or
+        the pre-logits feature [B,D] with `pre_logits`)."""
+        return self.classify(masked_mean_over_time(h_BTND[:, :, 0], mask_BT), pre_logits)
 
 
 class MeanHead(_LinearHead):
@@ -107,7 +110,8 @@ class MeanHead(_LinearHead):
         super().__init__(embed_dim, num_classes, dropout)
         self.num_prefix_tokens = num_prefix_tokens
 
-    def forward(self, h_BTND: Tensor, mask_BT: Tensor | None = None) -> Tensor:
-        """Args: h_BTND fused tokens, mask_BT valid frames or None. Returns logits [B,C]."""
+    def forward(self, h_BTND: Tensor, mask_BT: Tensor | None = None, pre_logits: bool = False) -> Tensor:
+        """Args: h_BTND fused tokens, mask_BT valid frames or None. Returns logits [B,C] (or
+        the pre-logits feature [B,D] with `pre_logits`)."""
         patches_BTD = h_BTND[:, :, self.num_prefix_tokens :].mean(dim=2)
-        return self.classify(masked_mean_over_time(patches_BTD, mask_BT))
+        return self.classify(masked_mean_over_time(patches_BTD, mask_BT), pre_logits)

@@ -1,0 +1,30 @@
+"""Export a trained model: `python scripts/export.py ckpt=PATH format=onnx|torchscript`.
+
+The file takes a normalised clip [B,T,C,H,W] and returns logits; export.json says the shapes, the
+mean/std and the class names. Options in configs/export.yaml.
+"""
+
+import sys
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+from squarefuse.engine.export import run_export
+from squarefuse.engine.hydra_resolvers import register_resolvers
+from squarefuse.engine.inference import register_checkpoint_dir_resolver
+
+register_resolvers()
+register_checkpoint_dir_resolver("python scripts/export.py ckpt=PATH format=onnx|torchscript")
+
+
+@hydra.main(version_base="1.3", config_path="../configs", config_name="export")
+def main(cfg: DictConfig) -> None:
+    try:
+        run_export(cfg, HydraConfig.get().runtime.output_dir)
+    except (FileNotFoundError, ValueError, RuntimeError) as e:
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main()

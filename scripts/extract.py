@@ -1,0 +1,30 @@
+"""Per-video features of a trained model: `python scripts/extract.py ckpt=PATH [split=val | input=PATH]`.
+
+Also under torchrun (`torchrun --nproc_per_node=8 scripts/extract.py ckpt=...`): every video is
+extracted once by one rank, rank 0 writes features.npy + videos.csv. Options in configs/extract.yaml.
+"""
+
+import sys
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+from squarefuse.engine.extract_app import run_extract
+from squarefuse.engine.hydra_resolvers import register_resolvers
+from squarefuse.engine.inference import register_checkpoint_dir_resolver
+
+register_resolvers()
+register_checkpoint_dir_resolver("python scripts/extract.py ckpt=PATH [split=val | input=PATH]")
+
+
+@hydra.main(version_base="1.3", config_path="../configs", config_name="extract")
+def main(cfg: DictConfig) -> None:
+    try:
+        run_extract(cfg, HydraConfig.get().runtime.output_dir)
+    except (FileNotFoundError, ValueError) as e:
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,30 @@
+"""Top-k classes of your own videos: `python scripts/predict.py ckpt=PATH input=VIDEO|FOLDER|LIST_FILE`.
+
+Options in configs/predict.yaml (`views=1x1` for speed, `topk=3`, `device=cuda`...); results in
+<run>/predict/<stamp>/predictions.csv and predictions.json (or hydra.run.dir=...).
+"""
+
+import sys
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+from squarefuse.engine.hydra_resolvers import register_resolvers
+from squarefuse.engine.inference import register_checkpoint_dir_resolver
+from squarefuse.engine.predict_app import run_predict
+
+register_resolvers()
+register_checkpoint_dir_resolver("python scripts/predict.py ckpt=PATH input=VIDEO|FOLDER|LIST_FILE")
+
+
+@hydra.main(version_base="1.3", config_path="../configs", config_name="predict")
+def main(cfg: DictConfig) -> None:
+    try:
+        run_predict(cfg, HydraConfig.get().runtime.output_dir)
+    except (FileNotFoundError, ValueError) as e:
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main()
