@@ -118,11 +118,11 @@ class EvalPreprocess:
     @property
     def views(self) -> tuple[int, int]:
         """(clips, crops) per video."""
-        return self.options["sampler"].num_clips, self.options["num_crops"]
+        return self.options["frame_sampler"].num_clips, self.options["num_crops"]
 
     @property
     def num_frames(self) -> int:
-        return self.options["sampler"].num_frames
+        return self.options["frame_sampler"].num_frames
 
     @property
     def crop_size(self) -> int:
@@ -166,7 +166,7 @@ class EvalPreprocess:
     def __repr__(self) -> str:
         clips, crops = self.views
         return (
-            f"EvalPreprocess(frames={self.num_frames}, sampling={self.options['sampler'].sampling}, "
+            f"EvalPreprocess(frames={self.num_frames}, sampling={self.options['frame_sampler'].sampling}, "
             f"views={clips}x{crops}, short_side={self.options['eval_short_side']}, crop={self.crop_size})"
         )
 
