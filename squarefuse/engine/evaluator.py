@@ -37,6 +37,7 @@ from squarefuse.engine.distributed import (
     init_distributed,
     shutdown,
 )
+from squarefuse.engine.frame_order import check_frame_order, reorder_frames
 from squarefuse.engine.loader import ignore_stop_signals, private_generator
 from squarefuse.engine.precision import autocast, resolve_precision
 from squarefuse.engine.preprocess import VideoNormalizer
@@ -134,6 +135,8 @@ def evaluate(
     dist_info: DistInfo,
     views: tuple[int, int] = (1, 1),
     progress: bool = False,
+    frame_order: str = "normal",
+    frame_order_seed: int = 0,
 ) -> EvalResult:
     """Evaluate `model` on an eval-split dataset; every rank returns the same, full result.
 
@@ -150,6 +153,8 @@ def evaluate(
             be initialised (results are gathered with `all_gather_objects`).
         views: (clips, crops) the dataset was built with; checked against V, and reported.
         progress: show a progress bar on rank 0.
+        frame_order: normal | reversed | shuffled: the frames of every view reordered before the
+            model sees them (`squarefuse.engine.frame_order`); frame_order_seed seeds the shuffle.
 
     Returns:
         An `EvalResult` with metrics over the videos that decoded and the failed indices.
@@ -169,6 +174,8 @@ def evaluate(
         precision=precision,
         views=views,
         progress=progress and dist_info.is_main,
+        frame_order=frame_order,
+        frame_order_seed=frame_order_seed,
     )
     return merge_shards(all_gather_objects(part), num_items=len(dataset), views=views)
 
@@ -185,6 +192,8 @@ def predict_shard(
     precision: str,
     views: tuple[int, int],
     progress: bool = False,
+    frame_order: str = "normal",
+    frame_order_seed: int = 0,
 ) -> dict[str, Any]:
     """View-averaged probabilities for the dataset indices in `shard` (one rank's share).
 
@@ -229,6 +238,9 @@ def predict_shard(
                         f"the dataset gives {V} views per video but views={tuple(views)} "
                         f"(clips x crops = {num_views}): build it with matching test_clips/test_crops"
                     )
+                video_BVTCHW = reorder_frames(
+                    video_BVTCHW, mask_BVT, frame_order, video_ids=batch["index"][ok_B], seed=frame_order_seed
+                )
                 video = normalizer(video_BVTCHW.flatten(0, 1).to(device, non_blocking=True))
                 mask = mask_BVT.flatten(0, 1).to(device, non_blocking=True)
                 with autocast(device, precision):
@@ -433,6 +445,8 @@ def run_eval(cfg: DictConfig, run_dir: str | Path) -> EvalResult:
 
     if cfg.get("ckpt") is None:
         raise ValueError("ckpt is required: python eval.py ckpt=PATH/TO/checkpoint.pt")
+    frame_order, frame_order_seed = str(cfg.get("frame_order", "normal")), cfg.get("frame_order_seed", 0)
+    check_frame_order(frame_order, frame_order_seed)
     ckpt = str(cfg.ckpt)
     state = load_checkpoint(ckpt)
     for key in ("config", "class_names"):
@@ -473,6 +487,8 @@ def run_eval(cfg: DictConfig, run_dir: str | Path) -> EvalResult:
             dist_info=dist_info,
             views=views,
             progress=bool(cfg.get("progress", False)),
+            frame_order=frame_order,
+            frame_order_seed=frame_order_seed,
         )
         if dist_info.is_main:
             meta = {
@@ -486,10 +502,14 @@ def run_eval(cfg: DictConfig, run_dir: str | Path) -> EvalResult:
                 "num_frames": dataset_cfg.get("num_frames"),
                 "precision": precision,
                 "world_size": dist_info.world_size,
+                "frame_order": frame_order,
+                "frame_order_seed": frame_order_seed if frame_order == "shuffled" else None,
             }
             write_results(result, run_dir, class_names, dataset.records, missing=dataset.missing, meta=meta)
             for line in summary_lines(result, weights=weights_name, ckpt=ckpt, split=split):
                 log.info(line)
+            if frame_order != "normal":
+                log.info(f"frame order: {frame_order} (the frames of every view reordered before the model)")
             if dataset.missing:
                 log.info(f"{len(dataset.missing)} videos were missing at start-up and left out (see {run_dir})")
             log.info(f"results written to {run_dir}")
