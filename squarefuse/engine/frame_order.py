@@ -11,19 +11,19 @@ does not depend on the batch size, the number of workers or the number of ranks.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import Tensor
 
 FRAME_ORDERS = ("normal", "reversed", "shuffled")
-_MAX_SEED = 2**31  # seed * 2**32 + video index must fit torch's 64-bit generator seed
 
 
 def check_frame_order(order: str, seed: int = 0) -> None:
     """Raise ValueError naming the key when `frame_order` or `frame_order_seed` is invalid."""
     if order not in FRAME_ORDERS:
         raise ValueError(f"frame_order must be one of {', '.join(FRAME_ORDERS)}, got {order!r}")
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < _MAX_SEED:
-        raise ValueError(f"frame_order_seed must be an int in [0, 2**31), got {seed!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"frame_order_seed must be an int >= 0, got {seed!r}")
 
 
 def frame_permutation(valid_T: Tensor, order: str, generator: torch.Generator | None = None) -> Tensor:
@@ -38,6 +38,13 @@ def frame_permutation(valid_T: Tensor, order: str, generator: torch.Generator | 
     elif order != "normal":
         raise ValueError(f"frame_order must be one of {', '.join(FRAME_ORDERS)}, got {order!r}")
     return perm
+
+
+def _video_generator(seed: int, video_id: int) -> torch.Generator:
+    # torch's CPU generator keeps only 32 bits of its seed: mix (seed, video) into 32 bits rather
+    # than packing them side by side, which would drop the seed.
+    mixed = int(np.random.SeedSequence([seed, video_id]).generate_state(1)[0])
+    return torch.Generator().manual_seed(mixed)
 
 
 def reorder_frames(video: Tensor, mask: Tensor, order: str, *, video_ids: Tensor, seed: int = 0) -> Tensor:
@@ -64,7 +71,7 @@ def reorder_frames(video: Tensor, mask: Tensor, order: str, *, video_ids: Tensor
         )
     perms = torch.empty(B, V, T, dtype=torch.long)
     for b in range(B):
-        generator = torch.Generator().manual_seed(seed * 2**32 + int(video_ids[b])) if order == "shuffled" else None
+        generator = _video_generator(seed, int(video_ids[b])) if order == "shuffled" else None
         for v in range(V):
             perms[b, v] = frame_permutation(mask[b, v], order, generator)
     perms = perms.to(video.device)
