@@ -86,7 +86,7 @@ def write_run(
 
 FINISHED = {"status": "finished", "wall_s": 60.0}
 SQUARE_INFO = {
-    "params": {"backbone": 1000, "fusion": 2500, "head": 10, "total": 3510},
+    "params": {"backbone": 1000, "fusion": 2000, "block_fusions": 500, "head": 10, "total": 3510},
     "flops_per_clip": {"backbone": 4e9, "fusion": 2e6, "head": 1e3, "total": 4.002e9},
 }
 
@@ -173,7 +173,8 @@ def test_report_means_stds_and_p_value(sweep, tmp_path):
     assert none.reversal_drop.values == [0.0, 0.0, 0.0]
     assert square.clips_per_s.mean == pytest.approx(25.0)  # the first (start-up) window left out
     assert square.wall_s.mean == pytest.approx(60.0)
-    assert square.fusion_params == 2500 and square.fusion_flops == 2e6 and none.fusion_params is None
+    assert square.fusion_params == 2000 + 500  # the layer after the backbone + those inserted in it
+    assert square.fusion_flops == 2e6 and none.fusion_params is None
 
     assert none.is_baseline and square.comparison.test is not None
     test = square.comparison.test

@@ -58,11 +58,14 @@ def reversal_drop(run: Run) -> float | None:
 
 def model_cost(runs: Sequence[Run], kind: str, part: str) -> float | None:
     """`model_info.json[kind][part]` of the group's first run that has one (the same config
-    gives the same model, whatever the seed)."""
+    gives the same model, whatever the seed). The fusion's cost includes the fusion layers
+    inserted after backbone blocks (`block_fusions`)."""
+    parts = ("fusion", "block_fusions") if part == "fusion" else (part,)
     for run in runs:
-        value = ((run.model_info or {}).get(kind) or {}).get(part)
-        if value is not None:
-            return float(value)
+        costs = (run.model_info or {}).get(kind) or {}
+        values = [float(costs[p]) for p in parts if costs.get(p) is not None]
+        if values:
+            return sum(values)
     return None
 
 

@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from squarefuse.report.aggregate import GroupSummary, per_class_accuracy, seed_pairs
 
@@ -38,6 +39,7 @@ def plot_val_curves(summaries: Sequence[GroupSummary], path: Path) -> bool:
     if not drawn:
         return False
     ax.set_xlabel("epoch")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel("clip-level val top-1 (%)")
     ax.set_title("validation top-1: mean over seeds, band = min-max")
     ax.grid(alpha=0.3)
