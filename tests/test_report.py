@@ -57,6 +57,7 @@ def write_run(
     clips_per_s: list[float] = (10.0, 20.0, 30.0),
     hydra_choices: bool = True,
     model_info: dict | None = None,
+    head: str | None = None,
 ) -> Path:
     """A run folder as train.py writes it: config.yaml, metrics.jsonl (val top-1 of epochs 1..), .hydra."""
     run = root / name
@@ -67,10 +68,13 @@ def write_run(
         "trainer": {"epochs": epochs, "max_steps": None, "seed": seed, "batch_size": 4},
         "dataset": {"name": "synthetic", "root": f"/data/{name}"},  # paths differ: must not split groups
     }
+    if head is not None:
+        config["head"] = {"_target_": f"squarefuse.models.heads.{head.capitalize()}Head", "_partial_": True}
     (run / "config.yaml").write_text(yaml.safe_dump(config))
     if hydra_choices:
         (run / ".hydra").mkdir()
-        hydra = {"hydra": {"runtime": {"choices": {"fusion": fusion, "dataset": "synthetic"}}}}
+        choices = {"fusion": fusion, "dataset": "synthetic", **({"head": head} if head else {})}
+        hydra = {"hydra": {"runtime": {"choices": choices}}}
         (run / ".hydra" / "hydra.yaml").write_text(yaml.safe_dump(hydra))
     records = [
         {"step": i + 1, "epoch": 0, "split": "train", "loss": 1.0, "clips_per_s": c} for i, c in enumerate(clips_per_s)
@@ -250,6 +254,23 @@ def test_explicit_baseline_that_matches_nothing_is_an_error(sweep, tmp_path):
         make_report([sweep], tmp_path / "out", baseline=["fusion=temporal_attn"])
     report = make_report([sweep], tmp_path / "out", baseline=["fusion=square"])
     assert report.summaries[0].is_baseline and report.summaries[1].comparison.test.c == 1  # the roles swap
+
+
+def test_each_group_is_compared_with_the_baseline_of_its_other_settings(tmp_path):
+    root = tmp_path / "runs"
+    # fusion x head: square/cls must be paired with none/cls, square/mean with none/mean.
+    outcomes = {("square", "cls"): [1, 1, 1], ("none", "cls"): [0, 0, 0], ("square", "mean"): [1, 0, 0]}
+    outcomes[("none", "mean")] = [1, 1, 0]
+    for (fusion, head), correct in outcomes.items():
+        run = write_run(root, f"{fusion}_{head}", fusion=fusion, head=head, seed=0, val=[1.0, 1.0], end=FINISHED)
+        write_eval(run, "e", [bool(x) for x in correct])
+    summaries = {s.label: s for s in make_report([root], tmp_path / "out").summaries}
+    assert summaries["fusion=none head=cls"].is_baseline and summaries["fusion=none head=mean"].is_baseline
+    square_cls, square_mean = summaries["fusion=square head=cls"], summaries["fusion=square head=mean"]
+    assert square_cls.comparison.baseline.label == "fusion=none head=cls"
+    assert (square_cls.comparison.test.b, square_cls.comparison.test.c) == (0, 3)
+    assert square_mean.comparison.baseline.label == "fusion=none head=mean"
+    assert (square_mean.comparison.test.b, square_mean.comparison.test.c) == (1, 0)
 
 
 def test_groups_split_on_varying_keys_only(tmp_path):
