@@ -20,7 +20,7 @@ from squarefuse.report.runs import Run
 
 # Keys that say where things are or how a run logs, not what it trains.
 IGNORED_KEYS = {"trainer.seed", "trainer.log_every", "trainer.ckpt_every", "trainer.resume", "trainer.num_workers"}
-IGNORED_PREFIXES = ("logger.",)
+IGNORED_PREFIXES = ("logger", "hydra")  # the logger group and its keys; Hydra's own choices (hydra/launcher...)
 _PATH_KEY = re.compile(r"(^|_)(root|path|dir|file|label_map)$")
 _CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 _ABSENT = "<absent>"
