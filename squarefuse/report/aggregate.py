@@ -162,9 +162,7 @@ def compare(baseline: GroupSummary, other: GroupSummary) -> Comparison:
     try:
         pairs = seed_pairs(baseline, other)
         test = paired_test([(seed, predictions(b), predictions(o)) for seed, b, o in pairs])
-    except PairingError as e:
-        return Comparison(baseline=baseline.group, refused=str(e))
-    except ValueError as e:  # an unreadable predictions.csv
+    except ValueError as e:  # a PairingError, or a missing / unreadable predictions.csv
         return Comparison(baseline=baseline.group, refused=str(e))
     return Comparison(baseline=baseline.group, test=test)
 
