@@ -140,6 +140,9 @@ def test_tiny_run_writes_metrics_and_checkpoints(data_root, tmp_path):
         assert len(state["class_names"]) == 8
     assert load_checkpoint(run / "checkpoints" / "last.pt")["step"] == summary["step"] == train[-1]["step"]
     assert (run / "config.yaml").is_file() and "git_commit" in json.loads((run / "run_info.json").read_text())
+    end = metrics[-1]  # how the run ended, for scripts/report.py
+    assert end["split"] == "end" and end["status"] == "finished" and end["step"] == summary["step"]
+    assert end["wall_s"] > 0 and "error" not in end
 
 
 def test_resume_is_exact(data_root, tmp_path, monkeypatch):
@@ -171,6 +174,8 @@ def test_resume_is_exact(data_root, tmp_path, monkeypatch):
     monkeypatch.setattr(Trainer, "train_step", original_step)
     second = Trainer(tiny_train_config(data_root, *extra), cut).fit()
     assert second["status"] == "finished"
+    ends = [r for r in read_metrics(cut) if r["split"] == "end"]
+    assert [(r["status"], r["step"]) for r in ends] == [("interrupted", 5), ("finished", 12)]
 
     expected, got = train_losses(full), train_losses(cut)
     assert sorted(got) == sorted(expected) == list(range(1, 13))
@@ -199,6 +204,9 @@ def test_nonfinite_loss_stops_or_skips(data_root, tmp_path, monkeypatch):
     with pytest.raises(FloatingPointError, match="step 3"):
         trainer.fit()
     assert trainer.step == 2
+    end = read_metrics(tmp_path / "stop")[-1]
+    assert end["split"] == "end" and end["status"] == "crashed" and end["step"] == 2
+    assert end["error"].startswith("FloatingPointError") and "step 3" in end["error"]
     assert any(not torch.equal(before[k], v) for k, v in trainer.model.state_dict().items())
     assert all(torch.isfinite(v).all() for v in trainer.model.state_dict().values() if v.is_floating_point())
 

@@ -20,6 +20,7 @@ from squarefuse.datasets import build_dataset
 from squarefuse.engine.checkpoint import build_model_from_checkpoint, load_checkpoint, select_weights
 from squarefuse.engine.distributed import init_distributed, shutdown
 from squarefuse.engine.evaluator import evaluate
+from squarefuse.engine.frame_order import check_frame_order
 from squarefuse.engine.hydra_resolvers import launch_stamp
 from squarefuse.engine.loader import resolve_num_workers
 from squarefuse.engine.metrics import EvalResult
@@ -127,6 +128,8 @@ def run_eval(cfg: DictConfig, run_dir: str | Path) -> EvalResult:
     """
     if cfg.get("ckpt") is None:
         raise ValueError("ckpt is required: python eval.py ckpt=PATH/TO/checkpoint.pt")
+    frame_order, frame_order_seed = str(cfg.frame_order), cfg.frame_order_seed
+    check_frame_order(frame_order, frame_order_seed)
     ckpt = str(cfg.ckpt)
     state = load_checkpoint(ckpt)
     for key in ("config", "class_names"):
@@ -165,6 +168,8 @@ def run_eval(cfg: DictConfig, run_dir: str | Path) -> EvalResult:
             precision=precision,
             dist_info=dist_info,
             progress=bool(cfg.get("progress", False)),
+            frame_order=frame_order,
+            frame_order_seed=frame_order_seed,
         )
         if dist_info.is_main:
             meta = {
@@ -178,10 +183,14 @@ def run_eval(cfg: DictConfig, run_dir: str | Path) -> EvalResult:
                 "num_frames": dataset_cfg.get("num_frames"),
                 "precision": precision,
                 "world_size": dist_info.world_size,
+                "frame_order": frame_order,
+                "frame_order_seed": frame_order_seed if frame_order == "shuffled" else None,
             }
             write_results(result, run_dir, class_names, dataset.records, missing=dataset.missing, meta=meta)
             for line in summary_lines(result, weights=weights_name, ckpt=ckpt, split=split):
                 log.info(line)
+            if frame_order != "normal":
+                log.info(f"frame order: {frame_order} (the frames of every view reordered before the model)")
             if dataset.missing:
                 log.info(f"{len(dataset.missing)} videos were missing at start-up and left out (see {run_dir})")
             log.info(f"results written to {run_dir}")

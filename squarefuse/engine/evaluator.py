@@ -52,6 +52,8 @@ def evaluate(
     precision: str,
     dist_info: DistInfo,
     progress: bool = False,
+    frame_order: str = "normal",
+    frame_order_seed: int = 0,
 ) -> EvalResult:
     """Evaluate `model` on an eval-split dataset; every rank returns the same, full result.
 
@@ -68,6 +70,8 @@ def evaluate(
         dist_info: this process's rank and world size; with world_size > 1 the process group must
             be initialised (results are gathered with `all_gather_objects`).
         progress: show a progress bar on rank 0.
+        frame_order: normal | reversed | shuffled: the frames of every view reordered before the
+            model sees them (`squarefuse.engine.frame_order`); frame_order_seed seeds the shuffle.
 
     Returns:
         An `EvalResult` with metrics over the videos that decoded and the failed indices.
@@ -86,6 +90,8 @@ def evaluate(
         num_workers=num_workers,
         precision=precision,
         progress=progress and dist_info.is_main,
+        frame_order=frame_order,
+        frame_order_seed=frame_order_seed,
     )
     return merge_shards(all_gather_objects(part), num_items=len(dataset), views=dataset.views)
 
@@ -101,6 +107,8 @@ def predict_shard(
     num_workers: int,
     precision: str,
     progress: bool = False,
+    frame_order: str = "normal",
+    frame_order_seed: int = 0,
 ) -> dict[str, Any]:
     """View-averaged probabilities for the dataset indices in `shard` (one rank's share).
 
@@ -134,6 +142,8 @@ def predict_shard(
             precision=precision,
             progress=progress,
             desc="eval",
+            frame_order=frame_order,
+            frame_order_seed=frame_order_seed,
         )
     finally:
         for m, mode in modes:

@@ -296,8 +296,13 @@ class Trainer:
     # ------------------------------------------------------------------------------------ loop
 
     def fit(self) -> dict[str, Any]:
-        """Train to the end (or to a stop signal); return a summary."""
+        """Train to the end (or to a stop signal); return a summary.
+
+        However it ends, the last record of metrics.jsonl says how (`split: end`, status finished,
+        interrupted or crashed, this session's wall time): what `scripts/report.py` reads.
+        """
         previous = {s: signal.signal(s, self._on_signal) for s in STOP_SIGNALS}
+        started, status, error = time.perf_counter(), "crashed", None
         try:
             while self.step < self.total_steps and self._stop_signal is None:
                 self.train_epoch()
@@ -322,6 +327,7 @@ class Trainer:
                         self.step,
                         self.ckpt_dir / "last.pt",
                     )
+                status = "interrupted"
                 # submitit's preemption/timeout handler (SIGUSR2): now that the checkpoint is safe,
                 # let it requeue the job (rank 0) — the requeued job resumes from last.pt.
                 handler = previous.get(self._stop_signal)
@@ -331,9 +337,16 @@ class Trainer:
                 if self.val_set is not None and self.last_val_step != self.step:
                     self.validate()  # training ended mid-epoch (max_steps): validate the final weights
                 self.save("last.pt")
+                status = "finished"
+        except BaseException as e:
+            if status == "crashed":  # not the requeue handler's exit after a clean stop
+                error = f"{type(e).__name__}: {e}"
+            raise
         finally:
             for s, handler in previous.items():
                 signal.signal(s, handler)
+            end = {"step": self.step, "epoch": self.epoch, "split": "end", "status": status}
+            self.logger.log({**end, "wall_s": time.perf_counter() - started, **({"error": error} if error else {})})
             self.logger.close()
         return {
             "status": "interrupted" if self._stop_signal is not None else "finished",

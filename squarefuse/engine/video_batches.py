@@ -16,6 +16,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from squarefuse.engine.frame_order import reorder_frames
 from squarefuse.engine.loader import ignore_stop_signals, private_generator
 from squarefuse.engine.precision import autocast
 from squarefuse.engine.preprocess import VideoNormalizer
@@ -36,6 +37,8 @@ def run_batches(
     progress: bool = False,
     desc: str = "videos",
     num_views: int | None = None,
+    frame_order: str = "normal",
+    frame_order_seed: int = 0,
 ) -> dict[str, Any]:
     """`fn` on the views of every video of `shard` that decodes, averaged over each video's views.
 
@@ -48,6 +51,8 @@ def run_batches(
         progress: show a progress bar.
         desc: the progress bar's label.
         num_views: the V the dataset must give per video (clips x crops), checked when set.
+        frame_order: normal | reversed | shuffled: the frames of every view reordered before the
+            model sees them (`squarefuse.engine.frame_order`); frame_order_seed seeds the shuffle.
 
     Returns:
         {"indices": int64 [n], "labels": int64 [n], "outputs": {name: float32 [n, ...]}, "errors":
@@ -84,8 +89,13 @@ def run_batches(
                     f"the dataset gives {V} views per video but {num_views} were expected "
                     "(clips x crops): build it with matching test_clips/test_crops"
                 )
+            mask_BVT = batch["mask"][ok_B]
+            if frame_order != "normal":
+                video_BVTCHW = reorder_frames(
+                    video_BVTCHW, mask_BVT, frame_order, video_ids=batch["index"][ok_B], seed=frame_order_seed
+                )
             video = normalizer(video_BVTCHW.flatten(0, 1).to(device, non_blocking=True))
-            mask = batch["mask"][ok_B].flatten(0, 1).to(device, non_blocking=True)
+            mask = mask_BVT.flatten(0, 1).to(device, non_blocking=True)
             with autocast(device, precision):
                 out = fn(video, mask)
             for name, value in out.items():

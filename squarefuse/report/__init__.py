@@ -1,0 +1,9 @@
+"""Sweeps into tables and pictures: `python scripts/report.py multirun/<date>/<time>/`.
+
+runs          find run folders and read what they recorded
+groups        group runs by the config keys that differ; find the baseline group
+significance  exact McNemar test on per-video correctness
+aggregate     per-group mean ± std over seeds, costs, the paired comparison
+plots, write  the PNG figures, report.md and report.csv
+app           the command line
+"""
