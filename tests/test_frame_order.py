@@ -11,7 +11,7 @@ import torch
 from omegaconf import OmegaConf, open_dict
 from test_eval import REPO, eval_cfg, make_checkpoint, tiny_train_cfg
 
-from squarefuse.engine.evaluator import run_eval
+from squarefuse.engine.eval_app import run_eval
 from squarefuse.engine.frame_order import check_frame_order, frame_permutation, reorder_frames
 from squarefuse.models import build_classifier
 
