@@ -7,6 +7,7 @@ unchanged), wherever it is placed in the classifier.
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 import pytest
@@ -28,6 +29,7 @@ from squarefuse.models.fusion import (
     square_fuse,
 )
 
+REPO = Path(__file__).resolve().parents[1]
 D = 32
 NUM_CLASSES = 5
 IMG = 32
@@ -522,3 +524,26 @@ def test_placement_keys_in_every_option():
         layer_cfg, placement = split_fusion_config(cfg)
         assert placement == {"after_backbone": False, "after_blocks": [8, 9, 10, 11]}
         assert not {"after_blocks", "after_backbone"} & set(layer_cfg)
+
+
+def test_benchmark_measures_every_option_it_is_given():
+    spec = importlib.util.spec_from_file_location("benchmark_fusion", REPO / "scripts" / "benchmark_fusion.py")
+    benchmark_fusion = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(benchmark_fusion)
+    result = benchmark_fusion.measure_options(
+        options=["none", "temporal_shift"],
+        device=torch.device("cpu"),
+        batch=1,
+        frames=4,
+        img_size=32,
+        amp=False,
+        warmup=0,
+        repeats=1,
+        layer_repeats=1,
+    )
+    rows = {row["option"]: row for row in result["rows"]}
+    assert list(rows) == ["none", "temporal_shift"] and result["D"] == 768
+    assert rows["none"]["params"] == 0 and rows["temporal_shift"]["params"] == 2 * 768 + 8 * 768 * 768 + 5 * 768
+    for row in rows.values():
+        assert row["share"] == pytest.approx(row["seconds"] / result["backbone_seconds"])
+        assert row["seconds"] > 0 and row["seconds_masked"] > 0
