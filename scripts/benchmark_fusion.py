@@ -1,6 +1,12 @@
-"""Cost of SQuaRe-Fuse next to a ViT-B/16 backbone step and next to the seed sketch.
+"""Cost of each fusion option next to a ViT-B/16 backbone step, and of SQuaRe-Fuse next to the seed sketch.
 
-Measures forward+backward time, interleaved in one run (so that machine load affects all
+Part 1, the share of every option of the ``fusion`` config group (configs/fusion/*.yaml, as
+Hydra composes it, d_model=768) in a ViT-B/16 training step: forward+backward of the layer on the
+backbone's tokens [B,T,N,768] (no mask, and with the last quarter of the frames padded) over
+forward+backward of the backbone on the B*T frames, interleaved round by round, one table.
+A layer inserted after k blocks (``fusion.after_blocks``) costs k times its row.
+
+Part 2 measures forward+backward time, interleaved in one run (so that machine load affects all
 alike), of:
   * backbone: timm ``vit_base_patch16_224`` (random init, num_classes=0) on B*T frames,
   * layer: ``SQuaReFuse`` (D=768, K=8, Q=3, P=2) on tokens [B,T,197,768], no mask,
@@ -11,6 +17,7 @@ backbone step, then ``--layer-repeats`` interleaved runs of the three fusion ste
 the ratios layer/backbone (target < 1%) and layer/seed (target <= 1).
 
     python scripts/benchmark_fusion.py                      # CPU, B=2, T=16, 224px
+    python scripts/benchmark_fusion.py --quick              # CPU, B=1, T=16, 112px: a few minutes on 2 cores
     python scripts/benchmark_fusion.py --device cuda --amp  # bf16 autocast on a GPU
 """
 
@@ -26,6 +33,8 @@ from pathlib import Path
 
 import timm
 import torch
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))  # the seed oracle lives with the tests
@@ -33,10 +42,13 @@ sys.path.insert(0, str(REPO))
 
 from seed_reference import SQuaReFuse as SeedSQuaReFuse  # noqa: E402
 
+from squarefuse.models.classifier import split_fusion_config  # noqa: E402
 from squarefuse.models.fusion import SQuaReFuse  # noqa: E402
 
+CONFIG_DIR = REPO / "configs"
 
-def _parse_args() -> argparse.Namespace:
+
+def _parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--batch", type=int, default=2)
@@ -50,10 +62,24 @@ def _parse_args() -> argparse.Namespace:
         default=5,
         help="runs of each fusion step per round (they are cheap next to the backbone)",
     )
-    p.add_argument("--amp", action="store_true", help="bf16 autocast for all three")
+    p.add_argument("--amp", action="store_true", help="bf16 autocast for all of them")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="B=1, 112 px, one timed round (three runs of each fusion step): a few minutes on 2 CPU cores",
+    )
+    p.add_argument(
+        "--options",
+        nargs="*",
+        default=None,
+        help="fusion config options for the table (default: every configs/fusion/*.yaml)",
+    )
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--json", type=Path, default=None, help="also write the figures here")
-    return p.parse_args()
+    args = p.parse_args(argv)
+    if args.quick:
+        args.batch, args.img_size, args.repeats, args.warmup, args.layer_repeats = 1, 112, 1, 1, 3
+    return args
 
 
 def _timed(fn: Callable[[], None], device: torch.device) -> float:
@@ -150,13 +176,120 @@ def measure(
     }
 
 
-def main() -> None:
-    args = _parse_args()
+def fusion_layer(option: str, d_model: int) -> torch.nn.Module:
+    """The layer of ``fusion=<option>`` as the classifier builds it (placement keys aside)."""
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=[f"fusion={option}"])
+    layer_cfg, _ = split_fusion_config(cfg.fusion)
+    return instantiate(layer_cfg, _convert_="all")(d_model=d_model)
+
+
+def measure_options(
+    *,
+    options: list[str],
+    device: torch.device,
+    batch: int,
+    frames: int,
+    img_size: int,
+    amp: bool,
+    warmup: int,
+    repeats: int,
+    layer_repeats: int,
+) -> dict:
+    """Forward+backward seconds of a ViT-B/16 step and of every fusion option (plain, masked), interleaved."""
+    torch.manual_seed(0)
+    B, T = batch, frames
+    backbone = timm.create_model("vit_base_patch16_224", pretrained=False, num_classes=0, img_size=img_size).to(device)
+    D = backbone.embed_dim
+    N = backbone.patch_embed.num_patches + backbone.num_prefix_tokens
+    layers = {option: fusion_layer(option, D).to(device) for option in options}
+    images = torch.randn(B * T, 3, img_size, img_size, device=device)
+    tokens = torch.randn(B, T, N, D, device=device, requires_grad=True)
+    grad_tokens = torch.randn(B, T, N, D, device=device)
+    clip_mask = torch.ones(B, T, dtype=torch.bool, device=device)
+    clip_mask[:, T - T // 4 :] = False
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp)
+
+    def step_backbone() -> None:
+        backbone.zero_grad(set_to_none=True)
+        with autocast:
+            out = backbone.forward_features(images)
+        out.backward(grad_tokens.view(B * T, N, D).to(out.dtype))
+
+    def step_layer(layer: torch.nn.Module, mask: torch.Tensor | None) -> None:
+        layer.zero_grad(set_to_none=True)
+        tokens.grad = None
+        with autocast:
+            h, _ = layer(tokens, valid_mask=mask)
+        # NoFusion returns its input: the backward then costs nothing beyond the tokens' own.
+        h.backward(grad_tokens.to(h.dtype))
+
+    times: dict[str, list[float]] = {"backbone": []}
+    for option in options:
+        times[option] = []
+        times[f"{option} (masked)"] = []
+    for round_idx in range(warmup + repeats):
+        timed = round_idx >= warmup
+        t = _timed(step_backbone, device)
+        if timed:
+            times["backbone"].append(t)
+        for _ in range(layer_repeats):
+            for option, layer in layers.items():
+                for name, mask in ((option, None), (f"{option} (masked)", clip_mask)):
+                    t = _timed(lambda layer=layer, mask=mask: step_layer(layer, mask), device)
+                    if timed:
+                        times[name].append(t)
+    med = {name: statistics.median(ts) for name, ts in times.items()}
+    rows = [
+        {
+            "option": option,
+            "params": sum(p.numel() for p in layers[option].parameters()),
+            "seconds": med[option],
+            "seconds_masked": med[f"{option} (masked)"],
+            "share": med[option] / med["backbone"],
+            "share_masked": med[f"{option} (masked)"] / med["backbone"],
+        }
+        for option in options
+    ]
+    return {"N": N, "D": D, "backbone_seconds": med["backbone"], "seconds": times, "rows": rows}
+
+
+def print_options_table(result: dict) -> None:
+    print(f"fusion options: forward+backward / ViT-B/16 step ({result['backbone_seconds']:.3f} s), medians")
+    print("| fusion | params | seconds | share of step | share, 1/4 frames padded | after 4 blocks (4 x share) |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for row in result["rows"]:
+        print(
+            f"| {row['option']} | {row['params'] / 1e6:.2f} M | {row['seconds']:.4f} | {100 * row['share']:.2f} % "
+            f"| {100 * row['share_masked']:.2f} % | {400 * row['share']:.2f} % |"
+        )
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = _parse_args(argv)
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda was asked for but torch.cuda.is_available() is False")
+    options = args.options or sorted(p.stem for p in (CONFIG_DIR / "fusion").glob("*.yaml"))
+    options_result = measure_options(
+        options=options,
+        device=device,
+        batch=args.batch,
+        frames=args.frames,
+        img_size=args.img_size,
+        amp=args.amp,
+        warmup=args.warmup,
+        repeats=args.repeats,
+        layer_repeats=args.layer_repeats,
+    )
+    print(
+        f"device={device} threads={torch.get_num_threads()} B={args.batch} T={args.frames} "
+        f"N={options_result['N']} D={options_result['D']} img={args.img_size} amp={args.amp}"
+    )
+    print_options_table(options_result)
+    print()
     result = measure(
         device=device,
         batch=args.batch,
@@ -189,6 +322,7 @@ def main() -> None:
                     "seconds": times,
                     "median_seconds": med,
                     "ratios": ratios,
+                    "options": options_result,
                 },
                 indent=2,
             )

@@ -8,9 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 from hydra.utils import instantiate
-from omegaconf import OmegaConf
 from seed_reference import SQuaReFuse as SeedSQuaReFuse
+from train_config import fusion_config
 
+from squarefuse.models.classifier import split_fusion_config
 from squarefuse.models.fusion import NoFusion, SQuaReFuse, square_fuse
 
 REPO = Path(__file__).resolve().parents[1]
@@ -281,9 +282,9 @@ def test_square_fuse_validation_names_the_key(kwargs: dict, key: str) -> None:
 
 
 def test_hydra_config_builds_the_layer() -> None:
-    cfg = OmegaConf.load(REPO / "configs" / "fusion" / "square.yaml")
-    cfg.K = 4
-    m = instantiate(cfg)(d_model=D)
+    layer_cfg, placement = split_fusion_config(fusion_config("square", "K=4"))
+    assert placement == {"after_backbone": True, "after_blocks": []}
+    m = instantiate(layer_cfg)(d_model=D)
     assert isinstance(m, SQuaReFuse) and m.num_dirs == 4 and m.quantiles == (0.1, 0.5, 0.9)
     h, _ = m(_tokens(1, 4, 2))
     assert h.shape == (1, 4, 2, D)
@@ -301,5 +302,5 @@ def test_no_fusion_is_identity() -> None:
     x = _tokens(2, 5, 3)
     h, aux = NoFusion(d_model=D)(x, valid_mask=torch.ones(2, 5))
     assert h is x and aux == {}
-    m = instantiate(OmegaConf.load(REPO / "configs" / "fusion" / "none.yaml"))(d_model=D)
+    m = instantiate(split_fusion_config(fusion_config("none"))[0])(d_model=D)
     assert isinstance(m, NoFusion)

@@ -12,6 +12,7 @@ import timm.models._builder as builder
 import timm.optim
 import torch
 from omegaconf import OmegaConf
+from train_config import fusion_config
 
 from squarefuse.models import (
     ClsHead,
@@ -359,8 +360,7 @@ def test_build_classifier_from_yaml_configs():
     backbone_cfg = OmegaConf.load(CONFIGS / "backbone" / "tiny.yaml")
     backbone_cfg.img_size = IMG
     backbone_cfg.model_kwargs = dict(TINY_KWARGS)
-    fusion_cfg = OmegaConf.load(CONFIGS / "fusion" / "square.yaml")
-    fusion_cfg.K = 2
+    fusion_cfg = fusion_config("square", "K=2")
     head_cfg = OmegaConf.load(CONFIGS / "head" / "mean.yaml")
     head_cfg.dropout = 0.1
 
@@ -372,7 +372,7 @@ def test_build_classifier_from_yaml_configs():
 
     plain = build_classifier(
         OmegaConf.to_container(backbone_cfg),
-        OmegaConf.load(CONFIGS / "fusion" / "none.yaml"),
+        fusion_config("none"),
         OmegaConf.load(CONFIGS / "head" / "cls.yaml"),
         num_classes=3,
     )
@@ -384,7 +384,7 @@ def test_tiny_backbone_config_as_shipped_builds_and_runs():
     cfg = OmegaConf.load(CONFIGS / "backbone" / "tiny.yaml")
     model = build_classifier(
         cfg,
-        OmegaConf.load(CONFIGS / "fusion" / "square.yaml"),
+        fusion_config("square"),
         OmegaConf.load(CONFIGS / "head" / "cls.yaml"),
         num_classes=NUM_CLASSES,
     )

@@ -39,3 +39,8 @@ def tiny_overrides(data_root: Path) -> list[str]:
 
 def tiny_train_config(data_root: Path, *extra: str) -> DictConfig:
     return compose_config("train", tiny_overrides(data_root) + list(extra))
+
+
+def fusion_config(option: str, *overrides: str) -> DictConfig:
+    """The ``fusion`` group option ``option`` as Hydra composes it, with ``fusion.<key>=value`` overrides."""
+    return compose_config("train", [f"fusion={option}", *(f"fusion.{o}" for o in overrides)]).fusion

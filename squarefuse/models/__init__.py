@@ -1,8 +1,15 @@
-"""Video model: per-frame timm backbone, SQuaRe-Fuse temporal fusion, classification heads."""
+"""Video model: per-frame timm backbone, temporal fusion (SQuaRe-Fuse and baselines), classification heads."""
 
 from squarefuse.models.backbone import VideoBackbone
 from squarefuse.models.classifier import VideoClassifier, build_classifier
-from squarefuse.models.fusion import NoFusion, SQuaReFuse, square_fuse
+from squarefuse.models.fusion import (
+    NoFusion,
+    SQuaReFuse,
+    TemporalAttention,
+    TemporalConv,
+    TemporalShift,
+    square_fuse,
+)
 from squarefuse.models.heads import ClsHead, MeanHead
 
 __all__ = [
@@ -14,4 +21,7 @@ __all__ = [
     "SQuaReFuse",
     "NoFusion",
     "square_fuse",
+    "TemporalAttention",
+    "TemporalShift",
+    "TemporalConv",
 ]

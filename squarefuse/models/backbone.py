@@ -10,11 +10,13 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import timm
 import torch
+import torch.utils.checkpoint
+from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
 __all__ = ["VideoBackbone", "prefix_group_matcher"]
@@ -245,11 +247,25 @@ class VideoBackbone(nn.Module):
             self.model.eval()
         return self
 
-    def forward(self, video_BTCHW: Tensor) -> Tensor:
+    @property
+    def num_blocks(self) -> int | None:
+        """Number of transformer blocks a layer can be inserted after; None if not supported.
+
+        Insertion runs timm's ``VisionTransformer.forward_features`` block by block, so it is
+        offered for that class (``vit_*``, ``deit_*``) only.
+        """
+        return len(self.model.blocks) if isinstance(self.model, VisionTransformer) else None
+
+    def forward(
+        self, video_BTCHW: Tensor, after_block: Mapping[int, Callable[[Tensor], Tensor]] | None = None
+    ) -> Tensor:
         """Runs the image model on every frame.
 
         Args:
             video_BTCHW: Normalised float clip ``[B,T,C,H,W]``.
+            after_block: Optional ``{block index: fn}``: ``fn`` maps the tokens ``[B,T,N,D]``
+                after that block to the tokens the next block gets (a temporal layer inside the
+                backbone). Needs ``num_blocks`` to be set.
 
         Returns:
             Tokens ``[B,T,N,D]``, prefix tokens first.
@@ -259,14 +275,50 @@ class VideoBackbone(nn.Module):
         B, T, C, H, W = video_BTCHW.shape
         frames = video_BTCHW.reshape(B * T, C, H, W)
         grad_context = torch.no_grad() if self.freeze else contextlib.nullcontext()
-        with grad_context:
-            tokens_FND = self.model.forward_features(frames)
+        if after_block:
+            tokens_FND = self._forward_with_insertions(frames, T, after_block)
+        else:
+            with grad_context:
+                tokens_FND = self.model.forward_features(frames)
         if tokens_FND.ndim != 3:
             raise ValueError(
                 f"backbone.name={self.name!r}: forward_features returned shape "
                 f"{tuple(tokens_FND.shape)}, expected tokens [B*T,N,D]."
             )
         return tokens_FND.reshape(B, T, *tokens_FND.shape[1:])
+
+    def _forward_with_insertions(
+        self, frames: Tensor, T: int, after_block: Mapping[int, Callable[[Tensor], Tensor]]
+    ) -> Tensor:
+        """timm's ``VisionTransformer.forward_features``, block by block, with layers in between.
+
+        A frozen backbone builds no graph up to the first inserted layer; after it, activations
+        keep their graph (its parameters still get no gradient) so that the inserted layers,
+        which do train, receive their gradients through the blocks that follow them.
+        """
+        if self.num_blocks is None:
+            raise ValueError(
+                f"backbone.name={self.name!r}: inserting layers after blocks needs a timm VisionTransformer, "
+                f"got {type(self.model).__name__}"
+            )
+        model = self.model
+        first = min(after_block)
+        with torch.no_grad() if self.freeze else contextlib.nullcontext():
+            x = model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(frames))))
+            for block in model.blocks[: first + 1]:
+                x = self._run_block(block, x)
+        for index in range(first, len(model.blocks)):
+            if index > first:
+                x = self._run_block(model.blocks[index], x)
+            if index in after_block:
+                x_BTND = after_block[index](x.reshape(-1, T, *x.shape[1:]))
+                x = x_BTND.reshape(x.shape)
+        return model.norm(x)
+
+    def _run_block(self, block: nn.Module, x: Tensor) -> Tensor:
+        if self.model.grad_checkpointing and torch.is_grad_enabled():
+            return torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
+        return block(x)
 
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> dict[str, Any] | Callable[[str], Any]:

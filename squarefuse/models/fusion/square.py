@@ -24,36 +24,40 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-__all__ = ["SQuaReFuse", "NoFusion", "square_fuse"]
+from squarefuse.models.fusion.common import ArgumentError, check_int, check_shape, valid_btn
+
+__all__ = ["SQuaReFuse", "square_fuse"]
 
 
 def _validate_hparams(
     *,
     d_model: int,
     num_dirs: int,
-    quantiles: Sequence[float],
-    poly_order: int,
+    quantiles: Sequence[float] | None,
+    poly_order: int | None,
     sigma: float | None,
-    names: dict[str, str],
 ) -> None:
-    """Raises ValueError naming the offending key (``names`` maps argument -> user-facing key)."""
-    if isinstance(d_model, bool) or not isinstance(d_model, numbers.Integral) or d_model < 1:
-        raise ValueError(f"{names['d_model']} must be an integer >= 1, got {d_model!r}")
-    if isinstance(num_dirs, bool) or not isinstance(num_dirs, numbers.Integral) or num_dirs < 1:
-        raise ValueError(f"{names['num_dirs']} must be an integer >= 1, got {num_dirs!r}")
+    """Raises ArgumentError naming the offending argument of ``SQuaReFuse``."""
+    check_int(d_model, "d_model", minimum=1)
+    check_int(num_dirs, "num_dirs", minimum=1)
     if num_dirs > d_model:
         # QR of a [D, K] matrix cannot give more than D orthonormal directions.
-        raise ValueError(f"{names['num_dirs']} must be <= d_model={d_model}, got {num_dirs}")
-    if isinstance(quantiles, (str, bytes)) or not isinstance(quantiles, Sequence) or len(quantiles) == 0:
-        raise ValueError(f"{names['quantiles']} must be a non-empty list of levels in [0, 1], got {quantiles!r}")
-    for q in quantiles:
-        if isinstance(q, bool) or not isinstance(q, numbers.Real) or not 0.0 <= float(q) <= 1.0:
-            raise ValueError(f"{names['quantiles']} levels must be numbers in [0, 1], got {q!r} in {list(quantiles)}")
-    if isinstance(poly_order, bool) or not isinstance(poly_order, numbers.Integral) or poly_order < 0:
-        raise ValueError(f"{names['poly_order']} must be an integer >= 0, got {poly_order!r}")
+        raise ArgumentError("num_dirs", f"must be <= d_model={d_model}, got {num_dirs}")
+    if quantiles is not None:
+        if isinstance(quantiles, (str, bytes)) or not isinstance(quantiles, Sequence) or len(quantiles) == 0:
+            raise ArgumentError(
+                "quantiles", f"must be a non-empty list of levels in [0, 1], or null for none, got {quantiles!r}"
+            )
+        for q in quantiles:
+            if isinstance(q, bool) or not isinstance(q, numbers.Real) or not 0.0 <= float(q) <= 1.0:
+                raise ArgumentError("quantiles", f"levels must be numbers in [0, 1], got {q!r} in {list(quantiles)}")
+    if poly_order is not None:
+        check_int(poly_order, "poly_order", minimum=0)
+    if quantiles is None and poly_order is None:
+        raise ArgumentError("quantiles", "is null and the trend is off as well: the layer would have no statistic")
     if sigma is not None:
         if isinstance(sigma, bool) or not isinstance(sigma, numbers.Real) or not 0.0 < float(sigma) < math.inf:
-            raise ValueError(f"{names['sigma']} must be a finite number > 0 or null, got {sigma!r}")
+            raise ArgumentError("sigma", f"must be a finite number > 0 or null, got {sigma!r}")
 
 
 def _quantile_weight_table(T: int, levels: Sequence[float], sigma: float | None, device: torch.device) -> Tensor:
@@ -113,43 +117,39 @@ class SQuaReFuse(nn.Module):
     Args:
         d_model: Token width ``D``.
         num_dirs: Number of orthonormal projection directions ``K`` (``K <= D``).
-        quantiles: Soft-quantile levels in [0, 1].
-        poly_order: Highest Legendre order ``P`` of the trend.
+        quantiles: Soft-quantile levels in [0, 1]; None for the trend-only ablation.
+        poly_order: Highest Legendre order ``P`` of the trend; None for the quantiles-only
+            ablation (no trend).
         beta_init: Initial residual scale ``beta``.
         sigma: Fixed Gaussian width over ranks for the soft quantiles; None uses
             ``max(0.5, L / 16)`` with ``L`` the number of valid frames of each sequence.
+
+    Raises:
+        ArgumentError: (a ValueError) naming the offending argument.
     """
 
     def __init__(
         self,
         d_model: int,
         num_dirs: int = 8,
-        quantiles: Sequence[float] = (0.1, 0.5, 0.9),
-        poly_order: int = 2,
+        quantiles: Sequence[float] | None = (0.1, 0.5, 0.9),
+        poly_order: int | None = 2,
         beta_init: float = 0.5,
         sigma: float | None = None,
     ) -> None:
         super().__init__()
-        _validate_hparams(
-            d_model=d_model,
-            num_dirs=num_dirs,
-            quantiles=quantiles,
-            poly_order=poly_order,
-            sigma=sigma,
-            names=dict(
-                d_model="d_model", num_dirs="num_dirs", quantiles="quantiles", poly_order="poly_order", sigma="sigma"
-            ),
-        )
-        d_model, num_dirs, poly_order = int(d_model), int(num_dirs), int(poly_order)
+        _validate_hparams(d_model=d_model, num_dirs=num_dirs, quantiles=quantiles, poly_order=poly_order, sigma=sigma)
+        d_model, num_dirs = int(d_model), int(num_dirs)
         self.d_model = d_model
         self.num_dirs = num_dirs
-        self.quantiles = tuple(float(q) for q in quantiles)
-        self.poly_order = poly_order
+        self.quantiles = () if quantiles is None else tuple(float(q) for q in quantiles)
+        self.poly_order = None if poly_order is None else int(poly_order)
         self.sigma = None if sigma is None else float(sigma)
 
         self.proj = nn.Linear(d_model, num_dirs, bias=False)
         nn.init.kaiming_uniform_(self.proj.weight, a=math.sqrt(5))
-        num_feats = num_dirs * (len(self.quantiles) + poly_order + 1)
+        num_trend = 0 if self.poly_order is None else self.poly_order + 1
+        num_feats = num_dirs * (len(self.quantiles) + num_trend)
         self.head = nn.Sequential(
             nn.LayerNorm(num_feats),
             nn.Linear(num_feats, 4 * d_model),
@@ -168,6 +168,11 @@ class SQuaReFuse(nn.Module):
             f"d_model={self.d_model}, K={self.num_dirs}, quantiles={self.quantiles}, "
             f"P={self.poly_order}, sigma={self.sigma}"
         )
+
+    def no_weight_decay(self) -> set[str]:
+        """The residual gate is a learned scale, like a norm weight: decaying it would pull the
+        layer towards switching itself off."""
+        return {"beta"}
 
     def directions(self) -> Tensor:
         """Orthonormal directions U [D, K], fp32, differentiable w.r.t. ``proj.weight``.
@@ -195,29 +200,28 @@ class SQuaReFuse(nn.Module):
         if torch.compiler.is_compiling():
             # Built inside the graph (a few tiny kernels on constants): filling the cache while
             # tracing would change the guards and force a recompile on the next call.
-            return (
-                _quantile_weight_table(T, self.quantiles, self.sigma, device),
-                _legendre_table(T, self.poly_order, device),
-            )
+            return self._build_tables(T, device)
         key = (T, device)
         if key not in self._tables:
-            self._tables[key] = (
-                _quantile_weight_table(T, self.quantiles, self.sigma, device),
-                _legendre_table(T, self.poly_order, device),
-            )
+            self._tables[key] = self._build_tables(T, device)
         return self._tables[key]
+
+    def _build_tables(self, T: int, device: torch.device) -> tuple[Tensor, Tensor]:
+        # The ablations keep tables with an empty statistic axis ([T+1,0,T]) so that the
+        # computation below has one path.
+        if self.quantiles:
+            quant_w_LQT = _quantile_weight_table(T, self.quantiles, self.sigma, device)
+        else:
+            quant_w_LQT = torch.zeros(T + 1, 0, T, device=device)
+        if self.poly_order is not None:
+            basis_LPT = _legendre_table(T, self.poly_order, device)
+        else:
+            basis_LPT = torch.zeros(T + 1, 0, T, device=device)
+        return quant_w_LQT, basis_LPT
 
     def _valid_btn(self, valid_mask: Tensor, x: Tensor) -> Tensor:
         """Boolean validity [B,T,N] from a [B,T] or [B,T,N] bool or 0/1 mask."""
-        B, T, N, _ = x.shape
-        if tuple(valid_mask.shape) == (B, T):
-            valid_mask = valid_mask[:, :, None].expand(B, T, N)
-        elif tuple(valid_mask.shape) != (B, T, N):
-            raise ValueError(
-                f"valid_mask must have shape [B,T]=[{B},{T}] or [B,T,N]=[{B},{T},{N}] for x of "
-                f"shape {list(x.shape)}, got {list(valid_mask.shape)}"
-            )
-        return valid_mask != 0
+        return valid_btn(valid_mask, x)
 
     def statistics(self, x: Tensor, valid_BTN: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Soft quantiles and Legendre trend of each token's projected time series.
@@ -231,29 +235,33 @@ class SQuaReFuse(nn.Module):
 
         Returns:
             ``(quantiles [B,N,K,Q], trend [B,N,K,P+1])``, fp32; both zero where a sequence
-            has no valid frame.
+            has no valid frame. An ablated statistic has an empty last axis.
         """
         T = x.shape[1]
         with torch.autocast(device_type=x.device.type, enabled=False):
             quant_w_LQT, basis_LPT = self._get_tables(T, x.device)
             v_BNKT = torch.matmul(x.float(), self.directions()).permute(0, 2, 3, 1)
+            if not self.quantiles:
+                quantiles_BNKQ = v_BNKT.new_zeros(*v_BNKT.shape[:-1], 0)
             if valid_BTN is None:
-                quantiles_BNKQ = torch.matmul(v_BNKT.sort(dim=-1).values, quant_w_LQT[T].t())
+                if self.quantiles:
+                    quantiles_BNKQ = torch.matmul(v_BNKT.sort(dim=-1).values, quant_w_LQT[T].t())
                 trend_BNKP = torch.matmul(v_BNKT, basis_LPT[T].t())
                 return quantiles_BNKQ, trend_BNKP
 
             valid_BN1T = valid_BTN.permute(0, 2, 1)[:, :, None, :]
             num_valid_BN = valid_BN1T.sum(dim=-1)[:, :, 0]
-            # Padding sorts last (+inf) and is then zeroed: the first L ranks hold the sorted
-            # valid values, and row L of the table weights only those.
-            sorted_BNKT = v_BNKT.masked_fill(~valid_BN1T, math.inf).sort(dim=-1).values
-            beyond_BN1T = torch.arange(T, device=x.device) >= num_valid_BN[:, :, None, None]
-            sorted_BNKT = sorted_BNKT.masked_fill(beyond_BN1T, 0.0)
-            quantiles_BNKQ = torch.matmul(sorted_BNKT, quant_w_LQT[num_valid_BN].transpose(-1, -2))
+            if self.quantiles:
+                # Padding sorts last (+inf) and is then zeroed: the first L ranks hold the sorted
+                # valid values, and row L of the table weights only those.
+                sorted_BNKT = v_BNKT.masked_fill(~valid_BN1T, math.inf).sort(dim=-1).values
+                beyond_BN1T = torch.arange(T, device=x.device) >= num_valid_BN[:, :, None, None]
+                sorted_BNKT = sorted_BNKT.masked_fill(beyond_BN1T, 0.0)
+                quantiles_BNKQ = torch.matmul(sorted_BNKT, quant_w_LQT[num_valid_BN].transpose(-1, -2))
             # Each valid frame takes the basis value of its rank among the valid frames, so
             # padding anywhere (interleaved too) is as if it were not there.
             rank_BN1T = (valid_BN1T.cumsum(dim=-1) - 1).clamp_min(0)
-            order_P1 = torch.arange(self.poly_order + 1, device=x.device)[:, None]
+            order_P1 = torch.arange(basis_LPT.shape[1], device=x.device)[:, None]
             basis_BNPT = basis_LPT[num_valid_BN[:, :, None, None], order_P1, rank_BN1T]
             basis_BNPT = basis_BNPT.masked_fill(~valid_BN1T, 0.0)
             trend_BNKP = torch.matmul(v_BNKT.masked_fill(~valid_BN1T, 0.0), basis_BNPT.transpose(-1, -2))
@@ -272,8 +280,7 @@ class SQuaReFuse(nn.Module):
             positions; ``aux`` holds the fused statistics in fp32, ``"quantiles"``
             [B,N,K,Q] and ``"trend"`` [B,N,K,P+1] (zero for sequences with no valid frame).
         """
-        if x.dim() != 4 or x.shape[-1] != self.d_model:
-            raise ValueError(f"x must have shape [B,T,N,D] with D={self.d_model}, got {list(x.shape)}")
+        check_shape(x, self.d_model)
         valid_BTN = None if valid_mask is None else self._valid_btn(valid_mask, x)
         quantiles_BNKQ, trend_BNKP = self.statistics(x, valid_BTN)
         feats_BNF = torch.cat([quantiles_BNKQ, trend_BNKP], dim=-1).flatten(2)
@@ -289,27 +296,22 @@ class SQuaReFuse(nn.Module):
         return h_BTND, {"quantiles": quantiles_BNKQ, "trend": trend_BNKP}
 
 
-class NoFusion(nn.Module):
-    """The ``fusion=none`` baseline: tokens pass through unchanged.
-
-    Args:
-        d_model: Token width (unused; kept so every fusion is built the same way).
-    """
-
-    def __init__(self, d_model: int) -> None:
-        super().__init__()
-        self.d_model = d_model
-
-    def forward(self, x: Tensor, valid_mask: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
-        """Returns ``(x, {})``."""
-        return x, {}
+# The fusion config speaks the paper's symbols (fusion.K, fusion.P), SQuaReFuse the seed's keywords
+# (a drop-in for the seed's module): this is the one place that maps one onto the other.
+_CONFIG_KEYS = {
+    "d_model": "d_model",
+    "num_dirs": "fusion.K",
+    "quantiles": "fusion.quantiles",
+    "poly_order": "fusion.P",
+    "sigma": "fusion.sigma",
+}
 
 
 def square_fuse(
     d_model: int,
     K: int = 8,
-    quantiles: Sequence[float] = (0.1, 0.5, 0.9),
-    P: int = 2,
+    quantiles: Sequence[float] | None = (0.1, 0.5, 0.9),
+    P: int | None = 2,
     beta_init: float = 0.5,
     sigma: float | None = None,
 ) -> SQuaReFuse:
@@ -318,8 +320,8 @@ def square_fuse(
     Args:
         d_model: Token width ``D`` of the backbone.
         K: Number of projection directions, ``1 <= K <= d_model``.
-        quantiles: Soft-quantile levels in [0, 1].
-        P: Highest Legendre order of the trend, ``>= 0``.
+        quantiles: Soft-quantile levels in [0, 1]; None is the trend-only ablation.
+        P: Highest Legendre order of the trend, ``>= 0``; None is the quantiles-only ablation.
         beta_init: Initial residual scale.
         sigma: Fixed Gaussian width over ranks (> 0), or None for ``max(0.5, L / 16)``.
 
@@ -329,18 +331,9 @@ def square_fuse(
     # Hydra hands quantiles over as a ListConfig: store a plain tuple.
     if not isinstance(quantiles, (str, bytes)) and isinstance(quantiles, Sequence):
         quantiles = tuple(quantiles)
-    _validate_hparams(
-        d_model=d_model,
-        num_dirs=K,
-        quantiles=quantiles,
-        poly_order=P,
-        sigma=sigma,
-        names=dict(
-            d_model="d_model",
-            num_dirs="fusion.K",
-            quantiles="fusion.quantiles",
-            poly_order="fusion.P",
-            sigma="fusion.sigma",
-        ),
-    )
-    return SQuaReFuse(d_model=d_model, num_dirs=K, quantiles=quantiles, poly_order=P, beta_init=beta_init, sigma=sigma)
+    try:
+        return SQuaReFuse(
+            d_model=d_model, num_dirs=K, quantiles=quantiles, poly_order=P, beta_init=beta_init, sigma=sigma
+        )
+    except ArgumentError as e:
+        raise ValueError(f"{_CONFIG_KEYS[e.key]} {e.problem}") from None
