@@ -108,6 +108,19 @@ class Trainer:
     """Owns the model, data, optimiser and loop of one training run."""
 
     def __init__(self, cfg: DictConfig, run_dir: str | Path):
+        # One job per run folder, held by rank 0 from before anything in it is read (last.pt) or
+        # written, until `close` (the end of `fit`), a failure below, garbage collection or exit.
+        self.run_lock = RunLock(run_dir) if distributed.env_dist_info().is_main else None
+        if self.run_lock is not None:
+            self.run_lock.acquire()
+            weakref.finalize(self, self.run_lock.release)
+        try:
+            self._build(cfg, run_dir)
+        except BaseException:
+            self.close()
+            raise
+
+    def _build(self, cfg: DictConfig, run_dir: str | Path) -> None:
         self.cfg = cfg
         self.run_dir = Path(run_dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
@@ -116,11 +129,6 @@ class Trainer:
         self.dist, self.device = distributed.init_distributed(tcfg.device)
         self.precision = resolve_precision(tcfg.precision, self.device)
         is_main = self.dist.is_main
-        # One job per run folder, held from before anything in it is read (last.pt) or written.
-        self.run_lock = RunLock(self.run_dir) if is_main else None
-        if self.run_lock is not None:
-            self.run_lock.acquire()
-            weakref.finalize(self, self.run_lock.release)  # also when __init__ fails below
         # Each rank its own model-side randomness (drop path, MixUp); data randomness is per sample.
         torch.manual_seed(int(tcfg.seed) + self.dist.rank)
         random.seed(int(tcfg.seed) + self.dist.rank)
@@ -430,12 +438,8 @@ class Trainer:
         finally:
             for s, handler in previous.items():
                 signal.signal(s, handler)
-            # Workers ignore SIGTERM: stop them here, or an error would leave the process waiting
-            # for them in multiprocessing's exit handler forever (see engine/loader.py).
-            shutdown_workers(self.loader)
             self.logger.close()
-            if self.run_lock is not None:
-                self.run_lock.release()
+            self.close()
         return {
             "status": "interrupted" if self._stop_signal is not None else "finished",
             "signal": self._stop_signal,
@@ -444,6 +448,15 @@ class Trainer:
             "best_val_clip_top1": self.best_top1 if self.best_top1 > -math.inf else None,
             "run_dir": str(self.run_dir),
         }
+
+    def close(self) -> None:
+        """Stop the loader's workers and release the run folder (`fit` does both when it ends)."""
+        # Workers ignore SIGTERM: stop them here, or an error would leave the process waiting for
+        # them in multiprocessing's exit handler forever (see engine/loader.py).
+        if hasattr(self, "loader"):  # not yet when __init__ fails early
+            shutdown_workers(self.loader)
+        if self.run_lock is not None:
+            self.run_lock.release()
 
     def _validation_due(self) -> bool:
         """At an epoch end: does this epoch validate (every val_every epochs, and the last one)?"""
