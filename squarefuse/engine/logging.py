@@ -64,8 +64,8 @@ def truncate_metrics(path: Path, *, step: int, val_step: int) -> int:
         try:
             record = json.loads(line)
             limit = step if record.get("split", "train") == "train" else val_step
-            keep = isinstance(record, dict) and int(record["step"]) <= limit and line.endswith("\n")
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError):
+            keep = int(record["step"]) <= limit and line.endswith("\n")
+        except (json.JSONDecodeError, AttributeError, KeyError, TypeError, ValueError):  # not a whole record
             keep = False
         if keep:
             kept.append(line)
