@@ -1,22 +1,49 @@
-"""DataLoader settings shared by training and evaluation."""
+"""DataLoader settings shared by training and evaluation, and how their workers end.
+
+Workers ignore the stop signals (below), so nothing but their parent may end them. Three paths
+make sure they always do, and promptly:
+
+- the trainer shuts its persistent workers down itself when `fit` ends, normally or not
+  (`shutdown_workers`);
+- a worker dies with its parent (`PR_SET_PDEATHSIG`, and the DataLoader's own watchdog);
+- at interpreter exit, daemonic children still alive (an iterator kept alive by an exception's
+  traceback, e.g. one raised in the middle of a validation) are killed: multiprocessing's own exit
+  handler would send them SIGTERM, which they ignore, and then join them without a timeout,
+  hanging the process forever after the error was printed.
+"""
 
 from __future__ import annotations
 
+import atexit
+import ctypes
+import multiprocessing
+import multiprocessing.util  # noqa: F401 - registers its exit handler before ours (see below)
 import os
 import signal
+import time
 
 import torch
+from torch.utils.data import DataLoader
+
+# How long children that were sent SIGTERM at exit get before SIGKILL.
+_EXIT_GRACE_S = 1.0
+_PR_SET_PDEATHSIG = 1
 
 
 def ignore_stop_signals(worker_id: int) -> None:
-    """DataLoader worker init: leave SIGTERM/SIGINT/SIGUSR2 to the main process.
+    """DataLoader worker init: leave SIGTERM/SIGINT/SIGUSR2 to the main process; die with it.
 
     torchrun and SLURM signal the whole process group on shutdown or preemption. A worker that
     died of it would crash the main process's next batch before it could save its checkpoint;
-    instead the main process finishes the step, saves, and shuts its workers down itself.
+    instead the main process finishes the step, saves, and shuts its workers down itself. If the
+    main process is killed outright, the kernel kills the worker too (Linux).
     """
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR2):
         signal.signal(sig, signal.SIG_IGN)
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):  # not Linux: the DataLoader's watchdog still ends the worker
+        pass
 
 
 def private_generator(seed: int) -> torch.Generator:
@@ -42,3 +69,33 @@ def resolve_num_workers(value: int | str, *, key: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise ValueError(f"{key} must be auto or an int >= 0, got {value!r}")
     return value
+
+
+def shutdown_workers(loader: DataLoader) -> None:
+    """Stop the worker processes of `loader`'s persistent iterator now (nothing to do without one).
+
+    DataLoader has no public call for this; its iterator's `_shutdown_workers` is what its own
+    `__del__` runs, so a later garbage collection finds nothing left to do.
+    """
+    iterator = getattr(loader, "_iterator", None)
+    if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+        iterator._shutdown_workers()
+    loader._iterator = None
+
+
+def _kill_leftover_children() -> None:
+    children = [p for p in multiprocessing.active_children() if p.daemon]
+    for child in children:
+        child.terminate()
+    deadline = time.monotonic() + _EXIT_GRACE_S
+    for child in children:
+        child.join(timeout=max(0.0, deadline - time.monotonic()))
+    for child in children:
+        if child.is_alive():
+            child.kill()
+            child.join(timeout=_EXIT_GRACE_S)
+
+
+# atexit runs handlers last-registered-first: multiprocessing.util registered its exit handler
+# (terminate + join every daemonic child) when imported above, so this one runs before it.
+atexit.register(_kill_leftover_children)

@@ -8,9 +8,11 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import secrets
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -46,17 +48,80 @@ def _plain(value: Any) -> Any:
     return value
 
 
+def truncate_metrics(path: Path, *, step: int, val_step: int) -> int:
+    """Keep the records of `path` that a checkpoint at `step` covers; return how many were dropped.
+
+    A run killed after its last checkpoint logged steps it will log again once resumed: train
+    records past `step` and validation records past `val_step` (the checkpoint's last validation)
+    go, and so does a line cut short by the kill. The file is replaced atomically, so a kill
+    during the rewrite leaves the old file.
+    """
+    if not path.is_file():
+        return 0
+    lines = path.read_text().splitlines(keepends=True)
+    kept = []
+    for line in lines:
+        try:
+            record = json.loads(line)
+            limit = step if record.get("split", "train") == "train" else val_step
+            keep = int(record["step"]) <= limit and line.endswith("\n")
+        except (json.JSONDecodeError, AttributeError, KeyError, TypeError, ValueError):  # not a whole record
+            keep = False
+        if keep:
+            kept.append(line)
+    dropped = len(lines) - len(kept)
+    if dropped:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        try:
+            with os.fdopen(fd, "w") as f:
+                f.writelines(kept)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        log.info("%s: dropped %d records past the resumed checkpoint (step %d)", path, dropped, step)
+    return dropped
+
+
+def _write_config(path: Path, text: str, resume_step: int | None) -> None:
+    """Write the resolved config; on resume, keep a differing earlier one as config.until_step_N.yaml."""
+    if path.is_file() and resume_step is not None and path.read_text() != text:
+        kept = path.with_name(f"config.until_step_{resume_step}.yaml")
+        path.replace(kept)
+        log.warning("the config changed on resume: %s now holds the new one, the previous one is in %s", path, kept)
+    path.write_text(text)
+
+
 class MetricsLogger:
     """Appends one JSON object per logged step/eval to RUN/metrics.jsonl and mirrors it to wandb."""
 
-    def __init__(self, run_dir: Path, cfg: DictConfig, *, enabled: bool, resume: bool = False):
+    def __init__(
+        self,
+        run_dir: Path,
+        cfg: DictConfig,
+        *,
+        enabled: bool,
+        resume: bool = False,
+        resume_step: int | None = None,
+        resume_val_step: int | None = None,
+    ):
+        """With `resume_step` (the resumed checkpoint's step and last validation step), records
+        the checkpoint does not cover are dropped first (see `truncate_metrics`)."""
         self.enabled = enabled
         self.run_dir = Path(run_dir)
         self._wandb = None
         if not enabled:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        (self.run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+        if resume_step is not None:
+            truncate_metrics(
+                self.run_dir / "metrics.jsonl",
+                step=resume_step,
+                val_step=resume_step if resume_val_step is None else resume_val_step,
+            )
+        _write_config(self.run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True), resume_step)
         (self.run_dir / "run_info.json").write_text(
             json.dumps({"git_commit": git_commit(), "argv": sys.argv, "resumed": resume}, indent=2)
         )

@@ -13,6 +13,7 @@ import math
 import random
 import signal
 import time
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -30,12 +31,14 @@ from tqdm import tqdm
 from squarefuse.datasets import build_dataset, build_device_augment
 from squarefuse.engine import distributed
 from squarefuse.engine.checkpoint import load_checkpoint, save_checkpoint
+from squarefuse.engine.config_diff import config_changes, is_harmless
 from squarefuse.engine.evaluator import evaluate
-from squarefuse.engine.loader import ignore_stop_signals, private_generator, resolve_num_workers
+from squarefuse.engine.loader import ignore_stop_signals, private_generator, resolve_num_workers, shutdown_workers
 from squarefuse.engine.logging import MetricsLogger
 from squarefuse.engine.optim import build_optimizer, build_scheduler, scaled_lr
 from squarefuse.engine.precision import autocast, resolve_precision
 from squarefuse.engine.preprocess import VideoNormalizer
+from squarefuse.engine.run_lock import RunLock
 from squarefuse.engine.sampling import ResumableSampler, SeededDataset
 from squarefuse.models import build_classifier
 
@@ -61,6 +64,8 @@ def check_trainer_cfg(tcfg: DictConfig) -> None:
     need(int(tcfg.batch_size) >= 1, "batch_size", ">= 1")
     need(int(tcfg.accum_steps) >= 1, "accum_steps", ">= 1")
     need(tcfg.nonfinite in ("stop", "skip"), "nonfinite", "stop or skip")
+    need(int(tcfg.max_consecutive_skips) >= 1, "max_consecutive_skips", ">= 1")
+    need(isinstance(tcfg.allow_config_change, bool), "allow_config_change", "true or false")
     need(tcfg.precision in ("auto", "bf16", "fp16", "fp32"), "precision", "auto, bf16, fp16 or fp32")
     need(float(tcfg.mixup) >= 0 and float(tcfg.cutmix) >= 0, "mixup", ">= 0 (and so must trainer.cutmix)")
     need(0.0 <= float(tcfg.mixup_prob) <= 1.0, "mixup_prob", "in [0, 1]")
@@ -102,6 +107,19 @@ class Trainer:
     """Owns the model, data, optimiser and loop of one training run."""
 
     def __init__(self, cfg: DictConfig, run_dir: str | Path):
+        # One job per run folder, held by rank 0 from before anything in it is read (last.pt) or
+        # written, until `close` (the end of `fit`), a failure below, garbage collection or exit.
+        self.run_lock = RunLock(run_dir) if distributed.env_dist_info().is_main else None
+        if self.run_lock is not None:
+            self.run_lock.acquire()
+            weakref.finalize(self, self.run_lock.release)
+        try:
+            self._build(cfg, run_dir)
+        except BaseException:
+            self.close()
+            raise
+
+    def _build(self, cfg: DictConfig, run_dir: str | Path) -> None:
         self.cfg = cfg
         self.run_dir = Path(run_dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
@@ -182,20 +200,31 @@ class Trainer:
         self.last_val_step = -1
         self.num_replaced = 0
         self.num_skipped = 0
+        self.consecutive_skips = 0
         self._stop_signal: int | None = None
         self._data_bound_reported = False
 
-        resume_from = self._resume_path()
+        resume_from, state, why = self._resume_source()
         if resume_from is not None:
-            self.load_state_dict(load_checkpoint(resume_from))
+            self._check_resumed_config(resume_from, state["config"])
+            self.load_state_dict(state, path=resume_from)
+            del state
             log.info(
-                "resumed from %s at step %d (epoch %d, batch %d)",
+                "resumed from %s at step %d (epoch %d, batch %d): %s",
                 resume_from,
                 self.step,
                 self.epoch,
                 self.batch_in_epoch,
+                why,
             )
-        self.logger = MetricsLogger(self.run_dir, cfg, enabled=is_main, resume=resume_from is not None)
+        self.logger = MetricsLogger(
+            self.run_dir,
+            cfg,
+            enabled=is_main,
+            resume=resume_from is not None,
+            resume_step=self.step if resume_from is not None else None,
+            resume_val_step=self.last_val_step,
+        )
         if is_main:
             n_params = sum(p.numel() for p in self.model.parameters())
             log.info(
@@ -226,14 +255,60 @@ class Trainer:
             choices.append(v2.CutMix(alpha=float(tcfg.cutmix), num_classes=self.num_classes))
         return v2.RandomChoice(choices) if choices else None
 
-    def _resume_path(self) -> Path | None:
-        if self.cfg.trainer.resume:
-            path = Path(self.cfg.trainer.resume)
-            if not path.is_file():
-                raise FileNotFoundError(f"trainer.resume: checkpoint not found: {path}")
-            return path
+    def _resume_source(self) -> tuple[Path | None, dict[str, Any] | None, str]:
+        """(checkpoint to resume, its state, why that one); (None, None, "") for a fresh start.
+
+        The run's own last.pt wins over `trainer.resume` once it has got at least as far: a
+        requeued or rerun job continues where it stopped instead of going back to the given file.
+        """
         last = self.ckpt_dir / "last.pt"
-        return last if last.is_file() else None
+        own = load_checkpoint(last) if last.is_file() else None
+        if not self.cfg.trainer.resume:
+            return (last, own, "the run folder's own last checkpoint") if own is not None else (None, None, "")
+        path = Path(self.cfg.trainer.resume)
+        if not path.is_file():
+            raise FileNotFoundError(f"trainer.resume: checkpoint not found: {path}")
+        if own is not None and path.resolve() == last.resolve():
+            return last, own, "trainer.resume"
+        given = load_checkpoint(path)
+        if own is None:
+            return path, given, "trainer.resume (the run folder has no last.pt yet)"
+        if int(own["step"]) >= int(given["step"]):
+            return (
+                last,
+                own,
+                f"the run folder's own last.pt (step {own['step']}) is at least as far as "
+                f"trainer.resume={path} (step {given['step']}), so the run continues where it stopped",
+            )
+        return (
+            path,
+            given,
+            f"trainer.resume={path} (step {given['step']}) is further than the run folder's own last.pt "
+            f"(step {own['step']})",
+        )
+
+    def _check_resumed_config(self, path: Path, old: dict[str, Any]) -> None:
+        """Refuse a resumed run whose model/data/optimisation config differs from the checkpoint's."""
+        changes = config_changes(old, OmegaConf.to_container(self.cfg, resolve=True))
+        harmless = [c for c in changes if is_harmless(c)]
+        harmful = [c for c in changes if not is_harmless(c)]
+        if harmless and self.dist.is_main:
+            log.info("resuming %s with changed settings: %s", path, "; ".join(map(str, harmless)))
+        if not harmful:
+            return
+        listing = "\n  ".join(map(str, harmful))
+        if not self.cfg.trainer.allow_config_change:
+            raise ValueError(
+                f"resuming {path} with a config that changes the model, data or optimisation:\n  {listing}\n"
+                f"Run with the checkpoint's values, start a new run folder (hydra.run.dir=...), or pass "
+                f"trainer.allow_config_change=true to continue this run with the new values."
+            )
+        if self.dist.is_main:
+            log.warning(
+                "resuming %s with a changed model/data/optimisation config (trainer.allow_config_change=true):\n  %s",
+                path,
+                listing,
+            )
 
     # ------------------------------------------------------------------------------ checkpoint
 
@@ -252,18 +327,23 @@ class Trainer:
             "last_val_step": self.last_val_step,
             "num_replaced": self.num_replaced,
             "num_skipped": self.num_skipped,
+            "consecutive_skips": self.consecutive_skips,
             "world_size": self.dist.world_size,
             "rng": rng,
             "config": OmegaConf.to_container(self.cfg, resolve=True),
             "class_names": self.class_names,
         }
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def load_state_dict(self, state: dict[str, Any], *, path: str | Path = "the checkpoint") -> None:
         if len(state["class_names"]) != self.num_classes:
+            raise ValueError(f"{path} has {len(state['class_names'])} classes but the dataset has {self.num_classes}")
+        if list(state["class_names"]) != self.class_names and not self.cfg.trainer.allow_config_change:
             raise ValueError(
-                f"the checkpoint has {len(state['class_names'])} classes but the dataset has {self.num_classes}"
+                f"{path} was trained on other classes (or another class order) than the dataset of this config "
+                f"({self.cfg.dataset.name} at {self.cfg.dataset.root}); point dataset.* at the checkpoint's data, "
+                f"or pass trainer.allow_config_change=true to continue with these classes"
             )
-        self.model.load_state_dict(state["model"])
+        self._load_model_weights(state, path)
         if self.ema is not None:
             self.ema.module.load_state_dict(state["ema"] if state.get("ema") is not None else state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
@@ -274,6 +354,7 @@ class Trainer:
         self.best_top1 = float(state["best_top1"])
         self.last_val_step = int(state["last_val_step"])
         self.num_replaced, self.num_skipped = int(state["num_replaced"]), int(state["num_skipped"])
+        self.consecutive_skips = int(state.get("consecutive_skips", 0))
         if int(state["world_size"]) == self.dist.world_size:
             _set_rng_state(state["rng"][self.dist.rank])
         else:
@@ -286,6 +367,29 @@ class Trainer:
             )
             if self.batch_in_epoch > 0:
                 self.epoch, self.batch_in_epoch = self.epoch + 1, 0
+
+    def _load_model_weights(self, state: dict[str, Any], path: str | Path) -> None:
+        """Load the model (and EMA) weights; a model of another shape is an error naming the tensors."""
+        own = self.model.state_dict()
+        theirs = state["model"]
+        mismatched = [k for k in theirs if k in own and tuple(theirs[k].shape) != tuple(own[k].shape)]
+        missing, unexpected = sorted(own.keys() - theirs.keys()), sorted(theirs.keys() - own.keys())
+        if mismatched or missing or unexpected:
+            problems = [
+                f"{k}: {list(theirs[k].shape)} in the checkpoint, {list(own[k].shape)} here" for k in mismatched
+            ]
+            problems += [f"{k}: not in the checkpoint" for k in missing[:10]]
+            problems += [f"{k}: only in the checkpoint" for k in unexpected[:10]]
+            changed = config_changes(state["config"], OmegaConf.to_container(self.cfg, resolve=True))
+            model_keys = [str(c) for c in changed if c.key.split(".")[0] in ("backbone", "fusion", "head")]
+            hint = "; the model config differs from the checkpoint's in " + ", ".join(model_keys) if model_keys else ""
+            raise ValueError(
+                f"{path} does not fit the model of this config{hint}:\n  "
+                + "\n  ".join(problems)
+                + "\nResume with the checkpoint's model config, or start a new run folder (hydra.run.dir=...) "
+                "for the new model."
+            )
+        self.model.load_state_dict(theirs)
 
     def save(self, name: str) -> None:
         state = self.state_dict()  # a collective (RNG gather): every rank calls it
@@ -304,20 +408,18 @@ class Trainer:
         previous = {s: signal.signal(s, self._on_signal) for s in STOP_SIGNALS}
         started, status, error = time.perf_counter(), "crashed", None
         try:
+            if self.epoch > 0 and self.batch_in_epoch == 0 and self._validation_due():
+                self._validate_and_save()  # resumed from an epoch end whose validation did not finish
             while self.step < self.total_steps and self._stop_signal is None:
                 self.train_epoch()
                 if self._stop_signal is not None:
                     break
                 if self.batch_in_epoch >= self.steps_per_epoch * self.accum:
                     self.epoch, self.batch_in_epoch = self.epoch + 1, 0
-                    val_every = int(self.cfg.trainer.val_every)
-                    if (
-                        self.val_set is not None
-                        and val_every
-                        and (self.epoch % val_every == 0 or self.step >= self.total_steps)
-                    ):
-                        self.validate()
+                    # The epoch is saved before its validation runs, so a failing one loses nothing.
                     self.save("last.pt")
+                    if self._validation_due():
+                        self._validate_and_save()
             if self._stop_signal is not None:
                 self.save("last.pt")
                 if self.dist.is_main:
@@ -334,9 +436,9 @@ class Trainer:
                 if self._stop_signal == signal.SIGUSR2 and callable(handler):
                     handler(self._stop_signal, None)
             else:
-                if self.val_set is not None and self.last_val_step != self.step:
-                    self.validate()  # training ended mid-epoch (max_steps): validate the final weights
                 self.save("last.pt")
+                if self.val_set is not None and self.last_val_step != self.step:
+                    self._validate_and_save()  # training ended mid-epoch (max_steps): validate the final weights
                 status = "finished"
         except BaseException as e:
             if status == "crashed":  # not the requeue handler's exit after a clean stop
@@ -348,6 +450,7 @@ class Trainer:
             end = {"step": self.step, "epoch": self.epoch, "split": "end", "status": status}
             self.logger.log({**end, "wall_s": time.perf_counter() - started, **({"error": error} if error else {})})
             self.logger.close()
+            self.close()
         return {
             "status": "interrupted" if self._stop_signal is not None else "finished",
             "signal": self._stop_signal,
@@ -356,6 +459,29 @@ class Trainer:
             "best_val_clip_top1": self.best_top1 if self.best_top1 > -math.inf else None,
             "run_dir": str(self.run_dir),
         }
+
+    def close(self) -> None:
+        """Stop the loader's workers and release the run folder (`fit` does both when it ends)."""
+        # Workers ignore SIGTERM: stop them here, or an error would leave the process waiting for
+        # them in multiprocessing's exit handler forever (see engine/loader.py).
+        if hasattr(self, "loader"):  # not yet when __init__ fails early
+            shutdown_workers(self.loader)
+        if self.run_lock is not None:
+            self.run_lock.release()
+
+    def _validation_due(self) -> bool:
+        """At an epoch end: does this epoch validate (every val_every epochs, and the last one)?"""
+        val_every = int(self.cfg.trainer.val_every)
+        return (
+            self.val_set is not None
+            and val_every > 0
+            and self.last_val_step != self.step
+            and (self.epoch % val_every == 0 or self.step >= self.total_steps)
+        )
+
+    def _validate_and_save(self) -> None:
+        self.validate()
+        self.save("last.pt")  # again, now with the validation's outcome (best top-1, last_val_step)
 
     def _on_signal(self, signum: int, frame) -> None:
         if self._stop_signal is not None and signum == signal.SIGINT:
@@ -377,12 +503,15 @@ class Trainer:
             dynamic_ncols=True,
             leave=False,
         )
-        window = {"loss": torch.zeros((), device=self.device), "steps": 0, "wait": 0.0, "time": 0.0}
+        window = self._new_window()
         t_last = time.perf_counter()
         for _ in range(steps_left):
             loss, wait = self.train_step(batches)
             now = time.perf_counter()
-            window["loss"] += loss
+            if loss is None:
+                window["skipped"] += 1
+            else:
+                window["loss"] += loss
             window["steps"] += 1
             window["wait"] += wait
             window["time"] += now - t_last
@@ -390,15 +519,22 @@ class Trainer:
             bar.update(1)
             if self.step % int(tcfg.log_every) == 0 or self.step == self.total_steps:
                 self._log_train(window, bar)
-                window = {"loss": torch.zeros((), device=self.device), "steps": 0, "wait": 0.0, "time": 0.0}
+                window = self._new_window()
             if self._stop_signal is not None:
                 break
             if self.step % int(tcfg.ckpt_every) == 0:
                 self.save("last.pt")
         bar.close()
 
-    def train_step(self, batches) -> tuple[torch.Tensor, float]:
-        """One optimiser step over `accum_steps` micro-batches; returns (mean loss, seconds waiting for data)."""
+    def _new_window(self) -> dict[str, Any]:
+        """Sums over the steps since the last train log line (loss over the steps not skipped)."""
+        return {"loss": torch.zeros((), device=self.device), "steps": 0, "skipped": 0, "wait": 0.0, "time": 0.0}
+
+    def train_step(self, batches) -> tuple[torch.Tensor | None, float]:
+        """One optimiser step over `accum_steps` micro-batches.
+
+        Returns (mean loss, or None for a step skipped for a non-finite loss; seconds waiting for data).
+        """
         tcfg = self.cfg.trainer
         wait = 0.0
         loss_sum = torch.zeros((), device=self.device)
@@ -437,9 +573,29 @@ class Trainer:
                     f"updated and {self.ckpt_dir / 'last.pt'} is the last good checkpoint. Lower optim.lr, "
                     f"set trainer.clip_grad, use trainer.precision=bf16/fp32, or trainer.nonfinite=skip"
                 )
+            # A skipped step still counts: the schedule, max_steps and the epochs end as planned.
+            self.step += 1
+            self.scheduler.step_update(num_updates=self.step)
             self.num_skipped += 1
-            log.warning("non-finite loss at step %d: step skipped (%d so far)", self.step + 1, self.num_skipped)
-            return torch.zeros((), device=self.device), wait
+            self.consecutive_skips += 1
+            limit = int(tcfg.max_consecutive_skips)
+            if self.consecutive_skips > limit:
+                raise FloatingPointError(
+                    f"non-finite loss in {self.consecutive_skips} steps in a row (steps "
+                    f"{self.step - self.consecutive_skips + 1} to {self.step}, epoch {self.epoch}), more than "
+                    f"trainer.max_consecutive_skips={limit}: stopping. The weights were not updated by these steps; "
+                    f"{self.ckpt_dir / 'last.pt'} is the last checkpoint. Lower optim.lr, set trainer.clip_grad, "
+                    f"use trainer.precision=bf16/fp32, or check the data"
+                )
+            if self.dist.is_main:
+                log.warning(
+                    "non-finite loss at step %d: step skipped (%d so far, %d in a row)",
+                    self.step,
+                    self.num_skipped,
+                    self.consecutive_skips,
+                )
+            return None, wait
+        self.consecutive_skips = 0
 
         if tcfg.clip_grad is not None:
             self.scaler.unscale_(self.optimizer)
@@ -481,7 +637,10 @@ class Trainer:
 
     def _log_train(self, window: dict[str, Any], bar: tqdm) -> None:
         steps = max(1, window["steps"])
-        loss = distributed.all_reduce_sum(window["loss"].clone()) / (steps * self.dist.world_size)
+        # Every rank skips the same steps (the decision is all-reduced), so they agree on `trained`.
+        trained = window["steps"] - window["skipped"]
+        loss_sum = distributed.all_reduce_sum(window["loss"].clone())
+        loss = float(loss_sum) / (trained * self.dist.world_size) if trained > 0 else None
         clips_per_s = steps * self.global_batch / max(window["time"], 1e-9)
         wait_share = window["wait"] / max(window["time"], 1e-9)
         lr = max(group["lr"] for group in self.optimizer.param_groups)
@@ -489,15 +648,20 @@ class Trainer:
             "step": self.step,
             "epoch": self.epoch,
             "split": "train",
-            "loss": float(loss),
+            "loss": loss,  # null when every step of the window was skipped
             "lr": lr,
             "clips_per_s": clips_per_s,
             "data_wait": wait_share,
             "num_replaced": self.num_replaced,
         }
+        if window["skipped"]:
+            record["skipped_steps"] = window["skipped"]
         self.logger.log(record)
         bar.set_postfix(
-            loss=f"{float(loss):.4f}", lr=f"{lr:.2e}", clips_s=f"{clips_per_s:.1f}", wait=f"{100 * wait_share:.0f}%"
+            loss="skipped" if loss is None else f"{loss:.4f}",
+            lr=f"{lr:.2e}",
+            clips_s=f"{clips_per_s:.1f}",
+            wait=f"{100 * wait_share:.0f}%",
         )
         # After the first window (worker start-up), say once if the GPU/CPU is starved of data.
         if (
@@ -556,7 +720,16 @@ class Trainer:
                 result.num_videos,
                 result.num_failed,
             )
-        if result.top1 > self.best_top1:
+        if not math.isfinite(result.loss):
+            # NaN logits still give an argmax, hence a top-1: such a model must never become best.pt.
+            if self.dist.is_main:
+                log.warning(
+                    "epoch %d step %d: the validation loss is %s: not a candidate for best.pt",
+                    self.epoch,
+                    self.step,
+                    result.loss,
+                )
+        elif result.top1 > self.best_top1:
             self.best_top1 = result.top1
             self.save("best.pt")
         self.logger.summary({"best_val_clip_top1": self.best_top1})
