@@ -53,8 +53,8 @@ def truncate_metrics(path: Path, *, step: int, val_step: int) -> int:
 
     A run killed after its last checkpoint logged steps it will log again once resumed: train
     records past `step` and validation records past `val_step` (the checkpoint's last validation)
-    go, and so does a line cut short by the kill. The file is replaced atomically, so a kill
-    during the rewrite leaves the old file.
+    go, and so does a line cut short by the kill; the `end` record of each session stays. The file
+    is replaced atomically, so a kill during the rewrite leaves the old file.
     """
     if not path.is_file():
         return 0
@@ -63,7 +63,9 @@ def truncate_metrics(path: Path, *, step: int, val_step: int) -> int:
     for line in lines:
         try:
             record = json.loads(line)
-            limit = step if record.get("split", "train") == "train" else val_step
+            split = record.get("split", "train")
+            # `end` records close a session (how it ended), not a step: they are history, kept.
+            limit = step if split == "train" else math.inf if split == "end" else val_step
             keep = int(record["step"]) <= limit and line.endswith("\n")
         except (json.JSONDecodeError, AttributeError, KeyError, TypeError, ValueError):  # not a whole record
             keep = False
