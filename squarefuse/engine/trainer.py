@@ -31,6 +31,7 @@ from squarefuse.datasets import build_dataset, build_device_augment
 from squarefuse.engine import distributed
 from squarefuse.engine.checkpoint import load_checkpoint, save_checkpoint
 from squarefuse.engine.evaluator import evaluate
+from squarefuse.engine.init_weights import apply_init_from
 from squarefuse.engine.loader import ignore_stop_signals, private_generator
 from squarefuse.engine.logging import MetricsLogger
 from squarefuse.engine.optim import build_optimizer, build_scheduler, scaled_lr
@@ -38,6 +39,7 @@ from squarefuse.engine.precision import autocast, resolve_precision
 from squarefuse.engine.preprocess import VideoNormalizer
 from squarefuse.engine.sampling import ResumableSampler, SeededDataset
 from squarefuse.models import build_classifier
+from squarefuse.models.complexity import format_model_info, model_complexity, write_model_info
 
 log = logging.getLogger("squarefuse")
 
@@ -153,6 +155,13 @@ class Trainer:
 
         # Model, EMA (after .to(device), before DDP), compile.
         self.model = build_classifier(cfg.backbone, cfg.fusion, cfg.head, self.num_classes).to(self.device)
+        apply_init_from(  # fine-tuning: weights only, before EMA copies them; a resumed run ignores it
+            self.model,
+            tcfg.get("init_from"),
+            allow_mismatch=bool(tcfg.get("init_allow_mismatch", False)),
+            resume_from=self._resume_path(),
+            report_dir=self.run_dir if is_main else None,
+        )
         self.normalizer = VideoNormalizer(self.model.mean, self.model.std, self.device)
         self.device_augment = build_device_augment(cfg.dataset)
         self.ema = ModelEmaV3(self.model, decay=float(tcfg.ema.decay)) if tcfg.ema.enabled else None
@@ -216,6 +225,9 @@ class Trainer:
                 self.num_workers,
                 self.dist.world_size,
             )
+            model_info = model_complexity(self.model, int(cfg.dataset.num_frames), self.model.backbone.img_size)
+            write_model_info(model_info, self.run_dir / "model_info.json")
+            log.info(format_model_info(model_info))
 
     # ----------------------------------------------------------------------------------- setup
 
