@@ -18,6 +18,7 @@ from squarefuse.engine.checkpoint import load_checkpoint, save_checkpoint
 from squarefuse.engine.init_weights import init_from, read_init_weights
 from squarefuse.engine.trainer import Trainer
 from squarefuse.models import build_classifier
+from squarefuse.models.complexity import model_complexity
 
 
 def make_list_dataset(root: Path, num_classes: int, per_class: int = 2) -> Path:
@@ -104,6 +105,10 @@ def test_init_from_a_checkpoint_with_another_class_count(source_run, five_classe
     assert sorted(report["loaded"]) == sorted(set(weights) - head_keys)
     logged = caplog.text
     assert f"loaded {len(weights) - 2} keys" in logged and "head.fc.weight (3, 48) -> (5, 48)" in logged
+
+    # The start-up also wrote the model's size (params and FLOPs per clip) for reports.
+    assert json.loads((run / "model_info.json").read_text()) == model_complexity(trainer.model, 4, 32)
+    assert "GFLOPs" in logged
 
     trainer.fit()  # trains from there
     assert load_checkpoint(run / "checkpoints" / "last.pt")["step"] == 1

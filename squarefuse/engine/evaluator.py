@@ -430,6 +430,7 @@ def run_eval(cfg: DictConfig, run_dir: str | Path) -> EvalResult:
     """
     from squarefuse.datasets import build_dataset  # noqa: PLC0415
     from squarefuse.engine.results import write_results  # noqa: PLC0415
+    from squarefuse.models.complexity import model_complexity  # noqa: PLC0415
 
     if cfg.get("ckpt") is None:
         raise ValueError("ckpt is required: python eval.py ckpt=PATH/TO/checkpoint.pt")
@@ -486,6 +487,7 @@ def run_eval(cfg: DictConfig, run_dir: str | Path) -> EvalResult:
                 "num_frames": dataset_cfg.get("num_frames"),
                 "precision": precision,
                 "world_size": dist_info.world_size,
+                "model_info": model_complexity(model, int(dataset_cfg.num_frames), model.backbone.img_size),
             }
             write_results(result, run_dir, class_names, dataset.records, missing=dataset.missing, meta=meta)
             for line in summary_lines(result, weights=weights_name, ckpt=ckpt, split=split):

@@ -1,9 +1,9 @@
 """Parameters and FLOPs of a video classifier per clip, broken down by its parts.
 
 FLOPs are counted by `torch.utils.flop_counter.FlopCounterMode` on one dummy clip
-``[1,T,3,H,W]``: 2 FLOPs per multiply-add of every matmul, convolution and attention. Papers that
-quote "FLOPs" for ViTs usually count multiply-adds (ViT-B/16 at 224 px: 17.6 G per frame, 35.1 G
-here): divide by 2 to compare.
+``[1,T,3,H,W]``: 2 FLOPs per multiply-add of every matmul, convolution and attention. Papers and
+timm's tables that quote "FLOPs" for ViTs usually count multiply-adds (ViT-B/16 at 224 px: 16.9
+GMACs per frame in timm's tables, 33.7 GFLOPs here): divide by 2 to compare.
 
 The parts are the classifier's top-level children (``backbone``, ``fusion``, ``block_fusions``,
 ``head``). A part may run inside another one's forward (fusions inserted after backbone blocks are
