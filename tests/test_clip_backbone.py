@@ -13,6 +13,7 @@ import torch
 from omegaconf import OmegaConf
 from timm.data.constants import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from timm.layers import QuickGELU
+from train_config import compose_config
 
 from squarefuse.engine.preprocess import VideoNormalizer
 from squarefuse.models import build_classifier
@@ -74,3 +75,9 @@ def test_clip_backbone_loads_a_local_file_with_clip_normalisation(tmp_path, conf
         logits = model(normalizer(frames))
     assert logits.shape == (1, 5)
     assert calls == [(2, 1 + 4, 64)]  # 2 frames, class token + 2x2 patches
+
+
+@pytest.mark.parametrize("dataset", ["k400", "ssv2"])
+def test_clip_backbone_replaces_the_recipe_backbone(dataset):
+    cfg = compose_config("train", [f"dataset={dataset}", "backbone=vit_b16_clip"])
+    assert cfg.backbone.name == "vit_base_patch16_clip_quickgelu_224.openai"
