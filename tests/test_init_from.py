@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import safetensors.torch
+import timm.models._builder as builder
 import torch
 from conftest import write_video
 from train_config import compose_config
@@ -79,11 +80,24 @@ def five_classes(tmp_path_factory) -> Path:
     return make_list_dataset(tmp_path_factory.mktemp("five"), 5, per_class=1)
 
 
-def test_init_from_a_checkpoint_with_another_class_count(source_run, five_classes, tmp_path, caplog):
+@pytest.fixture
+def no_network(monkeypatch):
+    """Makes every timm weight download fail, as on a machine without network access."""
+
+    def refuse(*args, **kwargs):
+        raise OSError("network disabled in tests")
+
+    for fn in ("load_state_dict_from_hf", "load_state_dict_from_url", "download_cached_file"):
+        monkeypatch.setattr(builder, fn, refuse)
+
+
+def test_init_from_a_checkpoint_with_another_class_count(source_run, five_classes, tmp_path, caplog, no_network):
     source = load_checkpoint(source_run / "checkpoints" / "last.pt")
     assert source["ema"] is None and source["step"] == 2
     run = tmp_path / "finetune"
-    cfg = list_cfg(five_classes, f"trainer.init_from={source_run / 'checkpoints' / 'last.pt'}", "trainer.max_steps=1")
+    ckpt = source_run / "checkpoints" / "last.pt"
+    # backbone.pretrained=true as in the recipes: the file replaces those weights, so no download is tried.
+    cfg = list_cfg(five_classes, f"trainer.init_from={ckpt}", "trainer.max_steps=1", "backbone.pretrained=true")
     with caplog.at_level(logging.INFO, logger="squarefuse"):
         trainer = Trainer(cfg, run)
 
@@ -163,6 +177,13 @@ def test_plain_state_dicts_wrapped_or_safetensors_and_missing_keys(tmp_path):
     assert report.missing == [k for k in state if k.startswith("fusion.")] and report.missing
     assert report.unexpected == ["extra.weight"] and report.reinitialised == []
     torch.testing.assert_close(target.state_dict()["head.fc.weight"], state["head.fc.weight"], rtol=0, atol=0)
+
+    # Without backbone weights the backbone would stay random: an error unless allowed.
+    no_backbone = tmp_path / "no_backbone.pth"
+    torch.save({k: v for k, v in state.items() if not k.startswith("backbone.")}, no_backbone)
+    with pytest.raises(ValueError, match=r"no_backbone\.pth.*backbone keys.*backbone\.model\.cls_token"):
+        init_from(small_model(K=4), no_backbone)
+    assert init_from(small_model(K=4), no_backbone, allow_mismatch=True).missing[0] == "backbone.model.cls_token"
 
 
 def test_ema_weights_are_preferred_and_unfitting_files_are_refused(tmp_path):

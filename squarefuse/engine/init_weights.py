@@ -6,7 +6,9 @@ Every key of the model is either loaded from the file or keeps its fresh initial
 loaded         same name and shape in the file
 reinitialised  same name, other shape: allowed in the head (another number of classes); anywhere
                else an error naming the key unless `allow_mismatch` (then kept fresh too)
-missing        not in the file (e.g. a fusion layer the source model did not have)
+missing        not in the file (e.g. a fusion layer the source model did not have); a backbone key
+               missing is an error unless `allow_mismatch`: the backbone is built without its
+               pretrained weights (the file replaces them), so it would stay random
 unexpected     in the file but not in the model (ignored)
 
 The file is a squarefuse checkpoint (EMA weights when it has them, as eval uses) or a plain state
@@ -27,14 +29,23 @@ from typing import Any
 
 import safetensors.torch
 import torch
+from omegaconf import OmegaConf
 from torch import nn
 
 log = logging.getLogger("squarefuse")
 
-__all__ = ["InitReport", "apply_init_from", "init_from", "read_init_weights", "write_init_report"]
+__all__ = [
+    "InitReport",
+    "apply_init_from",
+    "backbone_cfg_for_run",
+    "init_from",
+    "read_init_weights",
+    "write_init_report",
+]
 
 # Keys under this prefix may change shape (a new class count): they are re-initialised.
 HEAD_PREFIX = "head."
+BACKBONE_PREFIX = "backbone."
 # Prefixes of wrapped models (DDP, torch.compile) that a plain state dict may carry.
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 
@@ -120,8 +131,8 @@ def init_from(model: nn.Module, path: str | Path, *, allow_mismatch: bool = Fals
         The report of loaded / re-initialised / missing / unexpected keys.
 
     Raises:
-        ValueError: a shape mismatch outside the head (without `allow_mismatch`), naming the key;
-            or no key of the file fits the model at all.
+        ValueError: a shape mismatch outside the head or a backbone key missing from the file
+            (without `allow_mismatch`), naming the key; or no key of the file fits the model at all.
     """
     weights, name = read_init_weights(path)
     report = InitReport(source=str(path), weights=name)
@@ -144,6 +155,13 @@ def init_from(model: nn.Module, path: str | Path, *, allow_mismatch: bool = Fals
             )
         report.reinitialised.append({"key": key, "file_shape": list(value.shape), "model_shape": list(target.shape)})
     report.unexpected = [key for key in weights if key not in own]
+    missing_backbone = [key for key in report.missing if key.startswith(BACKBONE_PREFIX)]
+    if missing_backbone and report.loaded and not allow_mismatch:
+        raise ValueError(
+            f"trainer.init_from={str(path)!r} has no weights for {len(missing_backbone)} backbone keys (e.g. "
+            f"{missing_backbone[0]}), which would stay randomly initialised; set trainer.init_allow_mismatch=true "
+            f"to accept that"
+        )
     if not report.loaded:
         raise ValueError(
             f"trainer.init_from={str(path)!r}: none of its {len(weights)} keys fits the model (e.g. "
@@ -158,6 +176,18 @@ def write_init_report(report: InitReport, path: str | Path) -> None:
     """Writes the full report (every key) as JSON."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(json.dumps(asdict(report), indent=2) + "\n")
+
+
+def backbone_cfg_for_run(backbone_cfg: Any, path: str | Path | None, *, resume_from: str | Path | None) -> Any:
+    """The backbone config to build the run's model with.
+
+    When a file replaces the weights (`trainer.init_from`, or the checkpoint a run resumes from),
+    the backbone is built without its pretrained weights: loading them (from the hub, or
+    `backbone.pretrained_path`) would be wasted, and fail on a machine without network access.
+    """
+    if path is None and resume_from is None:
+        return backbone_cfg
+    return OmegaConf.merge(backbone_cfg, {"pretrained": False, "pretrained_path": None})
 
 
 def apply_init_from(

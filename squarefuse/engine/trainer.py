@@ -31,7 +31,7 @@ from squarefuse.datasets import build_dataset, build_device_augment
 from squarefuse.engine import distributed
 from squarefuse.engine.checkpoint import load_checkpoint, save_checkpoint
 from squarefuse.engine.evaluator import evaluate
-from squarefuse.engine.init_weights import apply_init_from
+from squarefuse.engine.init_weights import apply_init_from, backbone_cfg_for_run
 from squarefuse.engine.loader import ignore_stop_signals, private_generator
 from squarefuse.engine.logging import MetricsLogger
 from squarefuse.engine.optim import build_optimizer, build_scheduler, scaled_lr
@@ -154,8 +154,11 @@ class Trainer:
         )
 
         # Model, EMA (after .to(device), before DDP), compile.
-        self.model = build_classifier(cfg.backbone, cfg.fusion, cfg.head, self.num_classes).to(self.device)
-        apply_init_from(  # fine-tuning: weights only, before EMA copies them; a resumed run ignores it
+        # Weights from a file (trainer.init_from, or a resumed checkpoint) need no pretrained backbone.
+        # init_from (fine-tuning): weights only, loaded before EMA copies them; a resumed run ignores it.
+        backbone_cfg = backbone_cfg_for_run(cfg.backbone, tcfg.get("init_from"), resume_from=self._resume_path())
+        self.model = build_classifier(backbone_cfg, cfg.fusion, cfg.head, self.num_classes).to(self.device)
+        apply_init_from(
             self.model,
             tcfg.get("init_from"),
             allow_mismatch=bool(tcfg.get("init_allow_mismatch", False)),
