@@ -27,6 +27,7 @@ from squarefuse.engine.metrics import EvalResult
 from squarefuse.engine.precision import resolve_precision
 from squarefuse.engine.preprocess import VideoNormalizer
 from squarefuse.engine.results import write_results
+from squarefuse.models.complexity import model_complexity
 
 log = logging.getLogger(__name__)
 
@@ -183,6 +184,7 @@ def run_eval(cfg: DictConfig, run_dir: str | Path) -> EvalResult:
                 "num_frames": dataset_cfg.get("num_frames"),
                 "precision": precision,
                 "world_size": dist_info.world_size,
+                "model_info": model_complexity(model, int(dataset_cfg.num_frames), model.backbone.img_size),
                 "frame_order": frame_order,
                 "frame_order_seed": frame_order_seed if frame_order == "shuffled" else None,
             }

@@ -33,6 +33,7 @@ from squarefuse.engine import distributed
 from squarefuse.engine.checkpoint import load_checkpoint, save_checkpoint
 from squarefuse.engine.config_diff import config_changes, is_harmless
 from squarefuse.engine.evaluator import evaluate
+from squarefuse.engine.init_weights import apply_init_from, backbone_cfg_for_run
 from squarefuse.engine.loader import ignore_stop_signals, private_generator, resolve_num_workers, shutdown_workers
 from squarefuse.engine.logging import MetricsLogger
 from squarefuse.engine.optim import build_optimizer, build_scheduler, scaled_lr
@@ -41,6 +42,7 @@ from squarefuse.engine.preprocess import VideoNormalizer
 from squarefuse.engine.run_lock import RunLock
 from squarefuse.engine.sampling import ResumableSampler, SeededDataset
 from squarefuse.models import build_classifier
+from squarefuse.models.complexity import format_model_info, model_complexity, write_model_info
 
 log = logging.getLogger("squarefuse")
 
@@ -169,7 +171,18 @@ class Trainer:
         )
 
         # Model, EMA (after .to(device), before DDP), compile.
-        self.model = build_classifier(cfg.backbone, cfg.fusion, cfg.head, self.num_classes).to(self.device)
+        # Weights from a file (trainer.init_from, or a resumed checkpoint) need no pretrained backbone.
+        # init_from (fine-tuning): weights only, loaded before EMA copies them; a resumed run ignores it.
+        resume_from, state, why = self._resume_source()
+        backbone_cfg = backbone_cfg_for_run(cfg.backbone, tcfg.init_from, resume_from=resume_from)
+        self.model = build_classifier(backbone_cfg, cfg.fusion, cfg.head, self.num_classes).to(self.device)
+        apply_init_from(
+            self.model,
+            tcfg.init_from,
+            allow_mismatch=bool(tcfg.init_allow_mismatch),
+            resume_from=resume_from,
+            report_dir=self.run_dir if is_main else None,
+        )
         self.normalizer = VideoNormalizer(self.model.mean, self.model.std, self.device)
         self.device_augment = build_device_augment(cfg.dataset)
         self.ema = ModelEmaV3(self.model, decay=float(tcfg.ema.decay)) if tcfg.ema.enabled else None
@@ -204,7 +217,6 @@ class Trainer:
         self._stop_signal: int | None = None
         self._data_bound_reported = False
 
-        resume_from, state, why = self._resume_source()
         if resume_from is not None:
             self._check_resumed_config(resume_from, state["config"])
             self.load_state_dict(state, path=resume_from)
@@ -244,6 +256,9 @@ class Trainer:
                 self.num_workers,
                 self.dist.world_size,
             )
+            model_info = model_complexity(self.model, int(cfg.dataset.num_frames), self.model.backbone.img_size)
+            write_model_info(model_info, self.run_dir / "model_info.json")
+            log.info(format_model_info(model_info))
 
     # ----------------------------------------------------------------------------------- setup
 

@@ -1,0 +1,151 @@
+"""Ensembles of eval.py outputs (squarefuse.engine.ensemble, scripts/ensemble.py)."""
+
+from __future__ import annotations
+
+import json
+import runpy
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import write_video
+from omegaconf import OmegaConf
+from train_config import compose_config
+
+from squarefuse.engine.checkpoint import save_checkpoint
+from squarefuse.engine.ensemble import read_eval_dir, run_ensemble
+from squarefuse.engine.evaluator import run_eval
+from squarefuse.models import build_classifier
+
+REPO = Path(__file__).resolve().parents[1]
+CLASS_NAMES = ["push", "pull", "spin"]
+LABELS = [0, 1, 2, 0, 1]
+CORRUPT = 3  # v3.mp4 does not decode: every eval lists it as failed
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("videos")
+    rng = np.random.default_rng(0)
+    for i in range(len(LABELS)):
+        if i == CORRUPT:
+            (root / f"v{i}.mp4").write_text("not a video\n")
+        else:
+            write_video(root / f"v{i}.mp4", frames=rng.integers(0, 256, size=(8, 32, 40, 3), dtype=np.uint8), fps=8)
+    lines = "".join(f"v{i}.mp4 {label}\n" for i, label in enumerate(LABELS))
+    for split in ("train", "val"):
+        (root / f"{split}.txt").write_text(lines)
+    (root / "test.txt").write_text("v0.mp4 0\nv1.mp4 1\nv4.mp4 1\n")  # v2 left out
+    (root / "classes.txt").write_text("".join(f"{c}\n" for c in CLASS_NAMES))
+    return root
+
+
+def make_checkpoint(path: Path, root: Path, seed: int) -> Path:
+    cfg = compose_config(
+        "train",
+        [
+            "dataset=list",
+            f"dataset.root={root}",
+            f"dataset.label_map={root}/classes.txt",
+            "dataset.num_frames=4",
+            "dataset.sampling=segment",
+            "dataset.decoder=pyav",
+            "dataset.fallback_decoder=null",
+            "dataset.decode_timeout=0",
+            "dataset.test_clips=1",
+            "dataset.test_crops=1",
+            "backbone=tiny",
+            "backbone.img_size=32",
+            "backbone.model_kwargs.depth=2",
+            "backbone.model_kwargs.embed_dim=48",
+            "fusion.K=4",
+        ],
+    )
+    torch.manual_seed(seed)
+    model = build_classifier(cfg.backbone, cfg.fusion, cfg.head, num_classes=len(CLASS_NAMES))
+    state = {
+        "model": model.state_dict(),
+        "ema": None,
+        "config": OmegaConf.to_container(cfg, resolve=True),
+        "class_names": CLASS_NAMES,
+        "step": seed,
+    }
+    return save_checkpoint(state, path)
+
+
+def evaluate_to(folder: Path, ckpt: Path, *overrides: str) -> Path:
+    cfg = compose_config("eval", [f"ckpt={ckpt}", "num_workers=0", "device=cpu", "progress=false", *overrides])
+    run_eval(cfg, folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def evals(tmp_path_factory, data_root) -> dict[str, Path]:
+    """Two models evaluated on the val split, and model a on a test split without v2."""
+    base = tmp_path_factory.mktemp("evals")
+    ckpt_a = make_checkpoint(base / "a.pt", data_root, seed=0)
+    ckpt_b = make_checkpoint(base / "b.pt", data_root, seed=1)
+    return {
+        "a": evaluate_to(base / "a", ckpt_a),
+        "b": evaluate_to(base / "b", ckpt_b, "dataset.test_clips=2"),
+        "a_test": evaluate_to(base / "a_test", ckpt_a, "split=test", f"+dataset.test_file={data_root}/test.txt"),
+    }
+
+
+def test_an_eval_ensembled_with_itself_equals_it(evals, tmp_path):
+    result = run_ensemble([evals["a"], evals["a"]], out_dir=tmp_path / "self")
+    original = read_eval_dir(evals["a"])
+    assert torch.equal(result.probs, original.probs) and torch.equal(result.indices, original.indices)
+    for name in ("predictions.csv", "per_class.csv"):
+        assert (tmp_path / "self" / name).read_text() == (evals["a"] / name).read_text(), name
+    mine = json.loads((tmp_path / "self" / "results.json").read_text())
+    theirs = json.loads((evals["a"] / "results.json").read_text())
+    for key in ("top1", "top5", "mean_class_acc", "loss", "num_videos", "num_failed", "failed_videos", "views"):
+        assert mine[key] == theirs[key], key
+    assert theirs["num_failed"] == 1 and theirs["failed_videos"][0]["id"] == f"v{CORRUPT}.mp4"
+    assert [m["weight"] for m in mine["ensemble"]] == [1.0, 1.0]
+    assert (tmp_path / "self" / "confusion_matrix.png").is_file()
+    # eval.py's results.json carries the model's size (params and FLOPs per clip).
+    assert theirs["model_info"]["num_frames"] == 4 and theirs["model_info"]["flops_per_clip"]["total"] > 0
+
+
+def test_weighted_ensemble_through_the_script(evals, tmp_path, monkeypatch):
+    out = tmp_path / "ab"
+    script = REPO / "scripts" / "ensemble.py"
+    argv = [str(script), str(evals["a"]), str(evals["b"]), "--weights", "2", "1", "--out", str(out)]
+    monkeypatch.setattr(sys, "argv", argv)
+    runpy.run_path(str(script), run_name="__main__")
+    a, b, ab = read_eval_dir(evals["a"]), read_eval_dir(evals["b"]), read_eval_dir(out)
+    assert not torch.allclose(a.probs, b.probs)
+    torch.testing.assert_close(ab.probs, (2 * a.probs + b.probs) / 3)
+    top1 = 100.0 * (ab.probs.argmax(1) == ab.labels).double().mean().item()
+    assert ab.summary["top1"] == pytest.approx(top1)
+    assert [m["views"]["clips"] for m in ab.summary["ensemble"]] == [1, 2]
+
+    # Nothing is overwritten.
+    with pytest.raises(SystemExit, match="already holds results.json"):
+        runpy.run_path(str(script), run_name="__main__")
+
+
+def test_evaluations_of_other_videos_or_classes_are_refused(evals, tmp_path):
+    with pytest.raises(ValueError, match=r"video 'v2\.mp4' of .*/a is not in .*a_test"):
+        run_ensemble([evals["a"], evals["a_test"]], out_dir=tmp_path / "x")
+    with pytest.raises(ValueError, match=r"video 'v2\.mp4' of .*/a is not in .*a_test"):
+        run_ensemble([evals["a_test"], evals["a"]], out_dir=tmp_path / "x")
+
+    renamed = tmp_path / "renamed"
+    renamed.mkdir()
+    for name in ("predictions.csv", "results.json"):
+        (renamed / name).write_text((evals["a"] / name).read_text())
+    saved = torch.load(evals["a"] / "probs.pt", weights_only=True)
+    saved["class_names"] = ["push", "pull", "turn"]
+    torch.save(saved, renamed / "probs.pt")
+    with pytest.raises(ValueError, match=r"differ in class 2: 'turn' vs 'spin'"):
+        run_ensemble([evals["a"], renamed], out_dir=tmp_path / "x")
+    with pytest.raises(ValueError, match="2 weights for 3"):
+        run_ensemble([evals["a"]] * 3, weights=[1, 1], out_dir=tmp_path / "x")
+    with pytest.raises(FileNotFoundError, match="probs.pt"):
+        run_ensemble([evals["a"], tmp_path], out_dir=tmp_path / "x")
+    assert not (tmp_path / "x").exists()
