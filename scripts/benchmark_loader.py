@@ -121,7 +121,7 @@ def measure(dataset, *, rounds: int, iters: int) -> dict:
     """
     import torch  # noqa: PLC0415
 
-    from squarefuse.datasets.decoders import open_video  # noqa: PLC0415
+    from squarefuse.datasets.video_reader import open_video  # noqa: PLC0415
 
     path = dataset.records[0].path
 
@@ -163,7 +163,7 @@ def profile_transforms(dataset, *, iters: int) -> dict:
     import torch  # noqa: PLC0415
     from torchvision import tv_tensors  # noqa: PLC0415
 
-    from squarefuse.datasets.decoders import open_video  # noqa: PLC0415
+    from squarefuse.datasets.video_reader import open_video  # noqa: PLC0415
 
     rng = np.random.default_rng(0)
     path = dataset.records[0].path

@@ -11,9 +11,9 @@ import pytest
 import torch
 from conftest import frame_level
 
-from squarefuse.datasets import decoders
-from squarefuse.datasets.decoders import DecodeError, DecodeTimeout, open_video, resolve_decoder
-from squarefuse.datasets.video_backends import PyAVBackend
+from squarefuse.datasets import video_reader
+from squarefuse.datasets.decode_backends import PyAVBackend
+from squarefuse.datasets.video_reader import DecodeError, DecodeTimeout, open_video, resolve_decoder
 
 BOTH = ["decord", "pyav"]
 GUARD = [None, 20.0]  # in-process, and in the guarded decoding process
@@ -114,7 +114,7 @@ class _CrashTheProcess:
 
 def test_guard_does_not_need_the_gil_and_survives_crashes(make_video, tmp_path):
     good = make_video(tmp_path / "good.mp4", num_frames=10)
-    process = decoders._decode_process()
+    process = video_reader._decode_process()
     with open_video(good, "decord", timeout=20.0) as video:
         video.get_frames([0])
         start = time.monotonic()
@@ -132,8 +132,8 @@ def test_resolve_decoder(monkeypatch, caplog):
     assert resolve_decoder("pyav") == "pyav"
     with pytest.raises(ValueError, match="dataset.decoder='opencv'"):
         resolve_decoder("opencv")
-    monkeypatch.setattr(decoders, "_decord_installed", lambda: False)
-    monkeypatch.setattr(decoders, "_fallback_warned", False)
+    monkeypatch.setattr(video_reader, "_decord_installed", lambda: False)
+    monkeypatch.setattr(video_reader, "_fallback_warned", False)
     with caplog.at_level(logging.WARNING):
         assert resolve_decoder("decord") == "pyav"
         assert resolve_decoder("decord") == "pyav"
@@ -141,9 +141,9 @@ def test_resolve_decoder(monkeypatch, caplog):
 
 
 def test_decoding_process_is_recycled_between_videos(make_video, tmp_path, monkeypatch):
-    monkeypatch.setattr(decoders, "_RECYCLE_AFTER_OPENS", 2)
+    monkeypatch.setattr(video_reader, "_RECYCLE_AFTER_OPENS", 2)
     path = make_video(tmp_path / "v.mp4", num_frames=6)
-    process = decoders._decode_process()
+    process = video_reader._decode_process()
     process.close()
     generations = []
     for _ in range(5):

@@ -7,8 +7,8 @@ an item holds.
 
 from squarefuse.datasets.annotations import VideoRecord
 from squarefuse.datasets.build import DATASET_NAMES, build_dataset, build_device_augment
-from squarefuse.datasets.decoders import DecodeError, DecodeTimeout, VideoReader, open_video, resolve_decoder
 from squarefuse.datasets.video_dataset import VideoDataset
+from squarefuse.datasets.video_reader import DecodeError, DecodeTimeout, VideoReader, open_video, resolve_decoder
 
 __all__ = [
     "DATASET_NAMES",

@@ -28,10 +28,10 @@ from squarefuse.datasets.annotations import (
     read_label_map,
     split_missing,
 )
-from squarefuse.datasets.decoders import resolve_decoder
 from squarefuse.datasets.sampling import FrameSampler
 from squarefuse.datasets.transforms import DeviceAugment, TrainTransform, default_eval_short_side
 from squarefuse.datasets.video_dataset import VideoDataset
+from squarefuse.datasets.video_reader import resolve_decoder
 
 __all__ = ["DATASET_NAMES", "build_dataset", "build_device_augment", "load_annotations"]
 

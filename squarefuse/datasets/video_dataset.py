@@ -21,9 +21,9 @@ import torch
 from torch.utils.data import Dataset
 
 from squarefuse.datasets.annotations import VideoRecord
-from squarefuse.datasets.decoders import DecodeError, open_video
 from squarefuse.datasets.sampling import FrameSampler
 from squarefuse.datasets.transforms import TrainTransform, eval_views
+from squarefuse.datasets.video_reader import DecodeError, open_video
 
 __all__ = ["VideoDataset"]
 

@@ -1,7 +1,7 @@
 """Video decoding backends (decord, PyAV) on numpy, and the loop that serves them in a child process.
 
 This module imports neither torch nor the rest of the package, so that it can run as the small
-decoding process started by :mod:`squarefuse.datasets.decoders` (``python video_backends.py FD PARENT_PID``):
+decoding process started by :mod:`squarefuse.datasets.video_reader` (``python decode_backends.py FD PARENT_PID``):
 a decoder that hangs there (decord can spin forever in C holding the GIL) is killed from outside
 without taking the DataLoader worker down with it.
 
@@ -203,7 +203,7 @@ def describe_error(e: BaseException) -> str:
     return f"{type(e).__name__}: {lines[0][:300] if lines else ''}"
 
 
-# --- the wire format between the parent (decoders.py) and the decoding process ---------------
+# --- the wire format between the parent (video_reader.py) and the decoding process ---------------
 # A message is an 8-byte length followed by a pickle; frames follow their header as raw bytes so
 # the parent can receive them straight into a preallocated array.
 

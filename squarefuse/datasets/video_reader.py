@@ -37,8 +37,8 @@ from types import TracebackType
 import numpy as np
 import torch  # noqa: F401 - torch must be loaded before decord (imported lazily by the backends)
 
-from squarefuse.datasets import video_backends
-from squarefuse.datasets.video_backends import describe_error, open_backend, recv_exact, recv_msg, send_msg
+from squarefuse.datasets import decode_backends
+from squarefuse.datasets.decode_backends import describe_error, open_backend, recv_exact, recv_msg, send_msg
 
 __all__ = ["DECODERS", "DecodeError", "DecodeTimeout", "VideoReader", "open_video", "resolve_decoder"]
 
@@ -108,7 +108,7 @@ class _DecodeProcess:
         parent_sock, child_sock = socket.socketpair()
         try:
             self._proc = subprocess.Popen(
-                [sys.executable, video_backends.__file__, str(child_sock.fileno()), str(os.getpid())],
+                [sys.executable, decode_backends.__file__, str(child_sock.fileno()), str(os.getpid())],
                 pass_fds=(child_sock.fileno(),),
                 stdin=subprocess.DEVNULL,
             )
@@ -249,7 +249,7 @@ class VideoReader:
         height, width: frame size in pixels (looked up on first access).
     """
 
-    def __init__(self, path: str, backend: video_backends.Backend) -> None:
+    def __init__(self, path: str, backend: decode_backends.Backend) -> None:
         self.path = path
         self._backend = backend
         self.num_frames = int(backend.num_frames)
