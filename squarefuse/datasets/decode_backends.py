@@ -1,37 +1,65 @@
-"""Video decoding backends (decord, PyAV) on numpy, and the loop that serves them in a child process.
+"""Video decoding backends (decord, PyAV, torchcodec) that return uint8 RGB frames as numpy arrays.
 
-This module imports neither torch nor the rest of the package, so that it can run as the small
-decoding process started by :mod:`squarefuse.datasets.video_reader` (``python decode_backends.py FD PARENT_PID``):
-a decoder that hangs there (decord can spin forever in C holding the GIL) is killed from outside
-without taking the DataLoader worker down with it.
+They run in the guarded decoding process (decode_server.py) or in the calling process
+(`squarefuse.datasets.video_reader.open_video` without a timeout). This module imports neither
+torch nor the rest of the package at module level; torchcodec loads torch when it is used.
 
-Both backends number frames the same way: frame ``i`` is the ``i``-th frame in presentation order
-among the video stream's packets, which is what ``len(decord.VideoReader)`` counts. They return
-the same RGB pixels for the same indices (``tests/test_decoders.py`` checks it on H.264 and VP9).
+All backends number frames the same way: frame ``i`` is the ``i``-th frame in presentation order
+among the video stream's packets, which is what ``len(decord.VideoReader)`` counts. All apply the
+container's display rotation (a phone video filmed upright decodes upright, as FFmpeg's own
+tools show it; decord and torchcodec do it themselves, PyAV's frames are turned here). Without
+decode-time resize they return the same RGB pixels for the same indices (``tests/test_decoders.py``
+checks it on H.264, VP9 and rotated H.264).
+
+Decode-time resize (``short_side``): a video whose short side is more than `RESIZE_MIN_RATIO`
+times ``short_side`` is scaled while decoding (FFmpeg's swscale inside each library) so that its
+short side becomes ``short_side``, aspect ratio kept. Scaling a 720p frame inside the decoder is
+much cheaper than converting the full frame to RGB and resizing it afterwards; the backends'
+scalers differ slightly, so resized frames are close across backends but not identical.
 """
 
 from __future__ import annotations
 
 import bisect
 import os
-import pickle
-import signal
-import socket
-import struct
-import sys
-from typing import Any, Protocol
+from typing import Protocol
 
-if __name__ == "__main__" and sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(__file__)):
-    # Run as the decoding process's script: this package folder must not shadow other modules.
-    sys.path.pop(0)
+import numpy as np
 
-import numpy as np  # noqa: E402
+__all__ = [
+    "BACKENDS",
+    "RESIZE_MIN_RATIO",
+    "Backend",
+    "DecordBackend",
+    "PyAVBackend",
+    "TorchCodecBackend",
+    "decode_size",
+    "describe_error",
+    "open_backend",
+]
 
-__all__ = ["Backend", "DecordBackend", "PyAVBackend", "describe_error", "open_backend", "recv_msg", "send_msg", "serve"]
+# Scale at decode only when the stored short side exceeds the wanted one by this factor: a video
+# stored near the size it is used at (K400 prepared at short side 320 for 256) is not resampled twice.
+RESIZE_MIN_RATIO = 1.25
+
+
+def decode_size(height: int, width: int, short_side: int | None) -> tuple[int, int] | None:
+    """The (height, width) to decode a ``height x width`` video at, or None to decode it as stored.
+
+    Args:
+        height, width: the stored frame size (either orientation: the result follows it).
+        short_side: the short side the frames are used at; None = never resize.
+    """
+    if not short_side or min(height, width) <= RESIZE_MIN_RATIO * short_side:
+        return None
+    scale = short_side / min(height, width)
+    if height <= width:
+        return short_side, max(short_side, round(width * scale))
+    return max(short_side, round(height * scale)), short_side
 
 
 class Backend(Protocol):
-    """What both backends provide; `read` takes sorted, unique, in-range indices."""
+    """What every backend provides; `read` takes sorted, unique, in-range indices."""
 
     num_frames: int
     fps: float
@@ -49,14 +77,19 @@ class DecordBackend:
     Args:
         path: the video file.
         num_threads: decoding threads (1 inside DataLoader workers: the workers are the parallelism).
+        short_side: decode-time resize (see the module docstring); None = as stored.
     """
 
-    def __init__(self, path: str, *, num_threads: int = 1) -> None:
+    def __init__(self, path: str, *, num_threads: int = 1, short_side: int | None = None) -> None:
         # decord is imported here, never at module level: the parent process imports torch first
         # (decord's bundled libraries must load after torch's), and the PyAV path never needs it.
         import decord  # noqa: PLC0415
 
-        self._reader = decord.VideoReader(path, ctx=decord.cpu(0), num_threads=num_threads)
+        size = _displayed_decode_size(path, short_side) if short_side else None
+        height, width = size if size is not None else (-1, -1)
+        if size is not None:
+            width = _decord_safe_width(width)
+        self._reader = decord.VideoReader(path, ctx=decord.cpu(0), num_threads=num_threads, width=width, height=height)
         self.num_frames = len(self._reader)
         self.fps = float(self._reader.get_avg_fps())
 
@@ -78,6 +111,57 @@ class DecordBackend:
         self._reader = None
 
 
+def _displayed_decode_size(path: str, short_side: int) -> tuple[int, int] | None:
+    """`decode_size` of a video as displayed (decord's width/height apply after its rotation).
+
+    PyAV reads the stored size from the header; only a video that will be resized has its first
+    frame decoded, for the display rotation that FFmpeg attaches to decoded frames.
+    """
+    import av  # noqa: PLC0415
+
+    with av.open(path) as container:
+        if not container.streams.video:
+            return None  # decord names the problem itself
+        stream = container.streams.video[0]
+        size = decode_size(stream.codec_context.height, stream.codec_context.width, short_side)
+        if size is None:
+            return None
+        first = next(container.decode(stream), None)
+        if first is not None and _quarter_turns(first) % 2:
+            size = size[::-1]
+        return size
+
+
+def _decord_safe_width(width: int) -> int:
+    """The width nearest `width` whose RGB rows decord 0.6.0 copies correctly.
+
+    decord's scaled (and rotated) output comes from FFmpeg frames whose rows are padded to 32
+    bytes; when the padded row length is a whole multiple of the width other than 3, decord takes
+    it for the channel count and the copy fails ("DECORDArrayCopyFromTo: The size must exactly
+    match"), e.g. for widths 16, 24, 48, 72. Measured for widths 10..419: the rule below predicts
+    every failure. A width one or two pixels off changes the aspect ratio by well under 1 %.
+    """
+
+    def padded_row(w: int) -> int:  # av_frame_get_buffer(frame, 32) for rgb24
+        align = 1
+        while align <= 32:
+            row = 3 * -(-w // align) * align
+            if row % 32 == 0:
+                return row
+            align *= 2
+        return row
+
+    def safe(w: int) -> bool:
+        row = padded_row(w)
+        return row == 3 * w or row % w != 0
+
+    for delta in range(0, 8):
+        for w in (width + delta, width - delta):
+            if w > 0 and safe(w):
+                return w
+    return width
+
+
 class PyAVBackend:
     """PyAV (FFmpeg) decoding with frame indices that match decord's.
 
@@ -91,13 +175,19 @@ class PyAVBackend:
     index past the last frame that really decodes gets that last frame, so callers always receive
     as many frames as they asked for; a video that yields no wanted frame at all is an error.
 
+    FFmpeg attaches the container's display matrix to every decoded frame (`VideoFrame.rotation`,
+    counter-clockwise degrees); frames are turned by it here, after any resize.
+
     Args:
         path: the video file.
         num_threads: FFmpeg decoding threads.
+        short_side: decode-time resize (see the module docstring); None = as stored.
     """
 
-    def __init__(self, path: str, *, num_threads: int = 1) -> None:
+    def __init__(self, path: str, *, num_threads: int = 1, short_side: int | None = None) -> None:
         import av  # noqa: PLC0415
+
+        self._short_side = short_side
 
         self._container = av.open(path)
         if not self._container.streams.video:
@@ -131,7 +221,18 @@ class PyAVBackend:
         self.fps = float(rate) if rate else 0.0
 
     def frame_size(self) -> tuple[int, int]:
-        return int(self._stream.codec_context.height), int(self._stream.codec_context.width)
+        # The first frame's size after resize and rotation (the stream's own size is before both).
+        height, width = self.read([0]).shape[1:3]
+        return int(height), int(width)
+
+    def _to_rgb(self, frame) -> np.ndarray:
+        size = decode_size(frame.height, frame.width, self._short_side)
+        if size is None:
+            rgb = frame.to_ndarray(format="rgb24")
+        else:
+            rgb = frame.reformat(width=size[1], height=size[0], format="rgb24", interpolation="BICUBIC").to_ndarray()
+        turns = _quarter_turns(frame)
+        return np.ascontiguousarray(np.rot90(rgb, k=turns)) if turns else rgb
 
     def _count_decoded_frames(self) -> int:
         self._container.seek(0)
@@ -163,7 +264,7 @@ class PyAVBackend:
                 if index < start_index:  # a leading frame of an open GOP, before the seek target
                     continue
                 if index in wanted:
-                    frames[index] = frame.to_ndarray(format="rgb24")
+                    frames[index] = self._to_rgb(frame)
                 last_frame, last_index = frame, index
                 if index >= last_wanted:
                     break
@@ -176,7 +277,7 @@ class PyAVBackend:
             if missing[0] < last_index:
                 raise RuntimeError(f"frames {missing[:8]} were skipped by the decoder")
             # Past the real end of the stream: clamp to the last frame that decoded.
-            tail = frames[last_index] if last_index in frames else last_frame.to_ndarray(format="rgb24")
+            tail = frames[last_index] if last_index in frames else self._to_rgb(last_frame)
             for i in missing:
                 frames[i] = tail
         return np.stack([frames[i] for i in indices])
@@ -185,114 +286,70 @@ class PyAVBackend:
         self._container.close()
 
 
-BACKENDS = {"decord": DecordBackend, "pyav": PyAVBackend}
+def _quarter_turns(frame) -> int:
+    """Counter-clockwise quarter turns that display a decoded PyAV frame upright (0..3)."""
+    return round((frame.rotation or 0) / 90) % 4
 
 
-def open_backend(path: str, decoder: str, *, num_threads: int = 1) -> Backend:
-    """Open `path` with the backend named `decoder` ("decord" or "pyav")."""
+class TorchCodecBackend:
+    """torchcodec's VideoDecoder (the PyTorch team's FFmpeg decoder) on the CPU.
+
+    ``seek_mode="exact"`` scans the packets once at open, so frame ``i`` and the frame count are
+    those of decord and PyAV. torchcodec applies the display rotation and, with ``short_side``,
+    resizes inside the decoder (its `Resize` transform: bilinear, antialiased).
+
+    Args:
+        path: the video file.
+        num_threads: FFmpeg decoding threads.
+        short_side: decode-time resize (see the module docstring); None = as stored.
+    """
+
+    def __init__(self, path: str, *, num_threads: int = 1, short_side: int | None = None) -> None:
+        from torchcodec.decoders import VideoDecoder  # noqa: PLC0415 - optional, loads torch and FFmpeg
+
+        size, transforms = None, None
+        if short_side:
+            from torchcodec.decoders import get_container_metadata  # noqa: PLC0415
+            from torchcodec.transforms import Resize  # noqa: PLC0415
+
+            streams = [s for s in get_container_metadata(path).streams if s.media_type == "video"]
+            # The header's size is the displayed one (after rotation), as Resize's is.
+            size = decode_size(streams[0].height, streams[0].width, short_side) if streams else None
+            transforms = [Resize(size)] if size is not None else None
+        self._decoder = VideoDecoder(
+            path, dimension_order="NHWC", num_ffmpeg_threads=num_threads, seek_mode="exact", transforms=transforms
+        )
+        self._size = size
+        metadata = self._decoder.metadata
+        self.num_frames = int(metadata.num_frames or 0)
+        self.fps = float(metadata.average_fps or 0.0)
+
+    def frame_size(self) -> tuple[int, int]:
+        if self._size is not None:
+            return self._size
+        metadata = self._decoder.metadata
+        return int(metadata.height), int(metadata.width)
+
+    def read(self, indices: list[int]) -> np.ndarray:
+        return self._decoder.get_frames_at(indices).data.numpy()
+
+    def close(self) -> None:
+        self._decoder = None
+
+
+BACKENDS = {"decord": DecordBackend, "pyav": PyAVBackend, "torchcodec": TorchCodecBackend}
+
+
+def open_backend(path: str, decoder: str, *, num_threads: int = 1, short_side: int | None = None) -> Backend:
+    """Open `path` with the backend named `decoder` ("decord", "pyav" or "torchcodec")."""
     if decoder not in BACKENDS:
         raise ValueError(f"unknown decoder {decoder!r}: choose one of {sorted(BACKENDS)}")
     if not os.path.exists(path):
         raise FileNotFoundError(f"no such file: {path}")
-    return BACKENDS[decoder](path, num_threads=num_threads)
+    return BACKENDS[decoder](path, num_threads=num_threads, short_side=short_side)
 
 
 def describe_error(e: BaseException) -> str:
     """One line for a decoder exception (decord's messages carry a C++ stack trace below it)."""
     lines = [line.strip() for line in str(e).splitlines() if line.strip()]
     return f"{type(e).__name__}: {lines[0][:300] if lines else ''}"
-
-
-# --- the wire format between the parent (video_reader.py) and the decoding process ---------------
-# A message is an 8-byte length followed by a pickle; frames follow their header as raw bytes so
-# the parent can receive them straight into a preallocated array.
-
-_LEN = struct.Struct("<Q")
-
-
-def send_msg(sock: socket.socket, obj: Any) -> None:
-    """Send one pickled message."""
-    data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
-    sock.sendall(_LEN.pack(len(data)) + data)
-
-
-def recv_exact(sock: socket.socket, buf: memoryview) -> None:
-    """Fill `buf` from the socket; EOFError when the peer closes first."""
-    got = 0
-    while got < len(buf):
-        n = sock.recv_into(buf[got:])
-        if n == 0:
-            raise EOFError("the decoding process closed the connection")
-        got += n
-
-
-def recv_msg(sock: socket.socket) -> Any:
-    """Receive one pickled message."""
-    head = bytearray(_LEN.size)
-    recv_exact(sock, memoryview(head))
-    (size,) = _LEN.unpack(head)
-    body = bytearray(size)
-    recv_exact(sock, memoryview(body))
-    return pickle.loads(body)
-
-
-def _live_and_die_with_parent() -> None:
-    # Ctrl-C and a scheduler's SIGTERM reach the whole process group: the parent decides what
-    # happens (a preempted job checkpoints first), and requests in flight must not fail meanwhile.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    # If the parent (a DataLoader worker) is killed, a decoder stuck in C would otherwise live on.
-    try:
-        import ctypes  # noqa: PLC0415
-
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG (Linux)
-    except (OSError, AttributeError):
-        pass
-
-
-def serve(sock: socket.socket, parent_pid: int) -> None:
-    """Answer requests from the parent until it closes the connection (or dies).
-
-    Requests: ``("open", handle, path, decoder, num_threads)`` -> ``("ok", num_frames, fps)``;
-    ``("size", handle)`` -> ``("ok", height, width)``; ``("read", handle, indices)`` ->
-    ``("frames", shape)`` then the raw uint8 bytes; ``("close", handle)`` -> ``("ok",)``.
-    Any failure answers ``("error", "TypeName: message")`` and the process carries on.
-    """
-    _live_and_die_with_parent()
-    if os.getppid() != parent_pid:  # the parent died before PR_SET_PDEATHSIG took effect
-        return
-    readers: dict[int, Backend] = {}
-    send_msg(sock, ("ready",))
-    while True:
-        try:
-            request = recv_msg(sock)
-        except EOFError:
-            return
-        op, handle = request[0], request[1]
-        try:
-            if op == "open":
-                _, _, path, decoder, num_threads = request
-                if handle in readers:
-                    readers.pop(handle).close()
-                reader = open_backend(path, decoder, num_threads=num_threads)
-                readers[handle] = reader
-                send_msg(sock, ("ok", reader.num_frames, reader.fps))
-            elif op == "size":
-                send_msg(sock, ("ok", *readers[handle].frame_size()))
-            elif op == "read":
-                frames = np.ascontiguousarray(readers[handle].read(request[2]), dtype=np.uint8)
-                send_msg(sock, ("frames", frames.shape))
-                sock.sendall(memoryview(frames).cast("B"))
-            elif op == "close":
-                reader = readers.pop(handle, None)
-                if reader is not None:
-                    reader.close()
-                send_msg(sock, ("ok",))
-            else:
-                send_msg(sock, ("error", f"ValueError: unknown request {op!r}"))
-        except Exception as e:  # noqa: BLE001 - every decoder failure goes back to the parent
-            send_msg(sock, ("error", describe_error(e)))
-
-
-if __name__ == "__main__":
-    serve(socket.socket(fileno=int(sys.argv[1])), parent_pid=int(sys.argv[2]))
