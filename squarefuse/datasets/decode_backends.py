@@ -322,7 +322,8 @@ class TorchCodecBackend:
         self._size = size
         metadata = self._decoder.metadata
         self.num_frames = int(metadata.num_frames or 0)
-        self.fps = float(metadata.average_fps or 0.0)
+        # The header's rate, as decord and PyAV report it (the rate measured from the packets differs a little).
+        self.fps = float(metadata.average_fps_from_header or metadata.average_fps or 0.0)
 
     def frame_size(self) -> tuple[int, int]:
         if self._size is not None:
