@@ -425,3 +425,14 @@ def test_fallback_decoder_reads_what_decord_cannot(tmp_path, caplog):
     assert "decoded" in caplog.text and "w48.webm with pyav after decord" in caplog.text
     no_fallback = build_dataset(OmegaConf.merge(cfg, {"fallback_decoder": None}), "val")
     assert no_fallback[0]["failed"] is True and no_fallback[1]["failed"] is False
+
+
+def test_decode_short_side_values():
+    from squarefuse.datasets.build import _decode_short_side  # noqa: PLC0415 - one private helper
+
+    assert _decode_short_side("auto", eval_short_side=256) == 256
+    assert _decode_short_side(320, eval_short_side=256) == 320
+    assert _decode_short_side(None, eval_short_side=256) is None
+    for bad in ("big", -5):
+        with pytest.raises(ValueError, match="dataset.decode_short_side"):
+            _decode_short_side(bad, eval_short_side=256)

@@ -132,6 +132,23 @@ def _report_missing(
     log.warning(f"{message}; they are left out")
 
 
+def _decode_short_side(value: Any, *, eval_short_side: int) -> int | None:
+    """``dataset.decode_short_side``: "auto" = the eval short side (256 for 224 crops), also used for
+    train clips, whose RandomResizedCrop then works on the frame size the usual K400/SSv2
+    preprocessing stores; a number = that short side; null or 0 = decode every video as stored."""
+    if value is None or value == 0:
+        return None
+    if value == "auto":
+        return eval_short_side
+    try:
+        short_side = int(value)
+    except (TypeError, ValueError):
+        short_side = -1
+    if short_side <= 0:
+        raise ValueError(f"dataset.decode_short_side={value!r}: choose auto, null or a positive number of pixels")
+    return short_side
+
+
 def build_device_augment(dataset_cfg: Mapping[str, Any]) -> DeviceAugment | None:
     """The photometric train augmentation to run on the device, when `dataset.augment_on_device`."""
     cfg = dataset_cfg
@@ -198,6 +215,7 @@ def build_dataset(
     eval_short_side = int(cfg.get("eval_short_side") or default_eval_short_side(crop_size))
     if eval_short_side < crop_size:
         raise ValueError(f"dataset.eval_short_side={eval_short_side} is smaller than dataset.crop_size={crop_size}")
+    decode_short_side = _decode_short_side(cfg.get("decode_short_side"), eval_short_side=eval_short_side)
 
     annotations = load_annotations(cfg, split)
     records, missing = split_missing(annotations.records)
@@ -222,6 +240,7 @@ def build_dataset(
         decoder=decoder,
         fallback_decoder=fallback,
         decode_timeout=float(timeout) if timeout else None,
+        decode_short_side=decode_short_side,
         repeated_aug=int(cfg.get("repeated_aug", 1) or 1) if train else 1,
         max_replacements=int(cfg.get("max_replacements", 10)),
         missing=missing,

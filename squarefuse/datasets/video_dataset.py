@@ -42,10 +42,12 @@ class VideoDataset(Dataset):
         train_transform: the train augmentation (train only).
         eval_short_side: short side before the eval crops (eval only).
         num_crops: eval crops per clip, 1 or 3 (eval only).
-        decoder: "decord" or "pyav".
+        decoder: "decord", "pyav" or "torchcodec".
         fallback_decoder: decoder to retry a video with when `decoder` fails on it (None = no retry).
         decode_timeout: seconds a decoder call may take before the video counts as failed
             (decoding then runs in a guarded process); None or 0 = no guard, in-process.
+        decode_short_side: scale videos whose short side is well above this while decoding
+            (`squarefuse.datasets.video_reader.open_video`); None = decode as stored.
         repeated_aug: R, augmented copies of each decoded train clip.
         max_replacements: train: how many unreadable videos in a row may be skipped for one item.
         missing: paths left out at start-up because they did not exist.
@@ -66,6 +68,7 @@ class VideoDataset(Dataset):
         decoder: str = "decord",
         fallback_decoder: str | None = "pyav",
         decode_timeout: float | None = 60.0,
+        decode_short_side: int | None = None,
         repeated_aug: int = 1,
         max_replacements: int = 10,
         missing: Sequence[str] = (),
@@ -86,7 +89,7 @@ class VideoDataset(Dataset):
         self.crop_size, self.train_transform = crop_size, train_transform
         self.eval_short_side, self.num_crops = eval_short_side, num_crops
         self.decoder, self.fallback_decoder = decoder, fallback_decoder
-        self.decode_timeout = decode_timeout
+        self.decode_timeout, self.decode_short_side = decode_timeout, decode_short_side
         self.repeated_aug, self.max_replacements = repeated_aug, max_replacements
         # Paths `decoder` failed on in this process: later reads go straight to the fallback.
         self._primary_failed: set[str] = set()
@@ -108,7 +111,7 @@ class VideoDataset(Dataset):
         errors = []
         for decoder in decoders:
             try:
-                with open_video(path, decoder, timeout=self.decode_timeout) as video:
+                with open_video(path, decoder, timeout=self.decode_timeout, short_side=self.decode_short_side) as video:
                     index_CT, mask_CT = self.sampler(video.num_frames, rng)
                     frames = video.get_frames(index_CT.reshape(-1))
             except DecodeError as e:
