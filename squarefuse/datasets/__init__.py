@@ -16,6 +16,7 @@ _EXPORTS = {
     "DATASET_NAMES": "squarefuse.datasets.build",
     "build_dataset": "squarefuse.datasets.build",
     "build_device_augment": "squarefuse.datasets.build",
+    "build_gpu_decoder": "squarefuse.datasets.build",
     "DecodeError": "squarefuse.datasets.video_reader",
     "DecodeTimeout": "squarefuse.datasets.video_reader",
     "VideoReader": "squarefuse.datasets.video_reader",

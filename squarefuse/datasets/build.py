@@ -28,12 +28,13 @@ from squarefuse.datasets.annotations import (
     read_label_map,
     split_missing,
 )
+from squarefuse.datasets.gpu_decode import GpuClipDecoder, check_decode_device
 from squarefuse.datasets.sampling import FrameSampler
 from squarefuse.datasets.transforms import DeviceAugment, TrainTransform, default_eval_short_side
 from squarefuse.datasets.video_dataset import VideoDataset
 from squarefuse.datasets.video_reader import resolve_decoder
 
-__all__ = ["DATASET_NAMES", "build_dataset", "build_device_augment", "load_annotations"]
+__all__ = ["DATASET_NAMES", "build_dataset", "build_device_augment", "build_gpu_decoder", "load_annotations"]
 
 log = logging.getLogger(__name__)
 
@@ -149,6 +150,20 @@ def _decode_short_side(value: Any, *, eval_short_side: int) -> int | None:
     return short_side
 
 
+def build_gpu_decoder(train_set: VideoDataset, device: Any) -> GpuClipDecoder | None:
+    """The training process's clip decoder when the train set was built with ``decode_device=cuda``."""
+    if train_set.decode_device == "cpu":
+        return None
+    return GpuClipDecoder(
+        device=device,
+        transform=train_set.train_transform,
+        short_side=train_set.decode_short_side,
+        cpu_decoder=train_set.fallback_decoder or train_set.decoder,
+        decode_timeout=train_set.decode_timeout,
+        repeated_aug=train_set.repeated_aug,
+    )
+
+
 def build_device_augment(dataset_cfg: Mapping[str, Any]) -> DeviceAugment | None:
     """The photometric train augmentation to run on the device, when `dataset.augment_on_device`."""
     cfg = dataset_cfg
@@ -216,6 +231,7 @@ def build_dataset(
     if eval_short_side < crop_size:
         raise ValueError(f"dataset.eval_short_side={eval_short_side} is smaller than dataset.crop_size={crop_size}")
     decode_short_side = _decode_short_side(cfg.get("decode_short_side"), eval_short_side=eval_short_side)
+    decode_device = check_decode_device(str(cfg.get("decode_device") or "cpu"))
 
     annotations = load_annotations(cfg, split)
     records, missing = split_missing(annotations.records)
@@ -241,6 +257,7 @@ def build_dataset(
         fallback_decoder=fallback,
         decode_timeout=float(timeout) if timeout else None,
         decode_short_side=decode_short_side,
+        decode_device=decode_device if train else "cpu",  # validation and eval decode on the CPU
         repeated_aug=int(cfg.get("repeated_aug", 1) or 1) if train else 1,
         max_replacements=int(cfg.get("max_replacements", 10)),
         missing=missing,
