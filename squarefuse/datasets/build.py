@@ -231,7 +231,8 @@ def build_dataset(
     if eval_short_side < crop_size:
         raise ValueError(f"dataset.eval_short_side={eval_short_side} is smaller than dataset.crop_size={crop_size}")
     decode_short_side = _decode_short_side(cfg.get("decode_short_side"), eval_short_side=eval_short_side)
-    decode_device = check_decode_device(str(cfg.get("decode_device") or "cpu"))
+    # Only train clips are decoded on the GPU: an eval of a GPU-decoded run works on a CPU machine.
+    decode_device = check_decode_device(str(cfg.get("decode_device") or "cpu")) if train else "cpu"
 
     annotations = load_annotations(cfg, split)
     records, missing = split_missing(annotations.records)
@@ -257,7 +258,7 @@ def build_dataset(
         fallback_decoder=fallback,
         decode_timeout=float(timeout) if timeout else None,
         decode_short_side=decode_short_side,
-        decode_device=decode_device if train else "cpu",  # validation and eval decode on the CPU
+        decode_device=decode_device,
         repeated_aug=int(cfg.get("repeated_aug", 1) or 1) if train else 1,
         max_replacements=int(cfg.get("max_replacements", 10)),
         missing=missing,
