@@ -144,6 +144,7 @@ class _DecodeProcess:
         self._next_handle = 0
         self._opens = 0
         self._open_handles: set[int] = set()
+        self._loaded_decoders: set[str] = set()
         self.generation = 0  # bumped at every start: handles of an older process are void
 
     def _start(self) -> None:
@@ -165,6 +166,7 @@ class _DecodeProcess:
             child_sock.close()
         self._sock = parent_sock
         self._opens = 0
+        self._loaded_decoders = set()
         self.generation += 1
         try:
             parent_sock.settimeout(_STARTUP_TIMEOUT_S)
@@ -204,6 +206,10 @@ class _DecodeProcess:
                 self._kill()
                 self._start()
             assert self._sock is not None
+            if op == OPEN and message[3] not in self._loaded_decoders:
+                # The first video a process opens with a decoder also imports its library (torch
+                # for torchcodec: seconds, more on a busy node): that is not the decoder hanging.
+                timeout += _STARTUP_TIMEOUT_S
             try:
                 self._sock.settimeout(timeout)
                 send_msg(self._sock, message)
@@ -219,6 +225,7 @@ class _DecodeProcess:
                 code = self._kill()
                 raise DecodeError(f"{path}: the decoding process died during {op} (exit code {code})") from e
             if op == OPEN and reply[0] == OK:
+                self._loaded_decoders.add(message[3])
                 self._opens += 1
                 self._open_handles.add(message[1])
             elif op == CLOSE:
