@@ -245,7 +245,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--split", default="val", help="--config-overrides only: the split to check (default: val)")
     parser.add_argument("--out-dir", type=Path, default=Path("video_check"), help="where the report and clean file go")
     parser.add_argument("--report-format", choices=("csv", "json"), default="csv")
-    parser.add_argument("--decoder", default=None, help="decord | pyav (default: the config's, or decord)")
+    parser.add_argument("--decoder", default=None, help="decord | pyav | torchcodec (default: the config's, or decord)")
     parser.add_argument(
         "--fallback-decoder",
         default=None,
