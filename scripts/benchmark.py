@@ -79,6 +79,12 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--videos", type=int, default=8, help="distinct generated K400-like videos")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--skip", nargs="*", default=[], choices=["fusion", "loader", "train"])
+    p.add_argument(
+        "--override",
+        action="append",
+        default=[],
+        help="extra training config override for the train part, e.g. dataset.decoder=torchcodec (repeatable)",
+    )
     p.add_argument("--json", type=Path, default=None)
     return p.parse_args()
 
@@ -168,6 +174,7 @@ def build_trainer(preset: dict, args, listing: Path, video_dir: Path, run_dir: P
         "trainer.log_every=1000000",
         "trainer.ckpt_every=1000000",
         "trainer.epochs=1000",
+        *args.override,
     ]
     with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
         cfg = compose(config_name="train", overrides=overrides)

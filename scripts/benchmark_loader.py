@@ -20,6 +20,11 @@ the share of a worker's decoding speed left after augmentation (the target is >=
 With repeated augmentation R > 1 a pipeline item holds R augmented clips.
 The per-transform cost (``--profile``, and always when a ratio is below the target) times each
 step of the train transform separately on decoded frames, to show where the time goes.
+
+``--decoders`` compares the decoders instead (decord, PyAV, torchcodec where it loads), raw decode
+of the same train clips side by side in the guarded decoding process, as ratios to decord; and on a
+720p H.264 clip (raw K400 is often that large) decode-time resize to the recipe's short side
+(``dataset.decode_short_side``) against decoding full frames and resizing them afterwards.
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ from squarefuse.video_writer import write_video
 
 REPO = Path(__file__).resolve().parent.parent
 TARGET_RATIO = 0.85
+RESIZE_REFERENCE_HEIGHT = 480  # --decoders: taller videos are measured for decode-time resize
 
 
 @dataclass(frozen=True)
@@ -59,6 +65,7 @@ FULL = (
     VideoSpec("k400", "k400", "libx264", "mp4", 340, 256, 30, 10.0),
     VideoSpec("ssv2", "ssv2", "libvpx-vp9", "webm", 427, 240, 12, 4.0),
 )
+HD = VideoSpec("k400_720p", "k400", "libx264", "mp4", 1280, 720, 30, 4.0)
 QUICK = (
     VideoSpec("k400", "k400", "libx264", "mp4", 160, 120, 30, 2.0),
     VideoSpec("ssv2", "ssv2", "libvpx-vp9", "webm", 142, 80, 12, 2.0),
@@ -117,7 +124,7 @@ def measure(dataset, *, rounds: int, iters: int) -> dict:
     """
     import torch  # noqa: PLC0415
 
-    from squarefuse.datasets.decoders import open_video  # noqa: PLC0415
+    from squarefuse.datasets.video_reader import open_video  # noqa: PLC0415
 
     path = dataset.records[0].path
 
@@ -159,7 +166,7 @@ def profile_transforms(dataset, *, iters: int) -> dict:
     import torch  # noqa: PLC0415
     from torchvision import tv_tensors  # noqa: PLC0415
 
-    from squarefuse.datasets.decoders import open_video  # noqa: PLC0415
+    from squarefuse.datasets.video_reader import open_video  # noqa: PLC0415
 
     rng = np.random.default_rng(0)
     path = dataset.records[0].path
@@ -185,6 +192,72 @@ def profile_transforms(dataset, *, iters: int) -> dict:
     return {name: round(ms, 2) for name, ms in per_clip.items()}
 
 
+def interleaved(loops: dict, *, rounds: int, iters: int) -> tuple[dict[str, float], dict[str, float]]:
+    """Median clips/s of each loop, and the median per-round ratio of each to the first loop.
+
+    The loops run back to back in every round, in an order that rotates from round to round, and
+    reseed torch alike so that all decode the same clips; paired ratios cancel slow drifts.
+    """
+    import torch  # noqa: PLC0415
+
+    names = list(loops)
+    rates: dict[str, list[float]] = {name: [] for name in names}
+    for name in names:  # warm up: decoding process started, caches filled
+        loops[name]()
+    for r in range(rounds):
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            torch.manual_seed(r)
+            start = time.perf_counter()
+            for _ in range(iters):
+                loops[name]()
+            rates[name].append(iters / (time.perf_counter() - start))
+    base = rates[names[0]]
+    medians = {name: round(statistics.median(v), 2) for name, v in rates.items()}
+    ratios = {
+        name: round(statistics.median(a / b for a, b in zip(v, base, strict=True)), 3) for name, v in rates.items()
+    }
+    return medians, ratios
+
+
+def compare_decoders(dataset, *, spec: VideoSpec, rounds: int, iters: int) -> dict:
+    """Raw decode of the same train clips with each decoder (ratios to decord); on the 720p clip,
+    decode-time resize vs full decode + resize for each decoder (ratios to decord full + resize)."""
+    import torch  # noqa: PLC0415
+    from torchvision.transforms.v2 import functional as F  # noqa: PLC0415
+
+    from squarefuse.datasets.video_reader import open_video, torchcodec_problem  # noqa: PLC0415
+
+    path = dataset.records[0].path
+    decoders = ["decord", "pyav"] + ([] if torchcodec_problem() else ["torchcodec"])
+    short_side = dataset.decode_short_side or 256
+
+    def decode(decoder: str, *, at_decode: bool = False, resize_after: bool = False):
+        def run() -> None:
+            rng = np.random.default_rng(int(torch.randint(0, 2**62, ()).item()))
+            size = short_side if at_decode else None
+            with open_video(path, decoder, timeout=dataset.decode_timeout, short_side=size) as video:
+                index_CT, _ = dataset.sampler(video.num_frames, rng)
+                frames = video.get_frames(index_CT.reshape(-1))
+            if resize_after:
+                F.resize(frames.permute(0, 3, 1, 2), [short_side], antialias=True)
+
+        return run
+
+    if spec.height > RESIZE_REFERENCE_HEIGHT:
+        loops = {}
+        for decoder in decoders:
+            loops[f"{decoder} full decode + resize"] = decode(decoder, resize_after=True)
+            loops[f"{decoder} resize at decode"] = decode(decoder, at_decode=True)
+        clip = f"frames to short side {short_side}"
+    else:
+        loops = {decoder: decode(decoder) for decoder in decoders}
+        clip = "raw decode (no resize: the video is near the recipe's size)"
+    rates, ratios = interleaved(loops, rounds=rounds, iters=iters)
+    video = f"{spec.codec} {spec.width}x{spec.height} {spec.fps} fps {spec.seconds:g} s"
+    clip = f"{dataset.sampler.num_frames} frames ({dataset.sampler.sampling}), {clip}"
+    return {"video": video, "clip": clip, "clips_s": rates, "ratio": ratios}
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
@@ -204,6 +277,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--profile", action="store_true", help="always time each transform step")
     parser.add_argument("--work-dir", type=Path, default=None, help="where the test videos go (default: a temp folder)")
     parser.add_argument("--json", action="store_true", help="print the results as json only")
+    parser.add_argument("--decoders", action="store_true", help="compare the decoders and decode-time resize")
     return parser.parse_args(argv)
 
 
@@ -218,6 +292,8 @@ def main(argv: list[str] | None = None) -> dict:
         work_dir.mkdir(parents=True, exist_ok=True)
         # Encode before anything imports decord: once decord's bundled FFmpeg is loaded, PyAV's
         # VP9 encoder fails to open.
+        if args.decoders:
+            specs = (*specs, HD)
         videos = {s.name: write_test_video(s, work_dir / f"{s.name}.{s.ext}") for s in specs}
 
         import torch  # noqa: PLC0415
@@ -234,6 +310,9 @@ def main(argv: list[str] | None = None) -> dict:
                     raise ValueError(f"--set {item}: dataset.{key} is not a key of configs/dataset/{spec.dataset}.yaml")
                 cfg[key] = yaml.safe_load(value)
             dataset = build_dataset(cfg, "train")
+            if args.decoders:
+                results[spec.name] = compare_decoders(dataset, spec=spec, rounds=rounds, iters=iters)
+                continue
             result = {
                 "video": f"{spec.codec} {spec.width}x{spec.height} {spec.fps} fps {spec.seconds:g} s",
                 "recipe": f"{cfg['sampling']} {cfg['num_frames']} frames"
@@ -251,6 +330,11 @@ def main(argv: list[str] | None = None) -> dict:
 
     if args.json:
         print(json.dumps(results, indent=2))
+    elif args.decoders:
+        for name, r in results.items():
+            print(f"{name}: {r['video']}, {r['clip']}")
+            for loop, rate in r["clips_s"].items():
+                print(f"  {loop:34s} {rate:8.2f} clips/s  ratio {r['ratio'][loop]:.3f}")
     else:
         for name, r in results.items():
             verdict = "ok" if r["ratio"] >= TARGET_RATIO else f"BELOW the {TARGET_RATIO:.0%} target"

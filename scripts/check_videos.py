@@ -11,7 +11,7 @@ Two ways to name the split:
 
 Each video is opened and decoded, all its frames by default (``--frames N``: N evenly spaced
 ones, as a loader would), by a pool of worker processes. Every decoder call runs in a guarded
-child process (``squarefuse.datasets.decoders``): a call that takes longer than ``--timeout``
+child process (``squarefuse.datasets.video_reader``): a call that takes longer than ``--timeout``
 seconds gets the child killed and the video reported as ``timeout``. The dataset's fallback
 decoder (PyAV by default) is tried when the first decoder fails, as in training.
 
@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from squarefuse.datasets.annotations import list_num_classes, load_list, read_k400_csv
-from squarefuse.datasets.decoders import DecodeError, DecodeTimeout, open_video, resolve_decoder
+from squarefuse.datasets.video_reader import DecodeError, DecodeTimeout, open_video, resolve_decoder
 from squarefuse.process_pool import video_process_pool
 
 log = logging.getLogger("check_videos")
@@ -232,7 +232,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--split", default="val", help="--config-overrides only: the split to check (default: val)")
     parser.add_argument("--out-dir", type=Path, default=Path("video_check"), help="where the report and clean file go")
     parser.add_argument("--report-format", choices=("csv", "json"), default="csv")
-    parser.add_argument("--decoder", default=None, help="decord | pyav (default: the config's, or decord)")
+    parser.add_argument("--decoder", default=None, help="decord | pyav | torchcodec (default: the config's, or decord)")
     parser.add_argument(
         "--fallback-decoder",
         default=None,

@@ -11,7 +11,7 @@ def video_process_pool(workers: int) -> ProcessPoolExecutor:
 
     Fork: the workers inherit the imported package at no cost, and a script need not be importable
     by name (it runs as __main__ or is loaded from its path by the tests). Each worker starts its
-    own decoding child (decoders.py drops the parent's after a fork).
+    own decoding child (video_reader.py drops the parent's after a fork).
     """
     methods = multiprocessing.get_all_start_methods()
     context = multiprocessing.get_context("fork" if "fork" in methods else "spawn")

@@ -464,3 +464,27 @@ def test_fallback_decoder_reads_what_decord_cannot(tmp_path, caplog):
     assert "decoded" in caplog.text and "w48.webm with pyav after decord" in caplog.text
     no_fallback = build_dataset(OmegaConf.merge(cfg, {"fallback_decoder": None}), "val")
     assert no_fallback[0]["failed"] is True and no_fallback[1]["failed"] is False
+
+
+def test_decode_short_side_values():
+    from squarefuse.datasets.build import _decode_short_side  # noqa: PLC0415 - one private helper
+
+    assert _decode_short_side("auto", eval_short_side=256) == 256
+    assert _decode_short_side(320, eval_short_side=256) == 320
+    assert _decode_short_side(None, eval_short_side=256) is None
+    for bad in ("big", -5):
+        with pytest.raises(ValueError, match="dataset.decode_short_side"):
+            _decode_short_side(bad, eval_short_side=256)
+
+
+def test_decode_device_cuda_is_checked_for_train_only(tmp_path, monkeypatch):
+    from squarefuse.datasets import gpu_decode  # noqa: PLC0415 - the module whose CUDA check is faked
+
+    video = write_video(tmp_path / "a.mp4", num_frames=8)
+    listing = tmp_path / "list.txt"
+    listing.write_text(f"{video} 0\n")
+    cfg = cfg_for(train_file=str(listing), val_file=str(listing), video_dir=None, decode_device="cuda")
+    monkeypatch.setattr(gpu_decode.torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="dataset.decode_device=cuda"):
+        build_dataset(cfg, "train")
+    assert build_dataset(cfg, "val").decode_device == "cpu"  # eval decodes on the CPU anywhere

@@ -1,4 +1,5 @@
-"""Decoders: decord and PyAV agree, bad files raise DecodeError, a hung decoder is killed in time."""
+"""Decoders: decord, PyAV and torchcodec agree (also on rotated videos), decode-time resize, bad files raise
+DecodeError, a hung decoder is killed in time."""
 
 from __future__ import annotations
 
@@ -6,36 +7,44 @@ import logging
 import os
 import time
 
+import av
 import numpy as np
 import pytest
 import torch
-from conftest import frame_level
+from conftest import frame_level, video_frames
+from torchvision.transforms.v2 import functional as F
 
-from squarefuse.datasets import decoders
-from squarefuse.datasets.decoders import DecodeError, DecodeTimeout, open_video, resolve_decoder
-from squarefuse.datasets.video_backends import PyAVBackend
+from squarefuse.datasets import video_reader
+from squarefuse.datasets.decode_backends import PyAVBackend, _decord_safe_width, decode_size
+from squarefuse.datasets.video_reader import TORCHCODEC_INSTALL, DecodeError, DecodeTimeout, open_video, resolve_decoder
 
+_NO_TORCHCODEC = video_reader.torchcodec_problem()
+TORCHCODEC = pytest.param(
+    "torchcodec", marks=pytest.mark.skipif(_NO_TORCHCODEC is not None, reason=f"{_NO_TORCHCODEC}: {TORCHCODEC_INSTALL}")
+)
 BOTH = ["decord", "pyav"]
+ALL = [*BOTH, TORCHCODEC]
 GUARD = [None, 20.0]  # in-process, and in the guarded decoding process
 
 
 @pytest.mark.parametrize("ext,size", [(".mp4", (64, 48)), (".webm", (64, 48)), (".mp4", (50, 34)), (".webm", (45, 32))])
-def test_decord_and_pyav_return_identical_frames(make_video, tmp_path, ext, size):
+@pytest.mark.parametrize("other", ["pyav", TORCHCODEC])
+def test_decoders_return_frames_identical_to_decord(make_video, tmp_path, ext, size, other):
     width, height = size
     path = make_video(tmp_path / f"v{ext}", num_frames=37, width=width, height=height)
     indices = [0, 5, 36, 5, 17, 18, 2, 30, 36]  # unsorted, repeated, last frame
     out = {}
-    for name in BOTH:
+    for name in ("decord", other):
         with open_video(path, name) as video:
             assert (video.num_frames, video.height, video.width) == (37, height, width)
             assert video.fps == pytest.approx(12.0)
             out[name] = video.get_frames(indices)
     assert out["decord"].dtype == torch.uint8 and out["decord"].shape == (len(indices), height, width, 3)
-    # Measured: exactly equal on H.264 and VP9 (both use FFmpeg's decoders and RGB conversion).
-    assert torch.equal(out["decord"], out["pyav"])
+    # Measured: exactly equal on H.264 and VP9 (all use FFmpeg's decoders and RGB conversion).
+    assert torch.equal(out["decord"], out[other])
 
 
-@pytest.mark.parametrize("name", BOTH)
+@pytest.mark.parametrize("name", ALL)
 @pytest.mark.parametrize("timeout", GUARD)
 @pytest.mark.parametrize("ext", [".mp4", ".webm"])
 def test_frames_are_the_requested_ones(make_video, tmp_path, name, timeout, ext):
@@ -52,7 +61,7 @@ def test_frames_are_the_requested_ones(make_video, tmp_path, name, timeout, ext)
     assert frames[0, :, -4:, 0].float().mean() > frames[0, :, :4, 0].float().mean() + 150
 
 
-@pytest.mark.parametrize("name", BOTH)
+@pytest.mark.parametrize("name", ALL)
 @pytest.mark.parametrize("timeout", GUARD)
 def test_bad_files_raise_decode_error_naming_the_file(bad_videos, tmp_path, name, timeout):
     for path in [*bad_videos.values(), tmp_path / "does_not_exist.mp4"]:
@@ -83,7 +92,7 @@ def _fifo(tmp_path, name="hangs.mp4"):
     return path
 
 
-@pytest.mark.parametrize("name", BOTH)
+@pytest.mark.parametrize("name", ALL)
 def test_hung_decoder_is_killed_within_the_timeout(make_video, tmp_path, name):
     fifo = _fifo(tmp_path)
     good = make_video(tmp_path / "good.webm", num_frames=10)
@@ -114,7 +123,7 @@ class _CrashTheProcess:
 
 def test_guard_does_not_need_the_gil_and_survives_crashes(make_video, tmp_path):
     good = make_video(tmp_path / "good.mp4", num_frames=10)
-    process = decoders._decode_process()
+    process = video_reader._decode_process()
     with open_video(good, "decord", timeout=20.0) as video:
         video.get_frames([0])
         start = time.monotonic()
@@ -132,8 +141,8 @@ def test_resolve_decoder(monkeypatch, caplog):
     assert resolve_decoder("pyav") == "pyav"
     with pytest.raises(ValueError, match="dataset.decoder='opencv'"):
         resolve_decoder("opencv")
-    monkeypatch.setattr(decoders, "_decord_installed", lambda: False)
-    monkeypatch.setattr(decoders, "_fallback_warned", False)
+    monkeypatch.setattr(video_reader, "_decord_installed", lambda: False)
+    monkeypatch.setattr(video_reader, "_fallback_warned", False)
     with caplog.at_level(logging.WARNING):
         assert resolve_decoder("decord") == "pyav"
         assert resolve_decoder("decord") == "pyav"
@@ -141,9 +150,9 @@ def test_resolve_decoder(monkeypatch, caplog):
 
 
 def test_decoding_process_is_recycled_between_videos(make_video, tmp_path, monkeypatch):
-    monkeypatch.setattr(decoders, "_RECYCLE_AFTER_OPENS", 2)
+    monkeypatch.setattr(video_reader, "_RECYCLE_AFTER_OPENS", 2)
     path = make_video(tmp_path / "v.mp4", num_frames=6)
-    process = decoders._decode_process()
+    process = video_reader._decode_process()
     process.close()
     generations = []
     for _ in range(5):
@@ -152,3 +161,91 @@ def test_decoding_process_is_recycled_between_videos(make_video, tmp_path, monke
             generations.append(process.generation)
     first = generations[0]
     assert generations == [first, first, first + 1, first + 1, first + 2]
+
+
+def test_torchcodec_that_cannot_load_is_a_clear_error(monkeypatch):
+    monkeypatch.setattr(video_reader, "torchcodec_problem", lambda: "torchcodec is not installed")
+    with pytest.raises(ValueError, match=r"dataset.decoder=torchcodec: torchcodec is not installed.*apt-get install"):
+        resolve_decoder("torchcodec")
+
+
+def _write_rotated(path, degrees: int, *, width: int = 128, height: int = 96):
+    """An H.264 mp4 whose display matrix turns it `degrees` counter-clockwise (a phone video)."""
+    frames = video_frames(12, width, height)
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=12)
+        stream.height, stream.width, stream.pix_fmt = height, width, "yuv420p"
+        stream.options = {"crf": "12", "preset": "ultrafast", "g": "8"}
+        stream.set_display_rotation(degrees)
+        for frame in frames:
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        container.mux(stream.encode())
+    return frames
+
+
+@pytest.mark.skipif(
+    not hasattr(av.video.stream.VideoStream, "set_display_rotation"), reason="PyAV < 18 cannot write it"
+)
+@pytest.mark.parametrize("degrees", [90, -90, 180])
+def test_rotated_videos_decode_upright_and_identical_with_every_decoder(tmp_path, degrees):
+    path = tmp_path / f"rot{degrees}.mp4"
+    stored = _write_rotated(path, degrees)
+    upright = np.rot90(stored, k=degrees // 90, axes=(1, 2))  # as FFmpeg's own tools display it
+    names = ["decord", "pyav"] + ([] if _NO_TORCHCODEC else ["torchcodec"])
+    out = {}
+    for name in names:
+        for timeout in GUARD:
+            with open_video(path, name, timeout=timeout) as video:
+                assert (video.height, video.width) == upright.shape[1:3], (name, timeout)
+                frames = video.get_frames([0, 7, 11])
+            assert frames.shape == (3, *upright.shape[1:]), (name, timeout)
+            out[name, timeout] = frames
+    # Upright: the pattern turned as the display matrix says, within compression noise.
+    assert (out["pyav", None].float() - torch.from_numpy(upright[[0, 7, 11]]).float()).abs().mean() < 4
+    for key, frames in out.items():
+        assert torch.equal(frames, out["decord", None]), key
+    # Decode-time resize keeps the upright aspect ratio (decord's size applies after its rotation).
+    expected = (53, 40) if degrees % 180 else (40, 53)
+    for name in names:
+        with open_video(path, name, short_side=40) as video:
+            small = video.get_frames([7])
+        assert small.shape == (1, *expected, 3), name
+        reference = F.resize(out[name, None][1:2].permute(0, 3, 1, 2), list(expected), antialias=True)
+        assert (small.permute(0, 3, 1, 2).float() - reference.float()).abs().mean() < 4, name
+
+
+@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("timeout", GUARD)
+def test_decode_time_resize_gives_the_short_side_close_to_decode_then_resize(make_video, tmp_path, name, timeout):
+    path = make_video(tmp_path / "big.mp4", num_frames=10, width=320, height=240)
+    with open_video(path, name, timeout=timeout) as video:
+        full = video.get_frames([0, 9])
+    with open_video(path, name, timeout=timeout, short_side=96) as video:
+        assert (video.height, video.width) == (96, 128)
+        small = video.get_frames([0, 9])
+    assert small.shape == (2, 96, 128, 3)
+    reference = F.resize(full.permute(0, 3, 1, 2), [96], antialias=True).permute(0, 2, 3, 1)
+    assert (small.float() - reference.float()).abs().mean() < 3
+    # Near the wanted size (short side <= 1.25x): decoded as stored, not resampled twice.
+    with open_video(path, name, timeout=timeout, short_side=200) as video:
+        assert torch.equal(video.get_frames([0, 9]), full)
+
+
+def test_decode_size():
+    assert decode_size(720, 1280, 256) == (256, 455)
+    assert decode_size(1280, 720, 256) == (455, 256)
+    assert decode_size(320, 426, 256) is None  # 320 <= 1.25 * 256: not worth a second resampling
+    assert decode_size(720, 1280, None) is None
+
+
+def test_decord_width_avoids_its_row_padding_bug(make_video, tmp_path):
+    import decord  # noqa: PLC0415 - decord loads after torch
+
+    path = make_video(tmp_path / "v.mp4", num_frames=3, width=320, height=240)
+    assert _decord_safe_width(96) == 96
+    for width in (16, 24, 48, 72):
+        with pytest.raises(decord.DECORDError):  # the bug the safe width avoids
+            decord.VideoReader(str(path), width=width, height=40).get_batch([0]).asnumpy()
+        safe = _decord_safe_width(width)
+        assert abs(safe - width) <= 2
+        assert decord.VideoReader(str(path), width=safe, height=40).get_batch([0]).asnumpy().shape == (1, 40, safe, 3)

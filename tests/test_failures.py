@@ -159,7 +159,7 @@ def test_no_process_outlives_a_killed_trainer(data_root, tmp_path):
         children: set[int] = set()
         while time.monotonic() < deadline and proc.poll() is None:
             children = _children_of(proc.pid)
-            decoders = [p for p in children if "video_backends" in _cmdline(p)]
+            decoders = [p for p in children if "decode_server" in _cmdline(p)]
             if len(children) >= 4 and len(decoders) >= 2:  # 2 workers + their 2 decoding processes
                 break
             time.sleep(0.2)

@@ -3,22 +3,32 @@
 `build_dataset(cfg.dataset, split, views=..., report_dir=...)` is the entry point; see
 `squarefuse.datasets.build` for the config keys and `squarefuse.datasets.video_dataset` for what
 an item holds.
+
+The names below are imported on first use: the decoding process (``python -m
+squarefuse.datasets.decode_server``) imports this package and must not pay for torch and
+torchvision at every start.
 """
 
-from squarefuse.datasets.annotations import VideoRecord
-from squarefuse.datasets.build import DATASET_NAMES, build_dataset, build_device_augment
-from squarefuse.datasets.decoders import DecodeError, DecodeTimeout, VideoReader, open_video, resolve_decoder
-from squarefuse.datasets.video_dataset import VideoDataset
+import importlib
 
-__all__ = [
-    "DATASET_NAMES",
-    "DecodeError",
-    "DecodeTimeout",
-    "VideoDataset",
-    "VideoReader",
-    "VideoRecord",
-    "build_dataset",
-    "build_device_augment",
-    "open_video",
-    "resolve_decoder",
-]
+_EXPORTS = {
+    "VideoRecord": "squarefuse.datasets.annotations",
+    "DATASET_NAMES": "squarefuse.datasets.build",
+    "build_dataset": "squarefuse.datasets.build",
+    "build_device_augment": "squarefuse.datasets.build",
+    "build_gpu_decoder": "squarefuse.datasets.build",
+    "DecodeError": "squarefuse.datasets.video_reader",
+    "DecodeTimeout": "squarefuse.datasets.video_reader",
+    "VideoReader": "squarefuse.datasets.video_reader",
+    "open_video": "squarefuse.datasets.video_reader",
+    "resolve_decoder": "squarefuse.datasets.video_reader",
+    "VideoDataset": "squarefuse.datasets.video_dataset",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'squarefuse.datasets' has no attribute {name!r}")

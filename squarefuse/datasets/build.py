@@ -20,13 +20,21 @@ from pathlib import Path
 from typing import Any
 
 from squarefuse.datasets.annotations import Annotations, split_missing
-from squarefuse.datasets.decoders import resolve_decoder
 from squarefuse.datasets.formats import FORMATS, find_format, optional, required
 from squarefuse.datasets.frame_sampling import FrameSampler
+from squarefuse.datasets.gpu_decode import GpuClipDecoder, check_decode_device
 from squarefuse.datasets.transforms import DeviceAugment, TrainTransform, default_eval_short_side
 from squarefuse.datasets.video_dataset import VideoDataset
+from squarefuse.datasets.video_reader import resolve_decoder
 
-__all__ = ["DATASET_NAMES", "build_dataset", "build_device_augment", "load_annotations", "video_dataset_options"]
+__all__ = [
+    "DATASET_NAMES",
+    "build_dataset",
+    "build_device_augment",
+    "build_gpu_decoder",
+    "load_annotations",
+    "video_dataset_options",
+]
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +67,37 @@ def _report_missing(
             "check dataset.root and the video folder keys"
         )
     log.warning(f"{message}; they are left out")
+
+
+def _decode_short_side(value: Any, *, eval_short_side: int) -> int | None:
+    """``dataset.decode_short_side``: "auto" = the eval short side (256 for 224 crops), also used for
+    train clips, whose RandomResizedCrop then works on the frame size the usual K400/SSv2
+    preprocessing stores; a number = that short side; null or 0 = decode every video as stored."""
+    if value is None or value == 0:
+        return None
+    if value == "auto":
+        return eval_short_side
+    try:
+        short_side = int(value)
+    except (TypeError, ValueError):
+        short_side = -1
+    if short_side <= 0:
+        raise ValueError(f"dataset.decode_short_side={value!r}: choose auto, null or a positive number of pixels")
+    return short_side
+
+
+def build_gpu_decoder(train_set: VideoDataset, device: Any) -> GpuClipDecoder | None:
+    """The training process's clip decoder when the train set was built with ``decode_device=cuda``."""
+    if train_set.decode_device == "cpu":
+        return None
+    return GpuClipDecoder(
+        device=device,
+        transform=train_set.train_transform,
+        short_side=train_set.decode_short_side,
+        cpu_decoder=train_set.fallback_decoder or train_set.decoder,
+        decode_timeout=train_set.decode_timeout,
+        repeated_aug=train_set.repeated_aug,
+    )
 
 
 def build_device_augment(dataset_cfg: Mapping[str, Any]) -> DeviceAugment | None:
@@ -118,6 +157,9 @@ def video_dataset_options(dataset_cfg: Mapping[str, Any], *, train: bool, views:
     eval_short_side = int(optional(cfg, "eval_short_side") or default_eval_short_side(crop_size))
     if eval_short_side < crop_size:
         raise ValueError(f"dataset.eval_short_side={eval_short_side} is smaller than dataset.crop_size={crop_size}")
+    decode_short_side = _decode_short_side(optional(cfg, "decode_short_side"), eval_short_side=eval_short_side)
+    # Only train clips are decoded on the GPU: an eval of a GPU-decoded run works on a CPU machine.
+    decode_device = check_decode_device(str(required(cfg, "decode_device"))) if train else "cpu"
 
     timeout = optional(cfg, "decode_timeout")  # 0 or null: unguarded
     return dict(
@@ -130,6 +172,8 @@ def video_dataset_options(dataset_cfg: Mapping[str, Any], *, train: bool, views:
         decoder=decoder,
         fallback_decoder=fallback,
         decode_timeout=float(timeout) if timeout else None,
+        decode_short_side=decode_short_side,
+        decode_device=decode_device,
         repeated_aug=int(required(cfg, "repeated_aug")) if train else 1,
         max_replacements=int(required(cfg, "max_replacements")),
     )

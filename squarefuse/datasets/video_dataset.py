@@ -22,9 +22,9 @@ import torch
 from torch.utils.data import Dataset
 
 from squarefuse.datasets.annotations import VideoRecord
-from squarefuse.datasets.decoders import DecodeError, open_video
 from squarefuse.datasets.frame_sampling import FrameSampler
 from squarefuse.datasets.transforms import TrainTransform, eval_views
+from squarefuse.datasets.video_reader import DecodeError, open_video
 
 __all__ = ["VideoDataset"]
 
@@ -43,10 +43,14 @@ class VideoDataset(Dataset):
         train_transform: the train augmentation (train only).
         eval_short_side: short side before the eval crops (eval only).
         num_crops: eval crops per clip, 1 or 3 (eval only).
-        decoder: "decord" or "pyav".
+        decoder: "decord", "pyav" or "torchcodec".
         fallback_decoder: decoder to retry a video with when `decoder` fails on it (None = no retry).
         decode_timeout: seconds a decoder call may take before the video counts as failed
             (decoding then runs in a guarded process); None or 0 = no guard, in-process.
+        decode_short_side: scale videos whose short side is well above this while decoding
+            (`squarefuse.datasets.video_reader.open_video`); None = decode as stored.
+        decode_device: "cpu", or "cuda" (train only): items then hold ``path`` and
+            ``frame_index`` [T] instead of ``video``, for `squarefuse.datasets.gpu_decode`.
         repeated_aug: R, augmented copies of each decoded train clip.
         max_replacements: train: how many unreadable videos in a row may be skipped for one item.
         missing: paths left out at start-up because they did not exist.
@@ -67,6 +71,8 @@ class VideoDataset(Dataset):
         decoder: str = "decord",
         fallback_decoder: str | None = "pyav",
         decode_timeout: float | None = 60.0,
+        decode_short_side: int | None = None,
+        decode_device: str = "cpu",
         repeated_aug: int = 1,
         max_replacements: int = 10,
         missing: Sequence[str] = (),
@@ -87,7 +93,10 @@ class VideoDataset(Dataset):
         self.crop_size, self.train_transform = crop_size, train_transform
         self.eval_short_side, self.num_crops = eval_short_side, num_crops
         self.decoder, self.fallback_decoder = decoder, fallback_decoder
-        self.decode_timeout = decode_timeout
+        self.decode_timeout, self.decode_short_side = decode_timeout, decode_short_side
+        if decode_device != "cpu" and not train:
+            raise ValueError(f"split {split!r}: decoding on {decode_device} is for train items only")
+        self.decode_device = decode_device
         self.repeated_aug, self.max_replacements = repeated_aug, max_replacements
         # Paths `decoder` failed on in this process: later reads go straight to the fallback.
         self._primary_failed: set[str] = set()
@@ -100,8 +109,14 @@ class VideoDataset(Dataset):
     def __len__(self) -> int:
         return len(self.records)
 
-    def _decode(self, path: str, rng: np.random.Generator | None) -> tuple[torch.Tensor, np.ndarray]:
-        """Sample and decode: frames uint8 [C*T,H,W,3] and mask [C,T]; DecodeError on failure."""
+    def _decode(
+        self, path: str, rng: np.random.Generator | None, *, decode: bool = True
+    ) -> tuple[torch.Tensor | None, np.ndarray, np.ndarray]:
+        """Sample and decode: frames uint8 [C*T,H,W,3] (None when not `decode`), indices and mask [C,T].
+
+        Raises:
+            DecodeError: no decoder could open the video (or decode the frames).
+        """
         decoders = [self.decoder]
         if self.fallback_decoder and self.fallback_decoder != self.decoder:
             decoders = decoders[1:] if path in self._primary_failed else decoders
@@ -109,9 +124,9 @@ class VideoDataset(Dataset):
         errors = []
         for decoder in decoders:
             try:
-                with open_video(path, decoder, timeout=self.decode_timeout) as video:
+                with open_video(path, decoder, timeout=self.decode_timeout, short_side=self.decode_short_side) as video:
                     index_CT, mask_CT = self.frame_sampler(video.num_frames, rng)
-                    frames = video.get_frames(index_CT.reshape(-1))
+                    frames = video.get_frames(index_CT.reshape(-1)) if decode else None
             except DecodeError as e:
                 errors.append(f"{decoder}: {e}")
                 if decoder == self.decoder:
@@ -119,7 +134,7 @@ class VideoDataset(Dataset):
                 continue
             if errors:
                 log.warning(f"decoded {path} with {decoder} after {'; '.join(errors)}")
-            return frames, mask_CT
+            return frames, index_CT, mask_CT
         raise DecodeError("; ".join(errors))
 
     def __getitem__(self, index: int) -> dict[str, Any]:
@@ -133,11 +148,20 @@ class VideoDataset(Dataset):
             i = (index + attempt) % len(self.records)
             record = self.records[i]
             try:
-                frames_THWC, mask_CT = self._decode(record.path, rng)
+                frames_THWC, index_CT, mask_CT = self._decode(record.path, rng, decode=self.decode_device == "cpu")
             except DecodeError as e:
                 log.warning(f"train video {i} could not be decoded and is replaced by the next one: {e}")
                 errors.append(str(e))
                 continue
+            if frames_THWC is None:  # decoded on the GPU in the training process (gpu_decode.py)
+                return {
+                    "path": record.path,
+                    "frame_index": torch.from_numpy(index_CT[0]),
+                    "mask": torch.from_numpy(mask_CT[0]),
+                    "label": record.label,
+                    "index": i,
+                    "num_replaced": attempt,
+                }
             video_TCHW = frames_THWC.permute(0, 3, 1, 2)  # a view: channels-last memory resizes fastest
             if self.repeated_aug == 1:
                 video, mask = self.train_transform(video_TCHW), torch.from_numpy(mask_CT[0])
@@ -161,7 +185,7 @@ class VideoDataset(Dataset):
         record = self.records[index]
         clips, crops = self.views
         try:
-            frames_NHWC, mask_CT = self._decode(record.path, None)
+            frames_NHWC, _, mask_CT = self._decode(record.path, None)
         except DecodeError as e:
             log.warning(f"eval video {index} could not be decoded and counts as failed: {e}")
             T = self.frame_sampler.num_frames

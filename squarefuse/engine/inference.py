@@ -32,8 +32,8 @@ from torch import Tensor, nn
 
 from squarefuse.datasets.annotations import VideoRecord
 from squarefuse.datasets.build import video_dataset_options
-from squarefuse.datasets.decoders import DecodeError
 from squarefuse.datasets.video_dataset import VideoDataset
+from squarefuse.datasets.video_reader import DecodeError
 from squarefuse.engine.checkpoint import (
     build_model_from_checkpoint,
     check_checkpoint_file,

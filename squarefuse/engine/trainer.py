@@ -28,7 +28,7 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 from tqdm import tqdm
 
-from squarefuse.datasets import build_dataset, build_device_augment
+from squarefuse.datasets import build_dataset, build_device_augment, build_gpu_decoder
 from squarefuse.engine import distributed
 from squarefuse.engine.checkpoint import load_checkpoint, save_checkpoint
 from squarefuse.engine.config_diff import config_changes, is_harmless
@@ -185,6 +185,7 @@ class Trainer:
         )
         self.normalizer = VideoNormalizer(self.model.mean, self.model.std, self.device)
         self.device_augment = build_device_augment(cfg.dataset)
+        self.gpu_decoder = build_gpu_decoder(self.train_set, self.device)  # dataset.decode_device=cuda
         self.ema = ModelEmaV3(self.model, decay=float(tcfg.ema.decay)) if tcfg.ema.enabled else None
         self.train_model = self.model
         if self.dist.is_distributed:
@@ -626,10 +627,16 @@ class Trainer:
 
     def _prepare(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """uint8 batch -> device -> float normalised -> MixUp/CutMix; targets are soft labels."""
-        video = batch["video"].to(self.device, non_blocking=True)
         mask = batch["mask"].to(self.device, non_blocking=True)
         label = batch["label"].to(self.device, non_blocking=True)
         self.num_replaced += int(batch["num_replaced"].sum())
+        if self.gpu_decoder is not None:  # the workers sampled, the GPU decodes and crops
+            video, replaced = self.gpu_decoder(batch["path"], batch["frame_index"])
+            self.num_replaced += replaced
+            if video.dim() == 6:
+                mask = mask[:, None].expand(-1, video.shape[1], -1)
+        else:
+            video = batch["video"].to(self.device, non_blocking=True)
         if video.dim() == 6:  # repeated augmentation: [B, R, T, C, H, W] -> [B*R, T, C, H, W]
             repeats = video.shape[1]
             video, mask = video.flatten(0, 1), mask.flatten(0, 1)

@@ -1,7 +1,10 @@
-"""Open a video with decord or PyAV, in this process or in a guarded decoding process.
+"""The public API for reading videos: open one with decord, PyAV or torchcodec, here or in a guarded process.
 
     with open_video("a.webm", "decord", timeout=30.0) as video:
-        frames_THWC = video.get_frames([0, 4, 8])      # uint8, RGB
+        frames_THWC = video.get_frames([0, 4, 8])      # uint8, RGB, upright (display rotation applied)
+
+This module is the client side: the backends are in `decode_backends`, the decoding process in
+`decode_server`, the messages between them in `decode_protocol`.
 
 With ``timeout`` set, decoding runs in one small child process per calling process (started on
 first use, re-used for every later video). A decoder call that does not answer within ``timeout``
@@ -37,14 +40,29 @@ from types import TracebackType
 import numpy as np
 import torch  # noqa: F401 - torch must be loaded before decord (imported lazily by the backends)
 
-from squarefuse.datasets import video_backends
-from squarefuse.datasets.video_backends import describe_error, open_backend, recv_exact, recv_msg, send_msg
+from squarefuse.datasets import decode_backends, decode_server
+from squarefuse.datasets.decode_backends import describe_error, open_backend
+from squarefuse.datasets.decode_protocol import (
+    CLOSE,
+    ERROR,
+    FRAMES,
+    OK,
+    OPEN,
+    READ,
+    READY,
+    SIZE,
+    recv_frames,
+    recv_msg,
+    send_msg,
+)
 
 __all__ = ["DECODERS", "DecodeError", "DecodeTimeout", "VideoReader", "open_video", "resolve_decoder"]
 
 log = logging.getLogger(__name__)
 
-DECODERS = ("decord", "pyav")
+DECODERS = ("decord", "pyav", "torchcodec")
+# The package folder that holds `squarefuse`: the decoding process imports it from there.
+_PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])
 # How long a fresh decoding process may take to import numpy and answer (slow shared filesystems).
 _STARTUP_TIMEOUT_S = 60.0
 # The decoding process is replaced after this many videos: whatever a decoder library leaks or
@@ -69,21 +87,45 @@ def _decord_installed() -> bool:
     return importlib.util.find_spec("decord") is not None
 
 
+TORCHCODEC_INSTALL = 'pip install -e ".[torchcodec]" and FFmpeg\'s shared libraries (apt-get install ffmpeg)'
+
+
+@functools.cache
+def torchcodec_problem() -> str | None:
+    """Why torchcodec cannot decode here, or None when it can.
+
+    Checked by importing it in a child process: torchcodec loads the system's FFmpeg libraries,
+    which must not be loaded into this process next to PyAV's and decord's own copies just to
+    check (PyAV's VP9 encoder, used by the synthetic data generator, then fails to open).
+    """
+    if importlib.util.find_spec("torchcodec") is None:
+        return "torchcodec is not installed"
+    check = subprocess.run(
+        [sys.executable, "-c", "import torch, torchcodec.decoders"], capture_output=True, text=True, timeout=300
+    )
+    if check.returncode != 0:
+        lines = [line for line in check.stderr.splitlines() if line.strip()]
+        return f"torchcodec does not load: {lines[-1] if lines else f'exit code {check.returncode}'}"
+    return None
+
+
 def resolve_decoder(name: str) -> str:
     """Check a decoder name; "decord" becomes "pyav" (with a one-time warning) without decord.
 
     Args:
-        name: "decord" or "pyav" (the value of ``dataset.decoder``).
+        name: "decord", "pyav" or "torchcodec" (the value of ``dataset.decoder``).
 
     Returns:
         The decoder to use.
 
     Raises:
-        ValueError: `name` is not a known decoder.
+        ValueError: `name` is not a known decoder, or it is torchcodec and torchcodec cannot load.
     """
     global _fallback_warned
     if name not in DECODERS:
         raise ValueError(f"dataset.decoder={name!r} is not a decoder: choose one of {list(DECODERS)}")
+    if name == "torchcodec" and (problem := torchcodec_problem()) is not None:
+        raise ValueError(f"dataset.decoder=torchcodec: {problem}. Install {TORCHCODEC_INSTALL}")
     if name == "decord" and not _decord_installed():
         if not _fallback_warned:
             log.warning("decord is not installed (it ships x86-64 wheels only): decoding with PyAV instead")
@@ -102,24 +144,33 @@ class _DecodeProcess:
         self._next_handle = 0
         self._opens = 0
         self._open_handles: set[int] = set()
+        self._loaded_decoders: set[str] = set()
         self.generation = 0  # bumped at every start: handles of an older process are void
 
     def _start(self) -> None:
         parent_sock, child_sock = socket.socketpair()
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (_PACKAGE_ROOT, env.get("PYTHONPATH")) if p)
+        # torch (loaded there by torchcodec) must not start a thread per core for its copies: on
+        # a busy node those threads spin and made torchcodec 15x slower (measured on 2 cores).
+        # Decoding threads are the backends' own `num_threads`.
+        env["OMP_NUM_THREADS"] = "1"
         try:
             self._proc = subprocess.Popen(
-                [sys.executable, video_backends.__file__, str(child_sock.fileno()), str(os.getpid())],
+                [sys.executable, "-m", decode_server.__name__, str(child_sock.fileno()), str(os.getpid())],
                 pass_fds=(child_sock.fileno(),),
                 stdin=subprocess.DEVNULL,
+                env=env,
             )
         finally:
             child_sock.close()
         self._sock = parent_sock
         self._opens = 0
+        self._loaded_decoders = set()
         self.generation += 1
         try:
             parent_sock.settimeout(_STARTUP_TIMEOUT_S)
-            if recv_msg(parent_sock) != ("ready",):
+            if recv_msg(parent_sock) != (READY,):
                 raise EOFError("unexpected first message")
         except (OSError, EOFError) as e:
             code = self._kill()
@@ -149,20 +200,22 @@ class _DecodeProcess:
         op = message[0]
         with self._lock:
             alive = self._proc is not None and self._proc.poll() is None
-            if not alive and op != "open":
+            if not alive and op != OPEN:
                 raise DecodeError(f"{path}: the decoding process was restarted; open the video again")
-            if op == "open" and (not alive or (self._opens >= _RECYCLE_AFTER_OPENS and not self._open_handles)):
+            if op == OPEN and (not alive or (self._opens >= _RECYCLE_AFTER_OPENS and not self._open_handles)):
                 self._kill()
                 self._start()
             assert self._sock is not None
+            if op == OPEN and message[3] not in self._loaded_decoders:
+                # The first video a process opens with a decoder also imports its library (torch
+                # for torchcodec: seconds, more on a busy node): that is not the decoder hanging.
+                timeout += _STARTUP_TIMEOUT_S
             try:
                 self._sock.settimeout(timeout)
                 send_msg(self._sock, message)
                 reply = recv_msg(self._sock)
-                if reply[0] == "frames":
-                    frames = np.empty(reply[1], dtype=np.uint8)
-                    recv_exact(self._sock, memoryview(frames).cast("B"))
-                    reply = ("frames", frames)
+                if reply[0] == FRAMES:
+                    reply = (FRAMES, recv_frames(self._sock, reply[1]))
             except TimeoutError as e:
                 self._kill()
                 raise DecodeTimeout(
@@ -171,12 +224,13 @@ class _DecodeProcess:
             except (OSError, EOFError) as e:
                 code = self._kill()
                 raise DecodeError(f"{path}: the decoding process died during {op} (exit code {code})") from e
-            if op == "open" and reply[0] == "ok":
+            if op == OPEN and reply[0] == OK:
+                self._loaded_decoders.add(message[3])
                 self._opens += 1
                 self._open_handles.add(message[1])
-            elif op == "close":
+            elif op == CLOSE:
                 self._open_handles.discard(message[1])
-        if reply[0] == "error":
+        if reply[0] == ERROR:
             raise DecodeError(f"{path}: {reply[1]}")
         return reply
 
@@ -217,26 +271,26 @@ def _close_decode_process() -> None:
 class _RemoteBackend:
     """A backend living in the decoding process, driven through `_DecodeProcess.request`."""
 
-    def __init__(self, path: str, decoder: str, *, num_threads: int, timeout: float) -> None:
+    def __init__(self, path: str, decoder: str, *, timeout: float, **options) -> None:
         self._path, self._timeout = path, timeout
         self._process = _decode_process()
         self._handle = self._process.new_handle()
-        _, self.num_frames, self.fps = self._request(("open", self._handle, path, decoder, num_threads))
+        _, self.num_frames, self.fps = self._request((OPEN, self._handle, path, decoder, options))
         self._generation = self._process.generation
 
     def _request(self, message: tuple) -> tuple:
         return self._process.request(message, path=self._path, timeout=self._timeout)
 
     def frame_size(self) -> tuple[int, int]:
-        _, height, width = self._request(("size", self._handle))
+        _, height, width = self._request((SIZE, self._handle))
         return height, width
 
     def read(self, indices: list[int]) -> np.ndarray:
-        return self._request(("read", self._handle, indices))[1]
+        return self._request((READ, self._handle, indices))[1]
 
     def close(self) -> None:
         if self._process.generation == self._generation and self._process._proc is not None:
-            self._request(("close", self._handle))
+            self._request((CLOSE, self._handle))
 
 
 class VideoReader:
@@ -249,7 +303,7 @@ class VideoReader:
         height, width: frame size in pixels (looked up on first access).
     """
 
-    def __init__(self, path: str, backend: video_backends.Backend) -> None:
+    def __init__(self, path: str, backend: decode_backends.Backend) -> None:
         self.path = path
         self._backend = backend
         self.num_frames = int(backend.num_frames)
@@ -326,16 +380,24 @@ class VideoReader:
 
 
 def open_video(
-    path: str | Path, decoder: str = "decord", *, num_threads: int = 1, timeout: float | None = None
+    path: str | Path,
+    decoder: str = "decord",
+    *,
+    num_threads: int = 1,
+    timeout: float | None = None,
+    short_side: int | None = None,
 ) -> VideoReader:
     """Open a video for frame access.
 
     Args:
         path: the video file.
-        decoder: "decord" or "pyav" ("decord" falls back to "pyav" where it is not installed).
+        decoder: "decord", "pyav" or "torchcodec" ("decord" falls back to "pyav" where it is not
+            installed).
         num_threads: decoding threads; keep 1 inside DataLoader workers.
         timeout: seconds each decoder call may take; decoding then runs in a guarded child
             process (see the module docstring). None or <= 0: decode in this process, unguarded.
+        short_side: decode-time resize: a video whose short side is well above this (see
+            `decode_backends.RESIZE_MIN_RATIO`) is scaled to it while decoding. None = as stored.
 
     Returns:
         A `VideoReader`; close it (or use it as a context manager).
@@ -343,15 +405,15 @@ def open_video(
     Raises:
         DecodeError: the file is missing, not a video, or could not be opened (DecodeTimeout:
             opening hung).
-        ValueError: unknown decoder.
+        ValueError: unknown decoder, or torchcodec cannot load.
     """
     path = str(path)
     decoder = resolve_decoder(decoder)
     if timeout is not None and timeout > 0:
-        backend = _RemoteBackend(path, decoder, num_threads=num_threads, timeout=float(timeout))
+        backend = _RemoteBackend(path, decoder, timeout=float(timeout), num_threads=num_threads, short_side=short_side)
     else:
         try:
-            backend = open_backend(path, decoder, num_threads=num_threads)
+            backend = open_backend(path, decoder, num_threads=num_threads, short_side=short_side)
         except Exception as e:  # noqa: BLE001 - see VideoReader._call
             raise DecodeError(f"{path}: {describe_error(e)}") from e
     return VideoReader(path, backend)
