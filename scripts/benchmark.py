@@ -24,15 +24,13 @@ import itertools
 import json
 import resource
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "scripts"))
+import benchmark_loader  # a sibling script: scripts/ is on sys.path when this file runs
 
-import benchmark_loader  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 # Dense bf16 peak of the GPUs we know (TFLOP/s), for model FLOPs utilisation.
 PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0, "V100": 125.0}

@@ -11,7 +11,7 @@ alike), of:
   * backbone: timm ``vit_base_patch16_224`` (random init, num_classes=0) on B*T frames,
   * layer: ``SQuaReFuse`` (D=768, K=8, Q=3, P=2) on tokens [B,T,197,768], no mask,
   * layer_masked: the same with a [B,T] mask (the last quarter of the frames padded),
-  * seed: the seed design's sketch (tests/seed_reference.py) at the same shape,
+  * seed: the seed design's sketch (squarefuse/models/fusion/seed_sketch.py) at the same shape,
 and prints medians over ``--repeats`` rounds after ``--warmup`` rounds (each round: one
 backbone step, then ``--layer-repeats`` interleaved runs of the three fusion steps), with
 the ratios layer/backbone (target < 1%) and layer/seed (target <= 1).
@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -36,14 +35,12 @@ import torch
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
+from squarefuse.models.classifier import split_fusion_config
+from squarefuse.models.fusion import SQuaReFuse
+from squarefuse.models.fusion.seed_sketch import SQuaReFuse as SeedSQuaReFuse
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests"))  # the seed oracle lives with the tests
-sys.path.insert(0, str(REPO))
 
-from seed_reference import SQuaReFuse as SeedSQuaReFuse  # noqa: E402
-
-from squarefuse.models.classifier import split_fusion_config  # noqa: E402
-from squarefuse.models.fusion import SQuaReFuse  # noqa: E402
 
 CONFIG_DIR = REPO / "configs"
 

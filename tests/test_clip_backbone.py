@@ -10,10 +10,10 @@ import safetensors.torch
 import timm
 import timm.models._builder as builder
 import torch
+from helpers.configs import compose_config
 from omegaconf import OmegaConf
 from timm.data.constants import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from timm.layers import QuickGELU
-from train_config import compose_config
 
 from squarefuse.engine.preprocess import VideoNormalizer
 from squarefuse.models import build_classifier

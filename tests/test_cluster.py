@@ -11,8 +11,8 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers.configs import CONFIG_DIR, compose_config, tiny_overrides
 from hydra import compose, initialize_config_dir
-from train_config import CONFIG_DIR, compose_config, tiny_overrides
 
 from squarefuse.engine.checkpoint import load_checkpoint
 

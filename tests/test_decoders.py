@@ -11,7 +11,7 @@ import av
 import numpy as np
 import pytest
 import torch
-from conftest import frame_level, video_frames
+from helpers.videos import frame_level, video_frames
 from torchvision.transforms.v2 import functional as F
 
 from squarefuse.datasets import video_reader

@@ -10,13 +10,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import write_video
+from helpers.configs import compose_config
+from helpers.videos import write_video
 from omegaconf import OmegaConf
-from train_config import compose_config
 
 from squarefuse.engine.checkpoint import save_checkpoint
 from squarefuse.engine.ensemble import read_eval_dir, run_ensemble
-from squarefuse.engine.evaluator import run_eval
+from squarefuse.engine.eval_app import run_eval
 from squarefuse.models import build_classifier
 
 REPO = Path(__file__).resolve().parents[1]

@@ -11,88 +11,24 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import write_video
-from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
+from helpers.checkpoints import (
+    CLASS_NAMES,
+    CPU,
+    LABELS,
+    REPO,
+    eval_cfg,
+    make_checkpoint,
+    make_list_dataset,
+    run_evaluate,
+    tiny_train_cfg,
+)
 
 from squarefuse.datasets import build_dataset
-from squarefuse.engine.checkpoint import save_checkpoint
-from squarefuse.engine.distributed import DistInfo
 from squarefuse.engine.eval_app import default_eval_dir, merge_dataset_overrides, run_eval
-from squarefuse.engine.evaluator import evaluate, merge_shards, predict_shard, shard_indices
+from squarefuse.engine.evaluator import merge_shards, predict_shard, shard_indices
 from squarefuse.engine.preprocess import VideoNormalizer
 from squarefuse.engine.results import plot_confusion_matrix, write_results
 from squarefuse.models import build_classifier
-
-REPO = Path(__file__).resolve().parents[1]
-CONFIG_DIR = REPO / "configs"
-CLASS_NAMES = ["push", "pull", "spin"]
-LABELS = [0, 1, 2, 0, 1, 2, 0]  # 7 videos: an odd count, so 2 shards differ in length
-CPU = torch.device("cpu")
-
-
-def compose_config(config_name: str, overrides: list[str]):
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        return compose(config_name=config_name, overrides=overrides)
-
-
-def tiny_train_cfg(root: Path, *extra: str):
-    """The training config a checkpoint stores: list dataset under `root`, a 2-block ViT at 32 px."""
-    return compose_config(
-        "train",
-        [
-            "dataset=list",
-            f"dataset.root={root}",
-            f"dataset.label_map={root}/classes.txt",
-            "dataset.num_frames=4",
-            "dataset.sampling=segment",
-            "dataset.decoder=pyav",
-            "dataset.decode_timeout=0",
-            "dataset.test_clips=1",
-            "dataset.test_crops=1",
-            "backbone=tiny",
-            "backbone.img_size=32",
-            "backbone.model_kwargs.depth=2",
-            "backbone.model_kwargs.embed_dim=48",
-            "fusion.K=4",
-            *extra,
-        ],
-    )
-
-
-def make_list_dataset(root: Path, labels: list[int], *, corrupt: int | None = None) -> Path:
-    """Tiny H.264 videos of random noise (so every video gets its own prediction) + list files."""
-    root.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(0)
-    lines = []
-    for i, label in enumerate(labels):
-        name = f"v{i}.mp4"
-        if i == corrupt:
-            (root / name).write_text("not a video\n" * 10)
-        else:
-            frames = rng.integers(0, 256, size=(10, 32, 40, 3), dtype=np.uint8)
-            write_video(root / name, frames=frames, fps=8)
-        lines.append(f"{name} {label}\n")
-    (root / "train.txt").write_text("".join(lines))
-    (root / "val.txt").write_text("".join(lines))
-    (root / "classes.txt").write_text("".join(f"{c}\n" for c in CLASS_NAMES))
-    return root
-
-
-def make_checkpoint(path: Path, cfg, seed: int = 0) -> tuple[Path, torch.nn.Module]:
-    """A checkpoint as the trainer writes it; the EMA weights differ from the model weights."""
-    torch.manual_seed(seed)
-    model = build_classifier(cfg.backbone, cfg.fusion, cfg.head, num_classes=len(CLASS_NAMES))
-    ema = {k: v + 0.05 * torch.randn_like(v) if v.is_floating_point() else v for k, v in model.state_dict().items()}
-    state = {
-        "model": model.state_dict(),
-        "ema": ema,
-        "config": OmegaConf.to_container(cfg, resolve=True),
-        "class_names": CLASS_NAMES,
-        "step": 123,
-        "epoch": 4,
-    }
-    return save_checkpoint(state, path), model
 
 
 @pytest.fixture(scope="module")
@@ -109,20 +45,6 @@ def train_cfg(data_root):
 def model(train_cfg):
     torch.manual_seed(0)
     return build_classifier(train_cfg.backbone, train_cfg.fusion, train_cfg.head, num_classes=len(CLASS_NAMES))
-
-
-def run_evaluate(model, dataset, **kwargs):
-    return evaluate(
-        model,
-        dataset,
-        device=CPU,
-        normalizer=VideoNormalizer(model.mean, model.std, CPU),
-        batch_size=3,
-        num_workers=0,
-        precision="fp32",
-        dist_info=DistInfo(),
-        **kwargs,
-    )
 
 
 # --------------------------------------------------------------------------------- exactness
@@ -282,10 +204,6 @@ def test_confusion_matrix_plot_for_400_classes(tmp_path):
 
 
 # ------------------------------------------------------------------------------------ the app
-
-
-def eval_cfg(ckpt: Path, *overrides: str):
-    return compose_config("eval", [f"ckpt={ckpt}", "num_workers=0", "device=cpu", "progress=false", *overrides])
 
 
 @pytest.fixture(scope="module")

@@ -13,8 +13,8 @@ import onnx.numpy_helper
 import onnxruntime
 import pytest
 import torch
-from conftest import write_video
-from test_eval import CLASS_NAMES, compose_config, make_checkpoint
+from helpers.checkpoints import CLASS_NAMES, compose_config, make_checkpoint
+from helpers.videos import write_video
 
 import squarefuse
 from squarefuse.engine.export import export_model

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from test_eval import LABELS, compose_config, make_checkpoint, make_list_dataset, tiny_train_cfg
+from helpers.checkpoints import LABELS, compose_config, make_checkpoint, make_list_dataset, tiny_train_cfg
 
 import squarefuse
 from squarefuse.engine.extract_app import run_extract

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
-from train_config import tiny_overrides, tiny_train_config
+from helpers.configs import tiny_overrides, tiny_train_config
 
 from squarefuse.engine import trainer as trainer_mod
 from squarefuse.engine.checkpoint import load_checkpoint

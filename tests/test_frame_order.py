@@ -8,8 +8,8 @@ import sys
 
 import pytest
 import torch
+from helpers.checkpoints import REPO, eval_cfg, make_checkpoint, tiny_train_cfg
 from omegaconf import OmegaConf, open_dict
-from test_eval import REPO, eval_cfg, make_checkpoint, tiny_train_cfg
 
 from squarefuse.engine.eval_app import run_eval
 from squarefuse.engine.frame_order import check_frame_order, frame_permutation, reorder_frames
@@ -98,7 +98,7 @@ def test_reversal_changes_a_trend_model_and_not_mean_pooling(tmp_path, fusion, c
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
-    from test_eval import LABELS, make_list_dataset  # noqa: PLC0415
+    from helpers.checkpoints import LABELS, make_list_dataset  # noqa: PLC0415
 
     data_root = make_list_dataset(tmp_path_factory.mktemp("videos"), LABELS)
     runs = tmp_path_factory.mktemp("runs")

@@ -7,12 +7,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers.configs import fusion_config
 from hydra.utils import instantiate
-from seed_reference import SQuaReFuse as SeedSQuaReFuse
-from train_config import fusion_config
 
 from squarefuse.models.classifier import split_fusion_config
 from squarefuse.models.fusion import NoFusion, SQuaReFuse, square_fuse
+from squarefuse.models.fusion.seed_sketch import SQuaReFuse as SeedSQuaReFuse
 
 REPO = Path(__file__).resolve().parents[1]
 D = 32

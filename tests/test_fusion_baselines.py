@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 import timm.optim
 import torch
+from helpers.configs import CONFIG_DIR, compose_config, fusion_config, tiny_overrides
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
-from train_config import CONFIG_DIR, compose_config, fusion_config, tiny_overrides
 
 from squarefuse.engine.trainer import Trainer
 from squarefuse.models import ClsHead, MeanHead, VideoBackbone, VideoClassifier, build_classifier

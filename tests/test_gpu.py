@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-from train_config import tiny_train_config
+from helpers.configs import tiny_train_config
 
 from squarefuse.datasets import build_dataset, video_reader
 from squarefuse.datasets.video_reader import open_video
@@ -89,7 +89,6 @@ def test_eval_on_cuda_equals_eval_on_cpu(data_root):
     val_set = build_dataset(cfg.dataset, "val", views=True)
     torch.manual_seed(0)
     model = build_classifier(cfg.backbone, cfg.fusion, cfg.head, val_set.num_classes).eval()
-    views = (int(cfg.dataset.test_clips), int(cfg.dataset.test_crops))
     results = {}
     for name in ("cpu", "cuda"):
         device = torch.device(name)
@@ -102,7 +101,6 @@ def test_eval_on_cuda_equals_eval_on_cpu(data_root):
             num_workers=0,
             precision="fp32",
             dist_info=DistInfo(),
-            views=views,
         )
     cpu, cuda = results["cpu"], results["cuda"]
     assert cpu.num_videos == cuda.num_videos > 0

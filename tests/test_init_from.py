@@ -12,8 +12,8 @@ import pytest
 import safetensors.torch
 import timm.models._builder as builder
 import torch
-from conftest import write_video
-from train_config import compose_config
+from helpers.configs import compose_config
+from helpers.videos import write_video
 
 from squarefuse.engine.checkpoint import load_checkpoint, save_checkpoint
 from squarefuse.engine.init_weights import init_from, read_init_weights

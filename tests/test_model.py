@@ -11,8 +11,8 @@ import timm
 import timm.models._builder as builder
 import timm.optim
 import torch
+from helpers.configs import fusion_config
 from omegaconf import OmegaConf
-from train_config import fusion_config
 
 from squarefuse.models import (
     ClsHead,

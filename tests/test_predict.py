@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_eval import (
+from helpers.checkpoints import (
     CLASS_NAMES,
     LABELS,
     compose_config,

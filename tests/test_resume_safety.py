@@ -10,7 +10,7 @@ import signal
 from pathlib import Path
 
 import pytest
-from train_config import tiny_train_config
+from helpers.configs import tiny_train_config
 
 from squarefuse.engine.config_diff import config_changes, is_harmless
 from squarefuse.engine.logging import truncate_metrics

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-from train_config import tiny_overrides
+from helpers.configs import tiny_overrides
 
 from squarefuse.engine.run_lock import LOCK_NAME, RunFolderBusy, RunLock
 

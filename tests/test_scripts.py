@@ -11,7 +11,7 @@ from pathlib import Path
 
 import av
 import pytest
-from conftest import write_video
+from helpers.videos import write_video
 
 SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
 

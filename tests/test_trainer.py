@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers.configs import CONFIG_DIR, compose_config, tiny_overrides, tiny_train_config
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
-from train_config import CONFIG_DIR, compose_config, tiny_overrides, tiny_train_config
 
 from squarefuse.engine import trainer as trainer_mod
 from squarefuse.engine.checkpoint import load_checkpoint, save_checkpoint

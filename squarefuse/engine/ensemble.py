@@ -22,7 +22,9 @@ from typing import Any
 
 import torch
 
-from squarefuse.engine.evaluator import EvalResult, merge_shards, summary_lines
+from squarefuse.engine.eval_app import summary_lines
+from squarefuse.engine.evaluator import merge_shards
+from squarefuse.engine.metrics import EvalResult
 from squarefuse.engine.results import write_results
 
 log = logging.getLogger(__name__)

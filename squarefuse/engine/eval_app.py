@@ -51,6 +51,25 @@ def default_eval_dir(ckpt: str, subdir: str = "eval") -> str:
     return str(run / subdir / launch_stamp().replace("/", "_"))
 
 
+# The keys every dataset config has, with their defaults (configs/dataset/base.yaml).
+DATASET_BASE_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "dataset" / "base.yaml"
+
+
+def _keys_added_since(stored: DictConfig) -> dict[str, Any]:
+    """Default values of the dataset keys a checkpoint's config predates (added to base.yaml later).
+
+    Interpolated and required (`???`) defaults are left out: every checkpoint has those keys.
+    """
+    if not DATASET_BASE_CONFIG.is_file():
+        return {}
+    base = OmegaConf.load(DATASET_BASE_CONFIG)
+    return {
+        key: base[key]
+        for key in base
+        if key not in stored and not OmegaConf.is_interpolation(base, key) and not OmegaConf.is_missing(base, key)
+    }
+
+
 def merge_dataset_overrides(
     stored: Mapping[str, Any], overrides: Mapping[str, Any] | None, *, allow_new: tuple[str, ...] = ()
 ) -> DictConfig:
@@ -67,10 +86,17 @@ def merge_dataset_overrides(
         allow_new: top-level keys that may be added although the stored config lacks them (the
             annotation file of a split the training run did not use, e.g. `test_file`).
 
+    A key the checkpoint predates (added to configs/dataset/base.yaml since) gets its default, and
+    the log says so, so that older checkpoints keep working.
+
     Raises:
         ValueError: an override names a key the stored dataset config does not have.
     """
     merged = OmegaConf.create(dict(stored))
+    added = _keys_added_since(merged)
+    if added:
+        log.info("the checkpoint's dataset config predates %s: using the defaults %s", sorted(added), added)
+        merged = OmegaConf.merge(merged, added)
     overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
     if "root" in overrides and "root" in merged and merged.root is not None:
         old_root, new_root = PurePath(str(merged.root)), PurePath(str(overrides["root"]))
