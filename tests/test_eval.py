@@ -22,6 +22,7 @@ from helpers.checkpoints import (
     run_evaluate,
     tiny_train_cfg,
 )
+from omegaconf import OmegaConf
 
 from squarefuse.datasets import build_dataset
 from squarefuse.engine.eval_app import default_eval_dir, merge_dataset_overrides, run_eval
@@ -319,3 +320,13 @@ def test_eval_py_end_to_end(tmp_path, moved_checkpoint, data_root):
         [sys.executable, str(REPO / "eval.py")], cwd=tmp_path, capture_output=True, text=True, timeout=120
     )
     assert done.returncode != 0 and "ckpt is required" in done.stderr
+
+
+def test_a_checkpoint_that_predates_a_dataset_key_gets_its_default(train_cfg):
+    stored = OmegaConf.to_container(train_cfg.dataset, resolve=True)
+    del stored["decode_short_side"], stored["decode_device"]
+    merged = merge_dataset_overrides(stored, {"test_clips": 2})
+    base = OmegaConf.load(REPO / "configs" / "dataset" / "base.yaml")
+    assert merged.decode_short_side == base.decode_short_side and merged.decode_device == base.decode_device
+    assert merged.test_clips == 2 and merged.root == stored["root"]
+    build_dataset(merged, "val", views=True)  # builds, where a missing key used to be an error

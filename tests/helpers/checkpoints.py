@@ -16,7 +16,7 @@ from squarefuse.engine.evaluator import evaluate
 from squarefuse.engine.preprocess import VideoNormalizer
 from squarefuse.models import build_classifier
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 CLASS_NAMES = ["push", "pull", "spin"]
 LABELS = [0, 1, 2, 0, 1, 2, 0]  # 7 videos: an odd count, so 2 shards differ in length
 CPU = torch.device("cpu")
