@@ -10,9 +10,7 @@ the `VideoClassifier` without touching the hub or the pretrained file.
 from __future__ import annotations
 
 import logging
-import os
 import pickle
-import tempfile
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -22,6 +20,7 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
+from squarefuse.atomic_file import atomic_write
 from squarefuse.models import build_classifier
 
 log = logging.getLogger(__name__)
@@ -34,17 +33,8 @@ def save_checkpoint(state: dict[str, Any], path: str | Path) -> Path:
     (an atomic rename on POSIX filesystems).
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_write(path, "wb") as f:
+        torch.save(state, f)
     return path
 
 

@@ -32,7 +32,8 @@ import torch
 from omegaconf import DictConfig
 from torch import Tensor, nn
 
-from squarefuse.engine.inference import atomic_write, load_model
+from squarefuse.atomic_file import atomic_write
+from squarefuse.engine.inference import load_model
 
 __all__ = ["EXPORT_FORMATS", "ExportedClassifier", "check_export", "export_model", "run_export"]
 

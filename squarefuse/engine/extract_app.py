@@ -31,10 +31,11 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
+from squarefuse.atomic_file import atomic_write
 from squarefuse.engine.distributed import all_gather_objects, broadcast_object, init_distributed, shutdown
 from squarefuse.engine.eval_app import merge_dataset_overrides
 from squarefuse.engine.evaluator import shard_indices
-from squarefuse.engine.inference import EvalPreprocess, atomic_write, find_videos, load_model
+from squarefuse.engine.inference import EvalPreprocess, find_videos, load_model
 from squarefuse.engine.loader import resolve_num_workers
 from squarefuse.engine.precision import resolve_precision
 from squarefuse.engine.video_batches import run_batches

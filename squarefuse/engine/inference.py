@@ -16,15 +16,12 @@ The apps (`scripts/predict.py`, `scripts/extract.py`) run many files through
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import os
 import sys
-import tempfile
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -50,7 +47,6 @@ __all__ = [
     "VIDEO_EXTENSIONS",
     "EvalPreprocess",
     "LoadedModel",
-    "atomic_write",
     "find_videos",
     "load_model",
     "parse_views",
@@ -320,24 +316,6 @@ def find_videos(input: str | Path) -> list[VideoRecord]:
     raise ValueError(
         f"input={input}: neither a video ({' '.join(VIDEO_EXTENSIONS)}) nor a list file ({' '.join(LIST_EXTENSIONS)})"
     )
-
-
-@contextlib.contextmanager
-def atomic_write(path: str | Path, mode: str = "w") -> Iterator[IO]:
-    """Open a temporary file next to `path` and rename it over `path` once the block succeeds:
-    a crash mid-write leaves the previous file (or none), never half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8", "newline": ""})) as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def register_checkpoint_dir_resolver(usage: str) -> None:

@@ -8,15 +8,15 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import secrets
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
+
+from squarefuse.atomic_file import atomic_write
 
 log = logging.getLogger("squarefuse")
 
@@ -73,16 +73,8 @@ def truncate_metrics(path: Path, *, step: int, val_step: int) -> int:
             kept.append(line)
     dropped = len(lines) - len(kept)
     if dropped:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "w") as f:
-                f.writelines(kept)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with atomic_write(path) as f:
+            f.writelines(kept)
         log.info("%s: dropped %d records past the resumed checkpoint (step %d)", path, dropped, step)
     return dropped
 

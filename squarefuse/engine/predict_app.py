@@ -22,7 +22,8 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 
-from squarefuse.engine.inference import atomic_write, find_videos, load_model
+from squarefuse.atomic_file import atomic_write
+from squarefuse.engine.inference import find_videos, load_model
 from squarefuse.engine.loader import resolve_num_workers
 from squarefuse.engine.precision import resolve_precision
 from squarefuse.engine.video_batches import run_batches
