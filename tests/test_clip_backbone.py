@@ -10,7 +10,7 @@ import safetensors.torch
 import timm
 import timm.models._builder as builder
 import torch
-from helpers.configs import compose_config
+from helpers.configs import compose_config, fusion_config
 from omegaconf import OmegaConf
 from timm.data.constants import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from timm.layers import QuickGELU
@@ -50,7 +50,7 @@ def test_clip_backbone_loads_a_local_file_with_clip_normalisation(tmp_path, conf
     cfg.model_kwargs = SMALL
     model = build_classifier(
         cfg,
-        OmegaConf.load(CONFIGS / "fusion" / "square.yaml"),
+        fusion_config("square"),
         OmegaConf.load(CONFIGS / "head" / "cls.yaml"),
         num_classes=5,
     ).eval()

@@ -9,7 +9,8 @@ import sys
 import pytest
 import torch
 from helpers.checkpoints import REPO, eval_cfg, make_checkpoint, tiny_train_cfg
-from omegaconf import OmegaConf, open_dict
+from helpers.configs import fusion_config
+from omegaconf import open_dict
 
 from squarefuse.engine.eval_app import run_eval
 from squarefuse.engine.frame_order import check_frame_order, frame_permutation, reorder_frames
@@ -21,7 +22,7 @@ def train_cfg(data_root, fusion: str):
     cfg = tiny_train_cfg(data_root)  # sets fusion.K, a key fusion=none lacks: swap the whole block
     if fusion == "none":
         with open_dict(cfg):
-            cfg.fusion = OmegaConf.load(REPO / "configs" / "fusion" / "none.yaml")
+            cfg.fusion = fusion_config("none")
     return cfg
 
 
