@@ -34,6 +34,8 @@ def cfg_for(**overrides):
         "decoder": "decord",
         "fallback_decoder": "pyav",
         "decode_timeout": 20,
+        "decode_short_side": "auto",
+        "decode_device": "cpu",
         "max_replacements": 10,
         "max_missing_fraction": 0.5,
         "crop_size": CROP,

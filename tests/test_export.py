@@ -25,10 +25,10 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def default_ckpt(tmp_path_factory) -> Path:
-    """The default model of `python train.py`: tiny ViT (64 px, 4 blocks), fusion=square, head=cls."""
+    """The default model of `python train.py`: tiny ViT (64 px, 4 blocks), fusion=square, head=mean."""
     cfg = compose_config("train", [])
     assert cfg.backbone.name == "vit_tiny_patch16_224" and cfg.fusion._target_.endswith("square_fuse")
-    assert cfg.head._target_.endswith("ClsHead")
+    assert cfg.head._target_.endswith("MeanHead")
     path, _ = make_checkpoint(tmp_path_factory.mktemp("export_run") / "checkpoints" / "best.pt", cfg)
     return path
 
