@@ -74,12 +74,20 @@ def _count_flops(parts: Mapping[str, nn.Module | None], model: nn.Module, clip: 
             handles.append(module.register_forward_pre_hook(enter(name)))
             handles.append(module.register_forward_hook(leave))
     modes = [(m, m.training) for m in model.modules()]
+    # No tensor may require grad while counting: FlopCounterMode's module tracker hooks the autograd
+    # graph of inputs that do, and a parameter handed to a submodule as an input (a position
+    # embedding) has no graph under no_grad, which its hook refuses.
+    trainable = [p for p in model.parameters() if p.requires_grad]
     model.eval()
     try:
+        for p in trainable:
+            p.requires_grad_(False)
         with counter:
             model(clip)
         settle()
     finally:
+        for p in trainable:
+            p.requires_grad_(True)
         for handle in handles:
             handle.remove()
         for m, mode in modes:
