@@ -36,7 +36,7 @@ def _train_set(paths, *, decode_device: str, repeated_aug: int = 1) -> VideoData
     return VideoDataset(
         [VideoRecord(path=str(p), label=i, id=str(i)) for i, p in enumerate(paths)],
         class_names=[str(i) for i in range(len(paths))],
-        sampler=FrameSampler(sampling="segment", num_frames=4, train=True),
+        frame_sampler=FrameSampler(sampling="segment", num_frames=4, train=True),
         train=True,
         crop_size=32,
         train_transform=TrainTransform(crop_size=32, scale=(0.5, 1.0)),
