@@ -10,6 +10,7 @@ names are free, so these two are the only keys that may be absent.
 
 from __future__ import annotations
 
+import abc
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -66,13 +67,14 @@ def _label_map_or(cfg: Mapping[str, Any], names_from_train: Callable[[], list[st
     return read_label_map(label_map) if label_map is not None else names_from_train()
 
 
-class DatasetFormat:
+class DatasetFormat(abc.ABC):
     """One annotation format: `load(cfg, split)` reads the split's records and class names."""
 
     name: str
 
+    @abc.abstractmethod
     def load(self, cfg: Mapping[str, Any], split: str) -> Annotations:
-        raise NotImplementedError
+        """The records of `split` and the class names, from the keys of `cfg` this format owns."""
 
 
 class SSv2(DatasetFormat):

@@ -9,6 +9,7 @@ sequence with zeros after its end, and scattering the result back (``unpack_vali
 
 from __future__ import annotations
 
+import abc
 import numbers
 
 import torch
@@ -95,7 +96,7 @@ def unpack_valid(packed_BTNC: Tensor, order_BTN: Tensor) -> Tensor:
     return out_BTNC.scatter(1, order_BTN[..., None].expand_as(packed_BTNC), packed_BTNC)
 
 
-class ResidualTemporalMixer(nn.Module):
+class ResidualTemporalMixer(nn.Module, abc.ABC):
     """``h = x + MLP(mix_time(LayerNorm(x)))`` on valid frames; the base of shift and conv.
 
     ``mix_time`` (a subclass's ``mix``) sees each sequence's valid frames packed to the front and
@@ -118,9 +119,9 @@ class ResidualTemporalMixer(nn.Module):
         nn.init.zeros_(self.mlp.fc2.weight)
         nn.init.zeros_(self.mlp.fc2.bias)
 
+    @abc.abstractmethod
     def mix(self, z_BTND: Tensor) -> Tensor:
         """Mixes packed sequences over time (dim 1); zeros after each sequence's end."""
-        raise NotImplementedError
 
     def forward(self, x: Tensor, valid_mask: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
         """Args: x [B,T,N,D]; valid_mask [B,T] or [B,T,N] (bool or 0/1) or None.
