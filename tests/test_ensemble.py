@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers.configs import compose_config
+from helpers.checkpoints import eval_cfg, tiny_train_cfg
 from helpers.videos import write_video
 from omegaconf import OmegaConf
 
@@ -43,26 +43,7 @@ def data_root(tmp_path_factory) -> Path:
 
 
 def make_checkpoint(path: Path, root: Path, seed: int) -> Path:
-    cfg = compose_config(
-        "train",
-        [
-            "dataset=list",
-            f"dataset.root={root}",
-            f"dataset.label_map={root}/classes.txt",
-            "dataset.num_frames=4",
-            "dataset.sampling=segment",
-            "dataset.decoder=pyav",
-            "dataset.fallback_decoder=null",
-            "dataset.decode_timeout=0",
-            "dataset.test_clips=1",
-            "dataset.test_crops=1",
-            "backbone=tiny",
-            "backbone.img_size=32",
-            "backbone.model_kwargs.depth=2",
-            "backbone.model_kwargs.embed_dim=48",
-            "fusion.K=4",
-        ],
-    )
+    cfg = tiny_train_cfg(root, "dataset.fallback_decoder=null")
     torch.manual_seed(seed)
     model = build_classifier(cfg.backbone, cfg.fusion, cfg.head, num_classes=len(CLASS_NAMES))
     state = {
@@ -76,8 +57,7 @@ def make_checkpoint(path: Path, root: Path, seed: int) -> Path:
 
 
 def evaluate_to(folder: Path, ckpt: Path, *overrides: str) -> Path:
-    cfg = compose_config("eval", [f"ckpt={ckpt}", "num_workers=0", "device=cpu", "progress=false", *overrides])
-    run_eval(cfg, folder)
+    run_eval(eval_cfg(ckpt, *overrides), folder)
     return folder
 
 

@@ -12,7 +12,7 @@ import pytest
 import safetensors.torch
 import timm.models._builder as builder
 import torch
-from helpers.configs import compose_config
+from helpers.checkpoints import tiny_train_cfg
 from helpers.videos import write_video
 
 from squarefuse.engine.checkpoint import load_checkpoint, save_checkpoint
@@ -38,31 +38,18 @@ def make_list_dataset(root: Path, num_classes: int, per_class: int = 2) -> Path:
 
 
 def list_cfg(root: Path, *extra: str):
-    return compose_config(
-        "train",
-        [
-            "dataset=list",
-            f"dataset.root={root}",
-            f"dataset.label_map={root}/classes.txt",
-            "dataset.num_frames=4",
-            "dataset.sampling=segment",
-            "dataset.decoder=pyav",
-            "dataset.decode_timeout=0",
-            "dataset.randaug_n=0",
-            "backbone=tiny",
-            "backbone.img_size=32",
-            "backbone.model_kwargs.depth=2",
-            "backbone.model_kwargs.embed_dim=48",
-            "fusion.K=4",
-            "trainer.batch_size=2",
-            "trainer.num_workers=0",
-            "trainer.epochs=1",
-            "trainer.val_every=0",
-            "trainer.log_every=1",
-            "trainer.device=cpu",
-            "trainer.precision=fp32",
-            *extra,
-        ],
+    """The tiny list-dataset training config (helpers.checkpoints) with short, quiet CPU training."""
+    return tiny_train_cfg(
+        root,
+        "dataset.randaug_n=0",
+        "trainer.batch_size=2",
+        "trainer.num_workers=0",
+        "trainer.epochs=1",
+        "trainer.val_every=0",
+        "trainer.log_every=1",
+        "trainer.device=cpu",
+        "trainer.precision=fp32",
+        *extra,
     )
 
 
