@@ -403,8 +403,8 @@ def test_keys_come_from_the_config_not_from_code_defaults(tmp_path):
 def test_the_dataset_selects_a_recipe_that_recipe_swaps():
     ssv2, synthetic = compose_dataset("ssv2"), compose_dataset("synthetic")
     assert ssv2.backbone.name.startswith("vit_base_patch16_224") and ssv2.optim.lr == 5e-4 and ssv2.trainer.mixup == 0.8
-    assert synthetic.backbone.name == "vit_tiny_patch16_224" and synthetic.optim.lr == 1e-3
-    assert synthetic.trainer.epochs == 80 and synthetic.trainer.mixup == 0.0
+    assert synthetic.backbone.name == "vit_tiny_patch16_224" and synthetic.optim.lr == 2e-3
+    assert synthetic.trainer.epochs == 20 and synthetic.trainer.mixup == 0.0
 
     swapped = compose_dataset("ssv2", "recipe=tiny_scratch")
     for group in ("backbone", "optim", "trainer"):

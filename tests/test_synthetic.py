@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 import logging
 import subprocess
@@ -415,21 +416,25 @@ def test_bad_parameters_name_the_key(tmp_path, bad, key):
 def test_default_size_generation_and_dataset(tmp_path):
     from squarefuse.datasets import build_dataset  # noqa: PLC0415
 
+    with initialize_config_dir(config_dir=str(Path(__file__).resolve().parents[1] / "configs"), version_base="1.3"):
+        defaults = compose("train", overrides=["dataset=synthetic"]).dataset  # every key a dataset config has
+    generate = OmegaConf.to_container(defaults.generate)
+    signature = inspect.signature(ensure_synthetic).parameters
+    assert generate == {name: p.default for name, p in signature.items() if name != "root"}
+    num_train, num_val = 8 * generate["train_per_class"], 8 * generate["val_per_class"]
+
     start = time.perf_counter()
     splits = ensure_synthetic(tmp_path / "syn")
     seconds = time.perf_counter() - start
-    print(f"\nsynthetic dataset, default parameters (256 train + 64 val videos): generated in {seconds:.1f} s")
-    assert len(list_entries(splits.train_list)) == 8 * 32
-    assert len(list_entries(splits.val_list)) == 8 * 8
+    print(f"\nsynthetic dataset, default size ({num_train} train + {num_val} val videos): {seconds:.1f} s")
+    assert len(list_entries(splits.train_list)) == num_train
+    assert len(list_entries(splits.val_list)) == num_val
 
-    with initialize_config_dir(config_dir=str(Path(__file__).resolve().parents[1] / "configs"), version_base="1.3"):
-        defaults = compose("train", overrides=["dataset=synthetic"]).dataset  # every key a dataset config has
     cfg = OmegaConf.merge(
         defaults,
         {
             "name": "synthetic",
             "root": str(tmp_path / "syn"),
-            "generate": {"seed": 0, "train_per_class": 32, "val_per_class": 8, "num_frames": 16, "size": 80, "fps": 8},
             "num_frames": 8,
             "sampling": "segment",
             "decoder": "decord",
@@ -441,7 +446,7 @@ def test_default_size_generation_and_dataset(tmp_path):
     )
     train = build_dataset(cfg, "train")
     val = build_dataset(cfg, "val")
-    assert train.class_names == list(CLASS_NAMES) and len(train) == 256 and len(val) == 64
+    assert train.class_names == list(CLASS_NAMES) and len(train) == num_train and len(val) == num_val
     item = train[0]
     assert item["video"].shape == (8, 3, 64, 64) and item["video"].dtype == torch.uint8
     assert item["label"] == 0 and item["num_replaced"] == 0

@@ -594,8 +594,8 @@ def ensure_synthetic(
     root: str | Path,
     *,
     seed: int = 0,
-    train_per_class: int = 32,
-    val_per_class: int = 8,
+    train_per_class: int = 128,
+    val_per_class: int = 16,
     num_frames: int = 16,
     size: int = 80,
     fps: int = 8,
@@ -607,6 +607,8 @@ def ensure_synthetic(
     written to a staging folder and moved in place, and ``manifest.json`` (generator version and
     parameters) is written last, so a crash never leaves a dataset that looks complete. A
     manifest with other parameters or another version makes it regenerate.
+
+    The defaults are those of configs/dataset/synthetic.yaml (a test checks that they agree).
 
     Args:
         root: Dataset folder (created if needed).
