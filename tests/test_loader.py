@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
-from squarefuse.engine.loader import default_num_workers, resolve_num_workers
+from squarefuse.engine.loader import default_num_workers, resolve_cpu_threads, resolve_num_workers
 
 
 def test_num_workers_auto_is_a_share_of_the_cores(monkeypatch):
@@ -21,3 +23,20 @@ def test_num_workers_ints_pass_and_bad_values_name_the_key():
     for bad in (-1, "four", 2.5, True):
         with pytest.raises(ValueError, match="trainer.num_workers must be auto or an int >= 0"):
             resolve_num_workers(bad, key="trainer.num_workers")
+
+
+def test_cpu_threads_auto_leaves_the_workers_their_cores(monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(6)), raising=False)
+    assert resolve_cpu_threads("auto", num_workers=2, key="trainer.cpu_threads") == 4
+    assert resolve_cpu_threads("auto", num_workers=0, key="trainer.cpu_threads") == 6
+    assert resolve_cpu_threads("auto", num_workers=8, key="trainer.cpu_threads") == 1  # never 0
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # two ranks: 3 cores each
+    assert resolve_cpu_threads("auto", num_workers=1, key="trainer.cpu_threads") == 2
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")  # the user's setting wins: torch keeps its own choice
+    assert resolve_cpu_threads("auto", num_workers=1, key="trainer.cpu_threads") is None
+    assert resolve_cpu_threads(5, num_workers=1, key="trainer.cpu_threads") == 5
+    for bad in (0, -1, "two", 1.5, True):
+        with pytest.raises(ValueError, match="trainer.cpu_threads must be auto or an int >= 1"):
+            resolve_cpu_threads(bad, num_workers=1, key="trainer.cpu_threads")

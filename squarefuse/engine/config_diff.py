@@ -20,6 +20,7 @@ HARMLESS_KEYS = (
     "logger",
     "trainer.num_workers",
     "trainer.prefetch_factor",
+    "trainer.cpu_threads",
     "trainer.device",
     "trainer.precision",
     "trainer.compile",

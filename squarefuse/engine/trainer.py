@@ -34,7 +34,13 @@ from squarefuse.engine.checkpoint import load_checkpoint, save_checkpoint
 from squarefuse.engine.config_diff import config_changes, is_harmless
 from squarefuse.engine.evaluator import evaluate
 from squarefuse.engine.init_weights import apply_init_from, backbone_cfg_for_run
-from squarefuse.engine.loader import ignore_stop_signals, private_generator, resolve_num_workers, shutdown_workers
+from squarefuse.engine.loader import (
+    ignore_stop_signals,
+    private_generator,
+    resolve_cpu_threads,
+    resolve_num_workers,
+    shutdown_workers,
+)
 from squarefuse.engine.logging import MetricsLogger
 from squarefuse.engine.optim import build_optimizer, build_scheduler, scaled_lr
 from squarefuse.engine.precision import autocast, resolve_precision
@@ -130,6 +136,9 @@ class Trainer:
         self.num_workers = resolve_num_workers(tcfg.num_workers, key="trainer.num_workers")
         self.dist, self.device = distributed.init_distributed(tcfg.device)
         self.precision = resolve_precision(tcfg.precision, self.device)
+        threads = resolve_cpu_threads(tcfg.cpu_threads, num_workers=self.num_workers, key="trainer.cpu_threads")
+        if threads is not None and self.device.type == "cpu":
+            torch.set_num_threads(threads)
         is_main = self.dist.is_main
         # Each rank its own model-side randomness (drop path, MixUp); data randomness is per sample.
         torch.manual_seed(int(tcfg.seed) + self.dist.rank)
@@ -242,7 +251,7 @@ class Trainer:
             n_params = sum(p.numel() for p in self.model.parameters())
             log.info(
                 "run dir %s | %d train / %s val videos, %d classes | %.1fM params | global batch %d, lr %.2e | "
-                "%d steps (%d per epoch) | %s, %s, %d workers/rank, world size %d",
+                "%d steps (%d per epoch) | %s (%d threads), %s, %d workers/rank, world size %d",
                 self.run_dir,
                 len(self.train_set),
                 len(self.val_set) if self.val_set else 0,
@@ -253,6 +262,7 @@ class Trainer:
                 self.total_steps,
                 self.steps_per_epoch,
                 self.device,
+                torch.get_num_threads(),
                 self.precision,
                 self.num_workers,
                 self.dist.world_size,
