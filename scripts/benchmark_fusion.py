@@ -89,6 +89,58 @@ def _timed(fn: Callable[[], None], device: torch.device) -> float:
     return time.perf_counter() - start
 
 
+class _Bench:
+    """A ViT-B/16 (random init) with its input frames, and the tokens [B,T,N,D] a fusion layer sees."""
+
+    def __init__(self, *, device: torch.device, batch: int, frames: int, img_size: int, amp: bool) -> None:
+        torch.manual_seed(0)
+        B, T = batch, frames
+        self.device = device
+        self.backbone = timm.create_model(
+            "vit_base_patch16_224", pretrained=False, num_classes=0, img_size=img_size
+        ).to(device)
+        self.D = D = self.backbone.embed_dim
+        self.N = N = self.backbone.patch_embed.num_patches + self.backbone.num_prefix_tokens
+        self.images = torch.randn(B * T, 3, img_size, img_size, device=device)
+        self.tokens = torch.randn(B, T, N, D, device=device, requires_grad=True)
+        self.grad_tokens = torch.randn(B, T, N, D, device=device)
+        self.clip_mask = torch.ones(B, T, dtype=torch.bool, device=device)
+        self.clip_mask[:, T - T // 4 :] = False
+        self.autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp)
+
+    def step_backbone(self) -> None:
+        self.backbone.zero_grad(set_to_none=True)
+        with self.autocast:
+            out = self.backbone.forward_features(self.images)  # [B*T, N, D]: the tokens the layer fuses
+        out.backward(self.grad_tokens.view(out.shape).to(out.dtype))
+
+    def step_fusion(self, layer: torch.nn.Module, mask: torch.Tensor | None, *, returns_aux: bool = True) -> None:
+        layer.zero_grad(set_to_none=True)
+        self.tokens.grad = None
+        with self.autocast:
+            out = layer(self.tokens) if mask is None else layer(self.tokens, valid_mask=mask)
+        h = out[0] if returns_aux else out
+        # NoFusion returns its input: the backward then costs nothing beyond the tokens' own.
+        h.backward(self.grad_tokens.to(h.dtype))
+
+    def interleaved(
+        self, fusion_steps: dict[str, Callable[[], None]], *, warmup: int, repeats: int, layer_repeats: int
+    ) -> dict[str, list[float]]:
+        """Seconds of each round's backbone step and of ``layer_repeats`` runs of every fusion step."""
+        times: dict[str, list[float]] = {name: [] for name in ["backbone", *fusion_steps]}
+        for round_idx in range(warmup + repeats):
+            timed = round_idx >= warmup
+            t = _timed(self.step_backbone, self.device)
+            if timed:
+                times["backbone"].append(t)
+            for _ in range(layer_repeats):
+                for name, fn in fusion_steps.items():
+                    t = _timed(fn, self.device)
+                    if timed:
+                        times[name].append(t)
+        return times
+
+
 def measure(
     *,
     device: torch.device,
@@ -101,62 +153,17 @@ def measure(
     layer_repeats: int,
 ) -> dict:
     """Forward+backward seconds of the backbone, the layer (plain, masked) and the seed, interleaved."""
-    torch.manual_seed(0)
-    B, T = batch, frames
-
-    backbone = timm.create_model("vit_base_patch16_224", pretrained=False, num_classes=0, img_size=img_size).to(device)
-    D = backbone.embed_dim
-    N = backbone.patch_embed.num_patches + backbone.num_prefix_tokens
-    layer = SQuaReFuse(d_model=D, num_dirs=8, quantiles=(0.1, 0.5, 0.9), poly_order=2).to(device)
-    seed = SeedSQuaReFuse(D, num_dirs=8, quantiles=(0.1, 0.5, 0.9), poly_order=2).to(device)
+    bench = _Bench(device=device, batch=batch, frames=frames, img_size=img_size, amp=amp)
+    layer = SQuaReFuse(d_model=bench.D, num_dirs=8, quantiles=(0.1, 0.5, 0.9), poly_order=2).to(device)
+    seed = SeedSQuaReFuse(bench.D, num_dirs=8, quantiles=(0.1, 0.5, 0.9), poly_order=2).to(device)
     seed.load_state_dict(layer.state_dict())
 
-    images = torch.randn(B * T, 3, img_size, img_size, device=device)
-    tokens = torch.randn(B, T, N, D, device=device, requires_grad=True)
-    grad_tokens = torch.randn(B, T, N, D, device=device)
-    clip_mask = torch.ones(B, T, dtype=torch.bool, device=device)
-    clip_mask[:, T - T // 4 :] = False
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp)
-
-    def step_backbone() -> None:
-        backbone.zero_grad(set_to_none=True)
-        with autocast:
-            out = backbone.forward_features(images)  # [B*T, N, D]: the tokens the layer fuses
-        out.backward(grad_tokens.view(B * T, N, D).to(out.dtype))
-
-    def step_layer() -> None:
-        layer.zero_grad(set_to_none=True)
-        tokens.grad = None
-        with autocast:
-            h, _ = layer(tokens)
-        h.backward(grad_tokens.to(h.dtype))
-
-    def step_layer_masked() -> None:
-        layer.zero_grad(set_to_none=True)
-        tokens.grad = None
-        with autocast:
-            h, _ = layer(tokens, valid_mask=clip_mask)
-        h.backward(grad_tokens.to(h.dtype))
-
-    def step_seed() -> None:
-        seed.zero_grad(set_to_none=True)
-        tokens.grad = None
-        with autocast:
-            h = seed(tokens)
-        h.backward(grad_tokens.to(h.dtype))
-
-    fusion_steps = {"layer": step_layer, "layer_masked": step_layer_masked, "seed": step_seed}
-    times: dict[str, list[float]] = {name: [] for name in ["backbone", *fusion_steps]}
-    for round_idx in range(warmup + repeats):
-        timed = round_idx >= warmup
-        t = _timed(step_backbone, device)
-        if timed:
-            times["backbone"].append(t)
-        for _ in range(layer_repeats):
-            for name, fn in fusion_steps.items():
-                t = _timed(fn, device)
-                if timed:
-                    times[name].append(t)
+    fusion_steps = {
+        "layer": lambda: bench.step_fusion(layer, None),
+        "layer_masked": lambda: bench.step_fusion(layer, bench.clip_mask),
+        "seed": lambda: bench.step_fusion(seed, None, returns_aux=False),
+    }
+    times = bench.interleaved(fusion_steps, warmup=warmup, repeats=repeats, layer_repeats=layer_repeats)
     med = {name: statistics.median(ts) for name, ts in times.items()}
     ratios = {
         "layer/backbone": med["layer"] / med["backbone"],
@@ -164,8 +171,8 @@ def measure(
         "layer/seed": med["layer"] / med["seed"],
     }
     return {
-        "N": N,
-        "D": D,
+        "N": bench.N,
+        "D": bench.D,
         "threads": torch.get_num_threads(),
         "seconds": times,
         "median_seconds": med,
@@ -194,48 +201,13 @@ def measure_options(
     layer_repeats: int,
 ) -> dict:
     """Forward+backward seconds of a ViT-B/16 step and of every fusion option (plain, masked), interleaved."""
-    torch.manual_seed(0)
-    B, T = batch, frames
-    backbone = timm.create_model("vit_base_patch16_224", pretrained=False, num_classes=0, img_size=img_size).to(device)
-    D = backbone.embed_dim
-    N = backbone.patch_embed.num_patches + backbone.num_prefix_tokens
-    layers = {option: fusion_layer(option, D).to(device) for option in options}
-    images = torch.randn(B * T, 3, img_size, img_size, device=device)
-    tokens = torch.randn(B, T, N, D, device=device, requires_grad=True)
-    grad_tokens = torch.randn(B, T, N, D, device=device)
-    clip_mask = torch.ones(B, T, dtype=torch.bool, device=device)
-    clip_mask[:, T - T // 4 :] = False
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp)
-
-    def step_backbone() -> None:
-        backbone.zero_grad(set_to_none=True)
-        with autocast:
-            out = backbone.forward_features(images)
-        out.backward(grad_tokens.view(B * T, N, D).to(out.dtype))
-
-    def step_layer(layer: torch.nn.Module, mask: torch.Tensor | None) -> None:
-        layer.zero_grad(set_to_none=True)
-        tokens.grad = None
-        with autocast:
-            h, _ = layer(tokens, valid_mask=mask)
-        # NoFusion returns its input: the backward then costs nothing beyond the tokens' own.
-        h.backward(grad_tokens.to(h.dtype))
-
-    times: dict[str, list[float]] = {"backbone": []}
-    for option in options:
-        times[option] = []
-        times[f"{option} (masked)"] = []
-    for round_idx in range(warmup + repeats):
-        timed = round_idx >= warmup
-        t = _timed(step_backbone, device)
-        if timed:
-            times["backbone"].append(t)
-        for _ in range(layer_repeats):
-            for option, layer in layers.items():
-                for name, mask in ((option, None), (f"{option} (masked)", clip_mask)):
-                    t = _timed(lambda layer=layer, mask=mask: step_layer(layer, mask), device)
-                    if timed:
-                        times[name].append(t)
+    bench = _Bench(device=device, batch=batch, frames=frames, img_size=img_size, amp=amp)
+    layers = {option: fusion_layer(option, bench.D).to(device) for option in options}
+    fusion_steps = {}
+    for option, layer in layers.items():
+        fusion_steps[option] = lambda layer=layer: bench.step_fusion(layer, None)
+        fusion_steps[f"{option} (masked)"] = lambda layer=layer: bench.step_fusion(layer, bench.clip_mask)
+    times = bench.interleaved(fusion_steps, warmup=warmup, repeats=repeats, layer_repeats=layer_repeats)
     med = {name: statistics.median(ts) for name, ts in times.items()}
     rows = [
         {
@@ -248,7 +220,7 @@ def measure_options(
         }
         for option in options
     ]
-    return {"N": N, "D": D, "backbone_seconds": med["backbone"], "seconds": times, "rows": rows}
+    return {"N": bench.N, "D": bench.D, "backbone_seconds": med["backbone"], "seconds": times, "rows": rows}
 
 
 def print_options_table(result: dict) -> None:
