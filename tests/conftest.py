@@ -11,6 +11,7 @@ from pathlib import Path
 
 import av  # noqa: F401 - before anything loads decord: PyAV's VP9 encoder fails to open after it
 import pytest
+import timm.models._builder as builder
 from helpers.videos import write_video
 
 
@@ -38,3 +39,14 @@ def bad_videos(tmp_path: Path) -> dict[str, Path]:
         cut.write_bytes(data[: len(data) // 2])
         out[name] = cut
     return out
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    """Makes every timm weight download fail, as on a machine without network access."""
+
+    def refuse(*args, **kwargs):
+        raise OSError("network disabled in tests")
+
+    for fn in ("load_state_dict_from_hf", "load_state_dict_from_url", "download_cached_file"):
+        monkeypatch.setattr(builder, fn, refuse)

@@ -8,7 +8,6 @@ from pathlib import Path
 import pytest
 import safetensors.torch
 import timm
-import timm.models._builder as builder
 import torch
 from helpers.configs import compose_config, fusion_config
 from omegaconf import OmegaConf
@@ -20,17 +19,6 @@ from squarefuse.models import build_classifier
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 SMALL = dict(depth=2, embed_dim=64, num_heads=2)
-
-
-@pytest.fixture
-def no_network(monkeypatch):
-    """Makes every timm weight download fail, as on a machine without network access."""
-
-    def refuse(*args, **kwargs):
-        raise OSError("network disabled in tests")
-
-    for fn in ("load_state_dict_from_hf", "load_state_dict_from_url", "download_cached_file"):
-        monkeypatch.setattr(builder, fn, refuse)
 
 
 @pytest.mark.parametrize("config, patch", [("vit_b16_clip", 16), ("vit_l14_clip", 14)])

@@ -10,7 +10,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import safetensors.torch
-import timm.models._builder as builder
 import torch
 from helpers.checkpoints import tiny_train_cfg
 from helpers.videos import write_video
@@ -65,17 +64,6 @@ def source_run(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def five_classes(tmp_path_factory) -> Path:
     return make_list_dataset(tmp_path_factory.mktemp("five"), 5, per_class=1)
-
-
-@pytest.fixture
-def no_network(monkeypatch):
-    """Makes every timm weight download fail, as on a machine without network access."""
-
-    def refuse(*args, **kwargs):
-        raise OSError("network disabled in tests")
-
-    for fn in ("load_state_dict_from_hf", "load_state_dict_from_url", "download_cached_file"):
-        monkeypatch.setattr(builder, fn, refuse)
 
 
 def test_init_from_a_checkpoint_with_another_class_count(source_run, five_classes, tmp_path, caplog, no_network):

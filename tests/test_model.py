@@ -8,7 +8,6 @@ from pathlib import Path
 import pytest
 import safetensors.torch
 import timm
-import timm.models._builder as builder
 import timm.optim
 import torch
 from helpers.configs import fusion_config
@@ -36,17 +35,6 @@ TINY_KWARGS = dict(depth=2, embed_dim=64, num_heads=2, patch_size=16)
 def _seed_and_threads():
     torch.manual_seed(0)
     torch.set_num_threads(2)
-
-
-@pytest.fixture
-def no_network(monkeypatch):
-    """Makes every timm weight download fail, as on a machine without network access."""
-
-    def refuse(*args, **kwargs):
-        raise OSError("network disabled in tests")
-
-    for fn in ("load_state_dict_from_hf", "load_state_dict_from_url", "download_cached_file"):
-        monkeypatch.setattr(builder, fn, refuse)
 
 
 def tiny_backbone(img_size: int = IMG, **kwargs) -> VideoBackbone:
