@@ -6,7 +6,7 @@
 #   bash scripts/temporal_order_sweep.sh [SWEEP_DIR] [train.py overrides ...]
 #   bash scripts/temporal_order_sweep.sh multirun/quick trainer.epochs=2    # a smoke run
 #
-# About 50 minutes on 2 CPU cores (measured 50 min 08 s, README). Prints the time of each phase.
+# About 50 minutes on 2 CPU cores (measured 50 min 51 s, README). Prints the time of each phase.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

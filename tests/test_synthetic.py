@@ -179,7 +179,7 @@ def test_decoded_videos_move_grow_in_their_direction(tmp_path):
     assert checked == 6 * (SMALL["train_per_class"] + SMALL["val_per_class"])
 
 
-@pytest.mark.parametrize("shape", ["hand", "arrow", "ell", "dotted_disc"])
+@pytest.mark.parametrize("shape", ["half_disc", "sector", "arrow", "ell", "dotted_disc"])
 def test_turn_clockwise_turns_clockwise_on_screen(shape):
     from torchvision.transforms.v2 import functional as F  # noqa: PLC0415
 
