@@ -218,7 +218,7 @@ def sample_clip_params(motion: str, *, rng: np.random.Generator, size: int) -> C
     else:
         # turn: clockwise on screen by 150..200 degrees, from pointing up (+-30 degrees) through
         # the right to pointing down. A fixed starting side makes the direction a linear read-out
-        # of the tip's vertical motion; from any start angle it is the sign of a product
+        # of the shape's vertical motion; from any start angle it is the sign of a product
         # (position x motion), which the tiny ViT took several times longer to learn.
         cx, cy = rng.uniform(0.42, 0.58, size=2) * s
         # As large as the frame allows: the shape's centroid then travels about 0.3-0.5 of the
