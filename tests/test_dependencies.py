@@ -1,0 +1,104 @@
+"""Every third-party import of the package, its apps and scripts is a declared dependency.
+
+A user installs with `pip install -e .` into a fresh environment; a module that imports a package
+no dependency declares works on a developer's machine that happens to have it and fails for them
+(scipy did). These tests read the imports with `ast` and the declared requirements from
+pyproject.toml, so they fail whatever the test machine has installed.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib.metadata
+import re
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+SOURCES = [ROOT / "train.py", ROOT / "eval.py", *sorted((ROOT / "squarefuse").rglob("*.py"))]
+SCRIPTS = sorted((ROOT / "scripts").rglob("*.py"))
+# Imports that are optional by design: each module imports them lazily and names the extra when missing.
+OPTIONAL = {"onnx": "dev", "onnxruntime": "dev", "torchcodec": "torchcodec"}
+
+
+def top_level_imports(path: Path) -> set[str]:
+    """Top-level names of the absolute imports in a file (lazy ones inside functions included)."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.Import):
+            names.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names.add(node.module.split(".")[0])
+    return names
+
+
+def requirement_name(requirement: str) -> str:
+    return re.split(r"[\s<>=!~;\[]", requirement, maxsplit=1)[0].lower().replace("_", "-")
+
+
+def declared() -> tuple[set[str], dict[str, set[str]]]:
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    core = {requirement_name(r) for r in project["dependencies"]}
+    extras = {k: {requirement_name(r) for r in v} for k, v in project["optional-dependencies"].items()}
+    return core, extras
+
+
+def local_names() -> set[str]:
+    """Modules of this repository (the package, scripts that import each other, the entry points)."""
+    return {"squarefuse", "train", "eval", "helpers"} | {p.stem for p in SCRIPTS}
+
+
+def distribution_of(module: str) -> str | None:
+    """The installed distribution that provides a top-level module, or None for the standard library."""
+    if module in sys.stdlib_module_names or module == "__future__":
+        return None
+    dists = importlib.metadata.packages_distributions().get(module)
+    if not dists:
+        # Not installed here: the name itself is the best guess, and it will not be declared.
+        return module.lower()
+    return dists[0].lower().replace("_", "-")
+
+
+def undeclared(paths: list[Path], core: set[str] | None = None) -> dict[str, list[str]]:
+    """{module (distribution): [files]} for imports that no requirement declares."""
+    declared_core, extras = declared()
+    core = declared_core if core is None else core
+    missing: dict[str, list[str]] = {}
+    for path in paths:
+        for module in sorted(top_level_imports(path) - local_names()):
+            dist = distribution_of(module)
+            if dist is None or dist in core:
+                continue
+            if module in OPTIONAL and dist in extras.get(OPTIONAL[module], set()):
+                continue
+            missing.setdefault(f"{module} ({dist})", []).append(str(path))
+    return missing
+
+
+def test_package_and_apps_import_only_declared_dependencies():
+    assert undeclared(SOURCES) == {}, "imported but not in pyproject.toml's dependencies"
+
+
+def test_scripts_import_only_declared_dependencies():
+    assert undeclared(SCRIPTS) == {}, "imported by scripts/ but not in pyproject.toml's dependencies"
+
+
+def test_the_check_sees_an_undeclared_import(tmp_path):
+    # The check must be able to fail: scipy, imported lazily, was the dependency that slipped through.
+    module = tmp_path / "uses_scipy.py"
+    module.write_text("import json\n\ndef f():\n    from scipy.stats import binomtest\n")
+    core, _ = declared()
+    assert undeclared([module], core=core - {"scipy"}) == {"scipy (scipy)": [str(module)]}
+    assert undeclared([module], core=core) == {}
+
+
+def test_every_module_of_the_package_imports_in_a_fresh_interpreter():
+    modules = sorted(
+        ".".join(p.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
+        for p in (ROOT / "squarefuse").rglob("*.py")
+    )
+    code = "import importlib, sys\nfor m in sys.argv[1:]:\n    importlib.import_module(m)\n"
+    result = subprocess.run([sys.executable, "-c", code, *modules], capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]
