@@ -13,7 +13,6 @@ import importlib.metadata
 import re
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -39,9 +38,12 @@ def requirement_name(requirement: str) -> str:
 
 
 def declared() -> tuple[set[str], dict[str, set[str]]]:
-    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    core = {requirement_name(r) for r in project["dependencies"]}
-    extras = {k: {requirement_name(r) for r in v} for k, v in project["optional-dependencies"].items()}
+    """(core requirements, {extra: requirements}) from the installed package's metadata (pyproject.toml)."""
+    core: set[str] = set()
+    extras: dict[str, set[str]] = {}
+    for requirement in importlib.metadata.requires("squarefuse") or []:
+        extra = re.search(r"extra\s*==\s*['\"]([^'\"]+)['\"]", requirement)
+        (extras.setdefault(extra.group(1), set()) if extra else core).add(requirement_name(requirement))
     return core, extras
 
 
