@@ -12,6 +12,7 @@ import pytest
 import safetensors.torch
 import torch
 from helpers.checkpoints import tiny_train_cfg
+from helpers.configs import tiny_train_config
 from helpers.videos import write_video
 
 from squarefuse.engine.checkpoint import load_checkpoint, save_checkpoint
@@ -237,3 +238,15 @@ def test_non_float_weights_are_refused_not_cast(tmp_path, dtype, suffix):
         init_from(target, path)
     for key, value in target.state_dict().items():  # nothing was loaded
         torch.testing.assert_close(value, before[key], rtol=0, atol=0, msg=key)
+
+
+def test_a_wrong_init_file_fails_before_the_dataset_is_built(tmp_path):
+    text = tmp_path / "notes.pth"
+    text.write_text("hello, this is a text file\n")
+    root = tmp_path / "data"
+    cfg = tiny_train_config(root, f"trainer.init_from={text}", "trainer.max_steps=1", "trainer.val_every=0")
+    with pytest.raises(
+        ValueError, match=r"trainer\.init_from=.*notes\.pth.* is not a PyTorch checkpoint or safetensors"
+    ):
+        Trainer(cfg, tmp_path / "run")
+    assert not root.exists()  # the synthetic dataset was not generated first

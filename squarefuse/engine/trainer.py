@@ -34,7 +34,7 @@ from squarefuse.engine import distributed
 from squarefuse.engine.checkpoint import load_checkpoint, save_checkpoint
 from squarefuse.engine.config_diff import config_changes, is_harmless
 from squarefuse.engine.evaluator import evaluate
-from squarefuse.engine.init_weights import apply_init_from, backbone_cfg_for_run
+from squarefuse.engine.init_weights import apply_init_from, backbone_cfg_for_run, check_init_file
 from squarefuse.engine.loader import (
     ignore_stop_signals,
     private_generator,
@@ -137,6 +137,8 @@ class Trainer:
         check_trainer_cfg(tcfg)
         check_optim_cfg(cfg.optim)
         check_run_dir(cfg.dataset, self.run_dir)
+        if tcfg.init_from is not None and not tcfg.resume and not (self.ckpt_dir / "last.pt").is_file():
+            check_init_file(tcfg.init_from)  # a fresh run will read it: a wrong file fails before the data is built
         self.num_workers = resolve_num_workers(tcfg.num_workers, key="trainer.num_workers")
         self.dist, self.device = distributed.init_distributed(tcfg.device)
         self.precision = resolve_precision(tcfg.precision, self.device)
