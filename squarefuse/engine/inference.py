@@ -296,13 +296,13 @@ def _read_video_list(list_file: Path) -> list[VideoRecord]:
 
 
 def _why_skipped(path: Path) -> str | None:
-    """None for a video file to read; "" for an entry that is no video; else why a video-looking
-    entry is left out: a search must not stop at it (a FIFO blocks the reader), nor drop it unsaid."""
+    """Why a folder search leaves out an entry that looks like a video (or a folder of them), None
+    for one that is no video: a search must not stop at it (a FIFO blocks the reader), nor drop it unsaid."""
     if path.is_symlink() and path.is_dir():
         # rglob does not follow links to folders (a link to an ancestor would never end).
         return "a link to a folder, not searched (links to folders are not followed)"
     if path.suffix.lower() not in VIDEO_EXTENSIONS:
-        return ""
+        return None
     try:
         mode = path.stat().st_mode
     except OSError as e:
@@ -310,7 +310,7 @@ def _why_skipped(path: Path) -> str | None:
             return "a symlink loop"
         return "a broken link" if path.is_symlink() else f"unreadable ({e.strerror})"
     if stat.S_ISREG(mode):
-        return None
+        return None  # a video file (the caller takes it)
     if stat.S_ISDIR(mode):
         return "a folder with a video extension, not a video file (its contents are searched)"
     if stat.S_ISFIFO(mode):
@@ -335,10 +335,9 @@ def find_videos(input: str | Path) -> list[VideoRecord]:
     if path.is_dir():
         files, skipped = [], []
         for p in sorted(path.rglob("*")):
-            why = _why_skipped(p)
-            if why is None:
+            if p.suffix.lower() in VIDEO_EXTENSIONS and p.is_file():
                 files.append(p)
-            elif why:
+            elif (why := _why_skipped(p)) is not None:
                 skipped.append(p)
                 log.warning(f"input={input}: skipped {p.relative_to(path)}: {why}")
         if skipped:
