@@ -12,6 +12,7 @@ import pytest
 import safetensors.torch
 import torch
 from helpers.checkpoints import tiny_train_cfg
+from helpers.configs import tiny_train_config
 from helpers.videos import write_video
 
 from squarefuse.engine.checkpoint import load_checkpoint, save_checkpoint
@@ -178,3 +179,74 @@ def test_ema_weights_are_preferred_and_unfitting_files_are_refused(tmp_path):
         init_from(small_model(), image_weights)
     with pytest.raises(FileNotFoundError, match="nope.pt"):
         init_from(small_model(), tmp_path / "nope.pt")
+
+
+@pytest.fixture
+def bad_init_files(tmp_path) -> list[tuple[str, Path]]:
+    """Files a user may pass by mistake, each with the words its error must say."""
+    torch.manual_seed(0)
+    state = small_model().state_dict()
+    text = tmp_path / "notes.pth"
+    text.write_text("hello, this is a text file\n")
+    empty = tmp_path / "empty.pt"
+    empty.touch()
+    video = write_video(tmp_path / "clip.mp4", num_frames=4)
+    good_pt = tmp_path / "good.pt"
+    torch.save(state, good_pt)
+    truncated_pt = tmp_path / "cut.pt"
+    truncated_pt.write_bytes(good_pt.read_bytes()[: good_pt.stat().st_size // 2])
+    good_st = tmp_path / "good.safetensors"
+    safetensors.torch.save_file(state, str(good_st))
+    truncated_st = tmp_path / "cut.safetensors"
+    truncated_st.write_bytes(good_st.read_bytes()[: good_st.stat().st_size // 2])
+    return [
+        ("not a PyTorch checkpoint or safetensors file", text),
+        (r"is empty \(0 bytes\)", empty),
+        ("not a PyTorch checkpoint or safetensors file", video),
+        ("is truncated", truncated_pt),
+        ("is a truncated safetensors file", truncated_st),
+    ]
+
+
+def test_unreadable_init_files_name_the_file_and_the_problem(bad_init_files):
+    # Before: KeyError: 101 (text), "refusing a file with objects other than tensors" (mp4, as if a
+    # malicious pickle), "cannot read it ()" (empty), a safetensors error naming no file (truncated).
+    for message, path in bad_init_files:
+        with pytest.raises(ValueError, match=message) as error:
+            init_from(small_model(), path)
+        assert str(path) in str(error.value) and "trainer.init_from" in str(error.value)
+    good = bad_init_files[0][1].parent
+    assert (
+        init_from(small_model(), good / "good.pt").loaded and init_from(small_model(), good / "good.safetensors").loaded
+    )
+
+
+@pytest.mark.parametrize("dtype", [torch.int8, torch.bool])
+@pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
+def test_non_float_weights_are_refused_not_cast(tmp_path, dtype, suffix):
+    torch.manual_seed(0)
+    state = small_model().state_dict()
+    quantised = {k: v.to(dtype) if k.startswith("backbone.model.blocks.0.") else v for k, v in state.items()}
+    path = tmp_path / f"quantised{suffix}"
+    if suffix == ".pt":
+        torch.save(quantised, path)
+    else:
+        safetensors.torch.save_file(quantised, str(path))
+    target = small_model()
+    before = {k: v.clone() for k, v in target.state_dict().items()}
+    with pytest.raises(ValueError, match=rf"quantised{suffix}.*backbone\.model\.blocks\.0\.\S+ is {dtype}.*refused"):
+        init_from(target, path)
+    for key, value in target.state_dict().items():  # nothing was loaded
+        torch.testing.assert_close(value, before[key], rtol=0, atol=0, msg=key)
+
+
+def test_a_wrong_init_file_fails_before_the_dataset_is_built(tmp_path):
+    text = tmp_path / "notes.pth"
+    text.write_text("hello, this is a text file\n")
+    root = tmp_path / "data"
+    cfg = tiny_train_config(root, f"trainer.init_from={text}", "trainer.max_steps=1", "trainer.val_every=0")
+    with pytest.raises(
+        ValueError, match=r"trainer\.init_from=.*notes\.pth.* is not a PyTorch checkpoint or safetensors"
+    ):
+        Trainer(cfg, tmp_path / "run")
+    assert not root.exists()  # the synthetic dataset was not generated first

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
+import os
 import shutil
 import subprocess
 import sys
@@ -110,6 +112,35 @@ def test_find_videos_folder_list_and_errors(videos, tmp_path):
     empty_list.write_text("# nothing\n")
     with pytest.raises(ValueError, match="names no video"):
         find_videos(empty_list)
+
+
+def test_find_videos_reports_what_it_skips(videos, tmp_path, caplog):
+    # Before: a symlink loop, a folder named x.mp4 and a FIFO were dropped without a word.
+    folder = tmp_path / "input"
+    folder.mkdir()
+    shutil.copy(videos / "v0.mp4", folder / "ok.mp4")
+    (folder / "loop.mp4").symlink_to("loop.mp4")
+    (folder / "x.mp4").mkdir()
+    os.mkfifo(folder / "pipe.mp4")
+    (folder / "broken.mp4").symlink_to("gone.mp4")
+    (folder / "up").symlink_to(".")
+    with caplog.at_level(logging.WARNING, logger="squarefuse"):
+        found = find_videos(folder)
+    assert [r.id for r in found] == ["ok.mp4"]
+    reasons = {
+        "loop.mp4": "a symlink loop",
+        "x.mp4": "a folder",
+        "pipe.mp4": "a FIFO",
+        "broken.mp4": "a broken link",
+        "up": "a link to a folder",
+    }
+    for name, why in reasons.items():
+        assert any(f"skipped {name}: {why}" in m for m in caplog.messages), (name, caplog.messages)
+    assert f"{len(reasons)} entries skipped" in caplog.text
+
+    os.remove(folder / "ok.mp4")
+    with pytest.raises(ValueError, match=f"no video files.*{len(reasons)} entries skipped"):
+        find_videos(folder)
 
 
 def test_parse_views():

@@ -6,11 +6,14 @@ import csv
 import importlib.util
 import json
 import os
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import av
 import pytest
+from helpers.processes import children_of, kill_all, wait_gone
 from helpers.videos import write_video
 
 SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
@@ -255,3 +258,31 @@ def test_benchmark_loader_quick(tmp_path, capsys):
     # The test videos are what the benchmark claims: H.264 and VP9 at the quick sizes.
     assert probe(tmp_path / "k400.mp4")[1:] == (120, 160, "h264")
     assert probe(tmp_path / "ssv2.webm")[1:] == (80, 142, "vp9")
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads child processes from /proc")
+def test_pool_workers_die_with_a_killed_script():
+    # A script killed with SIGKILL runs no clean-up: its workers would stay blocked on the task queue.
+    script = (
+        "import sys, time\n"
+        "from squarefuse.process_pool import video_process_pool\n"
+        "pool = video_process_pool(2)\n"
+        "futures = [pool.submit(time.sleep, 600) for _ in range(2)]\n"
+        "print('ready', flush=True)\n"
+        "time.sleep(600)\n"
+    )
+    caller = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    workers: list[int] = []
+    try:
+        assert caller.stdout.readline().strip() == "ready"
+        deadline = time.monotonic() + 30
+        while len(workers) < 2 and time.monotonic() < deadline:
+            workers = children_of(caller.pid)
+            time.sleep(0.05)
+        assert len(workers) >= 2, workers
+        caller.kill()
+        caller.wait()
+        assert wait_gone(workers, timeout=5) == []
+    finally:
+        caller.kill()
+        kill_all(workers)

@@ -16,6 +16,7 @@ import av
 import numpy as np
 import pytest
 import torch  # noqa: F401 - loaded before decord, as everywhere in the package
+from helpers.processes import children_of, kill_all, wait_gone
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
@@ -453,3 +454,34 @@ def test_default_size_generation_and_dataset(tmp_path):
     item = val[len(val) - 1]
     assert item["video"].shape == (1, 8, 3, 64, 64) and not item["failed"]
     assert item["label"] == len(CLASS_NAMES) - 1
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads child processes from /proc")
+def test_the_generator_dies_with_a_killed_caller(tmp_path):
+    # The README promises that a killed trainer takes its processes with it; SIGKILL runs no clean-up,
+    # so the generator process must end by itself. Enough videos that it would run for minutes.
+    root = tmp_path / "data"
+    caller = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            f"from squarefuse.datasets.synthetic import ensure_synthetic; "
+            f"ensure_synthetic({str(root)!r}, **{dict(SMALL, train_per_class=5000)!r})",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    generators: list[int] = []
+    try:
+        deadline = time.monotonic() + 120
+        while not (generators and list(root.glob(".staging-*/videos/train/*/*"))):  # it is writing videos
+            assert caller.poll() is None, caller.communicate()[1]
+            assert time.monotonic() < deadline, "the generator did not start"
+            generators = children_of(caller.pid)
+            time.sleep(0.05)
+        caller.kill()
+        caller.wait()
+        assert wait_gone(generators, timeout=5) == []
+    finally:
+        caller.kill()
+        kill_all(generators)

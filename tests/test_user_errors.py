@@ -9,8 +9,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers.configs import tiny_train_config
 
 from squarefuse.engine.checkpoint import check_checkpoint_file, load_checkpoint
+from squarefuse.engine.trainer import Trainer
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -66,3 +68,33 @@ def test_a_value_of_the_wrong_type_names_its_key(tmp_path, override, message):
     assert result.returncode != 0
     assert message in result.stderr
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        # Before: an assertion without the key, in the DataLoader.
+        (["trainer.prefetch_factor=0", "trainer.num_workers=1"], r"trainer\.prefetch_factor must be >= 1, got 0"),
+        # Before: an IndexError in a worker.
+        (["dataset.max_replacements=-1"], r"dataset\.max_replacements=-1: must be >= 0"),
+        # Before: an allocator error in the FLOP counter.
+        (["dataset.num_frames=100000"], r"dataset\.num_frames=100000: must be in 1\.\.1024"),
+        # Before: accepted.
+        (["optim.warmup_epochs=-1"], r"optim\.warmup_epochs must be >= 0, got -1"),
+    ],
+)
+def test_bad_training_values_name_their_key_before_any_work(tmp_path, override, message):
+    root = tmp_path / "data"
+    cfg = tiny_train_config(root, "trainer.max_steps=1", "trainer.val_every=0", *override)
+    with pytest.raises(ValueError, match=message):
+        Trainer(cfg, tmp_path / "run")
+    assert not root.exists()  # refused before the synthetic dataset is generated
+
+
+def test_a_run_folder_inside_a_new_synthetic_root_is_refused_as_such(tmp_path):
+    # Before: "holds files the synthetic generator did not write", not saying that they are the run's.
+    root = tmp_path / "data"
+    cfg = tiny_train_config(root, "trainer.max_steps=1", "trainer.val_every=0")
+    with pytest.raises(ValueError, match=r"run folder .*/data/runs/x \(hydra\.run\.dir\) is inside dataset\.root="):
+        Trainer(cfg, root / "runs" / "x")
+    assert not (root / "manifest.json").exists() and not (root / "videos").exists()

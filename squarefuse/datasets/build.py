@@ -32,6 +32,7 @@ __all__ = [
     "build_dataset",
     "build_device_augment",
     "build_gpu_decoder",
+    "check_run_dir",
     "load_annotations",
     "video_dataset_options",
 ]
@@ -162,6 +163,9 @@ def video_dataset_options(dataset_cfg: Mapping[str, Any], *, train: bool, views:
     decode_device = check_decode_device(str(required(cfg, "decode_device"))) if train else "cpu"
 
     timeout = optional(cfg, "decode_timeout")  # 0 or null: unguarded
+    max_replacements = int(required(cfg, "max_replacements"))
+    if max_replacements < 0:
+        raise ValueError(f"dataset.max_replacements={max_replacements}: must be >= 0 (0: fail at the first bad video)")
     return dict(
         frame_sampler=frame_sampler,
         train=train,
@@ -175,8 +179,26 @@ def video_dataset_options(dataset_cfg: Mapping[str, Any], *, train: bool, views:
         decode_short_side=decode_short_side,
         decode_device=decode_device,
         repeated_aug=int(required(cfg, "repeated_aug")) if train else 1,
-        max_replacements=int(required(cfg, "max_replacements")),
+        max_replacements=max_replacements,
     )
+
+
+def check_run_dir(dataset_cfg: Mapping[str, Any], run_dir: str | Path) -> None:
+    """Refuse a run folder inside a synthetic dataset's root, before anything is generated.
+
+    The generator owns that folder: it refuses one holding files it did not write (the run's
+    config, lock and checkpoints), with a message about foreign files that does not say why.
+    """
+    if find_format(required(dataset_cfg, "name")).name != "synthetic":
+        return
+    root = Path(str(required(dataset_cfg, "root"))).expanduser().resolve()
+    run = Path(run_dir).expanduser().resolve()
+    if run == root or root in run.parents:
+        raise ValueError(
+            f"the run folder {run} (hydra.run.dir) is inside dataset.root={root}, where the synthetic dataset is "
+            f"generated and nothing else may be: put the run elsewhere (the default is runs/...) or the dataset "
+            f"elsewhere (dataset.root=...)"
+        )
 
 
 def build_dataset(

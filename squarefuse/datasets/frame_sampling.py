@@ -113,6 +113,11 @@ def dense_indices(
     return index_CT.astype(np.int64), np.ones(index_CT.shape, dtype=bool)
 
 
+# Frames per clip. Video models use 8-64; beyond this, a batch of clips (and the FLOP count done
+# before training) needs more memory than a machine has: an allocator error instead of this message.
+MAX_NUM_FRAMES = 1024
+
+
 class FrameSampler:
     """Frame sampling as configured by a dataset config.
 
@@ -139,8 +144,10 @@ class FrameSampler:
             raise ValueError(f"dataset.sampling={sampling!r}: choose one of {list(SAMPLINGS)}")
         if short_video not in SHORT_VIDEO_MODES:
             raise ValueError(f"dataset.short_video={short_video!r}: choose one of {list(SHORT_VIDEO_MODES)}")
-        if num_frames < 1:
-            raise ValueError(f"dataset.num_frames={num_frames}: must be >= 1")
+        if not 1 <= num_frames <= MAX_NUM_FRAMES:
+            raise ValueError(
+                f"dataset.num_frames={num_frames}: must be in 1..{MAX_NUM_FRAMES} (frames per clip, not per video)"
+            )
         if sampling == "dense" and stride < 1:
             raise ValueError(f"dataset.stride={stride}: must be >= 1")
         if num_clips < 1:

@@ -46,6 +46,7 @@ from pathlib import Path
 
 import numpy as np
 
+from squarefuse.process_pool import die_with_parent
 from squarefuse.video_writer import write_video
 
 __all__ = [
@@ -443,9 +444,14 @@ def _generate_in_subprocess(staging: Path, params: dict[str, int]) -> dict[str, 
     Why not in this process: decord bundles its own FFmpeg and libvpx and loads them globally;
     once ``import decord`` has run before PyAV's first use, PyAV's ``libvpx-vp9`` encoder fails
     to open (measured with decord 0.6.0 and av 18). The caller may well have imported decord
-    already, and this module is a plain script that imports nothing from the package.
+    already, and this module, run as a script, imports only numpy, PyAV and two small modules of
+    the package (video_writer, process_pool).
+
+    It gets this process's pid to die with: a trainer killed with SIGKILL while it generates
+    would otherwise leave the generator running for minutes (it writes only into ``staging``,
+    which the next ``ensure_synthetic`` removes).
     """
-    command = [sys.executable, str(Path(__file__).resolve()), str(staging), json.dumps(params)]
+    command = [sys.executable, str(Path(__file__).resolve()), str(staging), json.dumps(params), str(os.getpid())]
     result = subprocess.run(command, capture_output=True, text=True, stdin=subprocess.DEVNULL)
     if result.returncode != 0:
         raise RuntimeError(
@@ -687,5 +693,6 @@ def ensure_synthetic(
 
 
 if __name__ == "__main__":
-    # `python synthetic.py STAGING PARAMS_JSON`: how ensure_synthetic runs the generator.
+    # `python synthetic.py STAGING PARAMS_JSON PARENT_PID`: how ensure_synthetic runs the generator.
+    die_with_parent(int(sys.argv[3]))
     print(json.dumps(_generate(Path(sys.argv[1]), json.loads(sys.argv[2]))))

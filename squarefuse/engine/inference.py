@@ -16,7 +16,9 @@ The apps (`scripts/predict.py`, `scripts/extract.py`) run many files through
 
 from __future__ import annotations
 
+import errno
 import logging
+import stat
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -293,9 +295,35 @@ def _read_video_list(list_file: Path) -> list[VideoRecord]:
     return records
 
 
+def _why_skipped(path: Path) -> str | None:
+    """Why a folder search leaves out an entry that looks like a video (or a folder of them), None
+    for one that is no video: a search must not stop at it (a FIFO blocks the reader), nor drop it unsaid."""
+    if path.is_symlink() and path.is_dir():
+        # rglob does not follow links to folders (a link to an ancestor would never end).
+        return "a link to a folder, not searched (links to folders are not followed)"
+    if path.suffix.lower() not in VIDEO_EXTENSIONS:
+        return None
+    try:
+        mode = path.stat().st_mode
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            return "a symlink loop"
+        return "a broken link" if path.is_symlink() else f"unreadable ({e.strerror})"
+    if stat.S_ISREG(mode):
+        return None  # a video file (the caller takes it)
+    if stat.S_ISDIR(mode):
+        return "a folder with a video extension, not a video file (its contents are searched)"
+    if stat.S_ISFIFO(mode):
+        return "a FIFO (named pipe), not a video file"
+    return "not a regular file (a socket or device)"
+
+
 def find_videos(input: str | Path) -> list[VideoRecord]:
     """The videos an `input=` names: one video file, a folder (searched recursively for files
     with a video extension, sorted), or a list file (`path label` or `path` per line).
+
+    In a folder, entries with a video extension that are no regular file (a folder, a FIFO, a
+    symlink loop, a broken link) and links to folders are skipped, each logged with why, then a count.
 
     Raises:
         FileNotFoundError: `input` does not exist.
@@ -305,9 +333,20 @@ def find_videos(input: str | Path) -> list[VideoRecord]:
     if not path.exists():
         raise FileNotFoundError(f"input={input}: no such file or folder")
     if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in VIDEO_EXTENSIONS)
+        files, skipped = [], []
+        for p in sorted(path.rglob("*")):
+            if p.suffix.lower() in VIDEO_EXTENSIONS and p.is_file():
+                files.append(p)
+            elif (why := _why_skipped(p)) is not None:
+                skipped.append(p)
+                log.warning(f"input={input}: skipped {p.relative_to(path)}: {why}")
+        if skipped:
+            log.warning(f"input={input}: {len(skipped)} entries skipped (listed above)")
         if not files:
-            raise ValueError(f"input={input}: no video files ({' '.join(VIDEO_EXTENSIONS)}) in this folder or below")
+            raise ValueError(
+                f"input={input}: no video files ({' '.join(VIDEO_EXTENSIONS)}) in this folder or below"
+                + (f" ({len(skipped)} entries skipped, see the warnings)" if skipped else "")
+            )
         return [VideoRecord(str(p), NO_LABEL, str(p.relative_to(path))) for p in files]
     if path.suffix.lower() in VIDEO_EXTENSIONS:
         return [VideoRecord(str(path), NO_LABEL, path.name)]

@@ -14,6 +14,8 @@ unexpected     in the file but not in the model (ignored)
 The file is a squarefuse checkpoint (EMA weights when it has them, as eval uses) or a plain state
 dict of a `VideoClassifier` (``.pt``/``.pth``, optionally under a ``model``/``state_dict`` key, or
 ``.safetensors``). Image-model weights for the backbone alone go to `backbone.pretrained_path`.
+The file gets the checks of eval's ``ckpt=`` (empty, truncated, not a zip archive) before it is read,
+and non-float tensors for float weights (int8, bool: a quantised or damaged file) are refused, not cast.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from __future__ import annotations
 import json
 import logging
 import pickle
+import struct
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
@@ -32,12 +35,15 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
+from squarefuse.engine.checkpoint import check_checkpoint_file
+
 log = logging.getLogger("squarefuse")
 
 __all__ = [
     "InitReport",
     "apply_init_from",
     "backbone_cfg_for_run",
+    "check_init_file",
     "init_from",
     "read_init_weights",
     "write_init_report",
@@ -48,6 +54,10 @@ HEAD_PREFIX = "head."
 BACKBONE_PREFIX = "backbone."
 # Prefixes of wrapped models (DDP, torch.compile) that a plain state dict may carry.
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+# torch.save writes a zip archive (since PyTorch 1.6); a safetensors file starts with the length of
+# its JSON header (8 bytes, little-endian), then the header's "{". safetensors refuses longer headers.
+_ZIP_MAGIC = b"PK\x03\x04"
+_SAFETENSORS_MAX_HEADER = 100_000_000
 
 
 @dataclass
@@ -81,18 +91,85 @@ def _strip_wrapper_prefixes(weights: Mapping[str, Any]) -> dict[str, Any]:
     return weights
 
 
+def _safetensors_header_size(head: bytes) -> int | None:
+    """The header length a file starting with `head` (9 bytes) declares, if it starts like safetensors."""
+    if len(head) < 9 or head[8:9] != b"{":
+        return None
+    size = struct.unpack("<Q", head[:8])[0]
+    return size if 0 < size <= _SAFETENSORS_MAX_HEADER else None
+
+
+def _check_safetensors_file(path: Path, header_size: int) -> None:
+    """Whole-file checks safetensors reports without the file's name ("incomplete metadata")."""
+    name = f"trainer.init_from={str(path)!r}"
+    size = path.stat().st_size
+    if size < 8 + header_size:
+        raise ValueError(
+            f"{name} is a truncated safetensors file ({size} bytes, shorter than its own {header_size}-byte "
+            f"header): an interrupted copy or a full disk?"
+        )
+    with open(path, "rb") as f:
+        f.seek(8)
+        raw = f.read(header_size)
+    try:
+        header = json.loads(raw)
+        ends = [int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"]
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError) as e:
+        raise ValueError(f"{name}: damaged safetensors file (its header does not parse: {e})") from e
+    expected = 8 + header_size + max(ends, default=0)
+    if size < expected:
+        raise ValueError(
+            f"{name} is a truncated safetensors file ({size} bytes, its header describes {expected}): an "
+            f"interrupted copy or a full disk?"
+        )
+
+
+def check_init_file(path: str | Path) -> str:
+    """Which reader a `trainer.init_from` file needs, "torch" or "safetensors", after cheap checks.
+
+    The checks of eval's ``ckpt=`` (`check_checkpoint_file`: empty, truncated zip archive), and a
+    safetensors file's length against its header, so that a wrong or damaged file fails here with
+    its name and the problem rather than deep in unpickling (``KeyError: 101`` for a text file).
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: empty, truncated, or neither a PyTorch checkpoint nor a safetensors file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"trainer.init_from={str(path)!r}: no such file")
+    with open(path, "rb") as f:
+        head = f.read(9)
+    header_size = _safetensors_header_size(head)
+    if header_size is not None:
+        _check_safetensors_file(path, header_size)
+        return "safetensors"
+    if head and not head.startswith(_ZIP_MAGIC):
+        raise ValueError(
+            f"trainer.init_from={str(path)!r} is not a PyTorch checkpoint or safetensors file "
+            f"({path.stat().st_size} bytes, neither the zip archive torch.save writes nor a safetensors header): "
+            f"pass a checkpoint or state dict (.pt/.pth) or a .safetensors file"
+        )
+    try:
+        check_checkpoint_file(path)
+    except ValueError as e:  # its message names the file; say which setting gave it
+        raise ValueError(f"trainer.init_from: {e}") from None
+    return "torch"
+
+
 def read_init_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], str]:
     """The state dict in `path` and which weights they are ("ema", "model" or "state_dict").
 
     Raises:
         FileNotFoundError: no such file.
-        ValueError: the file is not a state dict (or holds pickled objects), named with the path.
+        ValueError: the file is damaged or not a state dict (or holds pickled objects), named with the path.
     """
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"trainer.init_from={str(path)!r}: no such file")
-    if path.suffix == ".safetensors":
-        return _strip_wrapper_prefixes(safetensors.torch.load_file(str(path))), "state_dict"
+    if check_init_file(path) == "safetensors":
+        try:
+            return _strip_wrapper_prefixes(safetensors.torch.load_file(str(path))), "state_dict"
+        except Exception as e:  # noqa: BLE001 - safetensors raises its own error type for every problem
+            raise ValueError(f"trainer.init_from={str(path)!r}: cannot read the safetensors file ({e})") from e
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
@@ -100,8 +177,9 @@ def read_init_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], str]:
             f"trainer.init_from={str(path)!r}: refusing a file with objects other than tensors and plain "
             f"containers (torch.load(weights_only=True) failed: {str(e).splitlines()[0]})"
         ) from e
-    except (RuntimeError, EOFError) as e:
-        raise ValueError(f"trainer.init_from={str(path)!r}: cannot read it ({e})") from e
+    except Exception as e:  # noqa: BLE001 - a damaged archive raises many kinds; all mean the same to the user
+        reason = str(e).strip() or type(e).__name__
+        raise ValueError(f"trainer.init_from={str(path)!r}: cannot read it, damaged file ({reason})") from e
     if not isinstance(state, Mapping):
         raise ValueError(f"trainer.init_from={str(path)!r}: expected a state dict, got {type(state).__name__}")
     if isinstance(state.get("ema"), Mapping):  # a squarefuse checkpoint with EMA weights
@@ -132,7 +210,8 @@ def init_from(model: nn.Module, path: str | Path, *, allow_mismatch: bool = Fals
 
     Raises:
         ValueError: a shape mismatch outside the head or a backbone key missing from the file
-            (without `allow_mismatch`), naming the key; or no key of the file fits the model at all.
+            (without `allow_mismatch`), naming the key; a non-float tensor for a float weight; or no
+            key of the file fits the model at all.
     """
     weights, name = read_init_weights(path)
     report = InitReport(source=str(path), weights=name)
@@ -154,6 +233,17 @@ def init_from(model: nn.Module, path: str | Path, *, allow_mismatch: bool = Fals
                 f"trainer.init_allow_mismatch=true to re-initialise it"
             )
         report.reinitialised.append({"key": key, "file_shape": list(value.shape), "model_shape": list(target.shape)})
+    # load_state_dict would cast int8 or bool to float without a word (a first loss in the thousands).
+    not_float = [
+        key for key, value in to_load.items() if own[key].is_floating_point() and not value.is_floating_point()
+    ]
+    if not_float:
+        key = not_float[0]
+        raise ValueError(
+            f"trainer.init_from={str(path)!r}: {key} is {to_load[key].dtype} in the file, but the model's weights "
+            f"are {own[key].dtype} ({len(not_float)} such keys): a quantised or damaged file? Non-float weights are "
+            f"refused, not cast"
+        )
     report.unexpected = [key for key in weights if key not in own]
     missing_backbone = [key for key in report.missing if key.startswith(BACKBONE_PREFIX)]
     if missing_backbone and report.loaded and not allow_mismatch:

@@ -13,6 +13,21 @@ from timm.scheduler import CosineLRScheduler
 from torch import nn
 
 
+def check_optim_cfg(optim_cfg: DictConfig) -> None:
+    """Reject values timm's scheduler would take without a word (a negative warmup); messages name the key."""
+
+    def need(ok: bool, key: str, what: str) -> None:
+        if not ok:
+            raise ValueError(f"optim.{key} must be {what}, got {optim_cfg[key]!r}")
+
+    need(float(optim_cfg.warmup_epochs) >= 0, "warmup_epochs", ">= 0")
+    need(float(optim_cfg.lr) >= 0, "lr", ">= 0")
+    need(int(optim_cfg.lr_batch_ref) >= 1, "lr_batch_ref", ">= 1")
+    need(float(optim_cfg.warmup_lr) >= 0, "warmup_lr", ">= 0")
+    need(float(optim_cfg.min_lr) >= 0, "min_lr", ">= 0")
+    need(float(optim_cfg.weight_decay) >= 0, "weight_decay", ">= 0")
+
+
 def scaled_lr(optim_cfg: DictConfig, global_batch: int) -> float:
     """The linear scaling rule: lr x global batch / reference batch."""
     return float(optim_cfg.lr) * global_batch / float(optim_cfg.lr_batch_ref)

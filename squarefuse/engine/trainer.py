@@ -29,11 +29,12 @@ from torchvision.transforms import v2
 from tqdm import tqdm
 
 from squarefuse.datasets import build_dataset, build_device_augment, build_gpu_decoder
+from squarefuse.datasets.build import check_run_dir
 from squarefuse.engine import distributed
 from squarefuse.engine.checkpoint import load_checkpoint, save_checkpoint
 from squarefuse.engine.config_diff import config_changes, is_harmless
 from squarefuse.engine.evaluator import evaluate
-from squarefuse.engine.init_weights import apply_init_from, backbone_cfg_for_run
+from squarefuse.engine.init_weights import apply_init_from, backbone_cfg_for_run, check_init_file
 from squarefuse.engine.loader import (
     ignore_stop_signals,
     private_generator,
@@ -42,7 +43,7 @@ from squarefuse.engine.loader import (
     shutdown_workers,
 )
 from squarefuse.engine.logging import MetricsLogger
-from squarefuse.engine.optim import build_optimizer, build_scheduler, scaled_lr
+from squarefuse.engine.optim import build_optimizer, build_scheduler, check_optim_cfg, scaled_lr
 from squarefuse.engine.precision import autocast, resolve_precision
 from squarefuse.engine.preprocess import VideoNormalizer
 from squarefuse.engine.run_lock import RunLock
@@ -70,6 +71,7 @@ def check_trainer_cfg(tcfg: DictConfig) -> None:
     need(int(tcfg.epochs) >= 1, "epochs", ">= 1")
     need(tcfg.max_steps is None or int(tcfg.max_steps) >= 1, "max_steps", "null or >= 1")
     need(int(tcfg.batch_size) >= 1, "batch_size", ">= 1")
+    need(int(tcfg.prefetch_factor) >= 1, "prefetch_factor", ">= 1")
     need(int(tcfg.accum_steps) >= 1, "accum_steps", ">= 1")
     need(tcfg.nonfinite in ("stop", "skip"), "nonfinite", "stop or skip")
     need(int(tcfg.max_consecutive_skips) >= 1, "max_consecutive_skips", ">= 1")
@@ -133,6 +135,10 @@ class Trainer:
         self.ckpt_dir = self.run_dir / "checkpoints"
         tcfg = cfg.trainer
         check_trainer_cfg(tcfg)
+        check_optim_cfg(cfg.optim)
+        check_run_dir(cfg.dataset, self.run_dir)
+        if tcfg.init_from is not None and not tcfg.resume and not (self.ckpt_dir / "last.pt").is_file():
+            check_init_file(tcfg.init_from)  # a fresh run will read it: a wrong file fails before the data is built
         self.num_workers = resolve_num_workers(tcfg.num_workers, key="trainer.num_workers")
         self.dist, self.device = distributed.init_distributed(tcfg.device)
         self.precision = resolve_precision(tcfg.precision, self.device)
