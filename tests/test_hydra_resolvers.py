@@ -181,3 +181,28 @@ def test_folders_named_by_the_scheduler_are_not_claimed(bare_env, tmp_path):
     bare_env.setenv("SLURM_PROCID", "0")
     bare_env.setenv("SLURM_NTASKS", "2")
     assert launch_dir(str(tmp_path)) == launch_dir(str(tmp_path)) == str(tmp_path / "slurm-123")
+
+
+@pytest.mark.slow
+def test_two_torchruns_started_together_get_one_folder_each(tmp_path):
+    # Real torchrun agents, two ranks each, started at once: each job's ranks agree, the jobs differ.
+    script = tmp_path / "where.py"
+    script.write_text(
+        "from squarefuse.engine.hydra_resolvers import launch_dir\n"
+        f"print('FOLDER', launch_dir({str(tmp_path / 'runs')!r}))\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    for name in LAUNCH_VARS + SLURM_VARS:
+        env.pop(name, None)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script)]
+    jobs = [
+        subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in "ab"
+    ]
+    outputs = [job.communicate(timeout=120)[0] for job in jobs]
+    folders = []
+    for job, out in zip(jobs, outputs, strict=True):
+        assert job.returncode == 0, out
+        ranks = {line.split()[1] for line in out.splitlines() if line.startswith("FOLDER")}
+        assert len(ranks) == 1, out  # both ranks of one torchrun: one folder
+        folders += ranks
+    assert len(set(folders)) == 2 and all(Path(f).is_dir() for f in folders)
