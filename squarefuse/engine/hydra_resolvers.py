@@ -81,7 +81,7 @@ def _launch() -> tuple[str, str | None]:
         step = os.environ.get("SLURM_STEP_ID", "0")
         return f"slurm-{os.environ['SLURM_JOB_ID']}" + ("" if step == "0" else f".{step}"), None
     # One process: an id of its own for each folder it asks for.
-    return time.strftime(STAMP_FORMAT, time.localtime(time.time())), f"process {uuid.uuid4().hex}"
+    return time.strftime(STAMP_FORMAT), f"process {uuid.uuid4().hex}"
 
 
 def launch_stamp() -> str:
@@ -107,7 +107,8 @@ def launch_stamp() -> str:
 def _claim(path: Path, owner: str) -> bool:
     """Make the folder `path` owned by `owner`, or find it already is; False: another job's."""
     # The folder appears together with its owner file (a rename), so no rank ever sees one without
-    # the other; a rename onto a folder that exists (holding at least the owner file) fails.
+    # the other; a rename onto a folder that exists (holding at least the owner file) fails. (Linux
+    # lets it replace an empty folder: no one's files are lost.)
     tmp = path.parent / f".{path.name}.{uuid.uuid4().hex[:8]}.tmp"
     tmp.mkdir(parents=True)
     (tmp / OWNER_FILE).write_text(owner + "\n")
