@@ -38,6 +38,7 @@ import numpy as np
 from squarefuse.datasets.annotations import list_num_classes, load_list, read_k400_csv
 from squarefuse.datasets.video_reader import DecodeError, DecodeTimeout, open_video, resolve_decoder
 from squarefuse.process_pool import video_process_pool
+from squarefuse.safe_text import csv_writer, printable
 
 log = logging.getLogger("check_videos")
 
@@ -195,6 +196,8 @@ def write_clean(split: Split, good_ids: set[str], out: Path) -> int:
         header, rows = read_k400_csv(source)
         clean_rows = [row.raw for row in rows if row.clip_id in good_ids]
         kept = len(clean_rows)
+        # The loader's input format, row for row as in the official file: not guarded for spreadsheets
+        # (a `'` would become part of a label), unlike the report below.
         with open(out, "w", newline="", encoding="utf-8") as f:
             csv.writer(f).writerows([header, *clean_rows])
     return kept
@@ -206,10 +209,11 @@ def write_report(results: list[Result], out: Path) -> None:
     if out.suffix == ".json":
         out.write_text(json.dumps(rows, indent=1) + "\n", encoding="utf-8")
         return
+    fields = list(Result.__dataclass_fields__)
     with open(out, "w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=list(Result.__dataclass_fields__))
-        writer.writeheader()
-        writer.writerows(rows)
+        writer = csv_writer(f)
+        writer.writerow(fields)
+        writer.writerows([row[name] for name in fields] for row in rows)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -297,7 +301,7 @@ def main(argv: list[str] | None = None) -> dict:
     log.info(f"{len(results)} videos in {summary['seconds']} s: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
     for result in results:
         if result.status != "ok":
-            log.info(f"  {result.status:8s} {result.path}: {result.error[:200]}")
+            log.info(f"  {result.status:8s} {printable(result.path)}: {printable(result.error[:200])}")
     log.info(f"report: {report}\nclean annotations ({kept} videos): {clean}")
     return summary
 

@@ -35,6 +35,7 @@ from pathlib import Path
 import av
 
 from squarefuse.process_pool import video_process_pool
+from squarefuse.safe_text import csv_writer
 from squarefuse.video_writer import write_video
 
 log = logging.getLogger("prepare_k400")
@@ -229,11 +230,13 @@ def main(argv: list[str] | None = None) -> dict:
 
     (args.out / "annotations").mkdir(parents=True, exist_ok=True)
     for split, (header, rows) in rows_by_split.items():
+        # The loader's input format (the official csv's rows): not guarded for spreadsheets, since a
+        # `'` would become part of a label; the report below is.
         with open(args.out / "annotations" / f"{split}.csv", "w", newline="", encoding="utf-8") as f:
             csv.writer(f).writerows([header, *rows])
         (args.out / f"missing_{split}.txt").write_text("".join(f"{n}\n" for n in missing.get(split, [])))
     with open(args.out / "prepare_report.csv", "w", newline="", encoding="utf-8") as f:
-        csv.writer(f).writerows([("clip", "split", "status", "error"), *report])
+        csv_writer(f).writerows([("clip", "split", "status", "error"), *report])
     counts = {s: sum(r[2] == s for r in report) for s in ("done", "skipped", "missing", "failed")}
     log.info(", ".join(f"{k}: {v}" for k, v in counts.items()) + f"; report: {args.out / 'prepare_report.csv'}")
     log.info(f"train with:  python train.py dataset=k400 dataset.root={args.out}")

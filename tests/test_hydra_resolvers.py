@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -12,7 +13,9 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from squarefuse.engine.hydra_resolvers import launch_stamp, register_resolvers
+from squarefuse.engine import hydra_resolvers
+from squarefuse.engine.eval_app import default_eval_dir
+from squarefuse.engine.hydra_resolvers import OWNER_FILE, STAMP_FORMAT, launch_dir, launch_stamp, register_resolvers
 
 REPO = Path(__file__).resolve().parents[1]
 LAUNCH_VARS = ("TORCHELASTIC_RUN_ID", "GROUP_WORLD_SIZE", "RANK", "WORLD_SIZE", "LOCAL_RANK", "SUBMITIT_EXECUTOR")
@@ -25,6 +28,17 @@ def bare_env(monkeypatch):
     for name in LAUNCH_VARS + SLURM_VARS:
         monkeypatch.delenv(name, raising=False)
     return monkeypatch
+
+
+@pytest.fixture
+def same_second(monkeypatch):
+    """Every clock reading formats as one second: jobs that start together, however fast the test."""
+    monkeypatch.setattr(hydra_resolvers.time, "strftime", lambda fmt, t=None: "2026-12-02/09-31-05")
+
+
+def _compose_hydra(config_name: str, overrides: list[str] = ()):
+    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
+        return compose(config_name=config_name, overrides=list(overrides), return_hydra_config=True).hydra
 
 
 def test_single_process_stamp_is_the_current_time(bare_env):
@@ -92,3 +106,103 @@ def test_only_rank_zero_writes_hydra_files(bare_env, config_name):
     assert rank1.output_subdir is None
     assert rank1.job_logging.handlers.file.filename == os.devnull and rank1.job_logging.root.level == "ERROR"
     assert rank1.hydra_logging.root.level == "ERROR"
+
+
+def test_eval_jobs_started_in_the_same_second_get_their_own_folders(bare_env, same_second, tmp_path):
+    # The issue: eval.py with frame_order=normal|reversed|shuffled started together wrote one folder.
+    ckpt = tmp_path / "run" / "checkpoints" / "best.pt"
+    ckpt.parent.mkdir(parents=True)
+    ckpt.touch()
+    folders = [Path(default_eval_dir(str(ckpt))) for _ in range(3)]
+    eval_dir = tmp_path / "run" / "eval"
+    assert folders == [
+        eval_dir / "2026-12-02_09-31-05",
+        eval_dir / "2026-12-02_09-31-05_2",
+        eval_dir / "2026-12-02_09-31-05_3",
+    ]
+    assert all(f.is_dir() for f in folders)  # created now, so the next job cannot take it
+
+
+def test_train_jobs_started_in_the_same_second_get_their_own_folders(bare_env, same_second, tmp_path, monkeypatch):
+    # The issue: two train.py got one runs/<date>/<time>/ and the second Hydra overwrote the first's
+    # .hydra/overrides.yaml before the run lock refused it.
+    monkeypatch.chdir(tmp_path)
+    register_resolvers()
+    first, second = _compose_hydra("train", ["trainer.seed=0"]), _compose_hydra("train", ["trainer.seed=1"])
+    assert first.run.dir == "runs/2026-12-02/09-31-05" and second.run.dir == "runs/2026-12-02/09-31-05_2"
+    assert first.sweep.dir == "multirun/2026-12-02/09-31-05" and second.sweep.dir == "multirun/2026-12-02/09-31-05_2"
+
+
+def test_claims_of_one_folder_raced_by_two_launches(tmp_path):
+    # Threads of two launches ("a": say both ranks of one torchrun, "b": another job) claim one name at
+    # once: exactly one launch owns it, and every thread of that launch (none of the other) is told so.
+    path = tmp_path / "09-31-05"
+    start = threading.Barrier(8)
+    answers: dict[str, list[bool]] = {"a": [], "b": []}
+
+    def claim(owner: str) -> None:
+        start.wait()
+        answers[owner].append(hydra_resolvers._claim(path, owner))
+
+    threads = [threading.Thread(target=claim, args=(owner,)) for owner in "abababab"]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    winner = (path / OWNER_FILE).read_text().strip()
+    loser = "b" if winner == "a" else "a"
+    assert answers[winner] == [True] * 4 and answers[loser] == [False] * 4
+    assert [p.name for p in tmp_path.iterdir()] == ["09-31-05"]  # no temporary folders left behind
+
+
+def test_torchrun_ranks_agree_on_a_folder_past_another_jobs(bare_env, tmp_path):
+    # Two "ranks" of one torchrun (children of this process, their agent) whose launch second another
+    # job has taken already: both move on to the same <time>_2, and a separate job to yet another.
+    stamp = time.strftime(STAMP_FORMAT, time.localtime(hydra_resolvers._process_start_time(os.getpid())))
+    taken = tmp_path / stamp
+    taken.mkdir(parents=True)
+    (taken / OWNER_FILE).write_text("another job\n")
+    env = {**os.environ, "TORCHELASTIC_RUN_ID": "none", "GROUP_WORLD_SIZE": "1", "PYTHONPATH": str(REPO)}
+    code = f"from squarefuse.engine.hydra_resolvers import launch_dir; print(launch_dir({str(tmp_path)!r}))"
+    folders = []
+    for _ in range(2):
+        done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+        folders.append(done.stdout.strip())
+    assert folders == [f"{taken}_2"] * 2
+    assert (taken / OWNER_FILE).read_text() == "another job\n"
+    alone = launch_dir(str(tmp_path))  # this process, not under torchrun
+    assert alone not in (str(taken), f"{taken}_2")
+
+
+def test_folders_named_by_the_scheduler_are_not_claimed(bare_env, tmp_path):
+    # A requeued SLURM job must find its folder again to resume in it.
+    bare_env.setenv("SLURM_JOB_ID", "123")
+    bare_env.setenv("SLURM_PROCID", "0")
+    bare_env.setenv("SLURM_NTASKS", "2")
+    assert launch_dir(str(tmp_path)) == launch_dir(str(tmp_path)) == str(tmp_path / "slurm-123")
+
+
+@pytest.mark.slow
+def test_two_torchruns_started_together_get_one_folder_each(tmp_path):
+    # Real torchrun agents, two ranks each, started at once: each job's ranks agree, the jobs differ.
+    script = tmp_path / "where.py"
+    script.write_text(
+        "from squarefuse.engine.hydra_resolvers import launch_dir\n"
+        f"print('FOLDER', launch_dir({str(tmp_path / 'runs')!r}))\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    for name in LAUNCH_VARS + SLURM_VARS:
+        env.pop(name, None)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script)]
+    jobs = [
+        subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in "ab"
+    ]
+    outputs = [job.communicate(timeout=120)[0] for job in jobs]
+    folders = []
+    for job, out in zip(jobs, outputs, strict=True):
+        assert job.returncode == 0, out
+        ranks = {line.split()[1] for line in out.splitlines() if line.startswith("FOLDER")}
+        assert len(ranks) == 1, out  # both ranks of one torchrun: one folder
+        folders += ranks
+    assert len(set(folders)) == 2 and all(Path(f).is_dir() for f in folders)

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from squarefuse.engine.eval_files import RESULT_FILES
 from squarefuse.report.app import make_report
 from squarefuse.report.groups import group_runs, run_matches
 from squarefuse.report.runs import Run, expected_jobs, find_run_dirs, load_run
@@ -25,7 +26,8 @@ FUSIONS = {
 
 
 def write_eval(run: Path, name: str, correct: list[bool], *, frame_order: str = "normal", videos=None) -> None:
-    """eval/<name>/results.json + predictions.csv as eval.py writes them; video i has label i % 2."""
+    """eval/<name>/ as eval.py writes it (results.json, written last, predictions.csv, and the files the
+    report does not read as placeholders); video i has label i % 2."""
     out = run / "eval" / name
     out.mkdir(parents=True)
     videos = videos or [f"/data/v{i}.mp4" for i in range(len(correct))]
@@ -40,6 +42,9 @@ def write_eval(run: Path, name: str, correct: list[bool], *, frame_order: str = 
             writer.writerow(
                 [i, Path(path).stem, path, label, CLASSES[label], pred, CLASSES[pred], "0.9", int(ok), "", ""]
             )
+    for name in RESULT_FILES:
+        if not (out / name).exists():
+            (out / name).write_bytes(b"placeholder")
     top1 = 100.0 * sum(correct) / len(correct)
     results = {"top1": top1, "top5": 100.0, "mean_class_acc": top1, "num_videos": len(correct), "views": {"clips": 2}}
     (out / "results.json").write_text(json.dumps({**results, "frame_order": frame_order}))

@@ -95,6 +95,15 @@ def test_check_videos_list(video_folder, tmp_path):
     assert (out / "clean_videos.txt").read_text() == "# a comment stays\ngood.mp4 0\ngood.webm 2\n"
 
 
+def test_check_videos_report_guards_formula_cells(tmp_path):
+    # A file named like a formula must not run when the report is opened in a spreadsheet.
+    check_videos = load_script("check_videos")
+    evil = "@SUM(1+1)*cmd|' /C calc'!A0"
+    check_videos.write_report([check_videos.Result(path=evil, status="missing", num_frames=-1)], tmp_path / "r.csv")
+    with open(tmp_path / "r.csv", newline="") as f:
+        assert list(csv.reader(f))[1][:3] == ["'" + evil, "missing", "-1"]
+
+
 def test_check_videos_config_json_report(video_folder, tmp_path):
     check_videos = load_script("check_videos")
     folder, list_file = video_folder

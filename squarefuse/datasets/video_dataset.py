@@ -25,6 +25,7 @@ from squarefuse.datasets.annotations import VideoRecord
 from squarefuse.datasets.frame_sampling import FrameSampler
 from squarefuse.datasets.transforms import TrainTransform, eval_views
 from squarefuse.datasets.video_reader import DecodeError, open_video
+from squarefuse.safe_text import printable
 
 __all__ = ["VideoDataset"]
 
@@ -133,7 +134,9 @@ class VideoDataset(Dataset):
                     self._primary_failed.add(path)
                 continue
             if errors:
-                log.warning(f"decoded {path} with {decoder} after {'; '.join(errors)}")
+                log.warning(
+                    printable(f"decoded {path} with {decoder} after {'; '.join(errors)}")
+                )  # one line, whatever the name
             return frames, index_CT, mask_CT
         raise DecodeError("; ".join(errors))
 
@@ -150,7 +153,7 @@ class VideoDataset(Dataset):
             try:
                 frames_THWC, index_CT, mask_CT = self._decode(record.path, rng, decode=self.decode_device == "cpu")
             except DecodeError as e:
-                log.warning(f"train video {i} could not be decoded and is replaced by the next one: {e}")
+                log.warning(printable(f"train video {i} could not be decoded and is replaced by the next one: {e}"))
                 errors.append(str(e))
                 continue
             if frames_THWC is None:  # decoded on the GPU in the training process (gpu_decode.py)
@@ -187,7 +190,7 @@ class VideoDataset(Dataset):
         try:
             frames_NHWC, _, mask_CT = self._decode(record.path, None)
         except DecodeError as e:
-            log.warning(f"eval video {index} could not be decoded and counts as failed: {e}")
+            log.warning(printable(f"eval video {index} could not be decoded and counts as failed: {e}"))
             T = self.frame_sampler.num_frames
             return {
                 "video": torch.zeros(clips * crops, T, 3, self.crop_size, self.crop_size, dtype=torch.uint8),

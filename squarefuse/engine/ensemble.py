@@ -26,6 +26,7 @@ from squarefuse.engine.eval_app import summary_lines
 from squarefuse.engine.evaluator import merge_shards
 from squarefuse.engine.metrics import EvalResult
 from squarefuse.engine.results import write_results
+from squarefuse.safe_text import csv_value
 
 log = logging.getLogger(__name__)
 
@@ -73,8 +74,8 @@ def read_eval_dir(folder: str | Path) -> EvalOutput:
         labels=saved["labels"].long(),
         probs=saved["probs"].float(),
         class_names=[str(c) for c in saved["class_names"]],
-        ids=[r["id"] for r in rows],
-        paths=[r["path"] for r in rows],
+        ids=[csv_value(r["id"]) for r in rows],
+        paths=[csv_value(r["path"]) for r in rows],
         summary=json.loads((folder / "results.json").read_text()),
     )
 

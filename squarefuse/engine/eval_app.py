@@ -21,7 +21,7 @@ from squarefuse.engine.checkpoint import build_model_from_checkpoint, load_check
 from squarefuse.engine.distributed import init_distributed, shutdown
 from squarefuse.engine.evaluator import evaluate
 from squarefuse.engine.frame_order import check_frame_order
-from squarefuse.engine.hydra_resolvers import launch_stamp
+from squarefuse.engine.hydra_resolvers import launch_dir
 from squarefuse.engine.loader import resolve_num_workers
 from squarefuse.engine.metrics import EvalResult
 from squarefuse.engine.precision import resolve_precision
@@ -37,18 +37,19 @@ def default_eval_dir(ckpt: str, subdir: str = "eval") -> str:
     (`<run>/<subdir>/<stamp>` for the other apps that read a checkpoint: predict, extract, export).
 
     `<run>` is the folder above `checkpoints/` (the trainer's layout), else the checkpoint's own
-    folder; `<stamp>` the launch time, the same on every rank of a torchrun job
-    (`hydra_resolvers.launch_stamp`, with `_` for `/`).
+    folder; `<stamp>` the launch time (`2026-12-02_09-31-05`), the same on every rank of a torchrun
+    job, with `_2`, `_3`... for jobs started in the same second (`hydra_resolvers.launch_dir`: the
+    folder is created here, owned by this launch).
 
     Raises:
-        FileNotFoundError: the checkpoint does not exist (checked here, before Hydra creates the
-            output folder, so a typo leaves no stray folders).
+        FileNotFoundError: the checkpoint does not exist (checked here, before any folder is
+            created, so a typo leaves no stray folders).
     """
     path = Path(ckpt)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: ckpt={ckpt}")
     run = path.parent.parent if path.parent.name == "checkpoints" else path.parent
-    return str(run / subdir / launch_stamp().replace("/", "_"))
+    return launch_dir(str(run / subdir), sep="_")
 
 
 # The keys every dataset config has, with their defaults (configs/dataset/base.yaml).

@@ -7,7 +7,8 @@ token: `VideoClassifier.forward_head(..., pre_logits=True)`), averaged over the 
 
 features.npy        float32 [n, D], one row per video that decoded, in dataset (or input) order
 aux_<name>.npy      float32 [n, ...] with aux=true (aux_quantiles.npy, aux_trend.npy)
-videos.csv          row, index, id, path, label: row r of every array is this file's row r
+videos.csv          row, index, id, path, label: row r of every array is this file's row r (cells
+                    that a spreadsheet would run as a formula start with `'`: `safe_text.csv_value`)
 failed.csv          index, id, path, error of the videos that did not decode (when any)
 extract.json        what was extracted (checkpoint, weights, split or input, views, counts, shapes);
                     written last, so its presence means the folder is complete
@@ -21,7 +22,6 @@ complete); a complete folder of other settings is an error.
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
 from pathlib import Path
@@ -39,6 +39,7 @@ from squarefuse.engine.inference import EvalPreprocess, find_videos, load_model
 from squarefuse.engine.loader import resolve_num_workers
 from squarefuse.engine.precision import resolve_precision
 from squarefuse.engine.video_batches import run_batches
+from squarefuse.safe_text import csv_writer
 
 __all__ = ["COMPLETE_FILE", "run_extract"]
 
@@ -191,7 +192,7 @@ def _write(merged: dict[str, Any], dataset: Any, run_dir: Path, summary: dict[st
             np.save(f, array)
         shapes[f"{name}.npy"] = list(array.shape)
     with atomic_write(run_dir / "videos.csv") as f:
-        writer = csv.writer(f)
+        writer = csv_writer(f)
         writer.writerow(["row", "index", "id", "path", "label"])
         for row, index in enumerate(indices.tolist()):
             record = dataset.records[index]
@@ -199,7 +200,7 @@ def _write(merged: dict[str, Any], dataset: Any, run_dir: Path, summary: dict[st
     failed = run_dir / "failed.csv"
     if errors:
         with atomic_write(failed) as f:
-            writer = csv.writer(f)
+            writer = csv_writer(f)
             writer.writerow(["index", "id", "path", "error"])
             for index, error in errors.items():
                 record = dataset.records[index]

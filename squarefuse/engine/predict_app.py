@@ -13,7 +13,6 @@ goes on. The first `show` videos are also logged as a table.
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
 from pathlib import Path
@@ -27,6 +26,7 @@ from squarefuse.engine.inference import find_videos, load_model
 from squarefuse.engine.loader import resolve_num_workers
 from squarefuse.engine.precision import resolve_precision
 from squarefuse.engine.video_batches import run_batches
+from squarefuse.safe_text import csv_writer, printable
 
 __all__ = ["format_table", "run_predict"]
 
@@ -108,7 +108,7 @@ def run_predict(cfg: DictConfig, run_dir: str | Path) -> list[dict[str, Any]]:
     with atomic_write(run_dir / "predictions.json") as f:
         json.dump(summary, f, indent=1)
     with atomic_write(run_dir / "predictions.csv") as f:
-        writer = csv.writer(f)
+        writer = csv_writer(f)
         writer.writerow(
             ["path", "id", "label", "error"] + [f"{n}_{j}" for j in range(1, k + 1) for n in ("class", "prob")]
         )
@@ -126,13 +126,17 @@ def run_predict(cfg: DictConfig, run_dir: str | Path) -> list[dict[str, Any]]:
 
 
 def format_table(rows: list[dict[str, Any]], *, topk: int = 3, width: int = 40) -> list[str]:
-    """Aligned text lines: video id | class (prob) for the best `topk`, or the error."""
+    """Aligned text lines: video id | class (prob) for the best `topk`, or the error.
+
+    Ids and class names come from file names and the checkpoint: control characters in them (a
+    newline) are escaped, so each video stays on its line."""
     lines = []
     for row in rows:
-        name = row["id"] if len(row["id"]) <= width else "..." + row["id"][-(width - 3) :]
+        video_id = printable(row["id"])
+        name = video_id if len(video_id) <= width else "..." + video_id[-(width - 3) :]
         if row["error"] is not None:
-            cells = f"FAILED: {row['error'].splitlines()[0] if row['error'] else ''}"
+            cells = f"FAILED: {printable(row['error'].splitlines()[0] if row['error'] else '')}"
         else:
-            cells = "  ".join(f"{t['class']} ({t['prob']:.3f})" for t in row["top"][:topk])
+            cells = "  ".join(f"{printable(t['class'])} ({t['prob']:.3f})" for t in row["top"][:topk])
         lines.append(f"{name:<{width}}  {cells}")
     return lines

@@ -7,21 +7,29 @@ predictions.csv        one row per evaluated video: index, id, path, label, pred
 probs.pt               indices, labels, averaged probs [N, C] and class names (for ensembling;
                        `torch.load(weights_only=True)` reads it)
 confusion_matrix.png   row-normalised; class names on the axes up to 40 classes
+
+Every file is written atomically (`atomic_write`) and results.json last, after results.json of an
+earlier evaluation into the same folder is removed: an evaluation that fails part-way (a full
+disk...) leaves no results.json, so nothing reads its folder as complete (`eval_files.is_complete`;
+scripts/report.py lists such folders). CSV cells from user data (class names, ids, paths) are
+guarded against spreadsheet formulas (`squarefuse.safe_text`).
 """
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import torch
 from matplotlib.figure import Figure
 
+from squarefuse.atomic_file import atomic_write
+from squarefuse.engine.eval_files import RESULTS_FILE
 from squarefuse.engine.metrics import EvalResult, confusion_matrix
+from squarefuse.safe_text import csv_writer, plot_text
 
 _MAX_TICK_LABELS = 40  # beyond this, names overlap into an unreadable block
 _MAX_CELL_TEXT = 15  # per-cell numbers only while the cells are big enough to hold them
@@ -62,6 +70,8 @@ def write_results(
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    # An earlier evaluation's results.json would make this folder look complete while it is rewritten.
+    (out_dir / RESULTS_FILE).unlink(missing_ok=True)
     num_classes = result.probs.shape[1]
     if len(class_names) != num_classes:
         raise ValueError(f"{len(class_names)} class names for a result over {num_classes} classes")
@@ -87,14 +97,12 @@ def write_results(
         ],
     }
     summary.update(meta or {})
-    with open(out_dir / "results.json", "w") as f:
-        json.dump(summary, f, indent=2)
 
     support = confmat.sum(dim=1)
     top5_hits = (topk_ids == result.labels[:, None]).any(dim=1).long()
     top5_correct = torch.zeros(num_classes, dtype=torch.long).index_add_(0, result.labels, top5_hits)
-    with open(out_dir / "per_class.csv", "w", newline="") as f:
-        writer = csv.writer(f)
+    with atomic_write(out_dir / "per_class.csv") as f:
+        writer = csv_writer(f)
         writer.writerow(["class_id", "class", "support", "correct", "top1", f"top{k}"])
         for c in range(num_classes):
             n = int(support[c])
@@ -103,8 +111,8 @@ def write_results(
             topk = f"{100.0 * int(top5_correct[c]) / n:.2f}" if n else ""
             writer.writerow([c, class_names[c], n, correct, top1, topk])
 
-    with open(out_dir / "predictions.csv", "w", newline="") as f:
-        writer = csv.writer(f)
+    with atomic_write(out_dir / "predictions.csv") as f:
+        writer = csv_writer(f)
         writer.writerow(
             [
                 "index",
@@ -141,17 +149,27 @@ def write_results(
                 ]
             )
 
-    torch.save(
-        {"indices": result.indices, "labels": result.labels, "probs": result.probs, "class_names": list(class_names)},
-        out_dir / "probs.pt",
-    )
-    plot_confusion_matrix(confmat, class_names, out_dir / "confusion_matrix.png")
+    with atomic_write(out_dir / "probs.pt", "wb") as f:
+        torch.save(
+            {
+                "indices": result.indices,
+                "labels": result.labels,
+                "probs": result.probs,
+                "class_names": list(class_names),
+            },
+            f,
+        )
+    with atomic_write(out_dir / "confusion_matrix.png", "wb") as f:
+        plot_confusion_matrix(confmat, class_names, f)
+    with atomic_write(out_dir / RESULTS_FILE) as f:
+        json.dump(summary, f, indent=2)
 
 
-def plot_confusion_matrix(confmat: torch.Tensor, class_names: Sequence[str], path: str | Path) -> None:
+def plot_confusion_matrix(confmat: torch.Tensor, class_names: Sequence[str], path: str | Path | IO[bytes]) -> None:
     """Row-normalised confusion matrix (each row: how a true class was predicted) as a PNG.
 
     Uses a bare `Figure` (Agg canvas) rather than pyplot: no global state, no display needed.
+    Class names are drawn as plain text (`plot_text`): a `$` in a name is not math.
     """
     num_classes = confmat.shape[0]
     support = confmat.sum(dim=1, keepdim=True).clamp_min(1)
@@ -165,8 +183,9 @@ def plot_confusion_matrix(confmat: torch.Tensor, class_names: Sequence[str], pat
     ax.set_ylabel("true class")
     ax.set_title(f"confusion matrix ({int(confmat.sum())} videos, {num_classes} classes)")
     if num_classes <= _MAX_TICK_LABELS:
-        ax.set_xticks(range(num_classes), labels=list(class_names), rotation=90, fontsize=8)
-        ax.set_yticks(range(num_classes), labels=list(class_names), fontsize=8)
+        names = [plot_text(name) for name in class_names]
+        ax.set_xticks(range(num_classes), labels=names, rotation=90, fontsize=8)
+        ax.set_yticks(range(num_classes), labels=names, fontsize=8)
     else:
         ax.set_xticks([])
         ax.set_yticks([])
@@ -183,4 +202,4 @@ def plot_confusion_matrix(confmat: torch.Tensor, class_names: Sequence[str], pat
                         fontsize=8,
                         color="white" if rates[i, j] > 0.5 else "black",
                     )
-    fig.savefig(path)
+    fig.savefig(path, format="png")

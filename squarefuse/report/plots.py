@@ -9,6 +9,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from squarefuse.report.aggregate import GroupSummary, per_class_accuracy, seed_pairs
+from squarefuse.safe_text import plot_text
 
 _MAX_CLASS_LABELS = 40  # beyond this, class names on an axis overlap into an unreadable block
 
@@ -27,7 +28,7 @@ def plot_val_curves(summaries: Sequence[GroupSummary], path: Path) -> bool:
             continue
         epochs = sorted(by_epoch)
         mean = [sum(by_epoch[e]) / len(by_epoch[e]) for e in epochs]
-        (line,) = ax.plot(epochs, mean, label=f"{summary.label} (n={len(summary.finished)})")
+        (line,) = ax.plot(epochs, mean, label=plot_text(f"{summary.label} (n={len(summary.finished)})"))
         ax.fill_between(
             epochs,
             [min(by_epoch[e]) for e in epochs],
@@ -58,8 +59,10 @@ def plot_accuracy_vs_flops(summaries: Sequence[GroupSummary], path: Path) -> boo
     ax = fig.add_subplot()
     for s in points:
         gflops = s.fusion_flops / 1e9
-        ax.errorbar(gflops, s.eval_top1.mean, yerr=s.eval_top1.std or 0.0, fmt="o", capsize=4, label=s.label)
-        ax.annotate(s.label, (gflops, s.eval_top1.mean), textcoords="offset points", xytext=(5, 5), fontsize=8)
+        ax.errorbar(gflops, s.eval_top1.mean, yerr=s.eval_top1.std or 0.0, fmt="o", capsize=4, label=plot_text(s.label))
+        ax.annotate(
+            plot_text(s.label), (gflops, s.eval_top1.mean), textcoords="offset points", xytext=(5, 5), fontsize=8
+        )
     ax.set_xlabel("fusion GFLOPs per clip")
     ax.set_ylabel("multi-view eval top-1 (%)")
     ax.set_title("accuracy against the fusion's cost (mean ± std over seeds)")
@@ -89,9 +92,9 @@ def plot_per_class_gain(summaries: Sequence[GroupSummary], path: Path) -> bool:
         ax.bar(range(len(classes)), values, color=["tab:green" if v >= 0 else "tab:red" for v in values])
         ax.axhline(0.0, color="black", linewidth=0.8)
         ax.set_ylabel("top-1 gain (points)")
-        ax.set_title(f"{label} minus {base_label}", fontsize=9)
+        ax.set_title(plot_text(f"{label} minus {base_label}"), fontsize=9)
         if len(classes) <= _MAX_CLASS_LABELS:
-            ax.set_xticks(range(len(classes)), labels=classes, rotation=90, fontsize=7)
+            ax.set_xticks(range(len(classes)), labels=[plot_text(c) for c in classes], rotation=90, fontsize=7)
         else:
             ax.set_xticks([])
             ax.set_xlabel(f"{len(classes)} classes")

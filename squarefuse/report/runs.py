@@ -4,7 +4,9 @@ A run folder (written by `train.py`, see the README's "Run folder") holds `confi
 resolved config), `metrics.jsonl` (train / `val_clip` / `end` records), `checkpoints/`,
 optionally `model_info.json` (parameters and FLOPs per part of the model), Hydra's `.hydra/`
 (the group choices, e.g. `fusion: none`) and `train.log`, and one folder per `eval.py` run under
-`eval/*/` with `results.json` and `predictions.csv`.
+`eval/*/` with `results.json` and `predictions.csv`. An eval folder without all its result files
+(`eval_files.is_complete`: the eval failed part-way or is still running) is not read; the run
+lists it in `incomplete_evals`.
 """
 
 from __future__ import annotations
@@ -21,6 +23,9 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import yaml
+
+from squarefuse.engine.eval_files import RESULTS_FILE, is_complete
+from squarefuse.safe_text import csv_value
 
 # Status of a run, from its `end` record (written by the trainer when `fit` returns or raises)
 # or, for runs written before that record existed, from how far its validations got.
@@ -58,6 +63,7 @@ class Run:
     wall_s: float | None = None
     model_info: dict[str, Any] | None = None
     evals: list[EvalRun] = field(default_factory=list)
+    incomplete_evals: list[Path] = field(default_factory=list)  # eval folders left out: not complete
     checkpoints: list[str] = field(default_factory=list)
 
     @property
@@ -172,15 +178,19 @@ def _status_from_progress(config: dict[str, Any], records: list[dict[str, Any]])
     return UNFINISHED
 
 
-def load_evals(run_dir: Path) -> list[EvalRun]:
+def load_evals(run_dir: Path) -> tuple[list[EvalRun], list[Path]]:
+    """The complete eval folders of a run (oldest first) and the incomplete ones (by name)."""
+    folders = sorted(p for p in (run_dir / "eval").glob("*") if p.is_dir() and not p.name.startswith("."))
+    incomplete = [p for p in folders if not is_complete(p)]
     evals = []
-    for results in sorted((run_dir / "eval").glob("*/results.json"), key=lambda p: p.stat().st_mtime):
+    for folder in sorted(set(folders) - set(incomplete), key=lambda p: (p / RESULTS_FILE).stat().st_mtime):
+        results = folder / RESULTS_FILE
         try:
             data = json.loads(results.read_text())
         except json.JSONDecodeError as e:
             raise ValueError(f"{results} is not valid JSON: {e}") from e
-        evals.append(EvalRun(results.parent, data))
-    return evals
+        evals.append(EvalRun(folder, data))
+    return evals, incomplete
 
 
 def load_run(run_dir: str | Path) -> Run:
@@ -196,7 +206,7 @@ def load_run(run_dir: str | Path) -> Run:
     choices = {str(k): str(v) for k, v in (hydra_cfg.get("hydra", {}).get("runtime", {}).get("choices") or {}).items()}
     run = Run(path=run_dir, config=config, choices=choices)
     run.checkpoints = sorted(p.name for p in (run_dir / "checkpoints").glob("*.pt"))
-    run.evals = load_evals(run_dir)
+    run.evals, run.incomplete_evals = load_evals(run_dir)
     info = run_dir / "model_info.json"
     if info.is_file():
         run.model_info = json.loads(info.read_text())
@@ -260,9 +270,11 @@ def read_predictions(path: Path) -> dict[str, Prediction]:
                 raise ValueError(f"{path} has no '{column}' column")
         rows: dict[str, Prediction] = {}
         for row in reader:
-            key = row.get("path") or row.get("id") or f"index {row['index']}"
+            key = csv_value(row.get("path") or "") or csv_value(row.get("id") or "") or f"index {row['index']}"
             if key in rows:
                 raise ValueError(f"{path} lists the video {key} twice")
             label = int(row["label"])
-            rows[key] = Prediction(label, row.get("label_name") or str(label), int(row["pred"]) == label)
+            rows[key] = Prediction(
+                label, csv_value(row.get("label_name") or "") or str(label), int(row["pred"]) == label
+            )
     return rows

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import csv
 from collections.abc import Sequence
 from pathlib import Path
 
 from squarefuse.report.aggregate import GroupSummary, Stat
+from squarefuse.safe_text import csv_writer, printable
 
 
 def human_count(value: float | None) -> str:
@@ -79,8 +79,9 @@ def table_row(s: GroupSummary) -> list[str]:
 
 
 def _markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
-    # Padded columns: the table reads as well in a terminal as rendered.
-    cells = [list(header)] + [[c.replace("|", "\\|") for c in row] for row in rows]
+    # Padded columns: the table reads as well in a terminal as rendered; a newline in a name (a path
+    # in a group's label) would end the row.
+    cells = [list(header)] + [[printable(c).replace("|", "\\|") for c in row] for row in rows]
     widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
 
     def line(row: Sequence[str]) -> str:
@@ -101,7 +102,7 @@ def write_markdown(
     lines = [
         "# Fusion comparison report",
         "",
-        f"Runs from: {', '.join(sources)}",
+        f"Runs from: {', '.join(map(printable, sources))}",
         "",
         *_markdown_table(COLUMNS, [table_row(s) for s in summaries]),
         "",
@@ -113,29 +114,45 @@ def write_markdown(
         "pooled over the seeds both groups evaluated; b = videos only the baseline gets right, "
         "c = videos only this group gets right.",
         "",
-        baseline_note,
+        printable(baseline_note),
         "",
     ]
     refused = [s for s in summaries if s.comparison is not None and s.comparison.refused]
     if refused:
         lines += ["## Pairing refused", ""]
-        lines += [f"- {s.label}: {s.comparison.refused}" for s in refused] + [""]
+        lines += [printable(f"- {s.label}: {s.comparison.refused}") for s in refused] + [""]
     left_out = [(s, r) for s in summaries for r in s.not_counted]
     if left_out:
         lines += ["## Runs not in the means", ""]
-        lines += [f"- {r.path} ({s.label}): {r.status}" + (f", {r.problem}" if r.problem else "") for s, r in left_out]
+        lines += [
+            printable(f"- {r.path} ({s.label}): {r.status}" + (f", {r.problem}" if r.problem else ""))
+            for s, r in left_out
+        ]
+        lines += [""]
+    incomplete = [(s, e) for s in summaries for r in s.group.runs for e in r.incomplete_evals]
+    if incomplete:
+        lines += ["## Incomplete evaluations (not used)", ""]
+        lines += [
+            printable(
+                f"- {e} ({s.label}): no results.json or a result file missing: the eval failed part-way "
+                "or is still running; see its eval.log, rerun it"
+            )
+            for s, e in incomplete
+        ]
         lines += [""]
     unevaluated = [(s, r) for s in summaries for r in s.finished if r.eval_for("normal") is None]
     if unevaluated:
         lines += ["## Finished runs without an evaluation", ""]
         lines += [
-            f"- {r.path} ({s.label}): no eval/*/results.json with frame_order=normal; "
-            f"run `python eval.py ckpt={r.path}/checkpoints/best.pt`"
+            printable(
+                f"- {r.path} ({s.label}): no eval/*/results.json with frame_order=normal; "
+                f"run `python eval.py ckpt={r.path}/checkpoints/best.pt`"
+            )
             for s, r in unevaluated
         ]
         lines += [""]
     if notes:
-        lines += ["## Notes", ""] + [f"- {n}" for n in notes] + [""]
+        lines += ["## Notes", ""] + [f"- {printable(n)}" for n in notes] + [""]
     if plots:
         lines += ["## Plots", ""] + [f"![{p}]({p})" for p in plots] + [""]
     path.write_text("\n".join(lines))
@@ -173,7 +190,7 @@ def write_csv(summaries: Sequence[GroupSummary], path: Path) -> None:
         "pairing_refused",
     ]
     with open(path, "w", newline="") as f:
-        writer = csv.writer(f)
+        writer = csv_writer(f)
         writer.writerow(header)
         for s in summaries:
             row: list[object] = [s.label, len(s.group.runs), len(s.finished)]
