@@ -32,6 +32,8 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
+from squarefuse.engine.checkpoint import verify_checkpoint
+
 log = logging.getLogger("squarefuse")
 
 __all__ = [
@@ -93,6 +95,7 @@ def read_init_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], str]:
         raise FileNotFoundError(f"trainer.init_from={str(path)!r}: no such file")
     if path.suffix == ".safetensors":
         return _strip_wrapper_prefixes(safetensors.torch.load_file(str(path))), "state_dict"
+    verify_checkpoint(path, require_zip=False)  # a flipped bit or a truncated file: ValueError naming it
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
