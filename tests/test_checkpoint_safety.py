@@ -9,11 +9,13 @@ import tempfile
 
 import pytest
 import torch
-from helpers.checkpoints import flip_bit
+from helpers.checkpoints import eval_cfg, flip_bit, make_checkpoint, tiny_train_cfg
 
 import squarefuse.atomic_file as atomic_file
 from squarefuse.atomic_file import atomic_write, check_writable, remove_stale_temp_files
 from squarefuse.engine.checkpoint import load_checkpoint, save_checkpoint, verify_checkpoint
+from squarefuse.engine.eval_app import run_eval
+from squarefuse.engine.inference import load_model
 from squarefuse.engine.init_weights import read_init_weights
 
 
@@ -35,6 +37,16 @@ def test_a_flipped_bit_is_named_with_the_file_and_the_member(checkpoint):
         assert f"checkpoint {checkpoint} is damaged: member {member!r}" in str(error.value)
     with pytest.raises(ValueError, match=f"{checkpoint} is damaged: member {member!r}"):
         read_init_weights(checkpoint)  # trainer.init_from reads it too
+
+
+def test_eval_and_predict_refuse_a_flipped_bit_before_making_anything(tmp_path):
+    ckpt, _ = make_checkpoint(tmp_path / "run" / "checkpoints" / "best.pt", tiny_train_cfg(tmp_path / "data"))
+    member = flip_bit(ckpt, "data/3")  # another tensor than the first
+    with pytest.raises(ValueError, match=f"{ckpt} is damaged: member {member!r}"):
+        load_model(ckpt)  # predict.py, extract.py, export.py
+    with pytest.raises(ValueError, match=f"{ckpt} is damaged: member {member!r}"):
+        run_eval(eval_cfg(ckpt), tmp_path / "eval_out")
+    assert not (tmp_path / "eval_out").exists()
 
 
 def test_intact_checkpoints_pass_also_without_stored_crcs(checkpoint, tmp_path):
