@@ -462,7 +462,7 @@ class Trainer:
             old_lr = max(saved.get("base_values") or [math.nan])
             log.warning(
                 "%s was saved with an lr schedule of %d steps (%d warmup) peaking at lr %.2e; this run has %d "
-                "steps (%d warmup) at lr %.2e (trainer.epochs/max_steps, the world size or the batch changed): "
+                "steps (%d warmup) at lr %.2e (the run length, world size, batch or optim settings changed): "
                 "the schedule is rebuilt for this run's length and lr",
                 path,
                 old_steps,
