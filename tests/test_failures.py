@@ -101,12 +101,14 @@ def test_nonfinite_stop_with_workers_exits_promptly(data_root, tmp_path):
 
 @pytest.mark.slow
 def test_failing_checkpoint_save_with_workers_exits_promptly(data_root, tmp_path):
-    """A save that fails (here: `checkpoints` is a file, as a full disk would fail it) ends the job."""
+    """A save that fails (here: `last.pt` is a folder, as a full disk would fail it) ends the job.
+
+    Not an unwritable `checkpoints/`: the trainer refuses that at start-up, before any worker starts.
+    """
     run = tmp_path / "run"
-    run.mkdir()
-    (run / "checkpoints").write_text("not a folder\n")
+    (run / "checkpoints" / "last.pt").mkdir(parents=True)
     cmd = train_cmd(data_root, run, "trainer.ckpt_every=1", "trainer.epochs=1")
-    code, out, after = run_and_time_exit(cmd, tmp_path, "FileExistsError")
+    code, out, after = run_and_time_exit(cmd, tmp_path, "IsADirectoryError")
     assert code != 0, out[-3000:]
     assert after < EXIT_AFTER_ERROR_S
     assert not (run / "run.lock").exists()  # released on the way out

@@ -1,17 +1,27 @@
 """Resuming safely: the run's own newer last.pt wins over trainer.resume, metrics.jsonl holds every
-step once after a hard kill, and a changed model/data config is refused with the changed keys."""
+step once after a hard kill, a changed model/data config is refused with the changed keys, a new run
+length gets its own lr schedule, a damaged checkpoint is named and never resumed, and saves on a bad
+disk (full, read-only, killed mid-write) say what happened."""
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
+import os
+import re
 import shutil
 import signal
+import tempfile
 from pathlib import Path
 
 import pytest
+import torch
+from helpers.checkpoints import flip_bit
 from helpers.configs import tiny_train_config
 
+from squarefuse.engine import trainer as trainer_module
+from squarefuse.engine.checkpoint import load_checkpoint, save_checkpoint
 from squarefuse.engine.config_diff import config_changes, is_harmless
 from squarefuse.engine.logging import truncate_metrics
 from squarefuse.engine.trainer import Trainer
@@ -185,3 +195,151 @@ def test_resume_with_another_fusion_K_names_the_tensors(data_root, one_epoch_run
     assert "does not fit the model of this config" in message and "fusion.K: 4 (checkpoint) -> 8 (now)" in message
     assert "[4, 48] in the checkpoint, [8, 48] here" in message
     assert "new run folder" in message
+
+
+# ------------------------------------------------------------------------------ lr schedule
+
+
+def _lr_after(trainer: Trainer, step: int) -> float:
+    """The lr the train records show after `step` (the largest of the param groups)."""
+    trainer.scheduler.step_update(num_updates=step)
+    return max(group["lr"] for group in trainer.optimizer.param_groups)
+
+
+def test_resume_with_a_longer_run_rebuilds_the_lr_schedule(data_root, one_epoch_run, tmp_path, caplog):
+    run = copy_run(one_epoch_run, tmp_path / "run")  # 4 steps: its schedule ended at min_lr
+    cfg = tiny_train_config(data_root, "trainer.max_steps=12", "trainer.epochs=3")
+    reference = build(cfg, tmp_path / "fresh")  # the schedule of a 12-step run, from the config alone
+    expected = {step: _lr_after(reference, step) for step in range(5, 13)}
+    caplog.set_level(logging.INFO, logger="squarefuse")
+    assert Trainer(cfg, run).fit()["step"] == 12
+    lrs = {r["step"]: r["lr"] for r in read_metrics(run) if r["split"] == "train" and r["step"] > 4}
+    assert lrs == pytest.approx(expected)
+    assert lrs[5] > 100 * float(cfg.optim.min_lr)  # not the old schedule's end
+    assert "lr schedule of 4 steps" in caplog.text and "the schedule is rebuilt" in caplog.text
+
+
+def test_startup_line_shows_the_lr_of_a_run_resumed_with_another_world_size(data_root, one_epoch_run, tmp_path, caplog):
+    run = copy_run(one_epoch_run, tmp_path / "run")
+    last = run / "checkpoints" / "last.pt"
+    state = load_checkpoint(last)
+    # What 2 ranks save: twice the global batch, hence twice the scaled lr, and half the steps.
+    state["world_size"] = 2
+    state["rng"] = state["rng"] * 2
+    state["scheduler"]["base_values"] = [2 * v for v in state["scheduler"]["base_values"]]
+    state["scheduler"]["t_initial"] //= 2
+    save_checkpoint(state, last)
+    caplog.set_level(logging.INFO, logger="squarefuse")
+    trainer = build(tiny_train_config(data_root), run)
+    startup = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("run dir"))
+    shown = float(re.search(r", lr ([0-9.e+-]+) \|", startup).group(1))
+    assert shown == pytest.approx(trainer.lr, rel=1e-2)  # the lr scaled for this run's global batch...
+    assert max(trainer.scheduler.base_values) == trainer.lr  # ...is the one the schedule uses
+    assert "the schedule is rebuilt" in caplog.text
+
+
+# ------------------------------------------------------------------------- damaged checkpoints
+
+
+def test_bit_flipped_last_pt_is_named_and_the_run_falls_back_to_best_pt(data_root, one_epoch_run, tmp_path, caplog):
+    run = copy_run(one_epoch_run, tmp_path / "run")
+    last, best = run / "checkpoints" / "last.pt", run / "checkpoints" / "best.pt"
+    member = flip_bit(last)
+    caplog.set_level(logging.INFO, logger="squarefuse")
+    trainer = build(tiny_train_config(data_root), run)
+    assert trainer.step == load_checkpoint(best)["step"] == 4
+    assert f"checkpoint {last} is damaged: member {member!r}" in caplog.text
+    assert f"resumed from {best}" in caplog.text and "newest intact checkpoint" in caplog.text
+
+
+def test_damaged_last_pt_without_another_checkpoint_is_refused_naming_it(data_root, one_epoch_run, tmp_path):
+    run = copy_run(one_epoch_run, tmp_path / "run")
+    last = run / "checkpoints" / "last.pt"
+    member = flip_bit(last)
+    (run / "checkpoints" / "best.pt").unlink()
+    with pytest.raises(ValueError) as error:
+        Trainer(tiny_train_config(data_root), run)
+    message = str(error.value)
+    assert f"checkpoint {last} is damaged: member {member!r}" in message
+    assert "trainer.resume=PATH" in message
+    assert not (run / "run.lock").exists()
+
+
+def test_explicit_resume_works_when_the_runs_own_last_pt_is_truncated(data_root, one_epoch_run, tmp_path, caplog):
+    run = copy_run(one_epoch_run, tmp_path / "run")
+    last, best = run / "checkpoints" / "last.pt", run / "checkpoints" / "best.pt"
+    last.write_bytes(last.read_bytes()[: last.stat().st_size // 2])  # a copy cut short
+    caplog.set_level(logging.INFO, logger="squarefuse")
+    # What the error message suggests: the run's best.pt.
+    assert build(tiny_train_config(data_root, f"trainer.resume={best}"), run).step == 4
+    assert f"checkpoint {last} is truncated" in caplog.text
+    # A file from elsewhere, when the run has no other intact checkpoint.
+    elsewhere = tmp_path / "copy.pt"
+    shutil.move(best, elsewhere)
+    trainer = build(tiny_train_config(data_root, f"trainer.resume={elsewhere}"), run)
+    assert trainer.step == 4
+    assert "the run folder has no intact checkpoint" in caplog.text
+
+
+# ------------------------------------------------------------------- temp files, full disk
+
+
+def test_temporary_files_of_killed_saves_are_removed_at_start_up(data_root, one_epoch_run, tmp_path):
+    run = copy_run(one_epoch_run, tmp_path / "run")
+    checkpoints = run / "checkpoints"
+    for folder, name in [(checkpoints, "last.pt")] * 4 + [(checkpoints, "best.pt"), (run, "metrics.jsonl")]:
+        fd, _ = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=folder)  # what a SIGKILL mid-save leaves
+        os.close(fd)
+    (checkpoints / "notes.tmp").write_text("not ours")
+    build(tiny_train_config(data_root), run)
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["best.pt", "last.pt", "notes.tmp"]
+    assert not list(run.glob(".*.tmp"))
+
+
+def test_full_disk_at_a_save_names_the_file_and_what_is_intact(data_root, tmp_path, monkeypatch):
+    run = tmp_path / "run"
+
+    def full_disk_save(obj, f, *args, **kwargs):
+        f.write(b"PK\x03\x04 part of a checkpoint")
+        try:  # as torch raises it: "unexpected pos" while handling the OSError of the write
+            raise OSError(errno.ENOSPC, "No space left on device")
+        except OSError:
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")  # noqa: B904
+
+    def full_disk_at_best(state, path):
+        with monkeypatch.context() as patch:
+            if Path(path).name == "best.pt":
+                patch.setattr(torch, "save", full_disk_save)
+            return save_checkpoint(state, path)
+
+    monkeypatch.setattr(trainer_module, "save_checkpoint", full_disk_at_best)
+    with pytest.raises(OSError, match="no space left on device while writing .*best.pt"):
+        Trainer(tiny_train_config(data_root, "trainer.epochs=1"), run).fit()
+    end = read_metrics(run)[-1]
+    assert end["status"] == "crashed"
+    assert f"no space left on device while writing {run / 'checkpoints' / 'best.pt'}" in end["error"]
+    assert "was not written" in end["error"]
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["last.pt"]  # saved before validation
+
+
+def test_unwritable_checkpoints_folder_is_found_at_start_up(data_root, one_epoch_run, tmp_path, monkeypatch):
+    run = copy_run(one_epoch_run, tmp_path / "run")
+    checkpoints = run / "checkpoints"
+    if os.geteuid() == 0:
+        # root writes through permission bits: refuse new files there as a read-only mount would.
+        mkstemp = tempfile.mkstemp
+
+        def read_only(*args, dir=None, **kwargs):
+            if dir is not None and os.path.samefile(dir, checkpoints):
+                raise PermissionError(errno.EACCES, "Permission denied")
+            return mkstemp(*args, dir=dir, **kwargs)
+
+        monkeypatch.setattr(tempfile, "mkstemp", read_only)
+    else:
+        checkpoints.chmod(0o555)
+    try:
+        with pytest.raises(PermissionError, match=f"cannot write to {checkpoints} .*checkpoints"):
+            Trainer(tiny_train_config(data_root), run)
+    finally:
+        checkpoints.chmod(0o755)
+    assert not (run / "run.lock").exists()

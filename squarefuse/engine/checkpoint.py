@@ -1,6 +1,7 @@
 """Checkpoint files, and the model a checkpoint holds.
 
-Files are written atomically and read with `weights_only=True` only. A checkpoint is a plain dict
+Files are written atomically, verified against the CRC-32s in their zip archive when read
+(`verify_checkpoint`), and read with `weights_only=True` only. A checkpoint is a plain dict
 of tensors, numbers, strings, lists and dicts (the config is stored with `OmegaConf.to_container`),
 so the safe unpickler can read every file we write and refuses anything else. The trainer's
 checkpoints also hold "config" and "class_names", from which `build_model_from_checkpoint` rebuilds
@@ -30,7 +31,8 @@ def save_checkpoint(state: dict[str, Any], path: str | Path) -> Path:
     """Write `state` to `path` so that a crash mid-write leaves the previous file intact.
 
     The data goes to a temporary file in the same folder, is fsync'ed, then renamed over `path`
-    (an atomic rename on POSIX filesystems).
+    (an atomic rename on POSIX filesystems). A full disk raises OSError ENOSPC naming `path` and
+    saying the previous file is untouched (see `atomic_write`).
     """
     path = Path(path)
     with atomic_write(path, "wb") as f:
@@ -38,11 +40,13 @@ def save_checkpoint(state: dict[str, Any], path: str | Path) -> Path:
     return path
 
 
-def check_checkpoint_file(path: str | Path) -> Path:
+def check_checkpoint_file(path: str | Path, *, require_zip: bool = True) -> Path:
     """Cheap checks that ``path`` can be a checkpoint, before anything is created for it.
 
     ``torch.save`` writes a zip archive; an empty file (an interrupted copy, a full disk) or any
     other file (a text file, a log) fails here with a message that names it, not deep in unpickling.
+    ``require_zip=False`` lets other files through (the legacy format of torch < 1.6, which
+    ``trainer.init_from`` may be given) but still refuses an empty file or a truncated zip archive.
     """
     path = Path(path)
     if not path.is_file():
@@ -61,16 +65,59 @@ def check_checkpoint_file(path: str | Path) -> Path:
                 f"checkpoint {path} is truncated ({size} bytes; an interrupted copy or a full disk?): "
                 "use another checkpoint of the run (checkpoints/last.pt or best.pt)."
             )
+        if require_zip:
+            raise ValueError(
+                f"{path} is not a PyTorch checkpoint ({size} bytes, not the zip archive torch.save writes): "
+                "pass a file written by squarefuse (runs/.../checkpoints/best.pt or last.pt)."
+            )
+    return path
+
+
+def verify_checkpoint(path: str | Path, *, require_zip: bool = True) -> Path:
+    """Check that every byte of ``path`` is what was saved; the one integrity check of every checkpoint read.
+
+    ``torch.load`` does not look at the CRC-32 that ``torch.save`` stores for each member of its zip
+    archive: a flipped bit in a tensor loads silently as a wrong weight. Here every member is read and
+    checked against its CRC (as ``zipfile.testzip`` does; reading a 1 GB file costs about a second).
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: the file is empty, truncated, not a checkpoint, or damaged; the message names the
+            file and the damaged member (``archive/data/3`` is the storage of one tensor).
+    """
+    path = check_checkpoint_file(path, require_zip=require_zip)
+    if not zipfile.is_zipfile(path):
+        return path  # a legacy (non-zip) file that require_zip=False lets through: it has no CRCs
+    bad = None
+    try:
+        with zipfile.ZipFile(path) as archive:
+            for info in archive.infolist():
+                # torch.save under `torch.serialization.set_crc32_options(False)` stores 0 for every
+                # member: nothing to check (a real CRC-32 of 0 has a chance of 1 in 4 billion).
+                if info.CRC == 0:
+                    continue
+                try:
+                    with archive.open(info) as member:
+                        while member.read(1 << 24):  # zipfile compares the CRC-32 at the end
+                            pass
+                except zipfile.BadZipFile:
+                    bad = info.filename
+                    break
+    except Exception as e:  # noqa: BLE001 - a damaged directory raises many kinds; all mean the same
+        reason = str(e).strip() or type(e).__name__
+        raise ValueError(f"checkpoint {path} is damaged: its zip archive cannot be read ({reason})") from e
+    if bad is not None:
         raise ValueError(
-            f"{path} is not a PyTorch checkpoint ({size} bytes, not the zip archive torch.save writes): "
-            "pass a file written by squarefuse (runs/.../checkpoints/best.pt or last.pt)."
+            f"checkpoint {path} is damaged: member {bad!r} does not match the CRC-32 stored when it was saved "
+            "(a flipped bit on the disk, in memory or in a copy). Use another checkpoint of the run "
+            "(checkpoints/last.pt or best.pt) or copy the file again from its source."
         )
     return path
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Read a checkpoint with the safe unpickler; errors name the file."""
-    path = check_checkpoint_file(path)
+    """Read a checkpoint, verified (`verify_checkpoint`), with the safe unpickler; errors name the file."""
+    path = verify_checkpoint(path)
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:

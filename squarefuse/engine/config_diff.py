@@ -4,7 +4,8 @@ A resumed run must train the model it started with, on the data it started with:
 the model, the data or the optimisation (`fusion.quantiles`, `dataset.num_frames`, `optim.lr`...)
 is refused unless the user says so with `trainer.allow_config_change=true`. Keys that only say
 where things are or how the job runs (paths, workers, logging, device, run length) may change
-freely; they are reported in the log.
+freely; they are reported in the log. A new run length (`trainer.epochs`, `trainer.max_steps`)
+is not a free change for the lr schedule: the trainer rebuilds the schedule for it and says so.
 """
 
 from __future__ import annotations

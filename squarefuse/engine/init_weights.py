@@ -35,7 +35,7 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
-from squarefuse.engine.checkpoint import check_checkpoint_file
+from squarefuse.engine.checkpoint import check_checkpoint_file, verify_checkpoint
 
 log = logging.getLogger("squarefuse")
 
@@ -170,6 +170,7 @@ def read_init_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], str]:
             return _strip_wrapper_prefixes(safetensors.torch.load_file(str(path))), "state_dict"
         except Exception as e:  # noqa: BLE001 - safetensors raises its own error type for every problem
             raise ValueError(f"trainer.init_from={str(path)!r}: cannot read the safetensors file ({e})") from e
+    verify_checkpoint(path, require_zip=False)  # a flipped bit in a member: ValueError naming it
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:

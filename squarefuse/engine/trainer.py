@@ -28,6 +28,7 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 from tqdm import tqdm
 
+from squarefuse.atomic_file import check_writable, remove_stale_temp_files
 from squarefuse.datasets import build_dataset, build_device_augment, build_gpu_decoder
 from squarefuse.datasets.build import check_run_dir
 from squarefuse.engine import distributed
@@ -59,6 +60,9 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR2)
 
 # The loader is called the bottleneck when the step waits this long for data, on average.
 DATA_BOUND_SHARE = 0.3
+
+# What defines the lr schedule in the timm scheduler's state; the rest is the position in it.
+SCHEDULE_KEYS = ("t_initial", "warmup_t", "lr_min", "warmup_lr_init", "base_values")
 
 
 def check_trainer_cfg(tcfg: DictConfig) -> None:
@@ -146,6 +150,15 @@ class Trainer:
         if threads is not None and self.device.type == "cpu":
             torch.set_num_threads(threads)
         is_main = self.dist.is_main
+        if is_main:
+            # Now, not at the first save after an epoch of work. The run lock (held) wrote run.lock
+            # into the run folder already; checkpoints/ may be another (read-only, full) mount.
+            check_writable(self.ckpt_dir, "the run's checkpoints (last.pt, best.pt)")
+            # Saves killed mid-write (SIGKILL, a node failure) leave their temporary files; the run
+            # lock guarantees that no other job writes into this folder, so they are all dead.
+            stale = remove_stale_temp_files(self.ckpt_dir) + remove_stale_temp_files(self.run_dir)
+            if stale:
+                log.info("removed %d temporary files of interrupted saves: %s", len(stale), ", ".join(map(str, stale)))
         # Each rank its own model-side randomness (drop path, MixUp); data randomness is per sample.
         torch.manual_seed(int(tcfg.seed) + self.dist.rank)
         random.seed(int(tcfg.seed) + self.dist.rank)
@@ -264,7 +277,7 @@ class Trainer:
                 self.num_classes,
                 n_params / 1e6,
                 self.global_batch,
-                self.lr,
+                max(self.scheduler.base_values),  # the peak lr of the schedule in use (a resumed one's too)
                 self.total_steps,
                 self.steps_per_epoch,
                 self.device,
@@ -292,32 +305,72 @@ class Trainer:
 
         The run's own last.pt wins over `trainer.resume` once it has got at least as far: a
         requeued or rerun job continues where it stopped instead of going back to the given file.
+        A damaged last.pt is replaced by the run's newest intact checkpoint (best.pt), or by
+        `trainer.resume`: a damaged file of the run never blocks resuming from another one.
         """
-        last = self.ckpt_dir / "last.pt"
-        own = load_checkpoint(last) if last.is_file() else None
+        own, own_state, own_why, damage = self._own_checkpoint()
         if not self.cfg.trainer.resume:
-            return (last, own, "the run folder's own last checkpoint") if own is not None else (None, None, "")
+            if damage is not None and own is None:
+                raise ValueError(
+                    f"{damage}\nThe run folder has no other intact checkpoint. Resume from another copy "
+                    f"with trainer.resume=PATH, or start a new run folder (hydra.run.dir=...)."
+                )
+            return (own, own_state, own_why) if own is not None else (None, None, "")
         path = Path(self.cfg.trainer.resume)
         if not path.is_file():
             raise FileNotFoundError(f"trainer.resume: checkpoint not found: {path}")
-        if own is not None and path.resolve() == last.resolve():
-            return last, own, "trainer.resume"
+        if own is not None and path.resolve() == own.resolve():
+            return own, own_state, "trainer.resume"
         given = load_checkpoint(path)
         if own is None:
-            return path, given, "trainer.resume (the run folder has no last.pt yet)"
-        if int(own["step"]) >= int(given["step"]):
+            no_own = "has no intact checkpoint" if damage is not None else "has no last.pt yet"
+            return path, given, f"trainer.resume (the run folder {no_own})"
+        if int(own_state["step"]) >= int(given["step"]):
             return (
-                last,
                 own,
-                f"the run folder's own last.pt (step {own['step']}) is at least as far as "
+                own_state,
+                f"the run folder's own {own.name} (step {own_state['step']}) is at least as far as "
                 f"trainer.resume={path} (step {given['step']}), so the run continues where it stopped",
             )
         return (
             path,
             given,
-            f"trainer.resume={path} (step {given['step']}) is further than the run folder's own last.pt "
-            f"(step {own['step']})",
+            f"trainer.resume={path} (step {given['step']}) is further than the run folder's own {own.name} "
+            f"(step {own_state['step']})",
         )
+
+    def _own_checkpoint(self) -> tuple[Path | None, dict[str, Any] | None, str, str | None]:
+        """The run folder's newest intact checkpoint: (path, state, why, what was damaged or None).
+
+        last.pt, or best.pt when last.pt is damaged (best.pt is never further than last.pt, which is
+        saved before every validation). Every file is verified (`load_checkpoint`): a flipped bit
+        or a truncated file is named, and never resumed.
+        """
+        last, best = self.ckpt_dir / "last.pt", self.ckpt_dir / "best.pt"
+        if not last.is_file():
+            return None, None, "", None
+        try:
+            return last, load_checkpoint(last), "the run folder's own last checkpoint", None
+        except ValueError as e:
+            damage = str(e)
+        if self.dist.is_main:
+            log.warning("%s", damage)
+        try:
+            state = load_checkpoint(best) if best.is_file() else None
+        except ValueError as e:
+            damage = f"{damage}\n{e}"
+            state = None
+            if self.dist.is_main:
+                log.warning("%s", e)
+        if state is None:
+            return None, None, "", damage
+        why = (
+            f"{last} is damaged; {best} (step {state['step']}) is the newest intact checkpoint of the run "
+            f"(the steps after it are trained again)"
+        )
+        if self.dist.is_main:
+            log.warning("falling back: %s", why)
+        return best, state, why, damage
 
     def _check_resumed_config(self, path: Path, old: dict[str, Any]) -> None:
         """Refuse a resumed run whose model/data/optimisation config differs from the checkpoint's."""
@@ -379,9 +432,9 @@ class Trainer:
         if self.ema is not None:
             self.ema.module.load_state_dict(state["ema"] if state.get("ema") is not None else state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
         self.step, self.epoch = int(state["step"]), int(state["epoch"])
+        self._restore_schedule(state["scheduler"], path)
         self.batch_in_epoch = int(state["batch_in_epoch"])
         self.best_top1 = float(state["best_top1"])
         self.last_val_step = int(state["last_val_step"])
@@ -399,6 +452,34 @@ class Trainer:
             )
             if self.batch_in_epoch > 0:
                 self.epoch, self.batch_in_epoch = self.epoch + 1, 0
+
+    def _restore_schedule(self, saved: dict[str, Any], path: str | Path) -> None:
+        """Continue the checkpoint's lr schedule, or this run's own when its length or lr differs.
+
+        The schedule is a function of the run's length and peak lr: restoring the checkpoint's after
+        `trainer.max_steps` 4 -> 12 would train steps 5-12 at the old schedule's end (min_lr); after
+        a change of world size it would use the old global batch's lr. This run's is rebuilt instead.
+        """
+        fresh = self.scheduler.state_dict()
+        if all(saved.get(k) == fresh.get(k) for k in SCHEDULE_KEYS):
+            self.scheduler.load_state_dict(saved)
+        elif self.dist.is_main:
+            old_steps = int(saved.get("t_initial", 0)) + int(saved.get("warmup_t", 0))
+            old_lr = max(saved.get("base_values") or [math.nan])
+            log.warning(
+                "%s was saved with an lr schedule of %d steps (%d warmup) peaking at lr %.2e; this run has %d "
+                "steps (%d warmup) at lr %.2e (the run length, world size, batch or optim settings changed): "
+                "the schedule is rebuilt for this run's length and lr",
+                path,
+                old_steps,
+                int(saved.get("warmup_t", 0)),
+                old_lr,
+                self.total_steps,
+                int(fresh["warmup_t"]),
+                self.lr,
+            )
+        # The optimiser's lr is the one the saved schedule set; set the one of the schedule in use.
+        self.scheduler.step_update(num_updates=self.step)
 
     def _load_model_weights(self, state: dict[str, Any], path: str | Path) -> None:
         """Load the model (and EMA) weights; a model of another shape is an error naming the tensors."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import struct
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -97,3 +99,20 @@ def run_evaluate(model, dataset, **kwargs):
         dist_info=DistInfo(),
         **kwargs,
     )
+
+
+def flip_bit(path: Path, member_suffix: str = "data/0", byte: int = 17) -> str:
+    """Flip one bit inside the stored bytes of the zip member ending with `member_suffix`; its name.
+
+    What a bad disk sector or a faulty copy does: the zip structure stays valid, only the member's
+    CRC-32 no longer matches. `torch.load` reads such a file without a word.
+    """
+    with zipfile.ZipFile(path) as archive:
+        info = next(i for i in archive.infolist() if i.filename.endswith(member_suffix))
+    data = bytearray(path.read_bytes())
+    name_len, extra_len = struct.unpack("<HH", data[info.header_offset + 26 : info.header_offset + 30])
+    start = info.header_offset + 30 + name_len + extra_len  # the member's bytes (torch stores them uncompressed)
+    assert info.compress_type == zipfile.ZIP_STORED and byte < info.file_size
+    data[start + byte] ^= 0x04
+    path.write_bytes(bytes(data))
+    return info.filename

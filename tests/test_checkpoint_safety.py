@@ -1,0 +1,154 @@
+"""Checkpoint files on bad disks: a flipped bit is found and named, a full disk is named as such (and
+the previous file stays), temporary files of killed writers are found, an unwritable folder is named."""
+
+from __future__ import annotations
+
+import errno
+import os
+import tempfile
+
+import pytest
+import torch
+from helpers.checkpoints import eval_cfg, flip_bit, make_checkpoint, tiny_train_cfg
+
+import squarefuse.atomic_file as atomic_file
+from squarefuse.atomic_file import atomic_write, check_writable, remove_stale_temp_files
+from squarefuse.engine.checkpoint import load_checkpoint, save_checkpoint, verify_checkpoint
+from squarefuse.engine.eval_app import run_eval
+from squarefuse.engine.inference import load_model
+from squarefuse.engine.init_weights import read_init_weights
+
+
+@pytest.fixture
+def checkpoint(tmp_path):
+    return save_checkpoint({"model": {"w": torch.arange(64.0)}, "step": 3}, tmp_path / "last.pt")
+
+
+# ------------------------------------------------------------------------------- integrity
+
+
+def test_a_flipped_bit_is_named_with_the_file_and_the_member(checkpoint):
+    member = flip_bit(checkpoint)
+    # What made this check necessary: torch.load returns the wrong weight without a word.
+    assert not torch.equal(torch.load(checkpoint, weights_only=True)["model"]["w"], torch.arange(64.0))
+    for read in (verify_checkpoint, load_checkpoint):
+        with pytest.raises(ValueError) as error:
+            read(checkpoint)
+        assert f"checkpoint {checkpoint} is damaged: member {member!r}" in str(error.value)
+    with pytest.raises(ValueError, match=f"{checkpoint} is damaged: member {member!r}"):
+        read_init_weights(checkpoint)  # trainer.init_from reads it too
+
+
+def test_eval_and_predict_refuse_a_flipped_bit_before_making_anything(tmp_path):
+    ckpt, _ = make_checkpoint(tmp_path / "run" / "checkpoints" / "best.pt", tiny_train_cfg(tmp_path / "data"))
+    member = flip_bit(ckpt, "data/3")  # another tensor than the first
+    with pytest.raises(ValueError, match=f"{ckpt} is damaged: member {member!r}"):
+        load_model(ckpt)  # predict.py, extract.py, export.py
+    with pytest.raises(ValueError, match=f"{ckpt} is damaged: member {member!r}"):
+        run_eval(eval_cfg(ckpt), tmp_path / "eval_out")
+    assert not (tmp_path / "eval_out").exists()
+
+
+def test_intact_checkpoints_pass_also_without_stored_crcs(checkpoint, tmp_path):
+    assert verify_checkpoint(checkpoint) == checkpoint
+    assert load_checkpoint(checkpoint)["step"] == 3
+    no_crc = tmp_path / "no_crc.pt"
+    torch.serialization.set_crc32_options(False)  # other tools may save so: every CRC-32 stored as 0
+    try:
+        torch.save({"model": {"w": torch.arange(64.0)}}, no_crc)
+    finally:
+        torch.serialization.set_crc32_options(True)
+    assert verify_checkpoint(no_crc) == no_crc
+
+
+# ------------------------------------------------------------------------------- full disk
+
+
+def _torch_full_disk_error():
+    """What torch.save raises when the disk fills up: a RuntimeError raised while handling the OSError."""
+    try:
+        raise OSError(errno.ENOSPC, "No space left on device")
+    except OSError:
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")  # noqa: B904
+
+
+def test_full_disk_names_the_file_and_keeps_the_previous_one(checkpoint, monkeypatch):
+    before = checkpoint.read_bytes()
+
+    def full_disk_save(obj, f, *args, **kwargs):
+        f.write(b"PK\x03\x04 part of a checkpoint")
+        _torch_full_disk_error()
+
+    monkeypatch.setattr(torch, "save", full_disk_save)
+    with pytest.raises(OSError) as error:
+        save_checkpoint({"model": {}}, checkpoint)
+    assert error.value.errno == errno.ENOSPC
+    message = str(error.value)
+    assert f"no space left on device while writing {checkpoint}" in message
+    assert f"the previous {checkpoint} is untouched" in message
+    assert checkpoint.read_bytes() == before
+    assert sorted(p.name for p in checkpoint.parent.iterdir()) == ["last.pt"]  # no temporary file left
+
+
+def test_short_write_without_errno_on_a_full_disk_is_named_too(tmp_path, monkeypatch):
+    # numpy (extract's features.npy) reports a full disk as a short write, with no errno at all.
+    path = tmp_path / "features.npy"
+    monkeypatch.setattr(atomic_file, "_free_bytes", lambda folder: 0)
+    with pytest.raises(OSError, match=f"no space left on device while writing {path}.*{path} was not written"):
+        with atomic_write(path, "wb"):
+            raise OSError("3072 requested and 992 written")
+    # With space left, the same error is not blamed on the disk.
+    monkeypatch.setattr(atomic_file, "_free_bytes", lambda folder: 10 << 30)
+    with pytest.raises(OSError, match="^3072 requested and 992 written$"):
+        with atomic_write(path, "wb"):
+            raise OSError("3072 requested and 992 written")
+    assert list(tmp_path.iterdir()) == []
+
+
+# ------------------------------------------------------------------------ temporary files
+
+
+def test_only_the_atomic_writers_temporary_files_are_removed(tmp_path):
+    ours = []
+    for name in ("last.pt", "last.pt", "best.pt", "metrics.jsonl"):
+        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=tmp_path)  # as atomic_write names them
+        os.close(fd)
+        ours.append(tmp)
+    others = ["last.pt", "notes.tmp", ".last.pt.tmp", ".last.pt.toolong123.tmp", "x.last.pt.abcdefgh.tmp"]
+    for name in others:
+        (tmp_path / name).write_text("keep")
+    (tmp_path / ".dir.abcdefgh.tmp").mkdir()
+    removed = remove_stale_temp_files(tmp_path)
+    assert sorted(map(str, removed)) == sorted(ours)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*others, ".dir.abcdefgh.tmp"])
+
+
+# ----------------------------------------------------------------------------- writability
+
+
+def test_unwritable_folder_is_named(tmp_path, monkeypatch):
+    folder = tmp_path / "checkpoints"
+    folder.mkdir()
+    check_writable(folder, "the checkpoints")  # writable: nothing left behind
+    assert list(folder.iterdir()) == []
+    check_writable(folder / "not_yet", "the checkpoints")  # not made yet: its parent decides
+    assert not (folder / "not_yet").exists()
+    if os.geteuid() == 0:
+        # root writes through permission bits: make the folder refuse files as a read-only mount does.
+        mkstemp = tempfile.mkstemp
+
+        def read_only(*args, dir=None, **kwargs):
+            if dir is not None and os.path.samefile(dir, folder):
+                raise PermissionError(errno.EACCES, "Permission denied")
+            return mkstemp(*args, dir=dir, **kwargs)
+
+        monkeypatch.setattr(tempfile, "mkstemp", read_only)
+    else:
+        folder.chmod(0o555)
+    try:
+        with pytest.raises(
+            PermissionError, match=f"cannot write to {folder} .*, where the checkpoints will be written"
+        ):
+            check_writable(folder, "the checkpoints")
+    finally:
+        folder.chmod(0o755)
