@@ -9,6 +9,7 @@ pyproject.toml, so they fail whatever the test machine has installed.
 from __future__ import annotations
 
 import ast
+import functools
 import importlib.metadata
 import re
 import subprocess
@@ -52,11 +53,17 @@ def local_names() -> set[str]:
     return {"squarefuse", "train", "eval", "helpers"} | {p.stem for p in SCRIPTS}
 
 
+@functools.cache
+def installed_distributions() -> dict[str, list[str]]:
+    """{top-level module: [distributions]}; reading every installed package's metadata takes seconds."""
+    return importlib.metadata.packages_distributions()
+
+
 def distribution_of(module: str) -> str | None:
     """The installed distribution that provides a top-level module, or None for the standard library."""
     if module in sys.stdlib_module_names or module == "__future__":
         return None
-    dists = importlib.metadata.packages_distributions().get(module)
+    dists = installed_distributions().get(module)
     if not dists:
         # Not installed here: the name itself is the best guess, and it will not be declared.
         return module.lower()
