@@ -480,7 +480,7 @@ def test_decode_short_side_values():
 
 
 def test_decode_device_cuda_is_checked_for_train_only(tmp_path, monkeypatch):
-    from squarefuse.datasets import gpu_decode  # noqa: PLC0415 - the module whose CUDA check is faked
+    from squarefuse.datasets.decoding import gpu as gpu_decode  # noqa: PLC0415 - the module whose CUDA check is faked
 
     video = write_video(tmp_path / "a.mp4", num_frames=8)
     listing = tmp_path / "list.txt"

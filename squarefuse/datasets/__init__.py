@@ -5,7 +5,7 @@
 an item holds.
 
 The names below are imported on first use: the decoding process (``python -m
-squarefuse.datasets.decode_server``) imports this package and must not pay for torch and
+squarefuse.datasets.decoding.server``) imports this package and must not pay for torch and
 torchvision at every start.
 """
 
@@ -17,11 +17,11 @@ _EXPORTS = {
     "build_dataset": "squarefuse.datasets.build",
     "build_device_augment": "squarefuse.datasets.build",
     "build_gpu_decoder": "squarefuse.datasets.build",
-    "DecodeError": "squarefuse.datasets.video_reader",
-    "DecodeTimeout": "squarefuse.datasets.video_reader",
-    "VideoReader": "squarefuse.datasets.video_reader",
-    "open_video": "squarefuse.datasets.video_reader",
-    "resolve_decoder": "squarefuse.datasets.video_reader",
+    "DecodeError": "squarefuse.datasets.decoding.video_reader",
+    "DecodeTimeout": "squarefuse.datasets.decoding.video_reader",
+    "VideoReader": "squarefuse.datasets.decoding.video_reader",
+    "open_video": "squarefuse.datasets.decoding.video_reader",
+    "resolve_decoder": "squarefuse.datasets.decoding.video_reader",
     "VideoDataset": "squarefuse.datasets.video_dataset",
 }
 

@@ -32,8 +32,8 @@ import torch
 from omegaconf import DictConfig
 from torch import Tensor, nn
 
-from squarefuse.atomic_file import atomic_write
-from squarefuse.engine.inference import load_model
+from squarefuse.api import load_model
+from squarefuse.runtime.atomic_file import atomic_write
 
 __all__ = ["EXPORT_FORMATS", "ExportedClassifier", "check_export", "export_model", "run_export"]
 

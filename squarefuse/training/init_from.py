@@ -35,7 +35,7 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
-from squarefuse.engine.checkpoint import check_checkpoint_file, verify_checkpoint
+from squarefuse.checkpoint import check_checkpoint_file, verify_checkpoint
 
 log = logging.getLogger("squarefuse")
 

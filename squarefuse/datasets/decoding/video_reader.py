@@ -3,8 +3,8 @@
     with open_video("a.webm", "decord", timeout=30.0) as video:
         frames_THWC = video.get_frames([0, 4, 8])      # uint8, RGB, upright (display rotation applied)
 
-This module is the client side: the backends are in `decode_backends`, the decoding process in
-`decode_server`, the messages between them in `decode_protocol`.
+This module is the client side: the backends are in `backends`, the decoding process in
+`server`, the messages between them in `protocol`.
 
 With ``timeout`` set, decoding runs in one small child process per calling process (started on
 first use, re-used for every later video). A decoder call that does not answer within ``timeout``
@@ -40,9 +40,9 @@ from types import TracebackType
 import numpy as np
 import torch  # noqa: F401 - torch must be loaded before decord (imported lazily by the backends)
 
-from squarefuse.datasets import decode_backends, decode_server
-from squarefuse.datasets.decode_backends import describe_error, open_backend
-from squarefuse.datasets.decode_protocol import (
+from squarefuse.datasets.decoding import backends, server
+from squarefuse.datasets.decoding.backends import describe_error, open_backend
+from squarefuse.datasets.decoding.protocol import (
     CLOSE,
     ERROR,
     FRAMES,
@@ -62,7 +62,7 @@ log = logging.getLogger(__name__)
 
 DECODERS = ("decord", "pyav", "torchcodec")
 # The package folder that holds `squarefuse`: the decoding process imports it from there.
-_PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])
+_PACKAGE_ROOT = str(Path(__file__).resolve().parents[3])
 # How long a fresh decoding process may take to import numpy and answer (slow shared filesystems).
 _STARTUP_TIMEOUT_S = 60.0
 # The decoding process is replaced after this many videos: whatever a decoder library leaks or
@@ -157,7 +157,7 @@ class _DecodeProcess:
         env["OMP_NUM_THREADS"] = "1"
         try:
             self._proc = subprocess.Popen(
-                [sys.executable, "-m", decode_server.__name__, str(child_sock.fileno()), str(os.getpid())],
+                [sys.executable, "-m", server.__name__, str(child_sock.fileno()), str(os.getpid())],
                 pass_fds=(child_sock.fileno(),),
                 stdin=subprocess.DEVNULL,
                 env=env,
@@ -303,7 +303,7 @@ class VideoReader:
         height, width: frame size in pixels (looked up on first access).
     """
 
-    def __init__(self, path: str, backend: decode_backends.Backend) -> None:
+    def __init__(self, path: str, backend: backends.Backend) -> None:
         self.path = path
         self._backend = backend
         self.num_frames = int(backend.num_frames)
@@ -397,7 +397,7 @@ def open_video(
         timeout: seconds each decoder call may take; decoding then runs in a guarded child
             process (see the module docstring). None or <= 0: decode in this process, unguarded.
         short_side: decode-time resize: a video whose short side is well above this (see
-            `decode_backends.RESIZE_MIN_RATIO`) is scaled to it while decoding. None = as stored.
+            `backends.RESIZE_MIN_RATIO`) is scaled to it while decoding. None = as stored.
 
     Returns:
         A `VideoReader`; close it (or use it as a context manager).

@@ -16,10 +16,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from squarefuse.engine.distributed import DistInfo, all_gather_objects
-from squarefuse.engine.metrics import EvalResult, compute_metrics
-from squarefuse.engine.preprocess import VideoNormalizer
-from squarefuse.engine.video_batches import run_batches
+from squarefuse.datasets.preprocess import VideoNormalizer
+from squarefuse.evaluation.metrics import EvalResult, compute_metrics
+from squarefuse.evaluation.video_batches import run_batches
+from squarefuse.runtime.distributed import DistInfo, all_gather_objects
 
 
 def shard_indices(num_items: int, rank: int, world_size: int) -> list[int]:
@@ -71,7 +71,7 @@ def evaluate(
             be initialised (results are gathered with `all_gather_objects`).
         progress: show a progress bar on rank 0.
         frame_order: normal | reversed | shuffled: the frames of every view reordered before the
-            model sees them (`squarefuse.engine.frame_order`); frame_order_seed seeds the shuffle.
+            model sees them (`squarefuse.evaluation.frame_order`); frame_order_seed seeds the shuffle.
 
     Returns:
         An `EvalResult` with metrics over the videos that decoded and the failed indices.

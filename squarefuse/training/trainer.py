@@ -28,29 +28,29 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 from tqdm import tqdm
 
-from squarefuse.atomic_file import check_writable, remove_stale_temp_files
+from squarefuse.checkpoint import load_checkpoint, save_checkpoint
 from squarefuse.datasets import build_dataset, build_device_augment, build_gpu_decoder
 from squarefuse.datasets.build import check_run_dir
-from squarefuse.engine import distributed
-from squarefuse.engine.checkpoint import load_checkpoint, save_checkpoint
-from squarefuse.engine.config_diff import config_changes, is_harmless
-from squarefuse.engine.evaluator import evaluate
-from squarefuse.engine.init_weights import apply_init_from, backbone_cfg_for_run, check_init_file
-from squarefuse.engine.loader import (
+from squarefuse.datasets.preprocess import VideoNormalizer
+from squarefuse.evaluation.evaluator import evaluate
+from squarefuse.models import build_classifier
+from squarefuse.models.complexity import format_model_info, model_complexity, write_model_info
+from squarefuse.runtime import distributed
+from squarefuse.runtime.atomic_file import check_writable, remove_stale_temp_files
+from squarefuse.runtime.precision import autocast, resolve_precision
+from squarefuse.runtime.workers import (
     ignore_stop_signals,
     private_generator,
     resolve_cpu_threads,
     resolve_num_workers,
     shutdown_workers,
 )
-from squarefuse.engine.logging import MetricsLogger
-from squarefuse.engine.optim import build_optimizer, build_scheduler, check_optim_cfg, scaled_lr
-from squarefuse.engine.precision import autocast, resolve_precision
-from squarefuse.engine.preprocess import VideoNormalizer
-from squarefuse.engine.run_lock import RunLock
-from squarefuse.engine.sampling import ResumableSampler, SeededDataset
-from squarefuse.models import build_classifier
-from squarefuse.models.complexity import format_model_info, model_complexity, write_model_info
+from squarefuse.training.init_from import apply_init_from, backbone_cfg_for_run, check_init_file
+from squarefuse.training.metrics_log import MetricsLogger
+from squarefuse.training.optim import build_optimizer, build_scheduler, check_optim_cfg, scaled_lr
+from squarefuse.training.resume_checks import config_changes, is_harmless
+from squarefuse.training.run_lock import RunLock
+from squarefuse.training.sample_order import ResumableSampler, SeededDataset
 
 log = logging.getLogger("squarefuse")
 
@@ -576,7 +576,7 @@ class Trainer:
     def close(self) -> None:
         """Stop the loader's workers and release the run folder (`fit` does both when it ends)."""
         # Workers ignore SIGTERM: stop them here, or an error would leave the process waiting for
-        # them in multiprocessing's exit handler forever (see engine/loader.py).
+        # them in multiprocessing's exit handler forever (see runtime/workers.py).
         if hasattr(self, "loader"):  # not yet when __init__ fails early
             shutdown_workers(self.loader)
         if self.run_lock is not None:

@@ -5,7 +5,7 @@ a train item holds the video's path and the frame indices the sampler chose (the
 comes from the CPU decoder, so indices mean what they mean with CPU decoding). `GpuClipDecoder`
 then decodes the batch's clips on a few threads of the training process with
 ``torchcodec.decoders.VideoDecoder(device="cuda")``, scales large videos as decode-time resize
-does on the CPU (`decode_backends.decode_size`, here with an antialiased resize on the GPU), and
+does on the CPU (`backends.decode_size`, here with an antialiased resize on the GPU), and
 runs the dataset's spatial train transform on the GPU per clip; the device-side photometric
 augmentation, normalisation and MixUp follow as with CPU decoding. Validation and `eval.py`
 decode on the CPU.
@@ -26,8 +26,8 @@ import torch
 from torchvision import tv_tensors
 from torchvision.transforms.v2 import functional as F
 
-from squarefuse.datasets.decode_backends import decode_size
-from squarefuse.datasets.video_reader import TORCHCODEC_INSTALL, DecodeError, open_video, torchcodec_problem
+from squarefuse.datasets.decoding.backends import decode_size
+from squarefuse.datasets.decoding.video_reader import TORCHCODEC_INSTALL, DecodeError, open_video, torchcodec_problem
 
 __all__ = ["DECODE_DEVICES", "GpuClipDecoder", "check_decode_device"]
 

@@ -16,18 +16,18 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from squarefuse.checkpoint import build_model_from_checkpoint, load_checkpoint, select_weights
+from squarefuse.config.resolvers import launch_dir
 from squarefuse.datasets import build_dataset
-from squarefuse.engine.checkpoint import build_model_from_checkpoint, load_checkpoint, select_weights
-from squarefuse.engine.distributed import init_distributed, shutdown
-from squarefuse.engine.evaluator import evaluate
-from squarefuse.engine.frame_order import check_frame_order
-from squarefuse.engine.hydra_resolvers import launch_dir
-from squarefuse.engine.loader import resolve_num_workers
-from squarefuse.engine.metrics import EvalResult
-from squarefuse.engine.precision import resolve_precision
-from squarefuse.engine.preprocess import VideoNormalizer
-from squarefuse.engine.results import write_results
+from squarefuse.datasets.preprocess import VideoNormalizer
+from squarefuse.evaluation.evaluator import evaluate
+from squarefuse.evaluation.frame_order import check_frame_order
+from squarefuse.evaluation.metrics import EvalResult
+from squarefuse.evaluation.results import write_results
 from squarefuse.models.complexity import model_complexity
+from squarefuse.runtime.distributed import init_distributed, shutdown
+from squarefuse.runtime.precision import resolve_precision
+from squarefuse.runtime.workers import resolve_num_workers
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +38,7 @@ def default_eval_dir(ckpt: str, subdir: str = "eval") -> str:
 
     `<run>` is the folder above `checkpoints/` (the trainer's layout), else the checkpoint's own
     folder; `<stamp>` the launch time (`2026-12-02_09-31-05`), the same on every rank of a torchrun
-    job, with `_2`, `_3`... for jobs started in the same second (`hydra_resolvers.launch_dir`: the
+    job, with `_2`, `_3`... for jobs started in the same second (`config.resolvers.launch_dir`: the
     folder is created here, owned by this launch).
 
     Raises:

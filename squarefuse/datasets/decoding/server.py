@@ -1,10 +1,10 @@
 """The decoding process: answers a `VideoReader`'s requests with a decoding backend.
 
-Started by `squarefuse.datasets.video_reader` as ``python -m squarefuse.datasets.decode_server FD
+Started by `squarefuse.datasets.decoding.video_reader` as ``python -m squarefuse.datasets.decoding.server FD
 PARENT_PID`` (FD: its end of a socket pair). It imports neither torch nor the rest of the package
 (torchcodec, when used, loads torch itself), so it starts in a fraction of a second, and a
 decoder that hangs in it (decord can spin forever in C holding the GIL) is killed from outside
-without taking the DataLoader worker down with it. The protocol is in `decode_protocol`.
+without taking the DataLoader worker down with it. The protocol is in `protocol`.
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ import signal
 import socket
 import sys
 
-from squarefuse.datasets.decode_backends import Backend, describe_error, open_backend
-from squarefuse.datasets.decode_protocol import (
+from squarefuse.datasets.decoding.backends import Backend, describe_error, open_backend
+from squarefuse.datasets.decoding.protocol import (
     CLOSE,
     ERROR,
     OK,

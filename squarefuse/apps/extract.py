@@ -31,15 +31,15 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
-from squarefuse.atomic_file import atomic_write
-from squarefuse.engine.distributed import all_gather_objects, broadcast_object, init_distributed, shutdown
-from squarefuse.engine.eval_app import merge_dataset_overrides
-from squarefuse.engine.evaluator import shard_indices
-from squarefuse.engine.inference import EvalPreprocess, find_videos, load_model
-from squarefuse.engine.loader import resolve_num_workers
-from squarefuse.engine.precision import resolve_precision
-from squarefuse.engine.video_batches import run_batches
-from squarefuse.safe_text import csv_writer
+from squarefuse.api import EvalPreprocess, find_videos, load_model
+from squarefuse.apps.evaluate import merge_dataset_overrides
+from squarefuse.evaluation.evaluator import shard_indices
+from squarefuse.evaluation.video_batches import run_batches
+from squarefuse.runtime.atomic_file import atomic_write
+from squarefuse.runtime.distributed import all_gather_objects, broadcast_object, init_distributed, shutdown
+from squarefuse.runtime.precision import resolve_precision
+from squarefuse.runtime.safe_text import csv_writer
+from squarefuse.runtime.workers import resolve_num_workers
 
 __all__ = ["COMPLETE_FILE", "run_extract"]
 

@@ -22,11 +22,11 @@ from typing import Any
 
 import torch
 
-from squarefuse.engine.eval_app import summary_lines
-from squarefuse.engine.evaluator import merge_shards
-from squarefuse.engine.metrics import EvalResult
-from squarefuse.engine.results import write_results
-from squarefuse.safe_text import csv_value
+from squarefuse.apps.evaluate import summary_lines
+from squarefuse.evaluation.evaluator import merge_shards
+from squarefuse.evaluation.metrics import EvalResult
+from squarefuse.evaluation.results import write_results
+from squarefuse.runtime.safe_text import csv_value
 
 log = logging.getLogger(__name__)
 

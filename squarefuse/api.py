@@ -29,20 +29,20 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
-from squarefuse.datasets.annotations import VideoRecord
-from squarefuse.datasets.build import video_dataset_options
-from squarefuse.datasets.video_dataset import VideoDataset
-from squarefuse.datasets.video_reader import DecodeError
-from squarefuse.engine.checkpoint import (
+from squarefuse.apps.evaluate import default_eval_dir, merge_dataset_overrides
+from squarefuse.checkpoint import (
     build_model_from_checkpoint,
     check_checkpoint_file,
     load_checkpoint,
     select_weights,
 )
-from squarefuse.engine.distributed import DistInfo, resolve_device
-from squarefuse.engine.eval_app import default_eval_dir, merge_dataset_overrides
-from squarefuse.engine.precision import autocast, resolve_precision
-from squarefuse.engine.preprocess import VideoNormalizer
+from squarefuse.datasets.annotations import VideoRecord
+from squarefuse.datasets.build import video_dataset_options
+from squarefuse.datasets.decoding.video_reader import DecodeError
+from squarefuse.datasets.preprocess import VideoNormalizer
+from squarefuse.datasets.video_dataset import VideoDataset
+from squarefuse.runtime.distributed import DistInfo, resolve_device
+from squarefuse.runtime.precision import autocast, resolve_precision
 
 __all__ = [
     "LIST_EXTENSIONS",

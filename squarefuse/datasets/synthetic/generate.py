@@ -46,8 +46,8 @@ from pathlib import Path
 
 import numpy as np
 
-from squarefuse.process_pool import die_with_parent
-from squarefuse.video_writer import write_video
+from squarefuse.datasets.synthetic.encoding import write_video
+from squarefuse.runtime.process_pool import die_with_parent
 
 __all__ = [
     "CLASS_NAMES",
@@ -445,7 +445,7 @@ def _generate_in_subprocess(staging: Path, params: dict[str, int]) -> dict[str, 
     once ``import decord`` has run before PyAV's first use, PyAV's ``libvpx-vp9`` encoder fails
     to open (measured with decord 0.6.0 and av 18). The caller may well have imported decord
     already, and this module, run as a script, imports only numpy, PyAV and two small modules of
-    the package (video_writer, process_pool).
+    the package (synthetic.encoding, runtime.process_pool).
 
     It gets this process's pid to die with: a trainer killed with SIGKILL while it generates
     would otherwise leave the generator running for minutes (it writes only into ``staging``,

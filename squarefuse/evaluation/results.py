@@ -12,7 +12,7 @@ Every file is written atomically (`atomic_write`) and results.json last, after r
 earlier evaluation into the same folder is removed: an evaluation that fails part-way (a full
 disk...) leaves no results.json, so nothing reads its folder as complete (`eval_files.is_complete`;
 scripts/report.py lists such folders). CSV cells from user data (class names, ids, paths) are
-guarded against spreadsheet formulas (`squarefuse.safe_text`).
+guarded against spreadsheet formulas (`squarefuse.runtime.safe_text`).
 """
 
 from __future__ import annotations
@@ -26,10 +26,10 @@ from typing import IO, Any
 import torch
 from matplotlib.figure import Figure
 
-from squarefuse.atomic_file import atomic_write
-from squarefuse.engine.eval_files import RESULTS_FILE
-from squarefuse.engine.metrics import EvalResult, confusion_matrix
-from squarefuse.safe_text import csv_writer, plot_text
+from squarefuse.evaluation.eval_files import RESULTS_FILE
+from squarefuse.evaluation.metrics import EvalResult, confusion_matrix
+from squarefuse.runtime.atomic_file import atomic_write
+from squarefuse.runtime.safe_text import csv_writer, plot_text
 
 _MAX_TICK_LABELS = 40  # beyond this, names overlap into an unreadable block
 _MAX_CELL_TEXT = 15  # per-cell numbers only while the cells are big enough to hold them

@@ -16,10 +16,10 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from squarefuse.engine.frame_order import reorder_frames
-from squarefuse.engine.loader import ignore_stop_signals, private_generator
-from squarefuse.engine.precision import autocast
-from squarefuse.engine.preprocess import VideoNormalizer
+from squarefuse.datasets.preprocess import VideoNormalizer
+from squarefuse.evaluation.frame_order import reorder_frames
+from squarefuse.runtime.precision import autocast
+from squarefuse.runtime.workers import ignore_stop_signals, private_generator
 
 __all__ = ["run_batches"]
 
@@ -52,7 +52,7 @@ def run_batches(
         desc: the progress bar's label.
         num_views: the V the dataset must give per video (clips x crops), checked when set.
         frame_order: normal | reversed | shuffled: the frames of every view reordered before the
-            model sees them (`squarefuse.engine.frame_order`); frame_order_seed seeds the shuffle.
+            model sees them (`squarefuse.evaluation.frame_order`); frame_order_seed seeds the shuffle.
 
     Returns:
         {"indices": int64 [n], "labels": int64 [n], "outputs": {name: float32 [n, ...]}, "errors":

@@ -21,8 +21,8 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
-from squarefuse.atomic_file import atomic_write
 from squarefuse.models import build_classifier
+from squarefuse.runtime.atomic_file import atomic_write
 
 log = logging.getLogger(__name__)
 

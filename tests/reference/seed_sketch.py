@@ -1,7 +1,8 @@
 """Reference, not used by the framework: the seed design's ``SQuaReFuse`` sketch, copied verbatim.
 
-Kept in the package as the oracle of the seed-compatibility tests and the baseline of
-``scripts/benchmark_fusion.py``; build models with ``squarefuse.models.fusion.SQuaReFuse``.
+Kept with the tests as the oracle of the seed-compatibility tests (``from reference.seed_sketch
+import SQuaReFuse``) and the baseline of ``scripts/benchmark_fusion.py`` (which loads it by file
+path); build models with ``squarefuse.models.fusion.SQuaReFuse``.
 
 Source: the original (Chinese) design document of the layer, ``fusion_square.py`` sketch.
 Nothing is fixed here on purpose: it keeps the seed's in-place QR, its sorting of the

@@ -21,12 +21,12 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 
-from squarefuse.atomic_file import atomic_write
-from squarefuse.engine.inference import find_videos, load_model
-from squarefuse.engine.loader import resolve_num_workers
-from squarefuse.engine.precision import resolve_precision
-from squarefuse.engine.video_batches import run_batches
-from squarefuse.safe_text import csv_writer, printable
+from squarefuse.api import find_videos, load_model
+from squarefuse.evaluation.video_batches import run_batches
+from squarefuse.runtime.atomic_file import atomic_write
+from squarefuse.runtime.precision import resolve_precision
+from squarefuse.runtime.safe_text import csv_writer, printable
+from squarefuse.runtime.workers import resolve_num_workers
 
 __all__ = ["format_table", "run_predict"]
 

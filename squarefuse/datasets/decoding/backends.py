@@ -1,7 +1,7 @@
 """Video decoding backends (decord, PyAV, torchcodec) that return uint8 RGB frames as numpy arrays.
 
-They run in the guarded decoding process (decode_server.py) or in the calling process
-(`squarefuse.datasets.video_reader.open_video` without a timeout). This module imports neither
+They run in the guarded decoding process (server.py) or in the calling process
+(`squarefuse.datasets.decoding.video_reader.open_video` without a timeout). This module imports neither
 torch nor the rest of the package at module level; torchcodec loads torch when it is used.
 
 All backends number frames the same way: frame ``i`` is the ``i``-th frame in presentation order

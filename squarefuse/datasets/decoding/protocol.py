@@ -1,4 +1,4 @@
-"""The wire protocol between a `VideoReader` (video_reader.py) and its decoding process (decode_server.py).
+"""The wire protocol between a `VideoReader` (video_reader.py) and its decoding process (server.py).
 
 Framing: a message is an 8-byte little-endian length followed by a pickle. Decoded frames follow
 their ``FRAMES`` header as raw uint8 bytes, so the client receives them straight into a
@@ -11,7 +11,7 @@ Operations (request -> reply):
     (READ, handle, indices)                  -> (FRAMES, shape) + raw bytes of uint8 [N,H,W,3]
     (CLOSE, handle)                          -> (OK,)
 
-``options`` are the keyword arguments of `decode_backends.open_backend` (num_threads, short_side).
+``options`` are the keyword arguments of `backends.open_backend` (num_threads, short_side).
 The server announces itself with ``(READY,)``; any failed request is answered with
 ``(ERROR, "TypeName: message")`` and the server carries on.
 

@@ -16,7 +16,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from squarefuse.atomic_file import atomic_write
+from squarefuse.runtime.atomic_file import atomic_write
 
 log = logging.getLogger("squarefuse")
 
