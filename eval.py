@@ -8,7 +8,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from squarefuse.api import register_checkpoint_dir_resolver
+from squarefuse.apps.checkpoint_dir import register_checkpoint_dir_resolver
 from squarefuse.apps.evaluate import run_eval
 from squarefuse.config.override_types import check_override_types
 from squarefuse.config.resolvers import register_resolvers

@@ -10,7 +10,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from squarefuse.api import register_checkpoint_dir_resolver
+from squarefuse.apps.checkpoint_dir import register_checkpoint_dir_resolver
 from squarefuse.apps.extract import run_extract
 from squarefuse.config.resolvers import register_resolvers
 

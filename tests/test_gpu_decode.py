@@ -12,8 +12,7 @@ import torch
 
 from squarefuse.datasets.annotations import VideoRecord
 from squarefuse.datasets.build import build_gpu_decoder
-from squarefuse.datasets.decoding import gpu as gpu_decode
-from squarefuse.datasets.decoding import video_reader
+from squarefuse.datasets.decoding import gpu, video_reader
 from squarefuse.datasets.decoding.gpu import GpuClipDecoder, check_decode_device
 from squarefuse.datasets.decoding.video_reader import TORCHCODEC_INSTALL, open_video
 from squarefuse.datasets.frame_sampling import FrameSampler
@@ -25,7 +24,7 @@ needs_torchcodec = pytest.mark.skipif(_NO_TORCHCODEC is not None, reason=f"{_NO_
 
 
 def test_cuda_decoding_without_cuda_is_a_clear_start_up_error(monkeypatch):
-    monkeypatch.setattr(gpu_decode.torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(gpu.torch.cuda, "is_available", lambda: False)
     with pytest.raises(ValueError, match=r"dataset.decode_device=cuda .*no CUDA device.*decode_device=cpu"):
         check_decode_device("cuda")
     with pytest.raises(ValueError, match="dataset.decode_device='gpu'"):

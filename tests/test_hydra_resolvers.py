@@ -13,8 +13,8 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from squarefuse.apps.evaluate import default_eval_dir
 from squarefuse.config import resolvers
+from squarefuse.config.output_dirs import default_eval_dir
 from squarefuse.config.resolvers import OWNER_FILE, STAMP_FORMAT, launch_dir, launch_stamp, register_resolvers
 
 REPO = Path(__file__).resolve().parents[1]

@@ -31,8 +31,10 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
-from squarefuse.api import EvalPreprocess, find_videos, load_model
-from squarefuse.apps.evaluate import merge_dataset_overrides
+from squarefuse.api import load_model
+from squarefuse.config.dataset_overrides import merge_dataset_overrides
+from squarefuse.datasets.inputs import find_videos
+from squarefuse.datasets.preprocess import EvalPreprocess
 from squarefuse.evaluation.evaluator import shard_indices
 from squarefuse.evaluation.video_batches import run_batches
 from squarefuse.runtime.atomic_file import atomic_write

@@ -21,7 +21,8 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 
-from squarefuse.api import find_videos, load_model
+from squarefuse.api import load_model
+from squarefuse.datasets.inputs import find_videos
 from squarefuse.evaluation.video_batches import run_batches
 from squarefuse.runtime.atomic_file import atomic_write
 from squarefuse.runtime.precision import resolve_precision

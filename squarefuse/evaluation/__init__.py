@@ -6,4 +6,5 @@ metrics        `EvalResult`: top-1, top-k, mean-class accuracy, confusion matrix
 results        result files (results.json, per_class.csv, predictions.csv, probs.pt, plot), summary lines
 frame_order    eval with the frames of every clip reversed or shuffled
 ensemble       the weighted mean of the saved probabilities of several evaluations
+eval_files     the files of an eval folder and when it is complete (torch-free: the report reads it)
 """

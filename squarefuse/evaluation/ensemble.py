@@ -22,10 +22,9 @@ from typing import Any
 
 import torch
 
-from squarefuse.apps.evaluate import summary_lines
 from squarefuse.evaluation.evaluator import merge_shards
 from squarefuse.evaluation.metrics import EvalResult
-from squarefuse.evaluation.results import write_results
+from squarefuse.evaluation.results import summary_lines, write_results
 from squarefuse.runtime.safe_text import csv_value
 
 log = logging.getLogger(__name__)

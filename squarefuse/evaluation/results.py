@@ -203,3 +203,18 @@ def plot_confusion_matrix(confmat: torch.Tensor, class_names: Sequence[str], pat
                         color="white" if rates[i, j] > 0.5 else "black",
                     )
     fig.savefig(path, format="png")
+
+
+def summary_lines(result: EvalResult, *, weights: str, ckpt: str | None = None, split: str | None = None) -> list[str]:
+    """Human-readable summary of a multi-view evaluation."""
+    clips, crops = result.views
+    lines = [
+        f"checkpoint: {ckpt}" if ckpt else None,
+        f"weights: {weights}",
+        f"split: {split}" if split else None,
+        f"views: {clips} clips x {crops} crops",
+        f"videos: {result.num_videos} evaluated, {result.num_failed} failed to decode",
+        f"top-1: {result.top1:.2f}%  top-{result.topk}: {result.top5:.2f}%  "
+        f"mean-class: {result.mean_class_acc:.2f}%  loss: {result.loss:.4f}",
+    ]
+    return [line for line in lines if line is not None]

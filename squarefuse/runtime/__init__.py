@@ -4,5 +4,6 @@ distributed   process group from the launcher's environment (torchrun, SLURM), `
 precision     the `precision` names (bf16, fp16, fp32, auto) and their autocast context
 workers       DataLoader worker counts, CPU threads, stop signals and shutdown of workers
 atomic_file   `atomic_write`: a crash mid-write leaves the old file, never half a file
-process_pool  `video_process_pool`: the process pool of the data preparation scripts
+process_pool  the data scripts' process pool; `die_with_parent`: helper processes end with their parent
+safe_text     user text (class names, paths) made safe for CSV files, log lines and plots
 """
