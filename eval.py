@@ -8,10 +8,10 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from squarefuse.engine.eval_app import run_eval
-from squarefuse.engine.hydra_resolvers import register_resolvers
-from squarefuse.engine.inference import register_checkpoint_dir_resolver
-from squarefuse.engine.override_types import check_override_types
+from squarefuse.apps.checkpoint_dir import register_checkpoint_dir_resolver
+from squarefuse.apps.evaluate import run_eval
+from squarefuse.config.override_types import check_override_types
+from squarefuse.config.resolvers import register_resolvers
 
 # Before @hydra.main composes the config: configs/eval.yaml names the output folder with them.
 register_resolvers()

@@ -9,9 +9,9 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from squarefuse.engine.hydra_resolvers import register_resolvers
-from squarefuse.engine.override_types import check_override_types
-from squarefuse.engine.trainer import train
+from squarefuse.config.override_types import check_override_types
+from squarefuse.config.resolvers import register_resolvers
+from squarefuse.training.trainer import train
 
 # Before @hydra.main composes the config: configs/train.yaml names the run folder with them.
 register_resolvers()

@@ -148,7 +148,7 @@ def make_list_dataset(work: Path, count: int, entries: int = 1024) -> tuple[Path
 def build_trainer(preset: dict, args, listing: Path, video_dir: Path, run_dir: Path, workers):
     from hydra import compose, initialize_config_dir  # noqa: PLC0415
 
-    from squarefuse.engine.trainer import Trainer  # noqa: PLC0415
+    from squarefuse.training.trainer import Trainer  # noqa: PLC0415
 
     overrides = [
         "dataset=list",
@@ -206,7 +206,7 @@ def step_flops(torch, trainer, batch) -> float:
 
     video, mask, target = trainer._prepare(batch)
     with FlopCounterMode(display=False) as counter:
-        from squarefuse.engine.precision import autocast  # noqa: PLC0415
+        from squarefuse.runtime.precision import autocast  # noqa: PLC0415
 
         with autocast(trainer.device, trainer.precision):
             logits = trainer.model(video, mask)
@@ -216,7 +216,7 @@ def step_flops(torch, trainer, batch) -> float:
 
 
 def bench_train(torch, device, preset: dict, args, work: Path) -> dict:
-    from squarefuse.engine.loader import default_num_workers  # noqa: PLC0415
+    from squarefuse.runtime.workers import default_num_workers  # noqa: PLC0415
 
     listing, video_dir = make_list_dataset(work, args.videos)
     workers = args.workers if args.workers is not None else default_num_workers()

@@ -11,7 +11,7 @@ alike), of:
   * backbone: timm ``vit_base_patch16_224`` (random init, num_classes=0) on B*T frames,
   * layer: ``SQuaReFuse`` (D=768, K=8, Q=3, P=2) on tokens [B,T,197,768], no mask,
   * layer_masked: the same with a [B,T] mask (the last quarter of the frames padded),
-  * seed: the seed design's sketch (squarefuse/models/fusion/seed_sketch.py) at the same shape,
+  * seed: the seed design's sketch (tests/reference/seed_sketch.py) at the same shape,
 and prints medians over ``--repeats`` rounds after ``--warmup`` rounds (each round: one
 backbone step, then ``--layer-repeats`` interleaved runs of the three fusion steps), with
 the ratios layer/backbone (target < 1%) and layer/seed (target <= 1).
@@ -24,6 +24,7 @@ the ratios layer/backbone (target < 1%) and layer/seed (target <= 1).
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import statistics
 import time
@@ -37,9 +38,15 @@ from hydra.utils import instantiate
 
 from squarefuse.models.classifier import split_fusion_config
 from squarefuse.models.fusion import SQuaReFuse
-from squarefuse.models.fusion.seed_sketch import SQuaReFuse as SeedSQuaReFuse
 
 REPO = Path(__file__).resolve().parents[1]
+
+# The seed sketch is a test reference, not part of the package: tests/ is neither installed nor on
+# a script's import path, so the file is loaded by its path.
+_seed_spec = importlib.util.spec_from_file_location("seed_sketch", REPO / "tests" / "reference" / "seed_sketch.py")
+_seed_sketch = importlib.util.module_from_spec(_seed_spec)
+_seed_spec.loader.exec_module(_seed_sketch)
+SeedSQuaReFuse = _seed_sketch.SQuaReFuse
 
 
 CONFIG_DIR = REPO / "configs"

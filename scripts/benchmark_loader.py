@@ -40,7 +40,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from squarefuse.video_writer import write_video
+from squarefuse.datasets.synthetic.encoding import write_video
 
 REPO = Path(__file__).resolve().parent.parent
 TARGET_RATIO = 0.85
@@ -124,7 +124,7 @@ def measure(dataset, *, rounds: int, iters: int) -> dict:
     """
     import torch  # noqa: PLC0415
 
-    from squarefuse.datasets.video_reader import open_video  # noqa: PLC0415
+    from squarefuse.datasets.decoding.video_reader import open_video  # noqa: PLC0415
 
     path = dataset.records[0].path
 
@@ -166,7 +166,7 @@ def profile_transforms(dataset, *, iters: int) -> dict:
     import torch  # noqa: PLC0415
     from torchvision import tv_tensors  # noqa: PLC0415
 
-    from squarefuse.datasets.video_reader import open_video  # noqa: PLC0415
+    from squarefuse.datasets.decoding.video_reader import open_video  # noqa: PLC0415
 
     rng = np.random.default_rng(0)
     path = dataset.records[0].path
@@ -225,7 +225,7 @@ def compare_decoders(dataset, *, spec: VideoSpec, rounds: int, iters: int) -> di
     import torch  # noqa: PLC0415
     from torchvision.transforms.v2 import functional as F  # noqa: PLC0415
 
-    from squarefuse.datasets.video_reader import open_video, torchcodec_problem  # noqa: PLC0415
+    from squarefuse.datasets.decoding.video_reader import open_video, torchcodec_problem  # noqa: PLC0415
 
     path = dataset.records[0].path
     decoders = ["decord", "pyav"] + ([] if torchcodec_problem() else ["torchcodec"])

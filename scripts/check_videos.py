@@ -11,7 +11,7 @@ Two ways to name the split:
 
 Each video is opened and decoded, all its frames by default (``--frames N``: N evenly spaced
 ones, as a loader would), by a pool of worker processes. Every decoder call runs in a guarded
-child process (``squarefuse.datasets.video_reader``): a call that takes longer than ``--timeout``
+child process (``squarefuse.datasets.decoding.video_reader``): a call that takes longer than ``--timeout``
 seconds gets the child killed and the video reported as ``timeout``. The dataset's fallback
 decoder (PyAV by default) is tried when the first decoder fails, as in training.
 
@@ -36,9 +36,9 @@ from pathlib import Path
 import numpy as np
 
 from squarefuse.datasets.annotations import list_num_classes, load_list, read_k400_csv
-from squarefuse.datasets.video_reader import DecodeError, DecodeTimeout, open_video, resolve_decoder
-from squarefuse.process_pool import video_process_pool
-from squarefuse.safe_text import csv_writer, printable
+from squarefuse.datasets.decoding.video_reader import DecodeError, DecodeTimeout, open_video, resolve_decoder
+from squarefuse.runtime.process_pool import video_process_pool
+from squarefuse.runtime.safe_text import csv_writer, printable
 
 log = logging.getLogger("check_videos")
 

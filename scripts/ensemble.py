@@ -25,7 +25,7 @@ def main(argv: list[str]) -> None:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
-    from squarefuse.engine.ensemble import run_ensemble  # noqa: PLC0415 (keeps --help fast)
+    from squarefuse.evaluation.ensemble import run_ensemble  # noqa: PLC0415 (keeps --help fast)
 
     try:
         run_ensemble(args.eval_dirs, weights=args.weights, out_dir=args.out)

@@ -10,9 +10,9 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from squarefuse.engine.extract_app import run_extract
-from squarefuse.engine.hydra_resolvers import register_resolvers
-from squarefuse.engine.inference import register_checkpoint_dir_resolver
+from squarefuse.apps.checkpoint_dir import register_checkpoint_dir_resolver
+from squarefuse.apps.extract import run_extract
+from squarefuse.config.resolvers import register_resolvers
 
 register_resolvers()
 register_checkpoint_dir_resolver("python scripts/extract.py ckpt=PATH [split=val | input=PATH]")

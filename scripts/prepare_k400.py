@@ -34,9 +34,9 @@ from pathlib import Path
 
 import av
 
-from squarefuse.process_pool import video_process_pool
-from squarefuse.safe_text import csv_writer
-from squarefuse.video_writer import write_video
+from squarefuse.datasets.synthetic.encoding import write_video
+from squarefuse.runtime.process_pool import video_process_pool
+from squarefuse.runtime.safe_text import csv_writer
 
 log = logging.getLogger("prepare_k400")
 

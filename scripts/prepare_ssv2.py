@@ -27,8 +27,8 @@ from pathlib import Path
 
 import av
 
-from squarefuse.process_pool import video_process_pool
-from squarefuse.video_writer import write_video
+from squarefuse.datasets.synthetic.encoding import write_video
+from squarefuse.runtime.process_pool import video_process_pool
 
 log = logging.getLogger("prepare_ssv2")
 

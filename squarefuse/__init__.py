@@ -16,7 +16,7 @@ def __getattr__(name: str):
 
         return SQuaReFuse
     if name in ("load_model", "predict"):
-        from squarefuse.engine import inference  # noqa: PLC0415 - lazy: `import squarefuse` stays light
+        from squarefuse import api  # noqa: PLC0415 - lazy: `import squarefuse` stays light
 
-        return getattr(inference, name)
+        return getattr(api, name)
     raise AttributeError(f"module 'squarefuse' has no attribute {name!r}")

@@ -11,12 +11,12 @@ import pytest
 import torch
 from helpers.checkpoints import eval_cfg, flip_bit, make_checkpoint, tiny_train_cfg
 
-import squarefuse.atomic_file as atomic_file
-from squarefuse.atomic_file import atomic_write, check_writable, remove_stale_temp_files
-from squarefuse.engine.checkpoint import load_checkpoint, save_checkpoint, verify_checkpoint
-from squarefuse.engine.eval_app import run_eval
-from squarefuse.engine.inference import load_model
-from squarefuse.engine.init_weights import read_init_weights
+import squarefuse.runtime.atomic_file as atomic_file
+from squarefuse.api import load_model
+from squarefuse.apps.evaluate import run_eval
+from squarefuse.checkpoint import load_checkpoint, save_checkpoint, verify_checkpoint
+from squarefuse.runtime.atomic_file import atomic_write, check_writable, remove_stale_temp_files
+from squarefuse.training.init_from import read_init_weights
 
 
 @pytest.fixture

@@ -14,7 +14,7 @@ from omegaconf import OmegaConf
 from timm.data.constants import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from timm.layers import QuickGELU
 
-from squarefuse.engine.preprocess import VideoNormalizer
+from squarefuse.datasets.preprocess import VideoNormalizer
 from squarefuse.models import build_classifier
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"

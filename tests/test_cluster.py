@@ -14,7 +14,7 @@ import pytest
 from helpers.configs import CONFIG_DIR, compose_config, tiny_overrides
 from hydra import compose, initialize_config_dir
 
-from squarefuse.engine.checkpoint import load_checkpoint
+from squarefuse.checkpoint import load_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow

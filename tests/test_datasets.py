@@ -480,13 +480,13 @@ def test_decode_short_side_values():
 
 
 def test_decode_device_cuda_is_checked_for_train_only(tmp_path, monkeypatch):
-    from squarefuse.datasets import gpu_decode  # noqa: PLC0415 - the module whose CUDA check is faked
+    from squarefuse.datasets.decoding import gpu  # noqa: PLC0415 - the module whose CUDA check is faked
 
     video = write_video(tmp_path / "a.mp4", num_frames=8)
     listing = tmp_path / "list.txt"
     listing.write_text(f"{video} 0\n")
     cfg = cfg_for(train_file=str(listing), val_file=str(listing), video_dir=None, decode_device="cuda")
-    monkeypatch.setattr(gpu_decode.torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(gpu.torch.cuda, "is_available", lambda: False)
     with pytest.raises(ValueError, match="dataset.decode_device=cuda"):
         build_dataset(cfg, "train")
     assert build_dataset(cfg, "val").decode_device == "cpu"  # eval decodes on the CPU anywhere

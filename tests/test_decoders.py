@@ -14,9 +14,15 @@ import torch
 from helpers.videos import frame_level, video_frames
 from torchvision.transforms.v2 import functional as F
 
-from squarefuse.datasets import video_reader
-from squarefuse.datasets.decode_backends import PyAVBackend, _decord_safe_width, decode_size
-from squarefuse.datasets.video_reader import TORCHCODEC_INSTALL, DecodeError, DecodeTimeout, open_video, resolve_decoder
+from squarefuse.datasets.decoding import video_reader
+from squarefuse.datasets.decoding.backends import PyAVBackend, _decord_safe_width, decode_size
+from squarefuse.datasets.decoding.video_reader import (
+    TORCHCODEC_INSTALL,
+    DecodeError,
+    DecodeTimeout,
+    open_video,
+    resolve_decoder,
+)
 
 _NO_TORCHCODEC = video_reader.torchcodec_problem()
 TORCHCODEC = pytest.param(

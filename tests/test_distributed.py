@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from squarefuse.checkpoint import load_checkpoint
 from squarefuse.datasets.synthetic import ensure_synthetic
-from squarefuse.engine.checkpoint import load_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow

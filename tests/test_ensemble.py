@@ -1,4 +1,4 @@
-"""Ensembles of eval.py outputs (squarefuse.engine.ensemble, scripts/ensemble.py)."""
+"""Ensembles of eval.py outputs (squarefuse.evaluation.ensemble, scripts/ensemble.py)."""
 
 from __future__ import annotations
 
@@ -14,9 +14,9 @@ from helpers.checkpoints import eval_cfg, tiny_train_cfg
 from helpers.videos import write_video
 from omegaconf import OmegaConf
 
-from squarefuse.engine.checkpoint import save_checkpoint
-from squarefuse.engine.ensemble import read_eval_dir, run_ensemble
-from squarefuse.engine.eval_app import run_eval
+from squarefuse.apps.evaluate import run_eval
+from squarefuse.checkpoint import save_checkpoint
+from squarefuse.evaluation.ensemble import read_eval_dir, run_ensemble
 from squarefuse.models import build_classifier
 
 REPO = Path(__file__).resolve().parents[1]

@@ -24,11 +24,13 @@ from helpers.checkpoints import (
 )
 from omegaconf import OmegaConf
 
+from squarefuse.apps.evaluate import run_eval
+from squarefuse.config.dataset_overrides import merge_dataset_overrides
+from squarefuse.config.output_dirs import default_eval_dir
 from squarefuse.datasets import build_dataset
-from squarefuse.engine.eval_app import default_eval_dir, merge_dataset_overrides, run_eval
-from squarefuse.engine.evaluator import merge_shards, predict_shard, shard_indices
-from squarefuse.engine.preprocess import VideoNormalizer
-from squarefuse.engine.results import plot_confusion_matrix, write_results
+from squarefuse.datasets.preprocess import VideoNormalizer
+from squarefuse.evaluation.evaluator import merge_shards, predict_shard, shard_indices
+from squarefuse.evaluation.results import plot_confusion_matrix, write_results
 from squarefuse.models import build_classifier
 
 

@@ -17,7 +17,7 @@ from helpers.checkpoints import CLASS_NAMES, compose_config, make_checkpoint
 from helpers.videos import write_video
 
 import squarefuse
-from squarefuse.engine.export import export_model
+from squarefuse.apps.export import export_model
 from squarefuse.models import SQuaReFuse
 
 REPO = Path(__file__).resolve().parents[1]

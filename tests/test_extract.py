@@ -15,7 +15,7 @@ import torch
 from helpers.checkpoints import LABELS, compose_config, make_checkpoint, make_list_dataset, tiny_train_cfg
 
 import squarefuse
-from squarefuse.engine.extract_app import run_extract
+from squarefuse.apps.extract import run_extract
 
 REPO = Path(__file__).resolve().parents[1]
 CORRUPT = 3

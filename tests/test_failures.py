@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 from helpers.configs import tiny_overrides, tiny_train_config
 
-from squarefuse.engine import trainer as trainer_mod
-from squarefuse.engine.checkpoint import load_checkpoint
-from squarefuse.engine.trainer import Trainer
+from squarefuse.checkpoint import load_checkpoint
+from squarefuse.training import trainer as trainer_mod
+from squarefuse.training.trainer import Trainer
 
 REPO = Path(__file__).resolve().parents[1]
 # Generous: start-up alone takes 10-40 s on a loaded 2-core machine. Today's bug is a hang forever.
@@ -161,7 +161,7 @@ def test_no_process_outlives_a_killed_trainer(data_root, tmp_path):
         children: set[int] = set()
         while time.monotonic() < deadline and proc.poll() is None:
             children = _children_of(proc.pid)
-            decoders = [p for p in children if "decode_server" in _cmdline(p)]
+            decoders = [p for p in children if "decoding.server" in _cmdline(p)]
             if len(children) >= 4 and len(decoders) >= 2:  # 2 workers + their 2 decoding processes
                 break
             time.sleep(0.2)

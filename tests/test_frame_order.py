@@ -12,8 +12,8 @@ from helpers.checkpoints import REPO, eval_cfg, make_checkpoint, tiny_train_cfg
 from helpers.configs import fusion_config
 from omegaconf import open_dict
 
-from squarefuse.engine.eval_app import run_eval
-from squarefuse.engine.frame_order import check_frame_order, frame_permutation, reorder_frames
+from squarefuse.apps.evaluate import run_eval
+from squarefuse.evaluation.frame_order import check_frame_order, frame_permutation, reorder_frames
 from squarefuse.models import build_classifier
 
 

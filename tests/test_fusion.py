@@ -1,4 +1,4 @@
-"""Tests of the SQuaRe-Fuse layer (squarefuse/models/fusion.py)."""
+"""Tests of the SQuaRe-Fuse layer (squarefuse/models/fusion/square.py)."""
 
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ import pytest
 import torch
 from helpers.configs import fusion_config
 from hydra.utils import instantiate
+from reference.seed_sketch import SQuaReFuse as SeedSQuaReFuse
 
 from squarefuse.models.classifier import split_fusion_config
 from squarefuse.models.fusion import NoFusion, SQuaReFuse, square_fuse
-from squarefuse.models.fusion.seed_sketch import SQuaReFuse as SeedSQuaReFuse
 
 REPO = Path(__file__).resolve().parents[1]
 D = 32

@@ -17,7 +17,6 @@ from helpers.configs import CONFIG_DIR, compose_config, fusion_config, tiny_over
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from squarefuse.engine.trainer import Trainer
 from squarefuse.models import ClsHead, MeanHead, VideoBackbone, VideoClassifier, build_classifier
 from squarefuse.models.classifier import split_fusion_config
 from squarefuse.models.fusion import (
@@ -28,6 +27,7 @@ from squarefuse.models.fusion import (
     TemporalShift,
     square_fuse,
 )
+from squarefuse.training.trainer import Trainer
 
 REPO = Path(__file__).resolve().parents[1]
 D = 32

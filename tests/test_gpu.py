@@ -15,14 +15,15 @@ import torch
 import torch.distributed as dist
 from helpers.configs import tiny_train_config
 
-from squarefuse.datasets import build_dataset, video_reader
-from squarefuse.datasets.video_reader import open_video
-from squarefuse.engine import distributed
-from squarefuse.engine.distributed import DistInfo
-from squarefuse.engine.evaluator import evaluate
-from squarefuse.engine.preprocess import VideoNormalizer
-from squarefuse.engine.trainer import Trainer
+from squarefuse.datasets import build_dataset
+from squarefuse.datasets.decoding import video_reader
+from squarefuse.datasets.decoding.video_reader import open_video
+from squarefuse.datasets.preprocess import VideoNormalizer
+from squarefuse.evaluation.evaluator import evaluate
 from squarefuse.models import build_classifier
+from squarefuse.runtime import distributed
+from squarefuse.runtime.distributed import DistInfo
+from squarefuse.training.trainer import Trainer
 
 pytestmark = [
     pytest.mark.gpu,

@@ -10,21 +10,21 @@ import numpy as np
 import pytest
 import torch
 
-from squarefuse.datasets import gpu_decode, video_reader
 from squarefuse.datasets.annotations import VideoRecord
 from squarefuse.datasets.build import build_gpu_decoder
+from squarefuse.datasets.decoding import gpu, video_reader
+from squarefuse.datasets.decoding.gpu import GpuClipDecoder, check_decode_device
+from squarefuse.datasets.decoding.video_reader import TORCHCODEC_INSTALL, open_video
 from squarefuse.datasets.frame_sampling import FrameSampler
-from squarefuse.datasets.gpu_decode import GpuClipDecoder, check_decode_device
 from squarefuse.datasets.transforms import TrainTransform
 from squarefuse.datasets.video_dataset import VideoDataset
-from squarefuse.datasets.video_reader import TORCHCODEC_INSTALL, open_video
 
 _NO_TORCHCODEC = video_reader.torchcodec_problem()
 needs_torchcodec = pytest.mark.skipif(_NO_TORCHCODEC is not None, reason=f"{_NO_TORCHCODEC}: {TORCHCODEC_INSTALL}")
 
 
 def test_cuda_decoding_without_cuda_is_a_clear_start_up_error(monkeypatch):
-    monkeypatch.setattr(gpu_decode.torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(gpu.torch.cuda, "is_available", lambda: False)
     with pytest.raises(ValueError, match=r"dataset.decode_device=cuda .*no CUDA device.*decode_device=cpu"):
         check_decode_device("cuda")
     with pytest.raises(ValueError, match="dataset.decode_device='gpu'"):

@@ -13,9 +13,9 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from squarefuse.engine import hydra_resolvers
-from squarefuse.engine.eval_app import default_eval_dir
-from squarefuse.engine.hydra_resolvers import OWNER_FILE, STAMP_FORMAT, launch_dir, launch_stamp, register_resolvers
+from squarefuse.config import resolvers
+from squarefuse.config.output_dirs import default_eval_dir
+from squarefuse.config.resolvers import OWNER_FILE, STAMP_FORMAT, launch_dir, launch_stamp, register_resolvers
 
 REPO = Path(__file__).resolve().parents[1]
 LAUNCH_VARS = ("TORCHELASTIC_RUN_ID", "GROUP_WORLD_SIZE", "RANK", "WORLD_SIZE", "LOCAL_RANK", "SUBMITIT_EXECUTOR")
@@ -33,7 +33,7 @@ def bare_env(monkeypatch):
 @pytest.fixture
 def same_second(monkeypatch):
     """Every clock reading formats as one second: jobs that start together, however fast the test."""
-    monkeypatch.setattr(hydra_resolvers.time, "strftime", lambda fmt, t=None: "2026-12-02/09-31-05")
+    monkeypatch.setattr(resolvers.time, "strftime", lambda fmt, t=None: "2026-12-02/09-31-05")
 
 
 def _compose_hydra(config_name: str, overrides: list[str] = ()):
@@ -50,7 +50,7 @@ def test_single_process_stamp_is_the_current_time(bare_env):
 def test_ranks_started_at_different_times_by_one_torchrun_agree():
     # Two "ranks" of one torchrun: children of this process (their agent), started > 1 s apart.
     env = {**os.environ, "TORCHELASTIC_RUN_ID": "none", "GROUP_WORLD_SIZE": "1", "PYTHONPATH": str(REPO)}
-    code = "from squarefuse.engine.hydra_resolvers import launch_stamp; print(launch_stamp())"
+    code = "from squarefuse.config.resolvers import launch_stamp; print(launch_stamp())"
     stamps = []
     for _ in range(2):
         done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
@@ -142,7 +142,7 @@ def test_claims_of_one_folder_raced_by_two_launches(tmp_path):
 
     def claim(owner: str) -> None:
         start.wait()
-        answers[owner].append(hydra_resolvers._claim(path, owner))
+        answers[owner].append(resolvers._claim(path, owner))
 
     threads = [threading.Thread(target=claim, args=(owner,)) for owner in "abababab"]
     for t in threads:
@@ -158,12 +158,12 @@ def test_claims_of_one_folder_raced_by_two_launches(tmp_path):
 def test_torchrun_ranks_agree_on_a_folder_past_another_jobs(bare_env, tmp_path):
     # Two "ranks" of one torchrun (children of this process, their agent) whose launch second another
     # job has taken already: both move on to the same <time>_2, and a separate job to yet another.
-    stamp = time.strftime(STAMP_FORMAT, time.localtime(hydra_resolvers._process_start_time(os.getpid())))
+    stamp = time.strftime(STAMP_FORMAT, time.localtime(resolvers._process_start_time(os.getpid())))
     taken = tmp_path / stamp
     taken.mkdir(parents=True)
     (taken / OWNER_FILE).write_text("another job\n")
     env = {**os.environ, "TORCHELASTIC_RUN_ID": "none", "GROUP_WORLD_SIZE": "1", "PYTHONPATH": str(REPO)}
-    code = f"from squarefuse.engine.hydra_resolvers import launch_dir; print(launch_dir({str(tmp_path)!r}))"
+    code = f"from squarefuse.config.resolvers import launch_dir; print(launch_dir({str(tmp_path)!r}))"
     folders = []
     for _ in range(2):
         done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
@@ -188,8 +188,7 @@ def test_two_torchruns_started_together_get_one_folder_each(tmp_path):
     # Real torchrun agents, two ranks each, started at once: each job's ranks agree, the jobs differ.
     script = tmp_path / "where.py"
     script.write_text(
-        "from squarefuse.engine.hydra_resolvers import launch_dir\n"
-        f"print('FOLDER', launch_dir({str(tmp_path / 'runs')!r}))\n"
+        f"from squarefuse.config.resolvers import launch_dir\nprint('FOLDER', launch_dir({str(tmp_path / 'runs')!r}))\n"
     )
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     for name in LAUNCH_VARS + SLURM_VARS:

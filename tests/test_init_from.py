@@ -15,11 +15,11 @@ from helpers.checkpoints import tiny_train_cfg
 from helpers.configs import tiny_train_config
 from helpers.videos import write_video
 
-from squarefuse.engine.checkpoint import load_checkpoint, save_checkpoint
-from squarefuse.engine.init_weights import init_from, read_init_weights
-from squarefuse.engine.trainer import Trainer
+from squarefuse.checkpoint import load_checkpoint, save_checkpoint
 from squarefuse.models import build_classifier
 from squarefuse.models.complexity import model_complexity
+from squarefuse.training.init_from import init_from, read_init_weights
+from squarefuse.training.trainer import Trainer
 
 
 def make_list_dataset(root: Path, num_classes: int, per_class: int = 2) -> Path:

@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from squarefuse.engine.loader import default_num_workers, resolve_cpu_threads, resolve_num_workers
+from squarefuse.runtime.workers import default_num_workers, resolve_cpu_threads, resolve_num_workers
 
 
 def test_num_workers_auto_is_a_share_of_the_cores(monkeypatch):

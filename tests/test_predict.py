@@ -24,11 +24,12 @@ from helpers.checkpoints import (
 )
 
 import squarefuse
+from squarefuse.api import predict_probs
+from squarefuse.apps.predict import run_predict
+from squarefuse.checkpoint import build_model_from_checkpoint, load_checkpoint, select_weights
+from squarefuse.config.dataset_overrides import merge_dataset_overrides
 from squarefuse.datasets import DecodeError, build_dataset
-from squarefuse.engine.checkpoint import build_model_from_checkpoint, load_checkpoint, select_weights
-from squarefuse.engine.eval_app import merge_dataset_overrides
-from squarefuse.engine.inference import find_videos, parse_views, predict_probs
-from squarefuse.engine.predict_app import run_predict
+from squarefuse.datasets.inputs import find_videos, parse_views
 
 REPO = Path(__file__).resolve().parents[1]
 CORRUPT = 3  # v3.mp4 is not a video

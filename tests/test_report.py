@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from squarefuse.engine.eval_files import RESULT_FILES
+from squarefuse.evaluation.eval_files import RESULT_FILES
 from squarefuse.report.app import make_report
 from squarefuse.report.groups import group_runs, run_matches
 from squarefuse.report.runs import Run, expected_jobs, find_run_dirs, load_run

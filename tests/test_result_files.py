@@ -13,13 +13,13 @@ import pytest
 import torch
 from matplotlib.figure import Figure
 
-from squarefuse.engine import results as results_module
-from squarefuse.engine.eval_files import RESULT_FILES, RESULTS_FILE, is_complete
-from squarefuse.engine.metrics import EvalResult
-from squarefuse.engine.predict_app import format_table
-from squarefuse.engine.results import write_results
+from squarefuse.apps.predict import format_table
+from squarefuse.evaluation import results as results_module
+from squarefuse.evaluation.eval_files import RESULT_FILES, RESULTS_FILE, is_complete
+from squarefuse.evaluation.metrics import EvalResult
+from squarefuse.evaluation.results import write_results
 from squarefuse.report.runs import read_predictions
-from squarefuse.safe_text import csv_value, csv_writer, plot_text, printable, spreadsheet_cell
+from squarefuse.runtime.safe_text import csv_value, csv_writer, plot_text, printable, spreadsheet_cell
 
 FORMULAS = ['=HYPERLINK("http://evil","x")', "@SUM(A1:A9)", "+1-2", "-2+3", "\t=1", "\r=1"]
 

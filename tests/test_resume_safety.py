@@ -20,11 +20,11 @@ import torch
 from helpers.checkpoints import flip_bit
 from helpers.configs import tiny_train_config
 
-from squarefuse.engine import trainer as trainer_module
-from squarefuse.engine.checkpoint import load_checkpoint, save_checkpoint
-from squarefuse.engine.config_diff import config_changes, is_harmless
-from squarefuse.engine.logging import truncate_metrics
-from squarefuse.engine.trainer import Trainer
+from squarefuse.checkpoint import load_checkpoint, save_checkpoint
+from squarefuse.training import trainer as trainer_module
+from squarefuse.training.metrics_log import truncate_metrics
+from squarefuse.training.resume_checks import config_changes, is_harmless
+from squarefuse.training.trainer import Trainer
 
 
 @pytest.fixture(scope="module")
@@ -139,7 +139,7 @@ def test_every_step_logged_once_after_a_hard_kill(data_root, tmp_path, monkeypat
 # ----------------------------------------------------------------------------- config drift
 
 
-def test_config_diff_classifies_keys():
+def test_resume_checks_classify_keys():
     old = {"fusion": {"K": 4, "quantiles": [0.1, 0.5, 0.9]}, "trainer": {"num_workers": 2}, "logger": {"name": "none"}}
     new = {"fusion": {"K": 4, "quantiles": [0.2, 0.5, 0.8]}, "trainer": {"num_workers": 8}, "logger": {"name": "wandb"}}
     changes = {c.key: c for c in config_changes(old, new)}

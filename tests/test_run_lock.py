@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from helpers.configs import tiny_overrides
 
-from squarefuse.engine.run_lock import LOCK_NAME, RunFolderBusy, RunLock
+from squarefuse.training.run_lock import LOCK_NAME, RunFolderBusy, RunLock
 
 REPO = Path(__file__).resolve().parents[1]
 TIMEOUT = 300
@@ -23,7 +23,7 @@ TIMEOUT = 300
 HOLD = textwrap.dedent(
     """
     import sys, time
-    from squarefuse.engine.run_lock import RunLock
+    from squarefuse.training.run_lock import RunLock
     lock = RunLock(sys.argv[1])
     lock.acquire()
     print("held", flush=True)

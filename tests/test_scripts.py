@@ -274,7 +274,7 @@ def test_pool_workers_die_with_a_killed_script():
     # A script killed with SIGKILL runs no clean-up: its workers would stay blocked on the task queue.
     script = (
         "import sys, time\n"
-        "from squarefuse.process_pool import video_process_pool\n"
+        "from squarefuse.runtime.process_pool import video_process_pool\n"
         "pool = video_process_pool(2)\n"
         "futures = [pool.submit(time.sleep, 600) for _ in range(2)]\n"
         "print('ready', flush=True)\n"

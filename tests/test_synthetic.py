@@ -20,7 +20,6 @@ from helpers.processes import children_of, kill_all, wait_gone
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from squarefuse.datasets import synthetic
 from squarefuse.datasets.synthetic import (
     CLASS_NAMES,
     class_trajectory,
@@ -30,6 +29,7 @@ from squarefuse.datasets.synthetic import (
     sample_clip_params,
     twin_of,
 )
+from squarefuse.datasets.synthetic import generate as synthetic
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -16,9 +16,9 @@ from helpers.configs import CONFIG_DIR, compose_config, tiny_overrides, tiny_tra
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
-from squarefuse.engine import trainer as trainer_mod
-from squarefuse.engine.checkpoint import load_checkpoint, save_checkpoint
-from squarefuse.engine.trainer import Trainer, check_trainer_cfg
+from squarefuse.checkpoint import load_checkpoint, save_checkpoint
+from squarefuse.training import trainer as trainer_mod
+from squarefuse.training.trainer import Trainer, check_trainer_cfg
 
 REPO = Path(__file__).resolve().parents[1]
 

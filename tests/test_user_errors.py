@@ -11,8 +11,8 @@ import pytest
 import torch
 from helpers.configs import tiny_train_config
 
-from squarefuse.engine.checkpoint import check_checkpoint_file, load_checkpoint
-from squarefuse.engine.trainer import Trainer
+from squarefuse.checkpoint import check_checkpoint_file, load_checkpoint
+from squarefuse.training.trainer import Trainer
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -6,7 +6,7 @@ import av
 import numpy as np
 import pytest
 
-from squarefuse.video_writer import write_video
+from squarefuse.datasets.synthetic.encoding import write_video
 
 
 def _frames(count: int, width: int = 48, height: int = 32):

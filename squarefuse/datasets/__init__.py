@@ -4,8 +4,19 @@
 `squarefuse.datasets.build` for the config keys and `squarefuse.datasets.video_dataset` for what
 an item holds.
 
+annotations     annotation files (SSv2 json, Kinetics csv, "path label" lists) -> video records
+formats         `dataset.name`: which keys a format reads and which reader it calls
+frame_sampling  which frames make a clip: segment (TSN) and dense-stride sampling
+transforms      uint8 train augmentation (CPU; the photometric steps also on the device), eval views
+video_dataset   `VideoDataset`: record -> sampled frames -> decoded, augmented clip(s)
+build           `build_dataset`: a dataset config and a split -> `VideoDataset`
+preprocess      `VideoNormalizer` (uint8 -> normalised on the device), `EvalPreprocess` (a file -> eval views)
+inputs          `find_videos`, `parse_views`: the videos and views an app's `input=` and `views=` name
+decoding/       decord, PyAV, torchcodec, NVDEC; in-process or in a guarded decoding process
+synthetic/      the built-in synthetic dataset and `write_video`, the one atomic PyAV encoder
+
 The names below are imported on first use: the decoding process (``python -m
-squarefuse.datasets.decode_server``) imports this package and must not pay for torch and
+squarefuse.datasets.decoding.server``) imports this package and must not pay for torch and
 torchvision at every start.
 """
 
@@ -17,11 +28,11 @@ _EXPORTS = {
     "build_dataset": "squarefuse.datasets.build",
     "build_device_augment": "squarefuse.datasets.build",
     "build_gpu_decoder": "squarefuse.datasets.build",
-    "DecodeError": "squarefuse.datasets.video_reader",
-    "DecodeTimeout": "squarefuse.datasets.video_reader",
-    "VideoReader": "squarefuse.datasets.video_reader",
-    "open_video": "squarefuse.datasets.video_reader",
-    "resolve_decoder": "squarefuse.datasets.video_reader",
+    "DecodeError": "squarefuse.datasets.decoding.video_reader",
+    "DecodeTimeout": "squarefuse.datasets.decoding.video_reader",
+    "VideoReader": "squarefuse.datasets.decoding.video_reader",
+    "open_video": "squarefuse.datasets.decoding.video_reader",
+    "resolve_decoder": "squarefuse.datasets.decoding.video_reader",
     "VideoDataset": "squarefuse.datasets.video_dataset",
 }
 

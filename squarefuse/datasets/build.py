@@ -20,12 +20,12 @@ from pathlib import Path
 from typing import Any
 
 from squarefuse.datasets.annotations import Annotations, split_missing
+from squarefuse.datasets.decoding.gpu import GpuClipDecoder, check_decode_device
+from squarefuse.datasets.decoding.video_reader import resolve_decoder
 from squarefuse.datasets.formats import FORMATS, find_format, optional, required
 from squarefuse.datasets.frame_sampling import FrameSampler
-from squarefuse.datasets.gpu_decode import GpuClipDecoder, check_decode_device
 from squarefuse.datasets.transforms import DeviceAugment, TrainTransform, default_eval_short_side
 from squarefuse.datasets.video_dataset import VideoDataset
-from squarefuse.datasets.video_reader import resolve_decoder
 
 __all__ = [
     "DATASET_NAMES",

@@ -22,10 +22,10 @@ import torch
 from torch.utils.data import Dataset
 
 from squarefuse.datasets.annotations import VideoRecord
+from squarefuse.datasets.decoding.video_reader import DecodeError, open_video
 from squarefuse.datasets.frame_sampling import FrameSampler
 from squarefuse.datasets.transforms import TrainTransform, eval_views
-from squarefuse.datasets.video_reader import DecodeError, open_video
-from squarefuse.safe_text import printable
+from squarefuse.runtime.safe_text import printable
 
 __all__ = ["VideoDataset"]
 
@@ -49,9 +49,9 @@ class VideoDataset(Dataset):
         decode_timeout: seconds a decoder call may take before the video counts as failed
             (decoding then runs in a guarded process); None or 0 = no guard, in-process.
         decode_short_side: scale videos whose short side is well above this while decoding
-            (`squarefuse.datasets.video_reader.open_video`); None = decode as stored.
+            (`squarefuse.datasets.decoding.video_reader.open_video`); None = decode as stored.
         decode_device: "cpu", or "cuda" (train only): items then hold ``path`` and
-            ``frame_index`` [T] instead of ``video``, for `squarefuse.datasets.gpu_decode`.
+            ``frame_index`` [T] instead of ``video``, for `squarefuse.datasets.decoding.gpu`.
         repeated_aug: R, augmented copies of each decoded train clip.
         max_replacements: train: how many unreadable videos in a row may be skipped for one item.
         missing: paths left out at start-up because they did not exist.
@@ -156,7 +156,7 @@ class VideoDataset(Dataset):
                 log.warning(printable(f"train video {i} could not be decoded and is replaced by the next one: {e}"))
                 errors.append(str(e))
                 continue
-            if frames_THWC is None:  # decoded on the GPU in the training process (gpu_decode.py)
+            if frames_THWC is None:  # decoded on the GPU in the training process (decoding/gpu.py)
                 return {
                     "path": record.path,
                     "frame_index": torch.from_numpy(index_CT[0]),

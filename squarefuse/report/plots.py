@@ -9,7 +9,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from squarefuse.report.aggregate import GroupSummary, per_class_accuracy, seed_pairs
-from squarefuse.safe_text import plot_text
+from squarefuse.runtime.safe_text import plot_text
 
 _MAX_CLASS_LABELS = 40  # beyond this, class names on an axis overlap into an unreadable block
 

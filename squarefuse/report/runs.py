@@ -24,8 +24,8 @@ from typing import Any, NamedTuple
 
 import yaml
 
-from squarefuse.engine.eval_files import RESULTS_FILE, is_complete
-from squarefuse.safe_text import csv_value
+from squarefuse.evaluation.eval_files import RESULTS_FILE, is_complete
+from squarefuse.runtime.safe_text import csv_value
 
 # Status of a run, from its `end` record (written by the trainer when `fit` returns or raises)
 # or, for runs written before that record existed, from how far its validations got.

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from squarefuse.report.aggregate import GroupSummary, Stat
-from squarefuse.safe_text import csv_writer, printable
+from squarefuse.runtime.safe_text import csv_writer, printable
 
 
 def human_count(value: float | None) -> str:

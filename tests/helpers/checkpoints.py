@@ -12,11 +12,11 @@ from omegaconf import OmegaConf
 
 from helpers.configs import compose_config
 from helpers.videos import write_video
-from squarefuse.engine.checkpoint import save_checkpoint
-from squarefuse.engine.distributed import DistInfo
-from squarefuse.engine.evaluator import evaluate
-from squarefuse.engine.preprocess import VideoNormalizer
+from squarefuse.checkpoint import save_checkpoint
+from squarefuse.datasets.preprocess import VideoNormalizer
+from squarefuse.evaluation.evaluator import evaluate
 from squarefuse.models import build_classifier
+from squarefuse.runtime.distributed import DistInfo
 
 REPO = Path(__file__).resolve().parents[2]
 CLASS_NAMES = ["push", "pull", "spin"]

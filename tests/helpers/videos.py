@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from squarefuse.video_writer import write_video as encode_video
+from squarefuse.datasets.synthetic.encoding import write_video as encode_video
 
 CODECS = {".mp4": "libx264", ".webm": "libvpx-vp9", ".mkv": "libx264"}
 

@@ -1,0 +1,8 @@
+"""The apps behind the entry points: each composes its config's values and calls the library.
+
+evaluate        `eval.py`: checkpoint -> multi-view test of a split -> result files
+predict         `scripts/predict.py`: top-k classes of your own videos
+extract         `scripts/extract.py`: per-video features
+export          `scripts/export.py`: ONNX or TorchScript
+checkpoint_dir  `${checkpoint_dir:CKPT,SUBDIR}`: the apps' output folder next to the checkpoint's run
+"""

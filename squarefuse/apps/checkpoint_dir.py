@@ -1,0 +1,39 @@
+"""`${checkpoint_dir:CKPT,SUBDIR}`: the output folder of the apps that read a checkpoint.
+
+eval.py, scripts/predict.py, extract.py and export.py register it before `@hydra.main` composes
+their config; their `hydra.run.dir` is `${checkpoint_dir:${ckpt},eval}` (or predict, extract,
+export): `<run>/SUBDIR/<stamp>` next to the checkpoint's run (`config.output_dirs.default_eval_dir`).
+
+Here, not in `squarefuse.config`, because it checks the checkpoint file (`squarefuse.checkpoint`),
+which the config package does not import.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from omegaconf import OmegaConf
+
+from squarefuse.checkpoint import check_checkpoint_file
+from squarefuse.config.output_dirs import default_eval_dir
+
+
+def register_checkpoint_dir_resolver(usage: str) -> None:
+    """Register `${checkpoint_dir:CKPT,SUBDIR}` for an app's `hydra.run.dir`: `<run>/SUBDIR/<stamp>`
+    next to the checkpoint's run (`output_dirs.default_eval_dir`).
+
+    Hydra resolves it before the app runs, where an exception would come wrapped in a page of
+    interpolation traceback: a missing or absent `ckpt` exits with the message (and `usage`).
+    """
+
+    def resolve(ckpt: str | None, subdir: str) -> str:
+        if ckpt is None:
+            sys.exit(f"error: ckpt is required: {usage}")
+        try:
+            check_checkpoint_file(ckpt)  # before Hydra makes a folder next to a file that is no checkpoint
+            return default_eval_dir(str(ckpt), str(subdir))
+        except (FileNotFoundError, ValueError) as e:
+            sys.exit(f"error: {e}")
+
+    # Cached: the stamp is read once, so every use of hydra.run.dir names the same folder.
+    OmegaConf.register_new_resolver("checkpoint_dir", resolve, use_cache=True, replace=True)

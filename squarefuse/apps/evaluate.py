@@ -1,0 +1,116 @@
+"""The eval app behind `eval.py`: checkpoint -> model -> eval split -> multi-view test -> result files.
+
+`run_eval` loads the checkpoint, rebuilds its model (`checkpoint.build_model_from_checkpoint`),
+builds the split from the stored dataset config with the eval overrides applied, runs
+`evaluator.evaluate` on every rank, and has rank 0 write the result files (`results.write_results`)
+into `<run>/eval/<stamp>` (`config.output_dirs.default_eval_dir`) or `hydra.run.dir`.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig
+
+from squarefuse.checkpoint import build_model_from_checkpoint, load_checkpoint, select_weights
+from squarefuse.config.dataset_overrides import merge_dataset_overrides
+from squarefuse.datasets import build_dataset
+from squarefuse.datasets.preprocess import VideoNormalizer
+from squarefuse.evaluation.evaluator import evaluate
+from squarefuse.evaluation.frame_order import check_frame_order
+from squarefuse.evaluation.metrics import EvalResult
+from squarefuse.evaluation.results import summary_lines, write_results
+from squarefuse.models.complexity import model_complexity
+from squarefuse.runtime.distributed import init_distributed, shutdown
+from squarefuse.runtime.precision import resolve_precision
+from squarefuse.runtime.workers import resolve_num_workers
+
+log = logging.getLogger(__name__)
+
+
+def run_eval(cfg: DictConfig, run_dir: str | Path) -> EvalResult:
+    """The eval app: load `cfg.ckpt`, evaluate it on `cfg.split` with multi-view testing.
+
+    Args:
+        cfg: the composed `configs/eval.yaml` (ckpt, use_ema, split, batch_size, num_workers,
+            device, precision, progress, dataset overrides).
+        run_dir: where the result files go (written by rank 0 only).
+
+    Returns:
+        The `EvalResult` (the same on every rank).
+    """
+    if cfg.get("ckpt") is None:
+        raise ValueError("ckpt is required: python eval.py ckpt=PATH/TO/checkpoint.pt")
+    frame_order, frame_order_seed = str(cfg.frame_order), cfg.frame_order_seed
+    check_frame_order(frame_order, frame_order_seed)
+    ckpt = str(cfg.ckpt)
+    state = load_checkpoint(ckpt)
+    for key in ("config", "class_names"):
+        if key not in state:
+            raise ValueError(f"{ckpt} has no '{key}' entry: it was not written by the squarefuse trainer")
+    class_names = list(state["class_names"])
+    split = str(cfg.split)
+    dataset_cfg = merge_dataset_overrides(
+        state["config"]["dataset"], cfg.get("dataset"), allow_new=(f"{split}_file", f"{split}_video_dir")
+    )
+
+    was_initialised = torch.distributed.is_initialized()
+    dist_info, device = init_distributed(str(cfg.device))
+    try:
+        run_dir = Path(run_dir)
+        if dist_info.is_main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+        weights, weights_name = select_weights(state, bool(cfg.use_ema))
+        model = build_model_from_checkpoint(state, weights).to(device)
+        dataset = build_dataset(dataset_cfg, split, views=True, report_dir=run_dir if dist_info.is_main else None)
+        if dataset.num_classes != len(class_names):
+            raise ValueError(
+                f"the checkpoint has {len(class_names)} classes but the {split} split of "
+                f"dataset.root={dataset_cfg.get('root')} has {dataset.num_classes}"
+            )
+        if list(dataset.class_names) != class_names:
+            log.warning("the dataset's class names differ from the checkpoint's; labels are compared by id")
+        precision = resolve_precision(str(cfg.precision), device)
+        result = evaluate(
+            model,
+            dataset,
+            device=device,
+            normalizer=VideoNormalizer(model.mean, model.std, device),
+            batch_size=int(cfg.batch_size),
+            num_workers=resolve_num_workers(cfg.num_workers, key="num_workers"),
+            precision=precision,
+            dist_info=dist_info,
+            progress=bool(cfg.get("progress", False)),
+            frame_order=frame_order,
+            frame_order_seed=frame_order_seed,
+        )
+        if dist_info.is_main:
+            meta = {
+                "checkpoint": str(Path(ckpt).resolve()),
+                "step": state.get("step"),
+                "epoch": state.get("epoch"),
+                "weights": weights_name,
+                "split": split,
+                "dataset": dataset_cfg.get("name"),
+                "dataset_root": dataset_cfg.get("root"),
+                "num_frames": dataset_cfg.get("num_frames"),
+                "precision": precision,
+                "world_size": dist_info.world_size,
+                "model_info": model_complexity(model, int(dataset_cfg.num_frames), model.backbone.img_size),
+                "frame_order": frame_order,
+                "frame_order_seed": frame_order_seed if frame_order == "shuffled" else None,
+            }
+            write_results(result, run_dir, class_names, dataset.records, missing=dataset.missing, meta=meta)
+            for line in summary_lines(result, weights=weights_name, ckpt=ckpt, split=split):
+                log.info(line)
+            if frame_order != "normal":
+                log.info(f"frame order: {frame_order} (the frames of every view reordered before the model)")
+            if dataset.missing:
+                log.info(f"{len(dataset.missing)} videos were missing at start-up and left out (see {run_dir})")
+            log.info(f"results written to {run_dir}")
+        return result
+    finally:
+        if not was_initialised:
+            shutdown()

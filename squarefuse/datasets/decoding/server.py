@@ -1,0 +1,85 @@
+"""The decoding process: answers a `VideoReader`'s requests with a decoding backend.
+
+Started by `squarefuse.datasets.decoding.video_reader` as ``python -m squarefuse.datasets.decoding.server FD
+PARENT_PID`` (FD: its end of a socket pair). It imports neither torch nor the rest of the package
+(torchcodec, when used, loads torch itself), so it starts in a fraction of a second, and a
+decoder that hangs in it (decord can spin forever in C holding the GIL) is killed from outside
+without taking the DataLoader worker down with it. The protocol is in `protocol`.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import sys
+
+from squarefuse.datasets.decoding.backends import Backend, describe_error, open_backend
+from squarefuse.datasets.decoding.protocol import (
+    CLOSE,
+    ERROR,
+    OK,
+    OPEN,
+    READ,
+    READY,
+    SIZE,
+    recv_msg,
+    send_frames,
+    send_msg,
+)
+
+__all__ = ["serve"]
+
+
+def _live_and_die_with_parent() -> None:
+    # Ctrl-C and a scheduler's SIGTERM reach the whole process group: the parent decides what
+    # happens (a preempted job checkpoints first), and requests in flight must not fail meanwhile.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    # If the parent (a DataLoader worker) is killed, a decoder stuck in C would otherwise live on.
+    try:
+        import ctypes  # noqa: PLC0415
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG (Linux)
+    except (OSError, AttributeError):
+        pass
+
+
+def serve(sock: socket.socket, parent_pid: int) -> None:
+    """Answer requests from the parent until it closes the connection (or dies)."""
+    _live_and_die_with_parent()
+    if os.getppid() != parent_pid:  # the parent died before PR_SET_PDEATHSIG took effect
+        return
+    readers: dict[int, Backend] = {}
+    send_msg(sock, (READY,))
+    while True:
+        try:
+            request = recv_msg(sock)
+        except EOFError:
+            return
+        op, handle = request[0], request[1]
+        try:
+            if op == OPEN:
+                _, _, path, decoder, options = request
+                if handle in readers:
+                    readers.pop(handle).close()
+                reader = open_backend(path, decoder, **options)
+                readers[handle] = reader
+                send_msg(sock, (OK, reader.num_frames, reader.fps))
+            elif op == SIZE:
+                send_msg(sock, (OK, *readers[handle].frame_size()))
+            elif op == READ:
+                send_frames(sock, readers[handle].read(request[2]))
+            elif op == CLOSE:
+                reader = readers.pop(handle, None)
+                if reader is not None:
+                    reader.close()
+                send_msg(sock, (OK,))
+            else:
+                send_msg(sock, (ERROR, f"ValueError: unknown request {op!r}"))
+        except Exception as e:  # noqa: BLE001 - every decoder failure goes back to the parent
+            send_msg(sock, (ERROR, describe_error(e)))
+
+
+if __name__ == "__main__":
+    serve(socket.socket(fileno=int(sys.argv[1])), parent_pid=int(sys.argv[2]))

@@ -1,1 +1,0 @@
-"""Training and evaluation infrastructure: trainer, evaluator, checkpoints, distributed, logging."""

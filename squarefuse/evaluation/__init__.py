@@ -1,0 +1,10 @@
+"""Evaluation: a model and an eval split -> view-averaged predictions -> metrics -> result files.
+
+evaluator      `evaluate`: every video once, its views softmax-averaged, exact under DDP
+video_batches  the batch loop over eval items that eval, predict and extract share
+metrics        `EvalResult`: top-1, top-k, mean-class accuracy, confusion matrix
+results        result files (results.json, per_class.csv, predictions.csv, probs.pt, plot), summary lines
+frame_order    eval with the frames of every clip reversed or shuffled
+ensemble       the weighted mean of the saved probabilities of several evaluations
+eval_files     the files of an eval folder and when it is complete (torch-free: the report reads it)
+"""

@@ -1,0 +1,186 @@
+"""Evaluate a model on an eval-split dataset: every video once, its views softmax-averaged, exact under DDP.
+
+`evaluate` is what the trainer (clip-level validation) and the eval app (multi-view test) call;
+`predict_shard` and `merge_shards` are its two halves, for callers that run the shards themselves.
+
+Exactness: the eval indices are split across ranks without padding (unlike `DistributedSampler`,
+which repeats videos to even out the shards), each rank returns (index, probs, label) for the
+videos it decoded and the indices of those it could not, everything is gathered to every rank and
+checked to cover each index exactly once. A video that fails to decode is counted, never replaced.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from squarefuse.datasets.preprocess import VideoNormalizer
+from squarefuse.evaluation.metrics import EvalResult, compute_metrics
+from squarefuse.evaluation.video_batches import run_batches
+from squarefuse.runtime.distributed import DistInfo, all_gather_objects
+
+
+def shard_indices(num_items: int, rank: int, world_size: int) -> list[int]:
+    """This rank's share of `range(num_items)`: every `world_size`-th index, no padding.
+
+    Shards differ in length by at most one and together cover every index exactly once, whatever
+    `num_items` is (`DistributedSampler` would instead repeat items to make them equal).
+    """
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank must be in [0, {world_size}), got {rank}")
+    return list(range(rank, num_items, world_size))
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    # DDP forwards can start collectives (buffer broadcast); the shards have different lengths,
+    # so ranks run different numbers of batches: evaluate the wrapped module directly.
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        return model.module
+    return model
+
+
+def evaluate(
+    model: nn.Module,
+    dataset: Any,
+    *,
+    device: torch.device,
+    normalizer: VideoNormalizer,
+    batch_size: int,
+    num_workers: int,
+    precision: str,
+    dist_info: DistInfo,
+    progress: bool = False,
+    frame_order: str = "normal",
+    frame_order_seed: int = 0,
+) -> EvalResult:
+    """Evaluate `model` on an eval-split dataset; every rank returns the same, full result.
+
+    Args:
+        model: a `VideoClassifier` (or DDP around one) already on `device`.
+        dataset: an eval split from `build_dataset` (`views=True` for the multi-view test): its
+            items hold video uint8 [V,T,C,H,W], mask bool [V,T], label, index and failed, and
+            `dataset.views` says which (clips, crops) make up the V views.
+        device: where the forward runs.
+        normalizer: uint8 -> normalised float, on `device`.
+        batch_size: videos per batch (each brings V = clips x crops clips).
+        num_workers: DataLoader workers of this rank.
+        precision: fp32 | bf16 | fp16 (autocast).
+        dist_info: this process's rank and world size; with world_size > 1 the process group must
+            be initialised (results are gathered with `all_gather_objects`).
+        progress: show a progress bar on rank 0.
+        frame_order: normal | reversed | shuffled: the frames of every view reordered before the
+            model sees them (`squarefuse.evaluation.frame_order`); frame_order_seed seeds the shuffle.
+
+    Returns:
+        An `EvalResult` with metrics over the videos that decoded and the failed indices.
+
+    Raises:
+        ValueError: the model's outputs do not match the dataset's classes, or no video at all
+            could be decoded.
+    """
+    part = predict_shard(
+        model,
+        dataset,
+        shard=shard_indices(len(dataset), dist_info.rank, dist_info.world_size),
+        device=device,
+        normalizer=normalizer,
+        batch_size=batch_size,
+        num_workers=num_workers,
+        precision=precision,
+        progress=progress and dist_info.is_main,
+        frame_order=frame_order,
+        frame_order_seed=frame_order_seed,
+    )
+    return merge_shards(all_gather_objects(part), num_items=len(dataset), views=dataset.views)
+
+
+def predict_shard(
+    model: nn.Module,
+    dataset: Any,
+    *,
+    shard: list[int],
+    device: torch.device,
+    normalizer: VideoNormalizer,
+    batch_size: int,
+    num_workers: int,
+    precision: str,
+    progress: bool = False,
+    frame_order: str = "normal",
+    frame_order_seed: int = 0,
+) -> dict[str, Any]:
+    """View-averaged probabilities for the dataset indices in `shard` (one rank's share).
+
+    Returns:
+        {"indices": int64 [n], "labels": int64 [n], "probs": float32 [n, C]} for the videos that
+        decoded, and "failed": the indices of those that did not; all on the CPU.
+    """
+    num_classes = int(dataset.num_classes)
+    model = _unwrap(model)
+
+    def probabilities(video: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
+        logits = model(video, mask)
+        if logits.shape[-1] != num_classes:
+            raise ValueError(f"the model has {logits.shape[-1]} outputs but the dataset has {num_classes} classes")
+        # Softmax per view in fp32; run_batches then takes the mean over the V views of each video.
+        return {"probs": logits.float().softmax(dim=-1)}
+
+    # Restore each module's own mode afterwards: model.train() would also flip sub-modules the
+    # trainer keeps in eval mode on purpose (e.g. a frozen backbone).
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        out = run_batches(
+            probabilities,
+            dataset,
+            shard=shard,
+            device=device,
+            normalizer=normalizer,
+            batch_size=batch_size,
+            num_workers=num_workers,
+            precision=precision,
+            progress=progress,
+            desc="eval",
+            frame_order=frame_order,
+            frame_order_seed=frame_order_seed,
+        )
+    finally:
+        for m, mode in modes:
+            m.training = mode
+    return {
+        "indices": out["indices"],
+        "labels": out["labels"],
+        "probs": out["outputs"].get("probs", torch.zeros(0, num_classes)),
+        "failed": list(out["errors"]),
+    }
+
+
+def merge_shards(parts: list[dict[str, Any]], *, num_items: int, views: tuple[int, int]) -> EvalResult:
+    """Concatenate the ranks' `predict_shard` outputs, check each index appears exactly once,
+    and compute the metrics; `views` (clips, crops) is reported in the result."""
+    indices = torch.cat([p["indices"] for p in parts])
+    failed = sorted(i for p in parts for i in p["failed"])
+    seen = indices.tolist() + failed
+    assert len(seen) == num_items and set(seen) == set(range(num_items)), (
+        f"eval shards do not cover the {num_items} videos exactly once ({len(seen)} results, {len(set(seen))} distinct)"
+    )
+    order = indices.argsort()
+    indices = indices[order]
+    labels = torch.cat([p["labels"] for p in parts])[order]
+    probs = torch.cat([p["probs"] for p in parts])[order]
+    if indices.numel() == 0:
+        raise ValueError(
+            f"none of the {num_items} eval videos could be decoded ({len(failed)} failed): "
+            "check dataset.root and dataset.decoder"
+        )
+    return EvalResult(
+        **compute_metrics(labels, probs),
+        num_videos=indices.numel(),
+        num_failed=len(failed),
+        views=(int(views[0]), int(views[1])),
+        indices=indices,
+        labels=labels,
+        probs=probs,
+        failed_indices=failed,
+    )

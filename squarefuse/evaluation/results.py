@@ -1,0 +1,220 @@
+"""Result files of an evaluation: the numbers, per-class table, per-video predictions, a plot.
+
+results.json           metrics (percent), counts of evaluated / failed / missing videos, views,
+                       the failed videos, and whatever `meta` the caller adds (checkpoint...)
+per_class.csv          class_id, class, support, correct, top1, top5
+predictions.csv        one row per evaluated video: index, id, path, label, pred, prob, top-5
+probs.pt               indices, labels, averaged probs [N, C] and class names (for ensembling;
+                       `torch.load(weights_only=True)` reads it)
+confusion_matrix.png   row-normalised; class names on the axes up to 40 classes
+
+Every file is written atomically (`atomic_write`) and results.json last, after results.json of an
+earlier evaluation into the same folder is removed: an evaluation that fails part-way (a full
+disk...) leaves no results.json, so nothing reads its folder as complete (`eval_files.is_complete`;
+scripts/report.py lists such folders). CSV cells from user data (class names, ids, paths) are
+guarded against spreadsheet formulas (`squarefuse.runtime.safe_text`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import IO, Any
+
+import torch
+from matplotlib.figure import Figure
+
+from squarefuse.evaluation.eval_files import RESULTS_FILE
+from squarefuse.evaluation.metrics import EvalResult, confusion_matrix
+from squarefuse.runtime.atomic_file import atomic_write
+from squarefuse.runtime.safe_text import csv_writer, plot_text
+
+_MAX_TICK_LABELS = 40  # beyond this, names overlap into an unreadable block
+_MAX_CELL_TEXT = 15  # per-cell numbers only while the cells are big enough to hold them
+
+
+def _finite_or_none(x: float) -> float | None:
+    # json.dump would write NaN, which is not JSON.
+    return x if math.isfinite(x) else None
+
+
+def _record_fields(records: Sequence[Any] | None, index: int) -> tuple[str, str]:
+    if records is None:
+        return "", ""
+    record = records[index]
+    return str(getattr(record, "id", "")), str(getattr(record, "path", ""))
+
+
+def write_results(
+    result: EvalResult,
+    out_dir: str | Path,
+    class_names: Sequence[str],
+    records: Sequence[Any] | None = None,
+    *,
+    missing: Sequence[str] | None = None,
+    meta: Mapping[str, Any] | None = None,
+) -> None:
+    """Write results.json, per_class.csv, predictions.csv, probs.pt and confusion_matrix.png.
+
+    Args:
+        result: what `evaluate` returned.
+        out_dir: folder to write into (created if needed).
+        class_names: name of each class id.
+        records: the dataset's records (`.id`, `.path`), indexed like the dataset; None leaves
+            the id/path columns empty.
+        missing: paths found missing at start-up (only their number goes into results.json; the
+            dataset writes the full list).
+        meta: extra entries for results.json (checkpoint, step, weights, split...).
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    # An earlier evaluation's results.json would make this folder look complete while it is rewritten.
+    (out_dir / RESULTS_FILE).unlink(missing_ok=True)
+    num_classes = result.probs.shape[1]
+    if len(class_names) != num_classes:
+        raise ValueError(f"{len(class_names)} class names for a result over {num_classes} classes")
+    k = result.topk
+    topk_probs, topk_ids = result.probs.topk(k, dim=1)
+    preds = topk_ids[:, 0]
+    confmat = confusion_matrix(result.labels, preds, num_classes)
+
+    summary: dict[str, Any] = {
+        "top1": result.top1,
+        "top5": result.top5,
+        "topk": k,
+        "mean_class_acc": _finite_or_none(result.mean_class_acc),
+        "loss": result.loss,
+        "num_videos": result.num_videos,
+        "num_failed": result.num_failed,
+        "num_missing": len(missing) if missing is not None else None,
+        "views": {"clips": result.views[0], "crops": result.views[1]},
+        "num_classes": num_classes,
+        "failed_videos": [
+            {"index": i, "id": _record_fields(records, i)[0], "path": _record_fields(records, i)[1]}
+            for i in result.failed_indices
+        ],
+    }
+    summary.update(meta or {})
+
+    support = confmat.sum(dim=1)
+    top5_hits = (topk_ids == result.labels[:, None]).any(dim=1).long()
+    top5_correct = torch.zeros(num_classes, dtype=torch.long).index_add_(0, result.labels, top5_hits)
+    with atomic_write(out_dir / "per_class.csv") as f:
+        writer = csv_writer(f)
+        writer.writerow(["class_id", "class", "support", "correct", "top1", f"top{k}"])
+        for c in range(num_classes):
+            n = int(support[c])
+            correct = int(confmat[c, c])
+            top1 = f"{100.0 * correct / n:.2f}" if n else ""
+            topk = f"{100.0 * int(top5_correct[c]) / n:.2f}" if n else ""
+            writer.writerow([c, class_names[c], n, correct, top1, topk])
+
+    with atomic_write(out_dir / "predictions.csv") as f:
+        writer = csv_writer(f)
+        writer.writerow(
+            [
+                "index",
+                "id",
+                "path",
+                "label",
+                "label_name",
+                "pred",
+                "pred_name",
+                "prob",
+                "correct",
+                f"top{k}",
+                f"top{k}_probs",
+            ]
+        )
+        for row in range(result.num_videos):
+            index = int(result.indices[row])
+            label = int(result.labels[row])
+            pred = int(preds[row])
+            video_id, path = _record_fields(records, index)
+            writer.writerow(
+                [
+                    index,
+                    video_id,
+                    path,
+                    label,
+                    class_names[label],
+                    pred,
+                    class_names[pred],
+                    f"{float(topk_probs[row, 0]):.6f}",
+                    int(pred == label),
+                    " ".join(str(int(c)) for c in topk_ids[row]),
+                    " ".join(f"{float(p):.6f}" for p in topk_probs[row]),
+                ]
+            )
+
+    with atomic_write(out_dir / "probs.pt", "wb") as f:
+        torch.save(
+            {
+                "indices": result.indices,
+                "labels": result.labels,
+                "probs": result.probs,
+                "class_names": list(class_names),
+            },
+            f,
+        )
+    with atomic_write(out_dir / "confusion_matrix.png", "wb") as f:
+        plot_confusion_matrix(confmat, class_names, f)
+    with atomic_write(out_dir / RESULTS_FILE) as f:
+        json.dump(summary, f, indent=2)
+
+
+def plot_confusion_matrix(confmat: torch.Tensor, class_names: Sequence[str], path: str | Path | IO[bytes]) -> None:
+    """Row-normalised confusion matrix (each row: how a true class was predicted) as a PNG.
+
+    Uses a bare `Figure` (Agg canvas) rather than pyplot: no global state, no display needed.
+    Class names are drawn as plain text (`plot_text`): a `$` in a name is not math.
+    """
+    num_classes = confmat.shape[0]
+    support = confmat.sum(dim=1, keepdim=True).clamp_min(1)
+    rates = (confmat.double() / support).numpy()
+    side = min(16.0, max(5.0, 0.45 * num_classes + 2.0))
+    fig = Figure(figsize=(side + 1.5, side), dpi=100, layout="constrained")
+    ax = fig.add_subplot()
+    image = ax.imshow(rates, vmin=0.0, vmax=1.0, cmap="Blues", interpolation="nearest")
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="fraction of the true class")
+    ax.set_xlabel("predicted class")
+    ax.set_ylabel("true class")
+    ax.set_title(f"confusion matrix ({int(confmat.sum())} videos, {num_classes} classes)")
+    if num_classes <= _MAX_TICK_LABELS:
+        names = [plot_text(name) for name in class_names]
+        ax.set_xticks(range(num_classes), labels=names, rotation=90, fontsize=8)
+        ax.set_yticks(range(num_classes), labels=names, fontsize=8)
+    else:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    if num_classes <= _MAX_CELL_TEXT:
+        for i in range(num_classes):
+            for j in range(num_classes):
+                if confmat[i, j] > 0:
+                    ax.text(
+                        j,
+                        i,
+                        str(int(confmat[i, j])),
+                        ha="center",
+                        va="center",
+                        fontsize=8,
+                        color="white" if rates[i, j] > 0.5 else "black",
+                    )
+    fig.savefig(path, format="png")
+
+
+def summary_lines(result: EvalResult, *, weights: str, ckpt: str | None = None, split: str | None = None) -> list[str]:
+    """Human-readable summary of a multi-view evaluation."""
+    clips, crops = result.views
+    lines = [
+        f"checkpoint: {ckpt}" if ckpt else None,
+        f"weights: {weights}",
+        f"split: {split}" if split else None,
+        f"views: {clips} clips x {crops} crops",
+        f"videos: {result.num_videos} evaluated, {result.num_failed} failed to decode",
+        f"top-1: {result.top1:.2f}%  top-{result.topk}: {result.top5:.2f}%  "
+        f"mean-class: {result.mean_class_acc:.2f}%  loss: {result.loss:.4f}",
+    ]
+    return [line for line in lines if line is not None]

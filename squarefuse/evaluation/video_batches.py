@@ -1,0 +1,111 @@
+"""The batch loop over eval items shared by eval, predict and extract.
+
+Eval items (`VideoDataset` eval mode) hold every view of a video, [V,T,C,H,W] uint8; `run_batches`
+loads them with a DataLoader over a given list of indices (one rank's shard, no padding),
+normalises on the device, runs a model function on the B*V views and averages its outputs over
+each video's V views. Videos that fail to decode are collected with their error, never replaced.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from squarefuse.datasets.preprocess import VideoNormalizer
+from squarefuse.evaluation.frame_order import reorder_frames
+from squarefuse.runtime.precision import autocast
+from squarefuse.runtime.workers import ignore_stop_signals, private_generator
+
+__all__ = ["run_batches"]
+
+
+def run_batches(
+    fn: Callable[[Tensor, Tensor], dict[str, Tensor]],
+    dataset: Any,
+    *,
+    shard: Sequence[int],
+    device: torch.device,
+    normalizer: VideoNormalizer,
+    batch_size: int,
+    num_workers: int,
+    precision: str,
+    progress: bool = False,
+    desc: str = "videos",
+    num_views: int | None = None,
+    frame_order: str = "normal",
+    frame_order_seed: int = 0,
+) -> dict[str, Any]:
+    """`fn` on the views of every video of `shard` that decodes, averaged over each video's views.
+
+    Args:
+        fn: (normalised views [B*V,T,C,H,W], mask [B*V,T]) -> named outputs [B*V, ...]; it runs
+            under `torch.inference_mode` and autocast.
+        dataset: eval items (`EvalPreprocess.dataset` or `build_dataset(..., views=True)`).
+        shard: the dataset indices to run, in this order.
+        device, normalizer, batch_size, num_workers, precision: as in `evaluator.evaluate`.
+        progress: show a progress bar.
+        desc: the progress bar's label.
+        num_views: the V the dataset must give per video (clips x crops), checked when set.
+        frame_order: normal | reversed | shuffled: the frames of every view reordered before the
+            model sees them (`squarefuse.evaluation.frame_order`); frame_order_seed seeds the shuffle.
+
+    Returns:
+        {"indices": int64 [n], "labels": int64 [n], "outputs": {name: float32 [n, ...]}, "errors":
+        {index: message}}, on the CPU, for the n videos that decoded and the ones that did not.
+
+    Raises:
+        ValueError: the dataset gives another number of views than `num_views`.
+    """
+    loader = DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=list(shard),  # a plain list of indices: no shuffling, no padding
+        num_workers=num_workers,
+        pin_memory=device.type == "cuda",
+        drop_last=False,
+        worker_init_fn=ignore_stop_signals,
+        generator=private_generator(0),
+    )
+    indices: list[Tensor] = []
+    labels: list[Tensor] = []
+    outputs: dict[str, list[Tensor]] = {}
+    errors: dict[int, str] = {}
+    with torch.inference_mode():
+        for batch in tqdm(loader, desc=desc, disable=not progress):
+            ok_B = ~batch["failed"].bool()
+            for i in (~ok_B).nonzero().flatten().tolist():
+                errors[int(batch["index"][i])] = batch["error"][i] if "error" in batch else "did not decode"
+            if not ok_B.any():
+                continue
+            video_BVTCHW = batch["video"][ok_B]
+            B, V = video_BVTCHW.shape[:2]
+            if num_views is not None and V != num_views:
+                raise ValueError(
+                    f"the dataset gives {V} views per video but {num_views} were expected "
+                    "(clips x crops): build it with matching test_clips/test_crops"
+                )
+            mask_BVT = batch["mask"][ok_B]
+            if frame_order != "normal":
+                video_BVTCHW = reorder_frames(
+                    video_BVTCHW, mask_BVT, frame_order, video_ids=batch["index"][ok_B], seed=frame_order_seed
+                )
+            video = normalizer(video_BVTCHW.flatten(0, 1).to(device, non_blocking=True))
+            mask = mask_BVT.flatten(0, 1).to(device, non_blocking=True)
+            with autocast(device, precision):
+                out = fn(video, mask)
+            for name, value in out.items():
+                mean = value.float().unflatten(0, (B, V)).mean(dim=1)
+                outputs.setdefault(name, []).append(mean.cpu())
+            indices.append(batch["index"][ok_B].long())
+            labels.append(batch["label"][ok_B].long())
+    return {
+        "indices": torch.cat(indices) if indices else torch.zeros(0, dtype=torch.long),
+        "labels": torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long),
+        "outputs": {name: torch.cat(parts) for name, parts in outputs.items()},
+        "errors": errors,
+    }

@@ -1,0 +1,9 @@
+"""Process-level infrastructure that knows nothing of models or data; every other package may use it.
+
+distributed   process group from the launcher's environment (torchrun, SLURM), `DistInfo`, collectives
+precision     the `precision` names (bf16, fp16, fp32, auto) and their autocast context
+workers       DataLoader worker counts, CPU threads, stop signals and shutdown of workers
+atomic_file   `atomic_write`: a crash mid-write leaves the old file, never half a file
+process_pool  the data scripts' process pool; `die_with_parent`: helper processes end with their parent
+safe_text     user text (class names, paths) made safe for CSV files, log lines and plots
+"""

@@ -1,0 +1,1 @@
+"""Reference code the tests compare against. Import as `from reference.X import ...`."""
