@@ -80,3 +80,33 @@ def test_report_py_matrix_files(benchmark, tmp_path):
     assert rows[("path_shape", "none")]["tied_with_best"] == "True"
     assert rows[("direction", "none")]["tied_with_best"] == "False"
     assert (report.out_dir / "temporal_matrix.png").stat().st_size > 1000
+
+
+def grid_run(root: Path, fusion: str, lr: float, seed: int, final_val: float, *, finished: bool = True) -> Path:
+    # An unfinished run: one of its two epochs validated, no end record.
+    val, end = ([10.0, final_val], FINISHED) if finished else ([final_val], None)
+    run = write_run(root, f"{fusion}_{lr}_{seed}", fusion=fusion, seed=seed, val=val, end=end)
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    config["optim"] = {"lr": lr}
+    config["dataset"]["task"] = "speed"
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
+    return run
+
+
+def test_the_lr_is_chosen_by_mean_val_top1_and_every_grid_point_is_listed(tmp_path):
+    from squarefuse.report.lr_grid import choose_lrs, grid_markdown  # noqa: PLC0415
+
+    # square: 1e-3 -> 60, 70 (mean 65); 2e-3 -> 90, 20 (mean 55, the best single run); 4e-3 -> 65 (a tie
+    # with 1e-3 on the mean: the smaller lr wins) and one run that never finished (not a zero).
+    for lr, seed, val in ((1e-3, 0, 60), (1e-3, 1, 70), (2e-3, 0, 90), (2e-3, 1, 20), (4e-3, 0, 65)):
+        grid_run(tmp_path, "square", lr, seed, val)
+    grid_run(tmp_path, "square", 4e-3, 1, 0.0, finished=False)
+    grid_run(tmp_path, "none", 1e-3, 0, 50)
+    grid_run(tmp_path, "none", 4e-3, 0, 55)
+    chosen, points = choose_lrs([load_run(p) for p in sorted(tmp_path.iterdir())])
+    assert chosen == {("speed", "none"): 4e-3, ("speed", "square"): 1e-3}
+    square = {p.lr: p for p in points if p.fusion == "square"}
+    assert square[2e-3].mean == 55.0 and square[4e-3].val_top1 == [65.0] and square[4e-3].unfinished == 1
+    text = grid_markdown(chosen, points)
+    assert "| speed | square | 0.001 | 65.0 | 2 | yes |" in text
+    assert "| speed | square | 0.004 | 65.0 | 1 (+1 unfinished) |  |" in text
