@@ -444,6 +444,7 @@ def test_synthetic_dataset_is_generated_and_read(tmp_path):
         f"dataset.root={tmp_path / 'synthetic'}",
         "dataset.generate.train_per_class=1",
         "dataset.generate.val_per_class=1",
+        "dataset.generate.test_per_class=1",
         "dataset.generate.size=32",
     ).dataset
     train = build_dataset(cfg, "train")

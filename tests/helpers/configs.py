@@ -21,6 +21,7 @@ def tiny_overrides(data_root: Path) -> list[str]:
         f"dataset.root={data_root}",
         "dataset.generate.train_per_class=2",
         "dataset.generate.val_per_class=1",
+        "dataset.generate.test_per_class=1",
         "dataset.generate.size=64",  # decord cannot decode frames narrower than 64 px
         "dataset.num_frames=4",
         "backbone.img_size=32",
