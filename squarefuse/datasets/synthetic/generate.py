@@ -605,12 +605,12 @@ def _remove_generated(root: Path, owned: set[str]) -> None:
 def ensure_synthetic(
     root: str | Path,
     *,
-    seed: int = 0,
-    train_per_class: int = 128,
-    val_per_class: int = 16,
-    num_frames: int = 16,
-    size: int = 80,
-    fps: int = 8,
+    seed: int,
+    train_per_class: int,
+    val_per_class: int,
+    num_frames: int,
+    size: int,
+    fps: int,
 ) -> SyntheticSplits:
     """Generates the synthetic dataset under ``root`` unless an identical one is already there.
 
@@ -620,7 +620,7 @@ def ensure_synthetic(
     parameters) is written last, so a crash never leaves a dataset that looks complete. A
     manifest with other parameters or another version makes it regenerate.
 
-    The defaults are those of configs/dataset/synthetic.yaml (a test checks that they agree).
+    Every parameter is required: the defaults are configs/dataset/synthetic.yaml's `generate` block.
 
     Args:
         root: Dataset folder (created if needed).
