@@ -24,7 +24,7 @@ DATASET_BASE_CONFIG = resources.files("squarefuse.config.defaults") / "dataset" 
 
 
 def dataset_defaults() -> DictConfig:
-    """configs' dataset/base.yaml as the package ships it (squarefuse/config/defaults/dataset/)."""
+    """The keys every dataset config has, with their defaults, as the package ships them."""
     return OmegaConf.create(DATASET_BASE_CONFIG.read_text())
 
 
