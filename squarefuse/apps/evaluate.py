@@ -100,7 +100,7 @@ def run_eval(cfg: DictConfig, run_dir: str | Path) -> EvalResult:
             num_workers=resolve_num_workers(cfg.num_workers, key="num_workers"),
             precision=precision,
             dist_info=dist_info,
-            progress=bool(cfg.get("progress", False)),
+            progress=bool(cfg.progress),
             frame_order=frame_order,
             frame_order_seed=frame_order_seed,
         )

@@ -4,7 +4,7 @@ Splits are named freely: split "train" gives random, augmented train items; any 
 ("val", "test", ...) gives deterministic eval items. `dataset.name` names the annotation format
 (`squarefuse.datasets.formats`), which reads the split's records and class names; everything
 else (frames, decoding, crops, augmentation) is read here, the same for every format. Every key
-comes from the config; the defaults live in configs/dataset/base.yaml.
+comes from the config; the defaults live in squarefuse/config/defaults/dataset/base.yaml.
 
 Missing videos are looked for at start-up (one directory listing per folder), logged with a count
 and the first few paths, written in full to ``report_dir/missing_{split}.txt``, and left out; more

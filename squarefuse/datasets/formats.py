@@ -135,8 +135,12 @@ class Synthetic(DatasetFormat):
         # Imported on use: only this format needs the generator.
         from squarefuse.datasets.synthetic import ensure_synthetic  # noqa: PLC0415
 
-        task = {"task": required(cfg, "task")} if "task" in cfg else {}
-        splits = ensure_synthetic(required(cfg, "root"), **task, **dict(required(cfg, "generate")))
+        generate = dict(required(cfg, "generate"))
+        # A config saved before the task families (an older checkpoint) generated `direction`, without a
+        # test split of its own: give it one the size of val.
+        generate.setdefault("test_per_class", generate.get("val_per_class"))
+        task = cfg["task"] if "task" in cfg else "direction"
+        splits = ensure_synthetic(required(cfg, "root"), task=task, **generate)
         return load_list(list_file=splits.list_file(split), video_dir=splits.root, class_names=list(splits.class_names))
 
 

@@ -117,6 +117,22 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     random.setstate((version, tuple(internal), gauss_next))
 
 
+def describe_recipe(cfg: DictConfig) -> str:
+    """The start-up line that says which recipe runs and where its backbone's weights come from."""
+    backbone = cfg.backbone
+    if not backbone.pretrained:
+        weights = "trained from scratch"
+    elif backbone.pretrained_path is not None:
+        weights = f"pretrained weights from backbone.pretrained_path={backbone.pretrained_path}"
+    else:
+        weights = "pretrained weights from the Hugging Face hub (offline: set backbone.pretrained_path)"
+    head = str(cfg.head._target_).rsplit(".", 1)[-1]
+    return (
+        f"recipe {cfg.recipe} (configs/recipe/{cfg.recipe}.yaml; recipe=... swaps it): "
+        f"backbone {backbone.name} at {backbone.img_size} px, {weights}; head {head}"
+    )
+
+
 class Trainer:
     """Owns the model, data, optimiser and loop of one training run."""
 
@@ -151,6 +167,7 @@ class Trainer:
             torch.set_num_threads(threads)
         is_main = self.dist.is_main
         if is_main:
+            log.info(describe_recipe(cfg))
             # Now, not at the first save after an epoch of work. The run lock (held) wrote run.lock
             # into the run folder already; checkpoints/ may be another (read-only, full) mount.
             check_writable(self.ckpt_dir, "the run's checkpoints (last.pt, best.pt)")

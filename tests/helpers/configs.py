@@ -45,3 +45,8 @@ def tiny_train_config(data_root: Path, *extra: str) -> DictConfig:
 def fusion_config(option: str, *overrides: str) -> DictConfig:
     """The ``fusion`` group option ``option`` as Hydra composes it, with ``fusion.<key>=value`` overrides."""
     return compose_config("train", [f"fusion={option}", *(f"fusion.{o}" for o in overrides)]).fusion
+
+
+def backbone_config(option: str) -> DictConfig:
+    """The ``backbone`` group option ``option`` as Hydra composes it (with configs/backbone/base.yaml)."""
+    return compose_config("train", [f"backbone={option}"]).backbone

@@ -350,14 +350,14 @@ def _remove_generated(root: Path, owned: set[str]) -> None:
 def ensure_synthetic(
     root: str | Path,
     *,
-    task: str = "direction",
-    seed: int = 0,
-    train_per_class: int = 128,
-    val_per_class: int = 16,
-    test_per_class: int = 16,
-    num_frames: int = 16,
-    size: int = 80,
-    fps: int = 8,
+    task: str,
+    seed: int,
+    train_per_class: int,
+    val_per_class: int,
+    test_per_class: int,
+    num_frames: int,
+    size: int,
+    fps: int,
 ) -> SyntheticSplits:
     """Generates the synthetic dataset under ``root`` unless an identical one is already there.
 
@@ -368,7 +368,7 @@ def ensure_synthetic(
     complete. A manifest with other parameters, another task or another version makes it
     regenerate (keep one root per task to switch tasks without regenerating).
 
-    The defaults are those of configs/dataset/synthetic.yaml (a test checks that they agree).
+    Every parameter is required: the defaults are configs/dataset/synthetic.yaml's `generate` block.
 
     Args:
         root: Dataset folder (created if needed).
