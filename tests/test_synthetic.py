@@ -34,7 +34,9 @@ from squarefuse.datasets.synthetic.render import _BASE_MOTIONS
 REPO = Path(__file__).resolve().parents[1]
 
 # Small enough to generate in well under a second; large enough for every class and codec.
-SMALL = dict(seed=0, train_per_class=2, val_per_class=2, test_per_class=2, num_frames=8, size=64, fps=8)
+SMALL = dict(
+    task="direction", seed=0, train_per_class=2, val_per_class=2, test_per_class=2, num_frames=8, size=64, fps=8
+)
 
 
 def read_pyav(path: Path) -> tuple[np.ndarray, str]:
