@@ -22,7 +22,6 @@ import copy
 import json
 import logging
 import os
-import tempfile
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -33,7 +32,7 @@ from omegaconf import DictConfig
 from torch import Tensor, nn
 
 from squarefuse.api import load_model
-from squarefuse.runtime.atomic_file import atomic_write
+from squarefuse.runtime.atomic_file import atomic_write, new_temp_file
 
 __all__ = ["EXPORT_FORMATS", "ExportedClassifier", "check_export", "export_model", "run_export"]
 
@@ -155,7 +154,7 @@ def export_model(
     wrapper = ExportedClassifier(model, mask=mask)
     example = _example_inputs(2, num_frames, crop_size, mask, seed=0)
     names = ["video", "mask"][: len(example)]
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp_name = new_temp_file(path)
     os.close(fd)
     tmp = Path(tmp_name)
     try:
