@@ -228,8 +228,9 @@ def test_run_eval_with_dataset_root_override(tmp_path, moved_checkpoint, data_ro
     assert summary["weights"] == "ema" and summary["step"] == 123 and summary["views"] == {"clips": 2, "crops": 1}
     assert summary["dataset_root"] == str(data_root) and summary["num_missing"] == 0
     assert summary["top1"] == pytest.approx(ema.top1)
-    for name in ("per_class.csv", "predictions.csv", "probs.pt", "confusion_matrix.png", "missing_val.txt"):
+    for name in ("per_class.csv", "predictions.csv", "probs.pt", "confusion_matrix.png"):
         assert (tmp_path / "ema" / name).is_file(), name
+    assert not (tmp_path / "ema" / "missing_val.txt").exists()  # nothing is missing: no empty list
 
     plain = run_eval(
         eval_cfg(moved_checkpoint, f"dataset.root={data_root}", "dataset.test_clips=2", "use_ema=false"),
