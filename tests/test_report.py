@@ -14,6 +14,7 @@ import yaml
 from squarefuse.evaluation.eval_files import RESULT_FILES
 from squarefuse.report.app import make_report
 from squarefuse.report.groups import group_runs, run_matches
+from squarefuse.report.plots import training_curves_figure
 from squarefuse.report.runs import Run, expected_jobs, find_run_dirs, load_run
 from squarefuse.report.significance import PairingError, discordant_counts, mcnemar_exact
 
@@ -203,7 +204,7 @@ def test_report_means_stds_and_p_value(sweep, tmp_path):
     assert f"{sweep / '6'} (fusion=square): crashed, crashed at step 4: RuntimeError: boom" in md
     assert f"{sweep / '7'} (fusion=square): unfinished" in md
     assert f"{sweep / '8'} (fusion=none): no eval" in md
-    for name in ("val_curves.png", "accuracy_vs_fusion_flops.png", "per_class_gain.png"):
+    for name in ("training_curves.png", "accuracy_vs_fusion_flops.png", "per_class_gain.png"):
         assert (tmp_path / "out" / name).stat().st_size > 1000, name
         assert f"![{name}]({name})" in md
 
@@ -242,6 +243,34 @@ def test_different_video_sets_are_refused_for_pairing(tmp_path):
     md = (tmp_path / "out" / "report.md").read_text()
     assert "refused (see below)" in md and "## Pairing refused" in md and "different video sets" in md
     assert "per_class_gain.png not drawn" in md  # said, not silently missing
+
+
+def test_training_curves_show_train_loss_next_to_val_and_single_points(tmp_path):
+    root = tmp_path / "runs"
+    for seed in (0, 1):
+        write_run(root, f"s{seed}", fusion="square", seed=seed, val=[40.0 + 20 * seed], end=FINISHED)
+    (summary,) = make_report([root], tmp_path / "out").summaries
+    assert [run.train_curve for run in summary.finished] == [[(1, 1.0), (2, 1.0), (3, 1.0)]] * 2
+    fig = training_curves_figure([summary])
+    loss_ax, val_ax = fig.axes
+    assert loss_ax.get_ylabel() == "train loss" and "val top-1" in val_ax.get_ylabel()
+    (loss_line,) = loss_ax.lines
+    (val_line,) = val_ax.lines
+    assert list(loss_line.get_xdata()) == [1, 2, 3] and list(loss_line.get_ydata()) == [1.0, 1.0, 1.0]
+    # One validation per run: a single point, visible only with a marker; the mean of 40 and 60.
+    assert list(val_line.get_xdata()) == [1] and list(val_line.get_ydata()) == [50.0]
+    assert val_line.get_marker() == "o" and loss_line.get_color() == val_line.get_color()
+
+
+def test_accuracy_vs_flops_says_what_is_missing(tmp_path):
+    root = tmp_path / "runs"
+    write_run(root, "a", fusion="square", seed=0, val=[50.0], end=FINISHED, model_info=SQUARE_INFO)
+    md = (make_report([root], tmp_path / "out").out_dir / "report.md").read_text()
+    assert "accuracy_vs_fusion_flops.png not drawn: no run was evaluated yet" in md
+    write_eval(root / "a", "e", [True, False])
+    (root / "a" / "model_info.json").unlink()
+    md = (make_report([root], tmp_path / "out2").out_dir / "report.md").read_text()
+    assert "accuracy_vs_fusion_flops.png not drawn: no run folder has a model_info.json with fusion FLOPs" in md
 
 
 def test_baseline_is_found_without_hydra_choices(tmp_path):
