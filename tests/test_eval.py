@@ -190,13 +190,15 @@ def test_result_files_agree_with_a_hand_computation(tmp_path, model, train_cfg):
     assert [int(r["index"]) for r in rows] == list(range(len(LABELS)))
     assert [int(r["pred"]) for r in rows] == saved["probs"].argmax(1).tolist()
     assert rows[3]["path"].endswith("v3.mp4") and rows[3]["label_name"] == CLASS_NAMES[LABELS[3]]
-    assert all(len(r["top3"].split()) == 3 for r in rows)
+    # 3 classes: `top5` is top-3, under the one name every file and log uses, with k stated.
+    assert summary["topk"] == 3 and all(len(r["top5"].split()) == len(r["top5_probs"].split()) == 3 for r in rows)
 
     with open(tmp_path / "per_class.csv") as f:
         per_class = list(csv.DictReader(f))
     assert [r["class"] for r in per_class] == CLASS_NAMES
     assert sum(int(r["support"]) for r in per_class) == len(LABELS)
     assert [float(r["top1"]) for r in per_class] == pytest.approx(per_class_hand, abs=0.01)
+    assert all(float(r["top5"]) == 100.0 for r in per_class)  # top-3 of 3 classes
     assert (tmp_path / "confusion_matrix.png").stat().st_size > 1000
 
 
@@ -306,7 +308,8 @@ def test_eval_py_end_to_end(tmp_path, moved_checkpoint, data_root):
     summary = json.loads(outputs[0].read_text())
     assert summary["num_videos"] == len(LABELS) and summary["weights"] == "ema"
     log = done.stdout + done.stderr
-    assert "top-1" in log and "weights: ema" in log and f"videos: {len(LABELS)} evaluated, 0 failed" in log
+    assert "top1: " in log and "top5 (k=3: 3 classes): 100.00%" in log and "weights: ema" in log
+    assert f"videos: {len(LABELS)} evaluated, 0 failed" in log
 
     missing = tmp_path / "runs" / "typo" / "checkpoints" / "best.pt"
     done = subprocess.run(

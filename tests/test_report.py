@@ -35,7 +35,7 @@ def write_eval(run: Path, name: str, correct: list[bool], *, frame_order: str = 
     with open(out / "predictions.csv", "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(
-            ["index", "id", "path", "label", "label_name", "pred", "pred_name", "prob", "correct", "top2", "top2_probs"]
+            ["index", "id", "path", "label", "label_name", "pred", "pred_name", "prob", "correct", "top5", "top5_probs"]
         )
         for i, (path, ok) in enumerate(zip(videos, correct, strict=True)):
             label = i % 2

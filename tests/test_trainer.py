@@ -134,7 +134,7 @@ def test_tiny_run_writes_metrics_and_checkpoints(data_root, tmp_path, caplog):
     val = [r for r in metrics if r["split"] == "val_clip"]
     assert [r["step"] for r in train] == list(range(1, len(train) + 1))
     assert all({"step", "epoch", "loss", "lr", "clips_per_s", "data_wait"} <= set(r) for r in train)
-    assert len(val) == 2 and all(0.0 <= r["top1"] <= 100.0 for r in val)
+    assert len(val) == 2 and all(0.0 <= r["top1"] <= 100.0 and r["topk"] == 5 for r in val)
     assert val[-1]["num_videos"] == 8  # 8 classes x 1 val video, each counted once
     for name in ("last.pt", "best.pt"):
         state = load_checkpoint(run / "checkpoints" / name)

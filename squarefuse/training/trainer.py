@@ -36,6 +36,7 @@ from squarefuse.datasets import build_dataset, build_device_augment, build_gpu_d
 from squarefuse.datasets.build import check_run_dir
 from squarefuse.datasets.preprocess import VideoNormalizer
 from squarefuse.evaluation.evaluator import evaluate
+from squarefuse.evaluation.metrics import top5_name
 from squarefuse.models import build_classifier
 from squarefuse.models.complexity import format_model_info, model_complexity, write_model_info
 from squarefuse.runtime import distributed
@@ -861,6 +862,7 @@ class Trainer:
             "loss": result.loss,
             "top1": result.top1,
             "top5": result.top5,
+            "topk": result.topk,
             "mean_class_acc": result.mean_class_acc,
             "num_videos": result.num_videos,
             "num_failed": result.num_failed,
@@ -870,10 +872,11 @@ class Trainer:
         self.last_val_step, self.last_val_top1 = self.step, result.top1
         if self.dist.is_main:
             log.info(
-                "epoch %d step %d | clip-level val top1 %.2f top5 %.2f (%d videos, %d failed)",
+                "epoch %d step %d | clip-level val top1 %.2f %s %.2f (%d videos, %d failed)",
                 self.epoch,
                 self.step,
                 result.top1,
+                top5_name(result.topk),
                 result.top5,
                 result.num_videos,
                 result.num_failed,
