@@ -95,6 +95,23 @@ def check_trainer_cfg(tcfg: DictConfig) -> None:
     need(0.0 < float(tcfg.ema.decay) < 1.0, "ema", "a mapping with decay in (0, 1)")
 
 
+def check_train_config(cfg: DictConfig) -> None:
+    """Every check that needs no data, no file and no device, run before anything is created.
+
+    The trainer and optimiser keys, and the model: the backbone, fusion and head are built on the
+    meta device (no memory, no weights read), so each layer's own argument checks (`fusion.K=0`,
+    `fusion.quantiles=[0.1,1.5]`...) run before the data is generated or a file is written.
+
+    Raises:
+        ValueError: naming the key and its value.
+    """
+    check_trainer_cfg(cfg.trainer)
+    check_optim_cfg(cfg.optim)
+    backbone_cfg = OmegaConf.merge(cfg.backbone, {"pretrained": False, "pretrained_path": None})
+    with torch.device("meta"):
+        build_classifier(backbone_cfg, cfg.fusion, cfg.head, num_classes=2)  # any class count will do
+
+
 def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return torch.sum(-targets * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
 
@@ -142,8 +159,7 @@ class Trainer:
         self.run_dir = Path(run_dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
         tcfg = cfg.trainer
-        check_trainer_cfg(tcfg)
-        check_optim_cfg(cfg.optim)
+        check_train_config(cfg)
         check_run_dir(cfg.dataset, self.run_dir)
         if tcfg.init_from is not None and not tcfg.resume and not (self.ckpt_dir / "last.pt").is_file():
             check_init_file(tcfg.init_from)  # a fresh run will read it: a wrong file fails before the data is built
