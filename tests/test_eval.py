@@ -22,6 +22,7 @@ from helpers.checkpoints import (
     run_evaluate,
     tiny_train_cfg,
 )
+from matplotlib.figure import Figure
 from omegaconf import OmegaConf
 
 from squarefuse.apps.evaluate import run_eval
@@ -336,3 +337,24 @@ def test_a_checkpoint_that_predates_a_dataset_key_gets_its_default(train_cfg):
     assert merged.decode_short_side == base.decode_short_side and merged.decode_device == base.decode_device
     assert merged.test_clips == 2 and merged.root == stored["root"]
     build_dataset(merged, "val", views=True)  # builds, where a missing key used to be an error
+
+
+def test_confusion_matrix_title_says_what_was_evaluated(tmp_path, model, train_cfg, monkeypatch):
+    titles = []
+    real_savefig = Figure.savefig
+
+    def savefig(fig, *args, **kwargs):
+        titles.append(fig.axes[0].get_title())
+        return real_savefig(fig, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", savefig)
+    dataset = build_dataset(train_cfg.dataset, "val")
+    result = run_evaluate(model, dataset)
+    records = dataset.records
+    write_results(result, tmp_path / "normal", CLASS_NAMES, records, meta={"frame_order": "normal"})
+    write_results(result, tmp_path / "rev", CLASS_NAMES, records, meta={"frame_order": "reversed", "split": "test"})
+    n = result.num_videos
+    assert titles == [
+        f"confusion matrix ({n} videos, 3 classes)",
+        f"confusion matrix ({n} videos, 3 classes; split test; frames reversed)",
+    ]

@@ -161,13 +161,32 @@ def write_results(
             f,
         )
     with atomic_write(out_dir / "confusion_matrix.png", "wb") as f:
-        plot_confusion_matrix(confmat, class_names, f)
+        plot_confusion_matrix(confmat, class_names, f, conditions=_conditions(summary))
     with atomic_write(out_dir / RESULTS_FILE) as f:
         json.dump(summary, f, indent=2)
 
 
-def plot_confusion_matrix(confmat: torch.Tensor, class_names: Sequence[str], path: str | Path | IO[bytes]) -> None:
+def _conditions(summary: Mapping[str, Any]) -> list[str]:
+    """The evaluation's non-default choices, for the confusion matrix's title: a reversed-frames
+    matrix must not look like the in-order one."""
+    conditions = []
+    if summary.get("split") not in (None, "val"):
+        conditions.append(f"split {summary['split']}")
+    if summary.get("frame_order") not in (None, "normal"):
+        conditions.append(f"frames {summary['frame_order']}")
+    return conditions
+
+
+def plot_confusion_matrix(
+    confmat: torch.Tensor,
+    class_names: Sequence[str],
+    path: str | Path | IO[bytes],
+    *,
+    conditions: Sequence[str] = (),
+) -> None:
     """Row-normalised confusion matrix (each row: how a true class was predicted) as a PNG.
+
+    `conditions` (e.g. "frames reversed") are added to the title.
 
     Uses a bare `Figure` (Agg canvas) rather than pyplot: no global state, no display needed.
     Class names are drawn as plain text (`plot_text`): a `$` in a name is not math.
@@ -182,7 +201,8 @@ def plot_confusion_matrix(confmat: torch.Tensor, class_names: Sequence[str], pat
     fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="fraction of the true class")
     ax.set_xlabel("predicted class")
     ax.set_ylabel("true class")
-    ax.set_title(f"confusion matrix ({int(confmat.sum())} videos, {num_classes} classes)")
+    details = [f"{int(confmat.sum())} videos, {num_classes} classes", *conditions]
+    ax.set_title(plot_text(f"confusion matrix ({'; '.join(details)})"))
     if num_classes <= _MAX_TICK_LABELS:
         names = [plot_text(name) for name in class_names]
         ax.set_xticks(range(num_classes), labels=names, rotation=90, fontsize=8)
