@@ -10,7 +10,12 @@ from pathlib import Path
 from squarefuse.report.aggregate import Comparison, GroupSummary, compare, summarise
 from squarefuse.report.groups import baseline_for, find_baseline, group_runs, parse_terms
 from squarefuse.report.matrix import matrix_markdown, plot_matrix, task_fusion_matrix, write_matrix_csv
-from squarefuse.report.plots import plot_accuracy_vs_flops, plot_per_class_gain, plot_val_curves
+from squarefuse.report.plots import (
+    plot_accuracy_vs_flops,
+    plot_per_class_gain,
+    plot_training_curves,
+    why_no_accuracy_vs_flops,
+)
 from squarefuse.report.runs import expected_jobs, find_run_dirs, load_run
 from squarefuse.report.write import write_csv, write_markdown
 
@@ -94,8 +99,8 @@ def make_report(
             )
     plots = []
     for name, plot, why_not in (
-        ("val_curves.png", plot_val_curves, "no finished run logged a validation"),
-        ("accuracy_vs_fusion_flops.png", plot_accuracy_vs_flops, "no evaluated group has model_info.json FLOPs"),
+        ("training_curves.png", plot_training_curves, "no finished run logged a train loss or a validation"),
+        ("accuracy_vs_fusion_flops.png", plot_accuracy_vs_flops, why_no_accuracy_vs_flops(summaries)),
         ("per_class_gain.png", plot_per_class_gain, "no group could be paired with a baseline"),
     ):
         if plot(summaries, out_dir / name):
