@@ -13,20 +13,14 @@ from pathlib import Path
 import pytest
 import timm.optim
 import torch
+from helpers.clips import among_padding
 from helpers.configs import CONFIG_DIR, compose_config, fusion_config, tiny_overrides
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from squarefuse.models import ClsHead, MeanHead, VideoBackbone, VideoClassifier, build_classifier
 from squarefuse.models.classifier import split_fusion_config
-from squarefuse.models.fusion import (
-    NoFusion,
-    SQuaReFuse,
-    TemporalAttention,
-    TemporalConv,
-    TemporalShift,
-    square_fuse,
-)
+from squarefuse.models.fusion import NoFusion, SQuaReFuse, TemporalAttention, TemporalConv, TemporalShift, square_fuse
 from squarefuse.training.trainer import Trainer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -315,11 +309,7 @@ PLACEMENT_IDS = ["after_backbone", "after_blocks_0_1_and_backbone", "after_block
 def test_classifier_padding_never_changes_logits(option, overrides, placement):
     model = classifier(option, *overrides, **placement).eval()
     real = clip(B=1, frames=3)
-    padded = 5 * clip(B=1, frames=6, seed=1)
-    positions = [0, 2, 5]  # interleaved padding
-    mask = torch.zeros(1, 6, dtype=torch.bool)
-    mask[0, positions] = True
-    padded[0, positions] = real[0]
+    padded, mask = among_padding(real, 5 * clip(B=1, frames=6, seed=1), [0, 2, 5])  # interleaved padding
     with torch.no_grad():
         expected = model(real)
         got = model(padded, mask)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers.checkpoints import flip_bit
+from helpers.checkpoints import flip_bit, unwritable
 from helpers.configs import tiny_train_config
 
 from squarefuse.checkpoint import load_checkpoint, save_checkpoint
@@ -322,24 +322,10 @@ def test_full_disk_at_a_save_names_the_file_and_what_is_intact(data_root, tmp_pa
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["last.pt"]  # saved before validation
 
 
-def test_unwritable_checkpoints_folder_is_found_at_start_up(data_root, one_epoch_run, tmp_path, monkeypatch):
+def test_unwritable_checkpoints_folder_is_found_at_start_up(data_root, one_epoch_run, tmp_path):
     run = copy_run(one_epoch_run, tmp_path / "run")
     checkpoints = run / "checkpoints"
-    if os.geteuid() == 0:
-        # root writes through permission bits: refuse new files there as a read-only mount would.
-        mkstemp = tempfile.mkstemp
-
-        def read_only(*args, dir=None, **kwargs):
-            if dir is not None and os.path.samefile(dir, checkpoints):
-                raise PermissionError(errno.EACCES, "Permission denied")
-            return mkstemp(*args, dir=dir, **kwargs)
-
-        monkeypatch.setattr(tempfile, "mkstemp", read_only)
-    else:
-        checkpoints.chmod(0o555)
-    try:
+    with unwritable(checkpoints):
         with pytest.raises(PermissionError, match=f"cannot write to {checkpoints} .*checkpoints"):
             Trainer(tiny_train_config(data_root), run)
-    finally:
-        checkpoints.chmod(0o755)
     assert not (run / "run.lock").exists()

@@ -49,19 +49,6 @@ import numpy as np
 from squarefuse.datasets.synthetic.encoding import write_video
 from squarefuse.runtime.process_pool import die_with_parent
 
-__all__ = [
-    "CLASS_NAMES",
-    "GENERATOR_VERSION",
-    "ClipParams",
-    "SyntheticSplits",
-    "class_trajectory",
-    "draw_frames",
-    "ensure_synthetic",
-    "render_clip",
-    "sample_clip_params",
-    "twin_of",
-]
-
 log = logging.getLogger(__name__)
 
 # Bump whenever the rendered content or the layout changes: existing datasets are regenerated.
