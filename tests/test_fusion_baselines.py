@@ -520,17 +520,9 @@ def test_benchmark_measures_every_option_it_is_given():
     spec = importlib.util.spec_from_file_location("benchmark_fusion", REPO / "scripts" / "benchmark_fusion.py")
     benchmark_fusion = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(benchmark_fusion)
-    result = benchmark_fusion.measure_options(
-        options=["none", "temporal_shift"],
-        device=torch.device("cpu"),
-        batch=1,
-        frames=4,
-        img_size=32,
-        amp=False,
-        warmup=0,
-        repeats=1,
-        layer_repeats=1,
-    )
+    bench = benchmark_fusion.Bench(device=torch.device("cpu"), batch=1, frames=4, img_size=32, amp=False)
+    rounds = benchmark_fusion.Rounds(warmup=0, repeats=1, layer_repeats=1)
+    result = benchmark_fusion.measure_options(bench, rounds, ["none", "temporal_shift"])
     rows = {row["option"]: row for row in result["rows"]}
     assert list(rows) == ["none", "temporal_shift"] and result["D"] == 768
     assert rows["none"]["params"] == 0 and rows["temporal_shift"]["params"] == 2 * 768 + 8 * 768 * 768 + 5 * 768
