@@ -21,6 +21,7 @@ from helpers.videos import write_video
 from squarefuse.checkpoint import save_checkpoint
 from squarefuse.datasets.preprocess import VideoNormalizer
 from squarefuse.evaluation.evaluator import evaluate
+from squarefuse.evaluation.video_batches import BatchSettings
 from squarefuse.models import build_classifier
 from squarefuse.runtime.distributed import DistInfo
 
@@ -93,18 +94,16 @@ def eval_cfg(ckpt: Path, *overrides: str):
     return compose_config("eval", [f"ckpt={ckpt}", "num_workers=0", "device=cpu", "progress=false", *overrides])
 
 
-def run_evaluate(model, dataset, *, device: torch.device = CPU, batch_size: int = 3, **kwargs):
+def in_process_settings(model, *, device: torch.device = CPU, batch_size: int = 3) -> BatchSettings:
+    """fp32, no DataLoader workers: evaluations in the test's own process."""
+    normalizer = VideoNormalizer(model.mean, model.std, device)
+    return BatchSettings(device, normalizer, batch_size=batch_size, num_workers=0, precision="fp32")
+
+
+def run_evaluate(model, dataset, *, device: torch.device = CPU, batch_size: int = 3):
     """`evaluate` in this process, fp32, no workers."""
     return evaluate(
-        model,
-        dataset,
-        device=device,
-        normalizer=VideoNormalizer(model.mean, model.std, device),
-        batch_size=batch_size,
-        num_workers=0,
-        precision="fp32",
-        dist_info=DistInfo(),
-        **kwargs,
+        model, dataset, in_process_settings(model, device=device, batch_size=batch_size), dist_info=DistInfo()
     )
 
 
