@@ -492,11 +492,6 @@ def test_insertion_needs_a_vision_transformer(monkeypatch):
 # ---------------------------------------------------------------------------------- end to end
 
 
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("synthetic")
-
-
 @pytest.mark.parametrize("option", FUSION_OPTIONS)
 def test_every_fusion_config_trains_a_step(option, data_root, tmp_path):
     overrides = [o for o in tiny_overrides(data_root) if not o.startswith("fusion.")]

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import copy
 import socket
-from pathlib import Path
 
 import pytest
 import torch
@@ -27,11 +26,6 @@ pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (torch.cuda.is_available() is False)"),
 ]
-
-
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("synthetic")
 
 
 def _params(model: torch.nn.Module) -> list[torch.Tensor]:

@@ -28,11 +28,6 @@ from squarefuse.training.trainer import Trainer
 
 
 @pytest.fixture(scope="module")
-def data_root(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("synthetic")
-
-
-@pytest.fixture(scope="module")
 def one_epoch_run(data_root, tmp_path_factory) -> Path:
     """A finished 1-epoch run (4 steps); copy it before changing it."""
     run = tmp_path_factory.mktemp("runs") / "one_epoch"

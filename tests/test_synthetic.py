@@ -407,6 +407,7 @@ def test_bad_parameters_name_the_key(tmp_path, bad, key):
     assert not (tmp_path / "syn" / "manifest.json").exists()
 
 
+@pytest.mark.slow
 def test_default_size_generation_and_dataset(tmp_path):
     from squarefuse.datasets import build_dataset  # noqa: PLC0415
 
