@@ -241,6 +241,7 @@ def test_nonfinite_validation_never_becomes_best(data_root, tmp_path, monkeypatc
 # ------------------------------------------------------------------------ failing validation
 
 
+@pytest.mark.slow
 def test_failing_validation_keeps_the_epoch_checkpoint_and_reruns(data_root, tmp_path, monkeypatch):
     real_evaluate = trainer_mod.evaluate
 

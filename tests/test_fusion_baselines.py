@@ -394,6 +394,7 @@ def test_cls_tokens_need_a_class_token():
         )
 
 
+@pytest.mark.slow
 def test_time_reversal_needs_a_trend():
     """Mean over time cannot tell a clip from its reversal; SQuaRe-Fuse's odd trend terms can."""
     video = clip(B=2, frames=6)
@@ -417,6 +418,7 @@ def test_time_reversal_needs_a_trend():
         torch.testing.assert_close(model(video, mask), model(reversed_padded, mask), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_time_reversal_after_training_steps():
     """A few optimiser steps from the zero-init start: square learns order-dependent logits."""
     model = classifier("square", randomised=False)
@@ -492,6 +494,7 @@ def test_insertion_needs_a_vision_transformer(monkeypatch):
 # ---------------------------------------------------------------------------------- end to end
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("option", FUSION_OPTIONS)
 def test_every_fusion_config_trains_a_step(option, data_root, tmp_path):
     overrides = [o for o in tiny_overrides(data_root) if not o.startswith("fusion.")]
@@ -502,6 +505,7 @@ def test_every_fusion_config_trains_a_step(option, data_root, tmp_path):
     assert (tmp_path / "run" / "checkpoints" / "last.pt").is_file()
 
 
+@pytest.mark.slow
 def test_placement_keys_in_every_option():
     for option in FUSION_OPTIONS:
         cfg = fusion_config(option, "after_blocks=[8,9,10,11]", "after_backbone=false")

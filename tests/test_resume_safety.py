@@ -54,6 +54,7 @@ def build(cfg, run: Path) -> Trainer:
 # ----------------------------------------------------------------------- which file is resumed
 
 
+@pytest.mark.slow
 def test_own_newer_last_pt_wins_over_trainer_resume(data_root, one_epoch_run, tmp_path, caplog):
     given = tmp_path / "given.pt"
     shutil.copy(one_epoch_run / "checkpoints" / "last.pt", given)  # step 4
@@ -73,6 +74,7 @@ def test_own_newer_last_pt_wins_over_trainer_resume(data_root, one_epoch_run, tm
     ), caplog.text
 
 
+@pytest.mark.slow
 def test_further_trainer_resume_wins_over_own_older_last_pt(data_root, one_epoch_run, tmp_path, caplog):
     further = tmp_path / "further"
     Trainer(tiny_train_config(data_root, "trainer.epochs=2"), copy_run(one_epoch_run, further)).fit()  # step 8
@@ -104,6 +106,7 @@ def test_truncate_metrics_keeps_what_the_checkpoint_covers(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["metrics.jsonl"]  # no temporary file left
 
 
+@pytest.mark.slow
 def test_every_step_logged_once_after_a_hard_kill(data_root, tmp_path, monkeypatch):
     run = tmp_path / "run"
     cfg = tiny_train_config(data_root, "trainer.epochs=3")
@@ -201,6 +204,7 @@ def _lr_after(trainer: Trainer, step: int) -> float:
     return max(group["lr"] for group in trainer.optimizer.param_groups)
 
 
+@pytest.mark.slow
 def test_resume_with_a_longer_run_rebuilds_the_lr_schedule(data_root, one_epoch_run, tmp_path, caplog):
     run = copy_run(one_epoch_run, tmp_path / "run")  # 4 steps: its schedule ended at min_lr
     cfg = tiny_train_config(data_root, "trainer.max_steps=12", "trainer.epochs=3")

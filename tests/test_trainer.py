@@ -118,6 +118,7 @@ def test_missing_checkpoint_is_named(tmp_path):
 # ---------------------------------------------------------------------------------------- runs
 
 
+@pytest.mark.slow
 def test_tiny_run_writes_metrics_and_checkpoints(data_root, tmp_path):
     run = tmp_path / "run"
     summary = Trainer(tiny_train_config(data_root), run).fit()
@@ -140,6 +141,7 @@ def test_tiny_run_writes_metrics_and_checkpoints(data_root, tmp_path):
     assert end["wall_s"] > 0 and "error" not in end
 
 
+@pytest.mark.slow
 def test_resume_is_exact(data_root, tmp_path, monkeypatch):
     """An interrupted and resumed run logs the same per-step losses as an uninterrupted one."""
     extra = [
@@ -184,6 +186,7 @@ def test_resume_is_exact(data_root, tmp_path, monkeypatch):
         torch.testing.assert_close(a["ema"][key], b["ema"][key], rtol=1e-5, atol=1e-6, msg=key)
 
 
+@pytest.mark.slow
 def test_nonfinite_loss_stops_or_skips(data_root, tmp_path, monkeypatch):
     original = trainer_mod.soft_cross_entropy
     calls = {"n": 0}
@@ -212,6 +215,7 @@ def test_nonfinite_loss_stops_or_skips(data_root, tmp_path, monkeypatch):
     assert all(torch.isfinite(v).all() for v in trainer.model.state_dict().values() if v.is_floating_point())
 
 
+@pytest.mark.slow
 def test_wandb_offline_run_writes_its_files(data_root, tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_SILENT", "true")
     run = tmp_path / "run"
