@@ -515,6 +515,7 @@ def test_placement_keys_in_every_option():
         assert not {"after_blocks", "after_backbone"} & set(layer_cfg)
 
 
+@pytest.mark.slow
 def test_benchmark_measures_every_option_it_is_given():
     spec = importlib.util.spec_from_file_location("benchmark_fusion", REPO / "scripts" / "benchmark_fusion.py")
     benchmark_fusion = importlib.util.module_from_spec(spec)
