@@ -95,16 +95,15 @@ def gpu_peak_tflops(torch) -> float | None:
 def bench_fusion(torch, device, preset: dict) -> dict:
     import benchmark_fusion  # noqa: PLC0415
 
-    result = benchmark_fusion.measure(
+    bench = benchmark_fusion.Bench(
         device=device,
         batch=preset["fusion_batch"],
         frames=preset["fusion_frames"],
         img_size=224,
         amp=device.type == "cuda",
-        warmup=1,
-        repeats=3 if device.type == "cuda" else 2,
-        layer_repeats=5,
     )
+    rounds = benchmark_fusion.Rounds(warmup=1, repeats=3 if device.type == "cuda" else 2, layer_repeats=5)
+    result = benchmark_fusion.measure(bench, rounds)
     return {
         "shape": f"B={preset['fusion_batch']} T={preset['fusion_frames']} 224px ViT-B/16",
         "median_seconds": result["median_seconds"],

@@ -30,6 +30,7 @@ import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
 import timm
 import torch
@@ -96,7 +97,15 @@ def _timed(fn: Callable[[], None], device: torch.device) -> float:
     return time.perf_counter() - start
 
 
-class _Bench:
+class Rounds(NamedTuple):
+    """How long to measure: untimed rounds, timed rounds, runs of each fusion step per round."""
+
+    warmup: int
+    repeats: int
+    layer_repeats: int
+
+
+class Bench:
     """A ViT-B/16 (random init) with its input frames, and the tokens [B,T,N,D] a fusion layer sees."""
 
     def __init__(self, *, device: torch.device, batch: int, frames: int, img_size: int, amp: bool) -> None:
@@ -130,17 +139,15 @@ class _Bench:
         # NoFusion returns its input: the backward then costs nothing beyond the tokens' own.
         h.backward(self.grad_tokens.to(h.dtype))
 
-    def interleaved(
-        self, fusion_steps: dict[str, Callable[[], None]], *, warmup: int, repeats: int, layer_repeats: int
-    ) -> dict[str, list[float]]:
-        """Seconds of each round's backbone step and of ``layer_repeats`` runs of every fusion step."""
+    def interleaved(self, fusion_steps: dict[str, Callable[[], None]], rounds: Rounds) -> dict[str, list[float]]:
+        """Seconds of each round's backbone step and of ``rounds.layer_repeats`` runs of every fusion step."""
         times: dict[str, list[float]] = {name: [] for name in ["backbone", *fusion_steps]}
-        for round_idx in range(warmup + repeats):
-            timed = round_idx >= warmup
+        for round_idx in range(rounds.warmup + rounds.repeats):
+            timed = round_idx >= rounds.warmup
             t = _timed(self.step_backbone, self.device)
             if timed:
                 times["backbone"].append(t)
-            for _ in range(layer_repeats):
+            for _ in range(rounds.layer_repeats):
                 for name, fn in fusion_steps.items():
                     t = _timed(fn, self.device)
                     if timed:
@@ -148,21 +155,10 @@ class _Bench:
         return times
 
 
-def measure(
-    *,
-    device: torch.device,
-    batch: int,
-    frames: int,
-    img_size: int,
-    amp: bool,
-    warmup: int,
-    repeats: int,
-    layer_repeats: int,
-) -> dict:
+def measure(bench: Bench, rounds: Rounds) -> dict:
     """Forward+backward seconds of the backbone, the layer (plain, masked) and the seed, interleaved."""
-    bench = _Bench(device=device, batch=batch, frames=frames, img_size=img_size, amp=amp)
-    layer = SQuaReFuse(d_model=bench.D, num_dirs=8, quantiles=(0.1, 0.5, 0.9), poly_order=2).to(device)
-    seed = SeedSQuaReFuse(bench.D, num_dirs=8, quantiles=(0.1, 0.5, 0.9), poly_order=2).to(device)
+    layer = SQuaReFuse(d_model=bench.D, num_dirs=8, quantiles=(0.1, 0.5, 0.9), poly_order=2).to(bench.device)
+    seed = SeedSQuaReFuse(bench.D, num_dirs=8, quantiles=(0.1, 0.5, 0.9), poly_order=2).to(bench.device)
     seed.load_state_dict(layer.state_dict())
 
     fusion_steps = {
@@ -170,7 +166,7 @@ def measure(
         "layer_masked": lambda: bench.step_fusion(layer, bench.clip_mask),
         "seed": lambda: bench.step_fusion(seed, None, returns_aux=False),
     }
-    times = bench.interleaved(fusion_steps, warmup=warmup, repeats=repeats, layer_repeats=layer_repeats)
+    times = bench.interleaved(fusion_steps, rounds)
     med = {name: statistics.median(ts) for name, ts in times.items()}
     ratios = {
         "layer/backbone": med["layer"] / med["backbone"],
@@ -195,26 +191,14 @@ def fusion_layer(option: str, d_model: int) -> torch.nn.Module:
     return instantiate(layer_cfg, _convert_="all")(d_model=d_model)
 
 
-def measure_options(
-    *,
-    options: list[str],
-    device: torch.device,
-    batch: int,
-    frames: int,
-    img_size: int,
-    amp: bool,
-    warmup: int,
-    repeats: int,
-    layer_repeats: int,
-) -> dict:
+def measure_options(bench: Bench, rounds: Rounds, options: list[str]) -> dict:
     """Forward+backward seconds of a ViT-B/16 step and of every fusion option (plain, masked), interleaved."""
-    bench = _Bench(device=device, batch=batch, frames=frames, img_size=img_size, amp=amp)
-    layers = {option: fusion_layer(option, bench.D).to(device) for option in options}
+    layers = {option: fusion_layer(option, bench.D).to(bench.device) for option in options}
     fusion_steps = {}
     for option, layer in layers.items():
         fusion_steps[option] = lambda layer=layer: bench.step_fusion(layer, None)
         fusion_steps[f"{option} (masked)"] = lambda layer=layer: bench.step_fusion(layer, bench.clip_mask)
-    times = bench.interleaved(fusion_steps, warmup=warmup, repeats=repeats, layer_repeats=layer_repeats)
+    times = bench.interleaved(fusion_steps, rounds)
     med = {name: statistics.median(ts) for name, ts in times.items()}
     rows = [
         {
@@ -249,33 +233,16 @@ def main(argv: list[str] | None = None) -> None:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda was asked for but torch.cuda.is_available() is False")
     options = args.options or sorted(p.stem for p in (CONFIG_DIR / "fusion").glob("*.yaml"))
-    options_result = measure_options(
-        options=options,
-        device=device,
-        batch=args.batch,
-        frames=args.frames,
-        img_size=args.img_size,
-        amp=args.amp,
-        warmup=args.warmup,
-        repeats=args.repeats,
-        layer_repeats=args.layer_repeats,
-    )
+    bench = Bench(device=device, batch=args.batch, frames=args.frames, img_size=args.img_size, amp=args.amp)
+    rounds = Rounds(warmup=args.warmup, repeats=args.repeats, layer_repeats=args.layer_repeats)
+    options_result = measure_options(bench, rounds, options)
     print(
         f"device={device} threads={torch.get_num_threads()} B={args.batch} T={args.frames} "
         f"N={options_result['N']} D={options_result['D']} img={args.img_size} amp={args.amp}"
     )
     print_options_table(options_result)
     print()
-    result = measure(
-        device=device,
-        batch=args.batch,
-        frames=args.frames,
-        img_size=args.img_size,
-        amp=args.amp,
-        warmup=args.warmup,
-        repeats=args.repeats,
-        layer_repeats=args.layer_repeats,
-    )
+    result = measure(bench, rounds)
     B, T, N, D = args.batch, args.frames, result["N"], result["D"]
     times, med, ratios = result["seconds"], result["median_seconds"], result["ratios"]
     print(

@@ -121,8 +121,7 @@ def convert(
 ) -> str:
     """Cut [start, end) seconds of `source` (None: the whole file), resize, encode H.264 to `target`.
 
-    Returns:
-        "done" or "skipped" (the target existed).
+    Returns "done", or "skipped" where the target exists.
     """
     if target.exists():
         return "skipped"

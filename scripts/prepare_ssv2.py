@@ -69,11 +69,7 @@ def even(n: int) -> int:
 
 
 def reencode(source: Path, target: Path, *, crf: int, preset: str, gop: int) -> str:
-    """Re-encode one video to H.264 mp4 (all frames, same height and frame rate); atomic write.
-
-    Returns:
-        "done" or "skipped" (the target existed).
-    """
+    """Re-encode one video to H.264 mp4 (all frames, same size and rate) atomically: "done" or "skipped" (it exists)."""
     if target.exists():
         return "skipped"
     with av.open(str(source)) as src:

@@ -115,19 +115,24 @@ def verify_checkpoint(path: str | Path, *, require_zip: bool = True) -> Path:
     return path
 
 
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Read a checkpoint, verified (`verify_checkpoint`), with the safe unpickler; errors name the file."""
-    path = verify_checkpoint(path)
+def load_weights_only(path: Path, *, named: str, map_location: str | torch.device = "cpu") -> Any:
+    """`torch.load` with the safe unpickler; errors begin with `named` (how the user gave the file)."""
     try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
+        return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
         raise ValueError(
-            f"refusing to load {path}: it contains objects other than tensors and plain containers "
+            f"{named}: refusing a file with objects other than tensors and plain containers "
             f"(torch.load(weights_only=True) failed: {str(e).splitlines()[0]})"
         ) from e
     except Exception as e:  # noqa: BLE001 - a damaged archive raises many kinds; all mean the same to the user
         reason = str(e).strip() or type(e).__name__
-        raise ValueError(f"cannot read checkpoint {path}: damaged or truncated file ({reason})") from e
+        raise ValueError(f"{named}: cannot read it, damaged or truncated file ({reason})") from e
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Read a checkpoint, verified (`verify_checkpoint`), with the safe unpickler; errors name the file."""
+    path = verify_checkpoint(path)
+    state = load_weights_only(path, named=f"checkpoint {path}", map_location=map_location)
     if not isinstance(state, dict) or "model" not in state:
         raise ValueError(f"{path} is not a squarefuse checkpoint (no 'model' entry)")
     return state

@@ -1,18 +1,45 @@
-"""Shared fixtures: tiny real video files (tests/helpers/videos.py) made on demand.
+"""Shared fixtures: tiny real video files (tests/helpers/videos.py) made on demand, and the tiny
+synthetic dataset of `tiny_overrides`, generated once per session and copied to each module.
 
 def test_x(make_video, tmp_path):
     path = make_video(tmp_path / "a.mp4", num_frames=20, width=64, height=48)
+
+def test_y(data_root, tmp_path):
+    Trainer(tiny_train_config(data_root), tmp_path / "run").fit()
 """
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
 import av  # noqa: F401 - before anything loads decord: PyAV's VP9 encoder fails to open after it
 import pytest
 import timm.models._builder as builder
+from helpers.configs import tiny_train_config
 from helpers.videos import write_video
+
+from squarefuse.datasets.synthetic import ensure_synthetic
+
+
+@pytest.fixture(scope="session")
+def tiny_synthetic(tmp_path_factory) -> Path:
+    """The synthetic videos of `tiny_overrides`, generated once per session; tests use copies (`data_root`)."""
+    root = tmp_path_factory.mktemp("tiny_synthetic")
+    ensure_synthetic(root, **dict(tiny_train_config(root).dataset.generate))
+    return root
+
+
+@pytest.fixture(scope="module")
+def data_root(tiny_synthetic, tmp_path_factory) -> Path:
+    """This module's own copy of `tiny_synthetic`: what one module's tests write there stays in that module.
+
+    A module with other data (a list dataset) defines its own `data_root`, which takes precedence.
+    """
+    root = tmp_path_factory.mktemp("synthetic")
+    shutil.copytree(tiny_synthetic, root, dirs_exist_ok=True)
+    return root
 
 
 @pytest.fixture

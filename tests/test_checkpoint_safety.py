@@ -10,7 +10,7 @@ import tempfile
 import numpy as np
 import pytest
 import torch
-from helpers.checkpoints import eval_cfg, flip_bit, make_checkpoint, tiny_train_cfg
+from helpers.checkpoints import eval_cfg, flip_bit, make_checkpoint, tiny_train_cfg, unwritable
 
 import squarefuse.runtime.atomic_file as atomic_file
 from squarefuse.api import load_model
@@ -129,32 +129,18 @@ def test_only_the_atomic_writers_temporary_files_are_removed(tmp_path):
 # ----------------------------------------------------------------------------- writability
 
 
-def test_unwritable_folder_is_named(tmp_path, monkeypatch):
+def test_unwritable_folder_is_named(tmp_path):
     folder = tmp_path / "checkpoints"
     folder.mkdir()
     check_writable(folder, "the checkpoints")  # writable: nothing left behind
     assert list(folder.iterdir()) == []
     check_writable(folder / "not_yet", "the checkpoints")  # not made yet: its parent decides
     assert not (folder / "not_yet").exists()
-    if os.geteuid() == 0:
-        # root writes through permission bits: make the folder refuse files as a read-only mount does.
-        mkstemp = tempfile.mkstemp
-
-        def read_only(*args, dir=None, **kwargs):
-            if dir is not None and os.path.samefile(dir, folder):
-                raise PermissionError(errno.EACCES, "Permission denied")
-            return mkstemp(*args, dir=dir, **kwargs)
-
-        monkeypatch.setattr(tempfile, "mkstemp", read_only)
-    else:
-        folder.chmod(0o555)
-    try:
+    with unwritable(folder):
         with pytest.raises(
             PermissionError, match=f"cannot write to {folder} .*, where the checkpoints will be written"
         ):
             check_writable(folder, "the checkpoints")
-    finally:
-        folder.chmod(0o755)
 
 
 @pytest.mark.parametrize("umask, expected", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])

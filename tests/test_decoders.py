@@ -98,6 +98,7 @@ def _fifo(tmp_path, name="hangs.mp4"):
     return path
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ALL)
 def test_hung_decoder_is_killed_within_the_timeout(make_video, tmp_path, name):
     fifo = _fifo(tmp_path)

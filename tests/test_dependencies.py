@@ -113,6 +113,7 @@ def test_the_check_sees_an_undeclared_import(tmp_path):
     assert undeclared([module], core=core) == {}
 
 
+@pytest.mark.slow
 def test_every_module_of_the_package_imports_in_a_fresh_interpreter():
     modules = sorted(
         ".".join(p.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")

@@ -17,6 +17,7 @@ from helpers.checkpoints import (
     LABELS,
     REPO,
     eval_cfg,
+    in_process_settings,
     make_checkpoint,
     make_list_dataset,
     run_evaluate,
@@ -106,14 +107,8 @@ def test_evaluate_counts_each_video_once(model, train_cfg):
 
 def test_sharded_evaluation_equals_single_process(model, train_cfg):
     dataset = build_dataset(train_cfg.dataset, "val")
-    common = dict(
-        device=CPU,
-        normalizer=VideoNormalizer(model.mean, model.std, CPU),
-        batch_size=2,
-        num_workers=0,
-        precision="fp32",
-    )
-    parts = [predict_shard(model, dataset, shard=shard_indices(len(dataset), rank, 2), **common) for rank in (0, 1)]
+    settings = in_process_settings(model, batch_size=2)
+    parts = [predict_shard(model, dataset, settings, shard=shard_indices(len(dataset), rank, 2)) for rank in (0, 1)]
     assert len(parts[0]["indices"]) == 4 and len(parts[1]["indices"]) == 3
     assert not set(parts[0]["indices"].tolist()) & set(parts[1]["indices"].tolist())
     sharded = merge_shards(parts, num_items=len(dataset), views=(1, 1))

@@ -91,6 +91,7 @@ def test_onnx_export_of_the_default_model_matches_pytorch(loaded, tmp_path):
         np.testing.assert_allclose(logits, expected.numpy(), atol=1e-4, rtol=0)
 
 
+@pytest.mark.slow
 def test_torchscript_export_matches_pytorch_with_and_without_mask(loaded, tmp_path):
     T = loaded.preprocess.num_frames
     for mask in (False, True):

@@ -28,11 +28,6 @@ START_TIMEOUT_S = 300
 EXIT_AFTER_ERROR_S = 30
 
 
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("synthetic")
-
-
 def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
@@ -195,6 +190,7 @@ def _nan_on_calls(calls: set[int]):
     return loss_fn
 
 
+@pytest.mark.slow
 def test_skipped_steps_count_and_are_logged_as_skipped(data_root, tmp_path, monkeypatch):
     monkeypatch.setattr(trainer_mod, "soft_cross_entropy", _nan_on_calls({3, 4}))
     run = tmp_path / "run"
@@ -212,6 +208,7 @@ def test_skipped_steps_count_and_are_logged_as_skipped(data_root, tmp_path, monk
     assert load_checkpoint(run / "checkpoints" / "last.pt")["step"] == 8
 
 
+@pytest.mark.slow
 def test_too_many_skips_in_a_row_stop_the_run(data_root, tmp_path, monkeypatch):
     monkeypatch.setattr(trainer_mod, "soft_cross_entropy", _nan_on_calls(set(range(3, 1000))))
     cfg = tiny_train_config(data_root, "trainer.nonfinite=skip", "trainer.max_consecutive_skips=3", "trainer.epochs=5")
@@ -246,6 +243,7 @@ def test_nonfinite_validation_never_becomes_best(data_root, tmp_path, monkeypatc
 # ------------------------------------------------------------------------ failing validation
 
 
+@pytest.mark.slow
 def test_failing_validation_keeps_the_epoch_checkpoint_and_reruns(data_root, tmp_path, monkeypatch):
     real_evaluate = trainer_mod.evaluate
 

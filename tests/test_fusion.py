@@ -241,6 +241,7 @@ def test_bf16_autocast_and_bf16_module() -> None:
     assert m_bf16.proj.weight.grad.dtype == torch.bfloat16
 
 
+@pytest.mark.slow
 def test_torch_compile_fullgraph_matches_eager() -> None:
     torch._dynamo.reset()
     m = _module(K=4)

@@ -13,20 +13,14 @@ from pathlib import Path
 import pytest
 import timm.optim
 import torch
+from helpers.clips import among_padding
 from helpers.configs import CONFIG_DIR, compose_config, fusion_config, tiny_overrides
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from squarefuse.models import ClsHead, MeanHead, VideoBackbone, VideoClassifier, build_classifier
 from squarefuse.models.classifier import split_fusion_config
-from squarefuse.models.fusion import (
-    NoFusion,
-    SQuaReFuse,
-    TemporalAttention,
-    TemporalConv,
-    TemporalShift,
-    square_fuse,
-)
+from squarefuse.models.fusion import NoFusion, SQuaReFuse, TemporalAttention, TemporalConv, TemporalShift, square_fuse
 from squarefuse.training.trainer import Trainer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -315,11 +309,7 @@ PLACEMENT_IDS = ["after_backbone", "after_blocks_0_1_and_backbone", "after_block
 def test_classifier_padding_never_changes_logits(option, overrides, placement):
     model = classifier(option, *overrides, **placement).eval()
     real = clip(B=1, frames=3)
-    padded = 5 * clip(B=1, frames=6, seed=1)
-    positions = [0, 2, 5]  # interleaved padding
-    mask = torch.zeros(1, 6, dtype=torch.bool)
-    mask[0, positions] = True
-    padded[0, positions] = real[0]
+    padded, mask = among_padding(real, 5 * clip(B=1, frames=6, seed=1), [0, 2, 5])  # interleaved padding
     with torch.no_grad():
         expected = model(real)
         got = model(padded, mask)
@@ -404,6 +394,7 @@ def test_cls_tokens_need_a_class_token():
         )
 
 
+@pytest.mark.slow
 def test_time_reversal_needs_a_trend():
     """Mean over time cannot tell a clip from its reversal; SQuaRe-Fuse's odd trend terms can."""
     video = clip(B=2, frames=6)
@@ -427,6 +418,7 @@ def test_time_reversal_needs_a_trend():
         torch.testing.assert_close(model(video, mask), model(reversed_padded, mask), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_time_reversal_after_training_steps():
     """A few optimiser steps from the zero-init start: square learns order-dependent logits."""
     model = classifier("square", randomised=False)
@@ -502,11 +494,7 @@ def test_insertion_needs_a_vision_transformer(monkeypatch):
 # ---------------------------------------------------------------------------------- end to end
 
 
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("synthetic")
-
-
+@pytest.mark.slow
 @pytest.mark.parametrize("option", FUSION_OPTIONS)
 def test_every_fusion_config_trains_a_step(option, data_root, tmp_path):
     overrides = [o for o in tiny_overrides(data_root) if not o.startswith("fusion.")]
@@ -517,6 +505,7 @@ def test_every_fusion_config_trains_a_step(option, data_root, tmp_path):
     assert (tmp_path / "run" / "checkpoints" / "last.pt").is_file()
 
 
+@pytest.mark.slow
 def test_placement_keys_in_every_option():
     for option in FUSION_OPTIONS:
         cfg = fusion_config(option, "after_blocks=[8,9,10,11]", "after_backbone=false")
@@ -526,21 +515,14 @@ def test_placement_keys_in_every_option():
         assert not {"after_blocks", "after_backbone"} & set(layer_cfg)
 
 
+@pytest.mark.slow
 def test_benchmark_measures_every_option_it_is_given():
     spec = importlib.util.spec_from_file_location("benchmark_fusion", REPO / "scripts" / "benchmark_fusion.py")
     benchmark_fusion = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(benchmark_fusion)
-    result = benchmark_fusion.measure_options(
-        options=["none", "temporal_shift"],
-        device=torch.device("cpu"),
-        batch=1,
-        frames=4,
-        img_size=32,
-        amp=False,
-        warmup=0,
-        repeats=1,
-        layer_repeats=1,
-    )
+    bench = benchmark_fusion.Bench(device=torch.device("cpu"), batch=1, frames=4, img_size=32, amp=False)
+    rounds = benchmark_fusion.Rounds(warmup=0, repeats=1, layer_repeats=1)
+    result = benchmark_fusion.measure_options(bench, rounds, ["none", "temporal_shift"])
     rows = {row["option"]: row for row in result["rows"]}
     assert list(rows) == ["none", "temporal_shift"] and result["D"] == 768
     assert rows["none"]["params"] == 0 and rows["temporal_shift"]["params"] == 2 * 768 + 8 * 768 * 768 + 5 * 768

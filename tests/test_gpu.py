@@ -8,32 +8,24 @@ from __future__ import annotations
 
 import copy
 import socket
-from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
+from helpers.checkpoints import run_evaluate
 from helpers.configs import tiny_train_config
 
 from squarefuse.datasets import build_dataset
 from squarefuse.datasets.decoding import video_reader
 from squarefuse.datasets.decoding.video_reader import open_video
-from squarefuse.datasets.preprocess import VideoNormalizer
-from squarefuse.evaluation.evaluator import evaluate
 from squarefuse.models import build_classifier
 from squarefuse.runtime import distributed
-from squarefuse.runtime.distributed import DistInfo
 from squarefuse.training.trainer import Trainer
 
 pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (torch.cuda.is_available() is False)"),
 ]
-
-
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("synthetic")
 
 
 def _params(model: torch.nn.Module) -> list[torch.Tensor]:
@@ -93,16 +85,7 @@ def test_eval_on_cuda_equals_eval_on_cpu(data_root):
     results = {}
     for name in ("cpu", "cuda"):
         device = torch.device(name)
-        results[name] = evaluate(
-            copy.deepcopy(model).to(device),
-            val_set,
-            device=device,
-            normalizer=VideoNormalizer(model.mean, model.std, device),
-            batch_size=4,
-            num_workers=0,
-            precision="fp32",
-            dist_info=DistInfo(),
-        )
+        results[name] = run_evaluate(copy.deepcopy(model).to(device), val_set, device=device, batch_size=4)
     cpu, cuda = results["cpu"], results["cuda"]
     assert cpu.num_videos == cuda.num_videos > 0
     assert torch.allclose(cpu.probs, cuda.probs.cpu(), atol=1e-3), (cpu.probs - cuda.probs.cpu()).abs().max()

@@ -48,6 +48,7 @@ def test_single_process_stamp_is_the_current_time(bare_env):
     assert before <= stamp <= time.strftime("%Y-%m-%d/%H-%M-%S")
 
 
+@pytest.mark.slow
 def test_ranks_started_at_different_times_by_one_torchrun_agree():
     # Two "ranks" of one torchrun: children of this process (their agent), started > 1 s apart.
     env = {**os.environ, "TORCHELASTIC_RUN_ID": "none", "GROUP_WORLD_SIZE": "1", "PYTHONPATH": str(REPO)}
@@ -182,6 +183,7 @@ def test_claims_of_one_folder_raced_by_two_launches(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["09-31-05"]  # no temporary folders left behind
 
 
+@pytest.mark.slow
 def test_torchrun_ranks_agree_on_a_folder_past_another_jobs(bare_env, tmp_path):
     # Two "ranks" of one torchrun (children of this process, their agent) whose launch second another
     # job has taken already: both move on to the same <time>_2, and a separate job to yet another.

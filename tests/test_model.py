@@ -10,6 +10,7 @@ import safetensors.torch
 import timm
 import timm.optim
 import torch
+from helpers.clips import among_padding
 from helpers.configs import backbone_config, fusion_config
 from omegaconf import OmegaConf
 
@@ -238,11 +239,8 @@ def test_avg_pool_backbone_has_no_unused_parameters():
 def test_padding_never_changes_logits(head, fusion, layout):
     model = tiny_classifier(head=head, fusion=fusion, K=4).eval()
     real = clip(B=1, frames=3)
-    padded = torch.randn(1, 6, 3, IMG, IMG) * 5  # random padding content
     positions = [0, 1, 2] if layout == "end" else [0, 2, 5]
-    mask = torch.zeros(1, 6, dtype=torch.bool)
-    mask[0, positions] = True
-    padded[0, positions] = real[0]
+    padded, mask = among_padding(real, torch.randn(1, 6, 3, IMG, IMG) * 5, positions)  # random padding content
     with torch.no_grad():
         expected = model(real)
         got = model(padded, mask)

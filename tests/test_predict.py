@@ -51,6 +51,7 @@ def ckpt(videos, tmp_path_factory) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_api_round_trip_equals_eval(ckpt):
     model = squarefuse.load_model(ckpt)
     assert model.weights == "ema" and model.class_names == CLASS_NAMES

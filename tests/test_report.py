@@ -353,6 +353,7 @@ def test_multirun_discovery_and_missing_jobs(sweep, tmp_path):
         find_run_dirs([tmp_path / "nowhere"])
 
 
+@pytest.mark.slow
 def test_report_py_command_line(sweep):
     done = subprocess.run(
         [sys.executable, str(REPO / "scripts" / "report.py"), str(sweep), "--baseline", "fusion=none"],

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers.checkpoints import flip_bit
+from helpers.checkpoints import flip_bit, unwritable
 from helpers.configs import tiny_train_config
 
 from squarefuse.checkpoint import load_checkpoint, save_checkpoint
@@ -25,11 +25,6 @@ from squarefuse.training import trainer as trainer_module
 from squarefuse.training.metrics_log import truncate_metrics
 from squarefuse.training.resume_checks import config_changes, is_harmless
 from squarefuse.training.trainer import Trainer
-
-
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("synthetic")
 
 
 @pytest.fixture(scope="module")
@@ -59,6 +54,7 @@ def build(cfg, run: Path) -> Trainer:
 # ----------------------------------------------------------------------- which file is resumed
 
 
+@pytest.mark.slow
 def test_own_newer_last_pt_wins_over_trainer_resume(data_root, one_epoch_run, tmp_path, caplog):
     given = tmp_path / "given.pt"
     shutil.copy(one_epoch_run / "checkpoints" / "last.pt", given)  # step 4
@@ -78,6 +74,7 @@ def test_own_newer_last_pt_wins_over_trainer_resume(data_root, one_epoch_run, tm
     ), caplog.text
 
 
+@pytest.mark.slow
 def test_further_trainer_resume_wins_over_own_older_last_pt(data_root, one_epoch_run, tmp_path, caplog):
     further = tmp_path / "further"
     Trainer(tiny_train_config(data_root, "trainer.epochs=2"), copy_run(one_epoch_run, further)).fit()  # step 8
@@ -109,6 +106,7 @@ def test_truncate_metrics_keeps_what_the_checkpoint_covers(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["metrics.jsonl"]  # no temporary file left
 
 
+@pytest.mark.slow
 def test_every_step_logged_once_after_a_hard_kill(data_root, tmp_path, monkeypatch):
     run = tmp_path / "run"
     cfg = tiny_train_config(data_root, "trainer.epochs=3")
@@ -206,6 +204,7 @@ def _lr_after(trainer: Trainer, step: int) -> float:
     return max(group["lr"] for group in trainer.optimizer.param_groups)
 
 
+@pytest.mark.slow
 def test_resume_with_a_longer_run_rebuilds_the_lr_schedule(data_root, one_epoch_run, tmp_path, caplog):
     run = copy_run(one_epoch_run, tmp_path / "run")  # 4 steps: its schedule ended at min_lr
     cfg = tiny_train_config(data_root, "trainer.max_steps=12", "trainer.epochs=3")
@@ -322,24 +321,10 @@ def test_full_disk_at_a_save_names_the_file_and_what_is_intact(data_root, tmp_pa
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["last.pt"]  # saved before validation
 
 
-def test_unwritable_checkpoints_folder_is_found_at_start_up(data_root, one_epoch_run, tmp_path, monkeypatch):
+def test_unwritable_checkpoints_folder_is_found_at_start_up(data_root, one_epoch_run, tmp_path):
     run = copy_run(one_epoch_run, tmp_path / "run")
     checkpoints = run / "checkpoints"
-    if os.geteuid() == 0:
-        # root writes through permission bits: refuse new files there as a read-only mount would.
-        mkstemp = tempfile.mkstemp
-
-        def read_only(*args, dir=None, **kwargs):
-            if dir is not None and os.path.samefile(dir, checkpoints):
-                raise PermissionError(errno.EACCES, "Permission denied")
-            return mkstemp(*args, dir=dir, **kwargs)
-
-        monkeypatch.setattr(tempfile, "mkstemp", read_only)
-    else:
-        checkpoints.chmod(0o555)
-    try:
+    with unwritable(checkpoints):
         with pytest.raises(PermissionError, match=f"cannot write to {checkpoints} .*checkpoints"):
             Trainer(tiny_train_config(data_root), run)
-    finally:
-        checkpoints.chmod(0o755)
     assert not (run / "run.lock").exists()

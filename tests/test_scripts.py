@@ -84,6 +84,7 @@ EXPECTED_STATUS = {
 }
 
 
+@pytest.mark.slow
 def test_check_videos_list(video_folder, tmp_path):
     check_videos = load_script("check_videos")
     folder, list_file = video_folder

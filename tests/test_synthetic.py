@@ -19,17 +19,8 @@ from helpers.processes import children_of, kill_all, wait_gone
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from squarefuse.datasets.synthetic import (
-    CLASS_NAMES,
-    class_trajectory,
-    draw_frames,
-    ensure_synthetic,
-    render_clip,
-    sample_clip_params,
-    twin_of,
-)
+from squarefuse.datasets.synthetic import CLASS_NAMES, ensure_synthetic, render
 from squarefuse.datasets.synthetic import generate as synthetic
-from squarefuse.datasets.synthetic.render import _BASE_MOTIONS
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -132,18 +123,20 @@ def test_both_codecs_decode_with_pyav_and_decord(tmp_path):
 
 @pytest.mark.parametrize("class_index", range(len(CLASS_NAMES)))
 def test_twin_is_exact_time_reversal(class_index):
-    twin = twin_of(class_index)
-    assert twin != class_index and twin_of(twin) == class_index
-    clip = render_clip(class_index, rng=np.random.default_rng(7), num_frames=9, size=48)
-    clip_twin = render_clip(twin, rng=np.random.default_rng(7), num_frames=9, size=48)
+    twin = render.twin_of(class_index)
+    assert twin != class_index and render.twin_of(twin) == class_index
+    clip = render.render_clip(class_index, rng=np.random.default_rng(7), num_frames=9, size=48)
+    clip_twin = render.render_clip(twin, rng=np.random.default_rng(7), num_frames=9, size=48)
     assert clip.dtype == np.uint8 and clip.shape == (9, 48, 48, 3)
     np.testing.assert_array_equal(clip_twin, clip[::-1])
     # The clip is not its own reversal: only time order tells the twins apart.
     assert np.abs(clip.astype(int) - clip[::-1]).mean() > 1.0
 
     base = class_index & ~1
-    params = sample_clip_params(_BASE_MOTIONS[base // 2], rng=np.random.default_rng(3), size=48)
-    np.testing.assert_array_equal(class_trajectory(base + 1, params, 12), class_trajectory(base, params, 12)[::-1])
+    params = render.sample_clip_params(render._BASE_MOTIONS[base // 2], rng=np.random.default_rng(3), size=48)
+    np.testing.assert_array_equal(
+        render.class_trajectory(base + 1, params, 12), render.class_trajectory(base, params, 12)[::-1]
+    )
 
 
 def decoded_shape_masks(root: Path, path: str, label: int) -> np.ndarray:
@@ -151,10 +144,10 @@ def decoded_shape_masks(root: Path, path: str, label: int) -> np.ndarray:
     split, _, name = Path(path).parts[-3:]
     rng = synthetic._video_rng(SMALL["seed"], split, label, int(Path(name).stem))
     # render_clip draws the base motion's parameters first from the video's generator.
-    params = sample_clip_params(_BASE_MOTIONS[label // 2], rng=rng, size=SMALL["size"])
-    traj = class_trajectory(label, params, SMALL["num_frames"])
+    params = render.sample_clip_params(render._BASE_MOTIONS[label // 2], rng=rng, size=SMALL["size"])
+    traj = render.class_trajectory(label, params, SMALL["num_frames"])
     traj[:, 2] = 1e-3  # a vanishing shape: the background alone
-    background = draw_frames(params, traj, size=SMALL["size"])
+    background = render.draw_frames(params, traj, size=SMALL["size"])
     frames, _ = read_pyav(root / path)
     return np.linalg.norm(frames.astype(np.float32) - background, axis=-1) > 35.0
 
@@ -193,16 +186,16 @@ def test_turn_clockwise_turns_clockwise_on_screen(shape):
     from torchvision.transforms.v2 import functional as F  # noqa: PLC0415
 
     size = 64
-    params = sample_clip_params("turn", rng=np.random.default_rng(0), size=size)
+    params = render.sample_clip_params("turn", rng=np.random.default_rng(0), size=size)
     # The dot painted in the background colour is cut out of the shape mask, so the mask of
     # dotted_disc is as asymmetric as the shape is.
     params = dataclasses.replace(params, shape=shape, dot_colour=params.background)
     for class_name, clockwise in (("turn_clockwise", True), ("turn_anticlockwise", False)):
-        traj = class_trajectory(CLASS_NAMES.index(class_name), params, 8)
-        frames = draw_frames(params, traj, size=size)
+        traj = render.class_trajectory(CLASS_NAMES.index(class_name), params, 8)
+        frames = render.draw_frames(params, traj, size=size)
         empty = traj.copy()
         empty[:, 2] = 1e-3  # a vanishing shape: the lit background alone
-        background = draw_frames(params, empty, size=size)
+        background = render.draw_frames(params, empty, size=size)
         masks = torch.from_numpy(np.linalg.norm(frames - background, axis=-1) > 35.0).float()[:, None]
         for t in range(len(traj) - 1):
             step = abs(float(np.degrees(traj[t + 1, 3] - traj[t, 3])))
@@ -422,6 +415,7 @@ def test_bad_parameters_name_the_key(tmp_path, bad, key):
     assert not (tmp_path / "syn" / "manifest.json").exists()
 
 
+@pytest.mark.slow
 def test_default_size_generation_and_dataset(tmp_path):
     from squarefuse.datasets import build_dataset  # noqa: PLC0415
 

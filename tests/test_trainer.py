@@ -24,11 +24,6 @@ from squarefuse.training.trainer import Trainer, check_trainer_cfg
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("synthetic")
-
-
 def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
@@ -124,6 +119,7 @@ def test_missing_checkpoint_is_named(tmp_path):
 # ---------------------------------------------------------------------------------------- runs
 
 
+@pytest.mark.slow
 def test_tiny_run_writes_metrics_and_checkpoints(data_root, tmp_path, caplog):
     run = tmp_path / "run"
     with caplog.at_level(logging.INFO, logger="squarefuse"):
@@ -165,6 +161,7 @@ def test_start_up_line_says_trainable_and_total_params(data_root, tmp_path, capl
     assert trainer_mod.describe_params(model) == "0.1M of 1.1M params trainable"
 
 
+@pytest.mark.slow
 def test_resume_is_exact(data_root, tmp_path, monkeypatch):
     """An interrupted and resumed run logs the same per-step losses as an uninterrupted one."""
     extra = [
@@ -209,6 +206,7 @@ def test_resume_is_exact(data_root, tmp_path, monkeypatch):
         torch.testing.assert_close(a["ema"][key], b["ema"][key], rtol=1e-5, atol=1e-6, msg=key)
 
 
+@pytest.mark.slow
 def test_nonfinite_loss_stops_or_skips(data_root, tmp_path, monkeypatch):
     original = trainer_mod.soft_cross_entropy
     calls = {"n": 0}
@@ -237,6 +235,7 @@ def test_nonfinite_loss_stops_or_skips(data_root, tmp_path, monkeypatch):
     assert all(torch.isfinite(v).all() for v in trainer.model.state_dict().values() if v.is_floating_point())
 
 
+@pytest.mark.slow
 def test_wandb_offline_run_writes_its_files(data_root, tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_SILENT", "true")
     run = tmp_path / "run"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import subprocess
 import sys
 import zipfile
@@ -11,10 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 from helpers.checkpoints import make_checkpoint
-from helpers.configs import tiny_train_config
+from helpers.configs import as_hydra_app, tiny_train_config
 
 from squarefuse.apps.user_errors import user_errors
 from squarefuse.checkpoint import check_checkpoint_file, load_checkpoint
+from squarefuse.config.override_types import check_override_types
 from squarefuse.training.trainer import Trainer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -51,6 +53,7 @@ def test_unreadable_checkpoints_name_the_file_and_the_reason(bad_checkpoints, ki
     assert load_checkpoint(bad_checkpoints["good"])["step"] == 1
 
 
+@pytest.mark.slow
 def test_eval_of_a_text_file_fails_without_making_an_eval_folder(bad_checkpoints):
     result = _run("eval.py", f"ckpt={bad_checkpoints['text']}")
     assert result.returncode != 0
@@ -66,10 +69,24 @@ def test_eval_of_a_text_file_fails_without_making_an_eval_folder(bad_checkpoints
         ("optim.lr=fast", "optim.lr='fast': must be a number"),
     ],
 )
-def test_a_value_of_the_wrong_type_names_its_key(tmp_path, override, message):
-    result = _run("train.py", override, f"hydra.run.dir={tmp_path / 'run'}")
+def test_a_value_of_the_wrong_type_names_its_key(override, message):
+    with as_hydra_app("train", [override]) as cfg:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            check_override_types(cfg, "train")
+
+
+def test_values_of_the_right_type_pass():
+    overrides = ["trainer.batch_size=8", "trainer.epochs=3", "optim.lr=0.01", "optim.lr=1"]
+    with as_hydra_app("train", overrides) as cfg:
+        check_override_types(cfg, "train")
+
+
+@pytest.mark.slow
+def test_train_py_checks_the_types_before_any_work(tmp_path):
+    # The wiring: train.py runs the check above before the trainer makes anything.
+    result = _run("train.py", "trainer.batch_size=abc", f"hydra.run.dir={tmp_path / 'run'}")
     assert result.returncode != 0
-    assert message in result.stderr
+    assert "trainer.batch_size='abc': must be an integer" in result.stderr
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 

@@ -5,4 +5,5 @@ predict         `scripts/predict.py`: top-k classes of your own videos
 extract         `scripts/extract.py`: per-video features
 export          `scripts/export.py`: ONNX or TorchScript
 checkpoint_dir  `${checkpoint_dir:CKPT,SUBDIR}`: the apps' output folder next to the checkpoint's run
+batch_settings  batch size, workers and precision from the keys the eval, predict and extract configs share
 """

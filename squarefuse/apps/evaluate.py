@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
+from squarefuse.apps.batch_settings import batch_settings
 from squarefuse.checkpoint import build_model_from_checkpoint, load_checkpoint, select_weights
 from squarefuse.config.dataset_overrides import merge_dataset_overrides
 from squarefuse.datasets import build_dataset
@@ -25,8 +26,6 @@ from squarefuse.evaluation.metrics import EvalResult
 from squarefuse.evaluation.results import summary_lines, write_results
 from squarefuse.models.complexity import model_complexity
 from squarefuse.runtime.distributed import init_distributed, shutdown
-from squarefuse.runtime.precision import resolve_precision
-from squarefuse.runtime.workers import resolve_num_workers
 
 log = logging.getLogger(__name__)
 
@@ -90,20 +89,10 @@ def run_eval(cfg: DictConfig, run_dir: str | Path) -> EvalResult:
             )
         if list(dataset.class_names) != class_names:
             log.warning("the dataset's class names differ from the checkpoint's; labels are compared by id")
-        precision = resolve_precision(str(cfg.precision), device)
-        result = evaluate(
-            model,
-            dataset,
-            device=device,
-            normalizer=VideoNormalizer(model.mean, model.std, device),
-            batch_size=int(cfg.batch_size),
-            num_workers=resolve_num_workers(cfg.num_workers, key="num_workers"),
-            precision=precision,
-            dist_info=dist_info,
-            progress=bool(cfg.progress),
-            frame_order=frame_order,
-            frame_order_seed=frame_order_seed,
-        )
+        normalizer = VideoNormalizer(model.mean, model.std, device)
+        settings = batch_settings(cfg, device, normalizer, frame_order=frame_order, frame_order_seed=frame_order_seed)
+        precision = settings.precision
+        result = evaluate(model, dataset, settings, dist_info=dist_info, progress=bool(cfg.progress))
         if dist_info.is_main:
             meta = {
                 "checkpoint": str(Path(ckpt).resolve()),

@@ -32,6 +32,7 @@ import torch
 from omegaconf import DictConfig
 
 from squarefuse.api import load_model
+from squarefuse.apps.batch_settings import batch_settings
 from squarefuse.config.dataset_overrides import merge_dataset_overrides
 from squarefuse.datasets.inputs import find_videos
 from squarefuse.datasets.preprocess import EvalPreprocess
@@ -39,9 +40,7 @@ from squarefuse.evaluation.evaluator import shard_indices
 from squarefuse.evaluation.video_batches import run_batches
 from squarefuse.runtime.atomic_file import atomic_write
 from squarefuse.runtime.distributed import all_gather_objects, broadcast_object, init_distributed, shutdown
-from squarefuse.runtime.precision import resolve_precision
 from squarefuse.runtime.safe_text import csv_writer
-from squarefuse.runtime.workers import resolve_num_workers
 
 __all__ = ["COMPLETE_FILE", "run_extract"]
 
@@ -143,18 +142,10 @@ def run_extract(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
                 out.update({f"aux_{name}": value for name, value in stats.items()})
             return out
 
-        part = run_batches(
-            features,
-            dataset,
-            shard=shard_indices(len(dataset), dist_info.rank, dist_info.world_size),
-            device=device,
-            normalizer=preprocess.normalizer,
-            batch_size=int(cfg.batch_size),
-            num_workers=resolve_num_workers(cfg.num_workers, key="num_workers"),
-            precision=resolve_precision(str(cfg.precision), device),
-            progress=bool(cfg.progress) and dist_info.is_main,
-            desc="extract",
-        )
+        settings = batch_settings(cfg, device, preprocess.normalizer)
+        shard = shard_indices(len(dataset), dist_info.rank, dist_info.world_size)
+        progress = bool(cfg.progress) and dist_info.is_main
+        part = run_batches(features, dataset, settings, shard=shard, progress=progress, desc="extract")
         # Merged and checked on every rank, so that an error stops all of them, not rank 0 alone.
         merged = _merge(all_gather_objects(part), num_videos=len(dataset))
         summary = {**request, "world_size": dist_info.world_size}

@@ -22,12 +22,11 @@ import torch
 from omegaconf import DictConfig
 
 from squarefuse.api import load_model
+from squarefuse.apps.batch_settings import batch_settings
 from squarefuse.datasets.inputs import find_videos
 from squarefuse.evaluation.video_batches import run_batches
 from squarefuse.runtime.atomic_file import atomic_write
-from squarefuse.runtime.precision import resolve_precision
 from squarefuse.runtime.safe_text import csv_writer, printable
-from squarefuse.runtime.workers import resolve_num_workers
 
 __all__ = ["format_table", "run_predict"]
 
@@ -61,22 +60,13 @@ def run_predict(cfg: DictConfig, run_dir: str | Path) -> list[dict[str, Any]]:
     out: dict[str, Any] = {"indices": torch.zeros(0, dtype=torch.long), "outputs": {}, "errors": {}}
     if present:
         dataset = preprocess.dataset([records[i] for i in present])
-        device = model.device
 
         def probabilities(video: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
             return {"probs": model.model(video, mask).float().softmax(dim=-1)}
 
+        settings = batch_settings(cfg, model.device, preprocess.normalizer)
         out = run_batches(
-            probabilities,
-            dataset,
-            shard=range(len(dataset)),
-            device=device,
-            normalizer=preprocess.normalizer,
-            batch_size=int(cfg.batch_size),
-            num_workers=resolve_num_workers(cfg.num_workers, key="num_workers"),
-            precision=resolve_precision(str(cfg.precision), device),
-            progress=bool(cfg.progress),
-            desc="predict",
+            probabilities, dataset, settings, shard=range(len(dataset)), progress=bool(cfg.progress), desc="predict"
         )
     probs = dict(zip((present[i] for i in out["indices"].tolist()), out["outputs"].get("probs", []), strict=True))
     errors = {present[i]: message for i, message in out["errors"].items()}

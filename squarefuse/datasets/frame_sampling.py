@@ -86,15 +86,11 @@ def dense_indices(
     """Dense sampling: `clip_len` frames `stride` apart.
 
     Args:
-        num_frames: frames in the video (>= 1).
         clip_len: T, frames per clip.
         stride: frames between consecutive clip frames (>= 1).
-        rng: random generator for train sampling (one random clip); None = eval (deterministic).
         num_clips: eval clips C, their starts evenly spread (ignored in train).
         short_video: "pad" or "loop" when the video is shorter than the clip's span.
-
-    Returns:
-        index_CT int64, mask_CT bool.
+        num_frames, rng, and the result (index_CT, mask_CT): as in `segment_indices`.
     """
     assert num_frames >= 1 and clip_len >= 1 and stride >= 1
     clips = 1 if rng is not None else num_clips

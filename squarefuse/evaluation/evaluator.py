@@ -16,9 +16,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from squarefuse.datasets.preprocess import VideoNormalizer
 from squarefuse.evaluation.metrics import EvalResult, compute_metrics
-from squarefuse.evaluation.video_batches import run_batches
+from squarefuse.evaluation.video_batches import BatchSettings, run_batches
 from squarefuse.runtime.distributed import DistInfo, all_gather_objects
 
 
@@ -44,34 +43,23 @@ def _unwrap(model: nn.Module) -> nn.Module:
 def evaluate(
     model: nn.Module,
     dataset: Any,
+    settings: BatchSettings,
     *,
-    device: torch.device,
-    normalizer: VideoNormalizer,
-    batch_size: int,
-    num_workers: int,
-    precision: str,
     dist_info: DistInfo,
     progress: bool = False,
-    frame_order: str = "normal",
-    frame_order_seed: int = 0,
 ) -> EvalResult:
     """Evaluate `model` on an eval-split dataset; every rank returns the same, full result.
 
     Args:
-        model: a `VideoClassifier` (or DDP around one) already on `device`.
+        model: a `VideoClassifier` (or DDP around one) already on `settings.device`.
         dataset: an eval split from `build_dataset` (`views=True` for the multi-view test): its
             items hold video uint8 [V,T,C,H,W], mask bool [V,T], label, index and failed, and
             `dataset.views` says which (clips, crops) make up the V views.
-        device: where the forward runs.
-        normalizer: uint8 -> normalised float, on `device`.
-        batch_size: videos per batch (each brings V = clips x crops clips).
-        num_workers: DataLoader workers of this rank.
-        precision: fp32 | bf16 | fp16 (autocast).
+        settings: device, normaliser, videos per batch, DataLoader workers of this rank,
+            precision and frame order (`BatchSettings`).
         dist_info: this process's rank and world size; with world_size > 1 the process group must
             be initialised (results are gathered with `all_gather_objects`).
         progress: show a progress bar on rank 0.
-        frame_order: normal | reversed | shuffled: the frames of every view reordered before the
-            model sees them (`squarefuse.evaluation.frame_order`); frame_order_seed seeds the shuffle.
 
     Returns:
         An `EvalResult` with metrics over the videos that decoded and the failed indices.
@@ -80,35 +68,13 @@ def evaluate(
         ValueError: the model's outputs do not match the dataset's classes, or no video at all
             could be decoded.
     """
-    part = predict_shard(
-        model,
-        dataset,
-        shard=shard_indices(len(dataset), dist_info.rank, dist_info.world_size),
-        device=device,
-        normalizer=normalizer,
-        batch_size=batch_size,
-        num_workers=num_workers,
-        precision=precision,
-        progress=progress and dist_info.is_main,
-        frame_order=frame_order,
-        frame_order_seed=frame_order_seed,
-    )
+    shard = shard_indices(len(dataset), dist_info.rank, dist_info.world_size)
+    part = predict_shard(model, dataset, settings, shard=shard, progress=progress and dist_info.is_main)
     return merge_shards(all_gather_objects(part), num_items=len(dataset), views=dataset.views)
 
 
 def predict_shard(
-    model: nn.Module,
-    dataset: Any,
-    *,
-    shard: list[int],
-    device: torch.device,
-    normalizer: VideoNormalizer,
-    batch_size: int,
-    num_workers: int,
-    precision: str,
-    progress: bool = False,
-    frame_order: str = "normal",
-    frame_order_seed: int = 0,
+    model: nn.Module, dataset: Any, settings: BatchSettings, *, shard: list[int], progress: bool = False
 ) -> dict[str, Any]:
     """View-averaged probabilities for the dataset indices in `shard` (one rank's share).
 
@@ -131,20 +97,7 @@ def predict_shard(
     modes = [(m, m.training) for m in model.modules()]
     model.eval()
     try:
-        out = run_batches(
-            probabilities,
-            dataset,
-            shard=shard,
-            device=device,
-            normalizer=normalizer,
-            batch_size=batch_size,
-            num_workers=num_workers,
-            precision=precision,
-            progress=progress,
-            desc="eval",
-            frame_order=frame_order,
-            frame_order_seed=frame_order_seed,
-        )
+        out = run_batches(probabilities, dataset, settings, shard=shard, progress=progress, desc="eval")
     finally:
         for m, mode in modes:
             m.training = mode

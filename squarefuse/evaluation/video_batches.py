@@ -9,6 +9,7 @@ each video's V views. Videos that fail to decode are collected with their error,
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -21,24 +22,41 @@ from squarefuse.evaluation.frame_order import reorder_frames
 from squarefuse.runtime.precision import autocast
 from squarefuse.runtime.workers import ignore_stop_signals, private_generator
 
-__all__ = ["run_batches"]
+__all__ = ["BatchSettings", "run_batches"]
+
+
+@dataclass(frozen=True)
+class BatchSettings:
+    """How the videos are run, the same for evaluation, prediction and feature extraction.
+
+    Attributes:
+        device: where the forward runs.
+        normalizer: uint8 -> normalised float, on `device`.
+        batch_size: videos per batch (each brings its V = clips x crops views).
+        num_workers: DataLoader workers (of this rank).
+        precision: fp32 | bf16 | fp16 (autocast).
+        frame_order: normal | reversed | shuffled: the frames of every view reordered before the
+            model sees them (`squarefuse.evaluation.frame_order`); frame_order_seed seeds the shuffle.
+    """
+
+    device: torch.device
+    normalizer: VideoNormalizer
+    batch_size: int
+    num_workers: int
+    precision: str
+    frame_order: str = "normal"
+    frame_order_seed: int = 0
 
 
 def run_batches(
     fn: Callable[[Tensor, Tensor], dict[str, Tensor]],
     dataset: Any,
+    settings: BatchSettings,
     *,
     shard: Sequence[int],
-    device: torch.device,
-    normalizer: VideoNormalizer,
-    batch_size: int,
-    num_workers: int,
-    precision: str,
     progress: bool = False,
     desc: str = "videos",
     num_views: int | None = None,
-    frame_order: str = "normal",
-    frame_order_seed: int = 0,
 ) -> dict[str, Any]:
     """`fn` on the views of every video of `shard` that decodes, averaged over each video's views.
 
@@ -46,13 +64,11 @@ def run_batches(
         fn: (normalised views [B*V,T,C,H,W], mask [B*V,T]) -> named outputs [B*V, ...]; it runs
             under `torch.inference_mode` and autocast.
         dataset: eval items (`EvalPreprocess.dataset` or `build_dataset(..., views=True)`).
+        settings: device, normaliser, batch size, workers, precision and frame order.
         shard: the dataset indices to run, in this order.
-        device, normalizer, batch_size, num_workers, precision: as in `evaluator.evaluate`.
         progress: show a progress bar.
         desc: the progress bar's label.
         num_views: the V the dataset must give per video (clips x crops), checked when set.
-        frame_order: normal | reversed | shuffled: the frames of every view reordered before the
-            model sees them (`squarefuse.evaluation.frame_order`); frame_order_seed seeds the shuffle.
 
     Returns:
         {"indices": int64 [n], "labels": int64 [n], "outputs": {name: float32 [n, ...]}, "errors":
@@ -61,11 +77,12 @@ def run_batches(
     Raises:
         ValueError: the dataset gives another number of views than `num_views`.
     """
+    device = settings.device
     loader = DataLoader(
         dataset,
-        batch_size=batch_size,
+        batch_size=settings.batch_size,
         sampler=list(shard),  # a plain list of indices: no shuffling, no padding
-        num_workers=num_workers,
+        num_workers=settings.num_workers,
         pin_memory=device.type == "cuda",
         drop_last=False,
         worker_init_fn=ignore_stop_signals,
@@ -90,13 +107,17 @@ def run_batches(
                     "(clips x crops): build it with matching test_clips/test_crops"
                 )
             mask_BVT = batch["mask"][ok_B]
-            if frame_order != "normal":
+            if settings.frame_order != "normal":
                 video_BVTCHW = reorder_frames(
-                    video_BVTCHW, mask_BVT, frame_order, video_ids=batch["index"][ok_B], seed=frame_order_seed
+                    video_BVTCHW,
+                    mask_BVT,
+                    settings.frame_order,
+                    video_ids=batch["index"][ok_B],
+                    seed=settings.frame_order_seed,
                 )
-            video = normalizer(video_BVTCHW.flatten(0, 1).to(device, non_blocking=True))
+            video = settings.normalizer(video_BVTCHW.flatten(0, 1).to(device, non_blocking=True))
             mask = mask_BVT.flatten(0, 1).to(device, non_blocking=True)
-            with autocast(device, precision):
+            with autocast(device, settings.precision):
                 out = fn(video, mask)
             for name, value in out.items():
                 mean = value.float().unflatten(0, (B, V)).mean(dim=1)

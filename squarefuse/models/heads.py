@@ -35,14 +35,39 @@ def masked_mean_over_time(x_BTD: Tensor, mask_BT: Tensor | None) -> Tensor:
 
 
 class _LinearHead(nn.Module):
-    """LayerNorm -> dropout -> linear classifier on a pooled feature ``[B,D]``."""
+    """LayerNorm -> dropout -> linear classifier on a pooled feature ``[B,D]``.
 
-    def __init__(self, embed_dim: int, num_classes: int, dropout: float) -> None:
+    Every head takes the same arguments, so that the classifier builds any of them from the config.
+
+    Args:
+        embed_dim: Token width D.
+        num_classes: Number of output classes.
+        num_prefix_tokens: Prefix tokens (class/registers) before the patch tokens.
+        has_class_token: Whether token 0 is a class token (required by heads that read it).
+        dropout: Dropout before the classifier.
+    """
+
+    reads_class_token = False
+
+    def __init__(
+        self,
+        embed_dim: int,
+        num_classes: int,
+        num_prefix_tokens: int,
+        has_class_token: bool,
+        dropout: float = 0.0,
+    ) -> None:
         super().__init__()
+        if self.reads_class_token and not has_class_token:
+            raise ValueError(
+                "head=cls needs a backbone with a class token, but this backbone has none "
+                "(has_class_token=False); use head=mean."
+            )
         if num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {num_classes}")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"head.dropout must be in [0, 1), got {dropout}")
+        self.num_prefix_tokens = num_prefix_tokens
         self.norm = nn.LayerNorm(embed_dim)
         self.drop = nn.Dropout(dropout)
         self.fc = nn.Linear(embed_dim, num_classes)
@@ -57,30 +82,9 @@ class _LinearHead(nn.Module):
 
 
 class ClsHead(_LinearHead):
-    """Class token (index 0) averaged over valid frames -> linear classifier.
+    """Class token (index 0) averaged over valid frames -> linear classifier (arguments: `_LinearHead`)."""
 
-    Args:
-        embed_dim: Token width D.
-        num_classes: Number of output classes.
-        num_prefix_tokens: Prefix tokens before the patch tokens (unused; uniform head API).
-        has_class_token: Whether token 0 is a class token; required.
-        dropout: Dropout before the classifier.
-    """
-
-    def __init__(
-        self,
-        embed_dim: int,
-        num_classes: int,
-        num_prefix_tokens: int,
-        has_class_token: bool,
-        dropout: float = 0.0,
-    ) -> None:
-        if not has_class_token:
-            raise ValueError(
-                "head=cls needs a backbone with a class token, but this backbone has none "
-                "(has_class_token=False); use head=mean."
-            )
-        super().__init__(embed_dim, num_classes, dropout)
+    reads_class_token = True
 
     def forward(self, h_BTND: Tensor, mask_BT: Tensor | None = None, pre_logits: bool = False) -> Tensor:
         """Args: h_BTND fused tokens, mask_BT valid frames or None. Returns logits [B,C] (or
@@ -89,26 +93,8 @@ class ClsHead(_LinearHead):
 
 
 class MeanHead(_LinearHead):
-    """Patch tokens averaged over valid frames and all positions -> linear classifier.
-
-    Args:
-        embed_dim: Token width D.
-        num_classes: Number of output classes.
-        num_prefix_tokens: Prefix tokens (class/registers) to skip before the patch tokens.
-        has_class_token: Unused; uniform head API.
-        dropout: Dropout before the classifier.
-    """
-
-    def __init__(
-        self,
-        embed_dim: int,
-        num_classes: int,
-        num_prefix_tokens: int,
-        has_class_token: bool,
-        dropout: float = 0.0,
-    ) -> None:
-        super().__init__(embed_dim, num_classes, dropout)
-        self.num_prefix_tokens = num_prefix_tokens
+    """Patch tokens (after the prefix tokens) averaged over valid frames and all positions -> linear classifier
+    (arguments: `_LinearHead`)."""
 
     def forward(self, h_BTND: Tensor, mask_BT: Tensor | None = None, pre_logits: bool = False) -> Tensor:
         """Args: h_BTND fused tokens, mask_BT valid frames or None. Returns logits [B,C] (or

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import logging
-import pickle
 import struct
 from collections import Counter
 from collections.abc import Mapping
@@ -35,7 +34,7 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
-from squarefuse.checkpoint import check_checkpoint_file, verify_checkpoint
+from squarefuse.checkpoint import check_checkpoint_file, load_weights_only, verify_checkpoint
 
 log = logging.getLogger("squarefuse")
 
@@ -171,16 +170,7 @@ def read_init_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], str]:
         except Exception as e:  # noqa: BLE001 - safetensors raises its own error type for every problem
             raise ValueError(f"trainer.init_from={str(path)!r}: cannot read the safetensors file ({e})") from e
     verify_checkpoint(path, require_zip=False)  # a flipped bit in a member: ValueError naming it
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise ValueError(
-            f"trainer.init_from={str(path)!r}: refusing a file with objects other than tensors and plain "
-            f"containers (torch.load(weights_only=True) failed: {str(e).splitlines()[0]})"
-        ) from e
-    except Exception as e:  # noqa: BLE001 - a damaged archive raises many kinds; all mean the same to the user
-        reason = str(e).strip() or type(e).__name__
-        raise ValueError(f"trainer.init_from={str(path)!r}: cannot read it, damaged file ({reason})") from e
+    state = load_weights_only(path, named=f"trainer.init_from={str(path)!r}")
     if not isinstance(state, Mapping):
         raise ValueError(f"trainer.init_from={str(path)!r}: expected a state dict, got {type(state).__name__}")
     if isinstance(state.get("ema"), Mapping):  # a squarefuse checkpoint with EMA weights

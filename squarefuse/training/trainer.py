@@ -37,6 +37,7 @@ from squarefuse.datasets.build import check_run_dir
 from squarefuse.datasets.preprocess import VideoNormalizer
 from squarefuse.evaluation.evaluator import evaluate
 from squarefuse.evaluation.metrics import top5_name
+from squarefuse.evaluation.video_batches import BatchSettings
 from squarefuse.models import build_classifier
 from squarefuse.models.complexity import format_model_info, model_complexity, write_model_info
 from squarefuse.runtime import distributed
@@ -878,16 +879,9 @@ class Trainer:
         """Clip-level validation (1 clip x 1 crop): a training signal, not the multi-view test number."""
         tcfg = self.cfg.trainer
         model = self.ema.module if (self.ema is not None and tcfg.ema.eval) else self.model
-        result = evaluate(
-            model,
-            self.val_set,
-            device=self.device,
-            normalizer=self.normalizer,
-            batch_size=int(tcfg.val_batch_size or tcfg.batch_size),
-            num_workers=self.num_workers,
-            precision=self.precision,
-            dist_info=self.dist,
-        )
+        batch_size = int(tcfg.val_batch_size or tcfg.batch_size)
+        settings = BatchSettings(self.device, self.normalizer, batch_size, self.num_workers, self.precision)
+        result = evaluate(model, self.val_set, settings, dist_info=self.dist)
         record = {
             "step": self.step,
             "epoch": self.epoch,

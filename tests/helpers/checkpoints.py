@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import os
 import struct
+import tempfile
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from omegaconf import OmegaConf
 
@@ -15,6 +21,7 @@ from helpers.videos import write_video
 from squarefuse.checkpoint import save_checkpoint
 from squarefuse.datasets.preprocess import VideoNormalizer
 from squarefuse.evaluation.evaluator import evaluate
+from squarefuse.evaluation.video_batches import BatchSettings
 from squarefuse.models import build_classifier
 from squarefuse.runtime.distributed import DistInfo
 
@@ -87,17 +94,16 @@ def eval_cfg(ckpt: Path, *overrides: str):
     return compose_config("eval", [f"ckpt={ckpt}", "num_workers=0", "device=cpu", "progress=false", *overrides])
 
 
-def run_evaluate(model, dataset, **kwargs):
+def in_process_settings(model, *, device: torch.device = CPU, batch_size: int = 3) -> BatchSettings:
+    """fp32, no DataLoader workers: evaluations in the test's own process."""
+    normalizer = VideoNormalizer(model.mean, model.std, device)
+    return BatchSettings(device, normalizer, batch_size=batch_size, num_workers=0, precision="fp32")
+
+
+def run_evaluate(model, dataset, *, device: torch.device = CPU, batch_size: int = 3):
+    """`evaluate` in this process, fp32, no workers."""
     return evaluate(
-        model,
-        dataset,
-        device=CPU,
-        normalizer=VideoNormalizer(model.mean, model.std, CPU),
-        batch_size=3,
-        num_workers=0,
-        precision="fp32",
-        dist_info=DistInfo(),
-        **kwargs,
+        model, dataset, in_process_settings(model, device=device, batch_size=batch_size), dist_info=DistInfo()
     )
 
 
@@ -116,3 +122,25 @@ def flip_bit(path: Path, member_suffix: str = "data/0", byte: int = 17) -> str:
     data[start + byte] ^= 0x04
     path.write_bytes(bytes(data))
     return info.filename
+
+
+@contextlib.contextmanager
+def unwritable(folder: Path) -> Iterator[None]:
+    """`folder` refuses new files inside the block, as a read-only mount does; writable again after."""
+    with pytest.MonkeyPatch.context() as patch:
+        if os.geteuid() == 0:
+            # root writes through permission bits: make the folder refuse temporary files instead.
+            mkstemp = tempfile.mkstemp
+
+            def read_only(*args, dir=None, **kwargs):
+                if dir is not None and os.path.samefile(dir, folder):
+                    raise PermissionError(errno.EACCES, "Permission denied")
+                return mkstemp(*args, dir=dir, **kwargs)
+
+            patch.setattr(tempfile, "mkstemp", read_only)
+        else:
+            folder.chmod(0o555)
+        try:
+            yield
+        finally:
+            folder.chmod(0o755)

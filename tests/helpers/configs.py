@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 
 from hydra import compose, initialize_config_dir
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
+
+from squarefuse.config.resolvers import register_resolvers
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 
@@ -13,6 +18,19 @@ CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 def compose_config(config_name: str, overrides: list[str]) -> DictConfig:
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         return compose(config_name=config_name, overrides=overrides)
+
+
+@contextlib.contextmanager
+def as_hydra_app(config_name: str, overrides: list[str]) -> Iterator[DictConfig]:
+    """The config as `@hydra.main` hands it to an app, HydraConfig set: for checks that read the command line."""
+    register_resolvers()
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose(config_name=config_name, overrides=overrides, return_hydra_config=True)
+        HydraConfig.instance().set_config(cfg)
+        try:
+            yield cfg
+        finally:
+            HydraConfig.instance().cfg = None
 
 
 def tiny_overrides(data_root: Path) -> list[str]:

@@ -40,19 +40,19 @@ def video_frames(num_frames: int, width: int, height: int) -> np.ndarray:
 def write_video(
     path: str | Path,
     *,
+    frames: np.ndarray | None = None,
     num_frames: int = 20,
     width: int = 64,
     height: int = 48,
     fps: int = 12,
-    frames: np.ndarray | None = None,
     faststart: bool = False,
 ) -> Path:
     """Encode `frames` (default: the test pattern) to `path`; the codec follows the extension.
 
     Args:
         path: .mp4 / .mkv (H.264) or .webm (VP9).
-        num_frames, width, height, fps: size of the default pattern.
         frames: uint8 [T,H,W,3] to encode instead of the pattern.
+        num_frames, width, height: size of the default pattern; fps: the frame rate.
         faststart: mp4 only: index (moov) at the front, as streaming copies of K400 have it.
     """
     codec = CODECS[Path(path).suffix]

@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -307,33 +308,23 @@ _CONFIG_KEYS = {
 }
 
 
-def square_fuse(
-    d_model: int,
-    K: int = 8,
-    quantiles: Sequence[float] | None = (0.1, 0.5, 0.9),
-    P: int | None = 2,
-    beta_init: float = 0.5,
-    sigma: float | None = None,
-) -> SQuaReFuse:
+def square_fuse(d_model: int, K: int = 8, P: int | None = 2, **layer_kwargs: Any) -> SQuaReFuse:
     """Builds SQuaRe-Fuse from the Hydra group ``fusion`` (paper symbols ``K`` and ``P``).
 
     Args:
         d_model: Token width ``D`` of the backbone.
-        K: Number of projection directions, ``1 <= K <= d_model``.
-        quantiles: Soft-quantile levels in [0, 1]; None is the trend-only ablation.
-        P: Highest Legendre order of the trend, ``>= 0``; None is the quantiles-only ablation.
-        beta_init: Initial residual scale.
-        sigma: Fixed Gaussian width over ranks (> 0), or None for ``max(0.5, L / 16)``.
+        K: Number of projection directions (``num_dirs``), ``1 <= K <= d_model``.
+        P: Highest Legendre order of the trend (``poly_order``), ``>= 0``; None is the quantiles-only ablation.
+        **layer_kwargs: ``quantiles``, ``beta_init``, ``sigma``, as `SQuaReFuse` takes them.
 
     Raises:
         ValueError: naming the ``fusion.*`` key of an invalid value.
     """
+    quantiles = layer_kwargs.get("quantiles")
     # Hydra hands quantiles over as a ListConfig: store a plain tuple.
     if not isinstance(quantiles, (str, bytes)) and isinstance(quantiles, Sequence):
-        quantiles = tuple(quantiles)
+        layer_kwargs["quantiles"] = tuple(quantiles)
     try:
-        return SQuaReFuse(
-            d_model=d_model, num_dirs=K, quantiles=quantiles, poly_order=P, beta_init=beta_init, sigma=sigma
-        )
+        return SQuaReFuse(d_model=d_model, num_dirs=K, poly_order=P, **layer_kwargs)
     except ArgumentError as e:
         raise ValueError(f"{_CONFIG_KEYS[e.key]} {e.problem}") from None
