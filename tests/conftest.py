@@ -27,7 +27,8 @@ from squarefuse.datasets.synthetic import ensure_synthetic
 def tiny_synthetic(tmp_path_factory) -> Path:
     """The synthetic videos of `tiny_overrides`, generated once per session; tests use copies (`data_root`)."""
     root = tmp_path_factory.mktemp("tiny_synthetic")
-    ensure_synthetic(root, **dict(tiny_train_config(root).dataset.generate))
+    dataset = tiny_train_config(root).dataset
+    ensure_synthetic(root, task=dataset.task, **dict(dataset.generate))
     return root
 
 
