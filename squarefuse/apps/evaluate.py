@@ -17,7 +17,7 @@ from omegaconf import DictConfig
 from squarefuse.checkpoint import build_model_from_checkpoint, load_checkpoint, select_weights
 from squarefuse.config.dataset_overrides import merge_dataset_overrides
 from squarefuse.datasets import build_dataset
-from squarefuse.datasets.preprocess import VideoNormalizer
+from squarefuse.datasets.preprocess import input_normalizer
 from squarefuse.evaluation.evaluator import evaluate
 from squarefuse.evaluation.frame_order import check_frame_order
 from squarefuse.evaluation.metrics import EvalResult
@@ -77,7 +77,7 @@ def run_eval(cfg: DictConfig, run_dir: str | Path) -> EvalResult:
             model,
             dataset,
             device=device,
-            normalizer=VideoNormalizer(model.mean, model.std, device),
+            normalizer=input_normalizer(model.mean, model.std, device),
             batch_size=int(cfg.batch_size),
             num_workers=resolve_num_workers(cfg.num_workers, key="num_workers"),
             precision=precision,

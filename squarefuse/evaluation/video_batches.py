@@ -39,6 +39,7 @@ def run_batches(
     num_views: int | None = None,
     frame_order: str = "normal",
     frame_order_seed: int = 0,
+    average_views: bool = True,
 ) -> dict[str, Any]:
     """`fn` on the views of every video of `shard` that decodes, averaged over each video's views.
 
@@ -53,6 +54,8 @@ def run_batches(
         num_views: the V the dataset must give per video (clips x crops), checked when set.
         frame_order: normal | reversed | shuffled: the frames of every view reordered before the
             model sees them (`squarefuse.evaluation.frame_order`); frame_order_seed seeds the shuffle.
+        average_views: False keeps every view's output: [n, V, ...] instead of [n, ...] (the
+            token cache stores each view).
 
     Returns:
         {"indices": int64 [n], "labels": int64 [n], "outputs": {name: float32 [n, ...]}, "errors":
@@ -99,8 +102,9 @@ def run_batches(
             with autocast(device, precision):
                 out = fn(video, mask)
             for name, value in out.items():
-                mean = value.float().unflatten(0, (B, V)).mean(dim=1)
-                outputs.setdefault(name, []).append(mean.cpu())
+                per_view = value.unflatten(0, (B, V))
+                kept = per_view.float().mean(dim=1) if average_views else per_view
+                outputs.setdefault(name, []).append(kept.cpu())
             indices.append(batch["index"][ok_B].long())
             labels.append(batch["label"][ok_B].long())
     return {

@@ -1,6 +1,7 @@
 """Video model: per-frame timm backbone, temporal fusion (SQuaRe-Fuse and baselines), classification heads."""
 
 from squarefuse.models.backbone import VideoBackbone
+from squarefuse.models.cached_tokens import CachedTokens
 from squarefuse.models.classifier import VideoClassifier, build_classifier
 from squarefuse.models.fusion import (
     NoFusion,
@@ -14,6 +15,7 @@ from squarefuse.models.heads import ClsHead, MeanHead
 
 __all__ = [
     "VideoBackbone",
+    "CachedTokens",
     "ClsHead",
     "MeanHead",
     "VideoClassifier",

@@ -31,7 +31,8 @@ from tqdm import tqdm
 from squarefuse.checkpoint import load_checkpoint, save_checkpoint
 from squarefuse.datasets import build_dataset, build_device_augment, build_gpu_decoder
 from squarefuse.datasets.build import check_run_dir
-from squarefuse.datasets.preprocess import VideoNormalizer
+from squarefuse.datasets.preprocess import input_normalizer
+from squarefuse.datasets.token_cache import apply_cache_to_config
 from squarefuse.evaluation.evaluator import evaluate
 from squarefuse.models import build_classifier
 from squarefuse.models.complexity import format_model_info, model_complexity, write_model_info
@@ -140,6 +141,12 @@ class Trainer:
         tcfg = cfg.trainer
         check_trainer_cfg(tcfg)
         check_optim_cfg(cfg.optim)
+        apply_cache_to_config(cfg)  # dataset=tokens: the cache's settings, checked, into the run's config
+        if cfg.dataset.name == "tokens" and (float(tcfg.mixup) > 0 or float(tcfg.cutmix) > 0):
+            raise ValueError(
+                f"trainer.mixup={tcfg.mixup}, trainer.cutmix={tcfg.cutmix}: MixUp/CutMix mix pixels, and a run on "
+                "cached tokens (dataset=tokens) has none; set both to 0"
+            )
         check_run_dir(cfg.dataset, self.run_dir)
         if tcfg.init_from is not None and not tcfg.resume and not (self.ckpt_dir / "last.pt").is_file():
             check_init_file(tcfg.init_from)  # a fresh run will read it: a wrong file fails before the data is built
@@ -211,7 +218,7 @@ class Trainer:
             resume_from=resume_from,
             report_dir=self.run_dir if is_main else None,
         )
-        self.normalizer = VideoNormalizer(self.model.mean, self.model.std, self.device)
+        self.normalizer = input_normalizer(self.model.mean, self.model.std, self.device)
         self.device_augment = build_device_augment(cfg.dataset)
         self.gpu_decoder = build_gpu_decoder(self.train_set, self.device)  # dataset.decode_device=cuda
         self.ema = ModelEmaV3(self.model, decay=float(tcfg.ema.decay)) if tcfg.ema.enabled else None
