@@ -210,6 +210,7 @@ def test_a_cache_made_otherwise_than_the_run_expects_is_refused_naming_both_valu
     assert not (tmp_path / "run" / "checkpoints" / "last.pt").exists()
 
 
+@pytest.mark.slow
 def test_eval_refuses_a_cache_remade_with_another_backbone(ckpt, cache32, videos, tmp_path):
     train(token_train_cfg(cache32, None, "trainer.epochs=1"), tmp_path / "run")
     other_ckpt, _ = make_checkpoint(
@@ -247,6 +248,7 @@ def test_bad_cache_folders_name_the_folder_and_what_to_do(cache32, tmp_path):
         TokenDataset({"name": "tokens", "root": str(cache32)}, "test")
 
 
+@pytest.mark.slow
 def test_recaching_keeps_the_cache_and_other_settings_are_refused_without_overwrite(ckpt, tmp_path):
     out = make_cache(ckpt, tmp_path / "cache", "shard_size=4")
     shard = out / "train" / "shard_000000.npy"

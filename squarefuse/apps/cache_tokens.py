@@ -27,7 +27,7 @@ import torch
 from omegaconf import DictConfig
 
 from squarefuse.api import load_model
-from squarefuse.config.dataset_overrides import merge_dataset_overrides
+from squarefuse.apps.extract import batch_options, checkpoint_preprocess
 from squarefuse.datasets.annotations import split_missing
 from squarefuse.datasets.build import load_annotations
 from squarefuse.datasets.preprocess import EvalPreprocess
@@ -45,9 +45,7 @@ from squarefuse.datasets.token_cache import (
 from squarefuse.evaluation.video_batches import run_batches
 from squarefuse.runtime.atomic_file import atomic_write
 from squarefuse.runtime.distributed import barrier, broadcast_object, init_distributed, shutdown
-from squarefuse.runtime.precision import resolve_precision
 from squarefuse.runtime.safe_text import csv_writer
-from squarefuse.runtime.workers import resolve_num_workers
 
 __all__ = ["run_cache_tokens", "weights_hash"]
 
@@ -163,17 +161,7 @@ def run_cache_tokens(cfg: DictConfig) -> dict[str, Any]:
                 f"{cfg.ckpt}: its fusion layers sit inside the backbone (fusion.after_blocks), so the backbone's "
                 "tokens depend on trained layers and cannot be cached; cache a model with fusion.after_blocks=[]"
             )
-        dataset_cfg = merge_dataset_overrides(
-            model.info["config"]["dataset"], cfg.get("dataset"), allow_new=(f"{split}_file", f"{split}_video_dir")
-        )
-        preprocess = EvalPreprocess(
-            dataset_cfg,
-            class_names=model.class_names,
-            mean=model.model.mean,
-            std=model.model.std,
-            device=device,
-            views=cfg.get("views"),
-        )
+        preprocess = checkpoint_preprocess(model, cfg, device)
         info = _cache_info(cfg, model, preprocess.dataset_cfg, preprocess)
         done = None
         if dist_info.is_main:
@@ -218,11 +206,7 @@ def run_cache_tokens(cfg: DictConfig) -> dict[str, Any]:
                 dataset,
                 shard=indices,
                 device=device,
-                normalizer=preprocess.normalizer,
-                batch_size=int(cfg.batch_size),
-                num_workers=resolve_num_workers(cfg.num_workers, key="num_workers"),
-                precision=resolve_precision(str(cfg.precision), device),
-                progress=bool(cfg.progress) and dist_info.is_main,
+                **batch_options(cfg, preprocess, device, show_progress=dist_info.is_main),
                 desc=f"cache shard {k + 1}/{num_shards}",
                 average_views=False,
             )

@@ -43,7 +43,7 @@ from squarefuse.runtime.precision import resolve_precision
 from squarefuse.runtime.safe_text import csv_writer
 from squarefuse.runtime.workers import resolve_num_workers
 
-__all__ = ["COMPLETE_FILE", "run_extract"]
+__all__ = ["COMPLETE_FILE", "batch_options", "checkpoint_preprocess", "run_extract"]
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +83,35 @@ def _existing(run_dir: Path, request: dict[str, Any], overwrite: bool) -> bool:
     return True
 
 
+def checkpoint_preprocess(model: Any, cfg: DictConfig, device: torch.device) -> EvalPreprocess:
+    """The eval views of `cfg.split` of the checkpoint's dataset, with the app's `dataset.*` overrides and `views`."""
+    split = str(cfg.split)
+    dataset_cfg = merge_dataset_overrides(
+        model.info["config"]["dataset"], cfg.get("dataset"), allow_new=(f"{split}_file", f"{split}_video_dir")
+    )
+    return EvalPreprocess(
+        dataset_cfg,
+        class_names=model.class_names,
+        mean=model.model.mean,
+        std=model.model.std,
+        device=device,
+        views=cfg.get("views"),
+    )
+
+
+def batch_options(
+    cfg: DictConfig, preprocess: EvalPreprocess, device: torch.device, *, show_progress: bool
+) -> dict[str, Any]:
+    """`run_batches` keywords from an app's batch_size, num_workers, precision and progress keys."""
+    return {
+        "normalizer": preprocess.normalizer,
+        "batch_size": int(cfg.batch_size),
+        "num_workers": resolve_num_workers(cfg.num_workers, key="num_workers"),
+        "precision": resolve_precision(str(cfg.precision), device),
+        "progress": bool(cfg.progress) and show_progress,
+    }
+
+
 def run_extract(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     """Extract per-video features of a dataset split or of the videos `cfg.input` names.
 
@@ -104,17 +133,7 @@ def run_extract(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     try:
         model = load_model(str(cfg.ckpt), use_ema=bool(cfg.use_ema), device=device)
         split = str(cfg.split)
-        dataset_cfg = merge_dataset_overrides(
-            model.info["config"]["dataset"], cfg.get("dataset"), allow_new=(f"{split}_file", f"{split}_video_dir")
-        )
-        preprocess = EvalPreprocess(
-            dataset_cfg,
-            class_names=model.class_names,
-            mean=model.model.mean,
-            std=model.model.std,
-            device=device,
-            views=cfg.get("views"),
-        )
+        preprocess = checkpoint_preprocess(model, cfg, device)
         request = _request(cfg, model.weights, preprocess.views)
         skip = None
         if dist_info.is_main:
@@ -148,11 +167,7 @@ def run_extract(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
             dataset,
             shard=shard_indices(len(dataset), dist_info.rank, dist_info.world_size),
             device=device,
-            normalizer=preprocess.normalizer,
-            batch_size=int(cfg.batch_size),
-            num_workers=resolve_num_workers(cfg.num_workers, key="num_workers"),
-            precision=resolve_precision(str(cfg.precision), device),
-            progress=bool(cfg.progress) and dist_info.is_main,
+            **batch_options(cfg, preprocess, device, show_progress=dist_info.is_main),
             desc="extract",
         )
         # Merged and checked on every rank, so that an error stops all of them, not rank 0 alone.
