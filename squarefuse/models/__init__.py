@@ -1,4 +1,7 @@
-"""Video model: per-frame timm backbone, temporal fusion (SQuaRe-Fuse and baselines), classification heads."""
+"""Video model: per-frame timm backbone, temporal fusion (SQuaRe-Fuse and baselines), classification heads.
+
+`CachedTokens` (cached_tokens.py) stands in for the backbone of a model trained on a token cache.
+"""
 
 from squarefuse.models.backbone import VideoBackbone
 from squarefuse.models.cached_tokens import CachedTokens
