@@ -24,7 +24,7 @@ from helpers.videos import write_video
 from squarefuse.apps.cache_tokens import run_cache_tokens
 from squarefuse.apps.evaluate import run_eval
 from squarefuse.datasets.token_cache import TokenDataset, pool_tokens
-from squarefuse.training.trainer import train
+from squarefuse.training.trainer import Trainer, train
 
 REPO = Path(__file__).resolve().parents[1]
 LABELS = [0, 1, 2, 0, 1, 2, 0, 1]
@@ -325,3 +325,30 @@ def test_two_processes_make_the_same_cache_as_one(ckpt, tmp_path):
         np.testing.assert_array_equal(_shards(tmp_path / "two")[name], array, err_msg=name)
     index = [json.loads((tmp_path / n / "train" / "index.json").read_text()) for n in ("one", "two")]
     assert index[0]["videos"] == index[1]["videos"]
+
+
+@pytest.mark.slow
+def test_resume_on_the_cache_is_exact_with_a_view_drawn_per_sample(ckpt, tmp_path, monkeypatch):
+    """Interrupted mid-epoch and resumed: the same losses and weights as uninterrupted (2 cached views, EMA)."""
+    cache = make_cache(ckpt, tmp_path / "cache", "views=2x1", "dataset.num_frames=4")
+    extra = ["trainer.epochs=3", "trainer.num_workers=1", "trainer.ema.enabled=true", "trainer.ema.decay=0.9"]
+    Trainer(token_train_cfg(cache, None, *extra), tmp_path / "full").fit()
+    original_step = Trainer.train_step
+
+    def interrupt_after_5(self, batches):
+        out = original_step(self, batches)
+        if self.step == 5:  # mid-epoch 1 (4 steps per epoch)
+            self._stop_signal = 15
+        return out
+
+    monkeypatch.setattr(Trainer, "train_step", interrupt_after_5)
+    assert Trainer(token_train_cfg(cache, None, *extra), tmp_path / "cut").fit()["status"] == "interrupted"
+    monkeypatch.setattr(Trainer, "train_step", original_step)
+    assert Trainer(token_train_cfg(cache, None, *extra), tmp_path / "cut").fit()["status"] == "finished"
+    assert losses(tmp_path / "cut") == pytest.approx(losses(tmp_path / "full"), rel=1e-5, abs=1e-6)
+    assert len(losses(tmp_path / "full")) == 12
+    full = torch.load(tmp_path / "full" / "checkpoints" / "last.pt", weights_only=True)
+    cut = torch.load(tmp_path / "cut" / "checkpoints" / "last.pt", weights_only=True)
+    for part in ("model", "ema"):
+        for key, value in full[part].items():
+            torch.testing.assert_close(cut[part][key], value, rtol=1e-5, atol=1e-6, msg=f"{part}.{key}")
