@@ -10,6 +10,7 @@ from omegaconf import DictConfig
 
 from squarefuse.apps.checkpoint_dir import register_checkpoint_dir_resolver
 from squarefuse.apps.evaluate import run_eval
+from squarefuse.apps.user_errors import user_errors
 from squarefuse.config.override_types import check_override_types
 from squarefuse.config.resolvers import register_resolvers
 
@@ -20,8 +21,10 @@ register_checkpoint_dir_resolver("python eval.py ckpt=PATH/TO/checkpoint.pt")
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="eval")
 def main(cfg: DictConfig) -> None:
-    check_override_types(cfg, "eval")
-    run_eval(cfg, HydraConfig.get().runtime.output_dir)
+    run_dir = HydraConfig.get().runtime.output_dir
+    with user_errors(run_dir):
+        check_override_types(cfg, "eval")
+        run_eval(cfg, run_dir)
 
 
 if __name__ == "__main__":

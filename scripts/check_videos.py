@@ -12,8 +12,10 @@ Two ways to name the split:
 Each video is opened and decoded, all its frames by default (``--frames N``: N evenly spaced
 ones, as a loader would), by a pool of worker processes. Every decoder call runs in a guarded
 child process (``squarefuse.datasets.decoding.video_reader``): a call that takes longer than ``--timeout``
-seconds gets the child killed and the video reported as ``timeout``. The dataset's fallback
-decoder (PyAV by default) is tried when the first decoder fails, as in training.
+seconds (default: the config's ``dataset.decode_timeout``; 0 decodes unguarded, as training does)
+gets the child killed and the video reported as ``timeout``. The dataset's fallback decoder
+(``dataset.fallback_decoder``) is tried when the first decoder fails, as in training. A bare
+``--list`` takes these settings from the keys every dataset config has (dataset/base.yaml).
 
 Outputs, in --out-dir:
     report_{split}.csv    path, status (ok | missing | corrupt | timeout), num_frames, decoder, error
@@ -34,7 +36,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+from omegaconf import OmegaConf
 
+from squarefuse.config.dataset_overrides import dataset_defaults
 from squarefuse.datasets.annotations import list_num_classes, load_list, read_k400_csv
 from squarefuse.datasets.decoding.video_reader import DecodeError, DecodeTimeout, open_video, resolve_decoder
 from squarefuse.runtime.process_pool import video_process_pool
@@ -59,7 +63,7 @@ class Result:
     error: str = ""
 
 
-def _decode_all(path: str, decoder: str, *, frames: int, timeout: float) -> int:
+def _decode_all(path: str, decoder: str, *, frames: int, timeout: float | None) -> int:
     """Decode the video (all frames, or `frames` evenly spaced ones); returns its frame count."""
     with open_video(path, decoder, timeout=timeout) as video:
         total = video.num_frames
@@ -75,7 +79,7 @@ def _decode_all(path: str, decoder: str, *, frames: int, timeout: float) -> int:
         return total
 
 
-def check_video(path: str, *, decoders: tuple[str, ...], frames: int, timeout: float) -> Result:
+def check_video(path: str, *, decoders: tuple[str, ...], frames: int, timeout: float | None) -> Result:
     """Check one video with each decoder in turn until one reads it."""
     if not os.path.exists(path):
         return Result(path, "missing", error="no such file")
@@ -100,7 +104,7 @@ def _check_star(job: tuple[str, dict]) -> Result:
 
 
 def run_checks(
-    paths: list[str], *, decoders: tuple[str, ...], frames: int, timeout: float, workers: int
+    paths: list[str], *, decoders: tuple[str, ...], frames: int, timeout: float | None, workers: int
 ) -> list[Result]:
     """Check videos in a process pool; results in the order of `paths`."""
     kwargs = dict(decoders=decoders, frames=frames, timeout=timeout)
@@ -149,7 +153,6 @@ def split_from_list(list_file: Path, root: Path | None) -> Split:
 def split_from_config(overrides: list[str], split: str) -> tuple[Split, dict]:
     """The split of the dataset config that ``configs/train.yaml`` + `overrides` compose to."""
     from hydra import compose, initialize_config_dir  # noqa: PLC0415
-    from omegaconf import OmegaConf  # noqa: PLC0415
 
     from squarefuse.datasets import build  # noqa: PLC0415
 
@@ -236,17 +239,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--split", default="val", help="--config-overrides only: the split to check (default: val)")
     parser.add_argument("--out-dir", type=Path, default=Path("video_check"), help="where the report and clean file go")
     parser.add_argument("--report-format", choices=("csv", "json"), default="csv")
-    parser.add_argument("--decoder", default=None, help="decord | pyav | torchcodec (default: the config's, or decord)")
+    parser.add_argument(
+        "--decoder", default=None, help="decord | pyav | torchcodec (default: the config's dataset.decoder)"
+    )
     parser.add_argument(
         "--fallback-decoder",
         default=None,
-        help="tried when --decoder fails; 'none' = no retry (default: the config's, or pyav)",
+        help="tried when --decoder fails; 'none' = no retry (default: the config's dataset.fallback_decoder)",
     )
     parser.add_argument(
         "--timeout",
         type=float,
         default=None,
-        help="seconds per decoder call (default: the config's decode_timeout, or 60)",
+        help="seconds per decoder call, 0 = unguarded (default: the config's dataset.decode_timeout)",
     )
     parser.add_argument(
         "--frames", type=int, default=0, help="decode N evenly spaced frames per video; 0 = every frame (default)"
@@ -261,27 +266,33 @@ def main(argv: list[str] | None = None) -> dict:
     """Run the check; returns the summary (counts per status and the output paths)."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     args = parse_args(argv)
-    dataset_cfg: dict = {}
     if args.list is not None:
         if not args.list.is_file():
             raise FileNotFoundError(f"--list {args.list} does not exist")
         split = split_from_list(args.list, args.root)
+        dataset_cfg = OmegaConf.to_container(dataset_defaults())  # a bare list: the keys every dataset has
     else:
         split, dataset_cfg = split_from_config(args.config_overrides, args.split)
 
-    decoder = resolve_decoder(args.decoder or dataset_cfg.get("decoder") or "decord")
-    fallback = args.fallback_decoder or dataset_cfg.get("fallback_decoder", "pyav")
+    decoder = resolve_decoder(args.decoder or dataset_cfg["decoder"])
+    fallback = args.fallback_decoder or dataset_cfg["fallback_decoder"]
     decoders = (decoder,) if fallback in (None, "none", decoder) else (decoder, resolve_decoder(fallback))
-    timeout = args.timeout or dataset_cfg.get("decode_timeout") or 60.0
-    if timeout <= 0:
-        raise ValueError(f"--timeout={timeout}: a check needs a positive per-call timeout")
+    timeout = args.timeout if args.timeout is not None else float(dataset_cfg["decode_timeout"])
+    if timeout < 0:
+        raise ValueError(f"--timeout={timeout}: seconds per decoder call, >= 0 (0: unguarded)")
+    if timeout:
+        guard = f"{timeout:g} s per decoder call"
+    else:  # as in training: 0 decodes in the worker itself, so a hanging video hangs the check
+        guard = "unguarded decoding (decode_timeout 0: a video that hangs the decoder hangs the check; set --timeout)"
 
     log.info(
         f"checking {len(split.paths)} videos of {split.annotation_file} with {'+'.join(decoders)}, "
-        f"{args.workers} workers, {timeout:g} s per decoder call"
+        f"{args.workers} workers, {guard}"
     )
     start = time.monotonic()
-    results = run_checks(split.paths, decoders=decoders, frames=args.frames, timeout=timeout, workers=args.workers)
+    results = run_checks(
+        split.paths, decoders=decoders, frames=args.frames, timeout=timeout or None, workers=args.workers
+    )
 
     args.out_dir.mkdir(parents=True, exist_ok=True)
     report = args.out_dir / f"report_{split.name}.{args.report_format}"

@@ -28,7 +28,7 @@ def main(argv: list[str]) -> None:
 
     from hydra import compose, initialize_config_dir  # noqa: PLC0415 (keeps --help fast)
 
-    from squarefuse.datasets.synthetic import CLASS_NAMES  # noqa: PLC0415
+    from squarefuse.datasets.synthetic import TASKS  # noqa: PLC0415
     from squarefuse.models import build_classifier  # noqa: PLC0415
     from squarefuse.models.complexity import format_model_info, model_complexity, write_model_info  # noqa: PLC0415
 
@@ -41,7 +41,9 @@ def main(argv: list[str]) -> None:
             overrides.append(item)
     with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
         cfg = compose(config_name="train", overrides=[*overrides, "backbone.pretrained=false"])
-    known = {**KNOWN_NUM_CLASSES, "synthetic": len(CLASS_NAMES)}
+    known = dict(KNOWN_NUM_CLASSES)
+    if cfg.dataset.name == "synthetic":
+        known["synthetic"] = len(TASKS[cfg.dataset.task])
     num_classes = num_classes or cfg.dataset.get("num_classes") or known.get(cfg.dataset.name)
     if num_classes is None:
         sys.exit(f"error: dataset {cfg.dataset.name!r} does not say its number of classes: add num_classes=N")

@@ -4,14 +4,13 @@ Options in configs/predict.yaml (`views=1x1` for speed, `topk=3`, `device=cuda`.
 <run>/predict/<stamp>/predictions.csv and predictions.json (or hydra.run.dir=...).
 """
 
-import sys
-
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from squarefuse.apps.checkpoint_dir import register_checkpoint_dir_resolver
 from squarefuse.apps.predict import run_predict
+from squarefuse.apps.user_errors import user_errors
 from squarefuse.config.resolvers import register_resolvers
 
 register_resolvers()
@@ -20,10 +19,9 @@ register_checkpoint_dir_resolver("python scripts/predict.py ckpt=PATH input=VIDE
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="predict")
 def main(cfg: DictConfig) -> None:
-    try:
-        run_predict(cfg, HydraConfig.get().runtime.output_dir)
-    except (FileNotFoundError, ValueError) as e:
-        sys.exit(f"error: {e}")
+    run_dir = HydraConfig.get().runtime.output_dir
+    with user_errors(run_dir):
+        run_predict(cfg, run_dir)
 
 
 if __name__ == "__main__":

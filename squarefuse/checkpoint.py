@@ -139,6 +139,12 @@ def _strip_prefix(state_dict: Mapping[str, torch.Tensor], prefix: str) -> dict[s
     return dict(state_dict)
 
 
+def _run_had_ema(state: Mapping[str, Any]) -> bool:
+    """Whether the run that saved `state` trained with EMA (`trainer.ema.enabled`); True when unknown."""
+    ema_cfg = ((state.get("config") or {}).get("trainer") or {}).get("ema")
+    return not isinstance(ema_cfg, Mapping) or bool(ema_cfg.get("enabled", True))
+
+
 def select_weights(state: Mapping[str, Any], use_ema: bool) -> tuple[dict[str, torch.Tensor], str]:
     """The state dict to evaluate and its name ("ema" or "model").
 
@@ -148,7 +154,8 @@ def select_weights(state: Mapping[str, Any], use_ema: bool) -> tuple[dict[str, t
     if use_ema and state.get("ema") is not None:
         weights, name = state["ema"], "ema"
     else:
-        if use_ema:
+        # A run trained without EMA (the default recipes) has none by design: nothing to warn about.
+        if use_ema and _run_had_ema(state):
             log.warning("use_ema=true but the checkpoint has no EMA weights: evaluating the model weights")
         weights, name = state["model"], "model"
     for prefix in ("module.", "_orig_mod."):

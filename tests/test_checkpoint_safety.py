@@ -7,6 +7,7 @@ import errno
 import os
 import tempfile
 
+import numpy as np
 import pytest
 import torch
 from helpers.checkpoints import eval_cfg, flip_bit, make_checkpoint, tiny_train_cfg
@@ -14,7 +15,9 @@ from helpers.checkpoints import eval_cfg, flip_bit, make_checkpoint, tiny_train_
 import squarefuse.runtime.atomic_file as atomic_file
 from squarefuse.api import load_model
 from squarefuse.apps.evaluate import run_eval
+from squarefuse.apps.export import export_model
 from squarefuse.checkpoint import load_checkpoint, save_checkpoint, verify_checkpoint
+from squarefuse.datasets.synthetic.encoding import write_video
 from squarefuse.runtime.atomic_file import atomic_write, check_writable, remove_stale_temp_files
 from squarefuse.training.init_from import read_init_weights
 
@@ -152,3 +155,24 @@ def test_unwritable_folder_is_named(tmp_path, monkeypatch):
             check_writable(folder, "the checkpoints")
     finally:
         folder.chmod(0o755)
+
+
+@pytest.mark.parametrize("umask, expected", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
+def test_written_files_respect_the_umask(tmp_path, umask, expected):
+    """mkstemp makes 0600 files and the rename keeps the mode: colleagues must be able to read a run."""
+
+    class MeanLogits(torch.nn.Module):
+        def forward(self, video, mask=None):
+            return video.mean(dim=(1, 2, 3, 4))[:, None].repeat(1, 2)
+
+    previous = os.umask(umask)
+    try:
+        save_checkpoint({"step": 1}, tmp_path / "best.pt")
+        with atomic_write(tmp_path / "results.json") as f:
+            f.write("{}")
+        write_video(tmp_path / "clip.mp4", np.zeros((2, 16, 16, 3), dtype=np.uint8), fps=4, codec="libx264")
+        export_model(MeanLogits(), tmp_path / "model.pt", fmt="torchscript", num_frames=2, crop_size=2)
+    finally:
+        os.umask(previous)
+    for name in ("best.pt", "results.json", "clip.mp4", "model.pt"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == expected, name

@@ -9,7 +9,7 @@ import pytest
 import safetensors.torch
 import timm
 import torch
-from helpers.configs import compose_config, fusion_config
+from helpers.configs import backbone_config, compose_config, fusion_config
 from omegaconf import OmegaConf
 from timm.data.constants import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from timm.layers import QuickGELU
@@ -24,7 +24,7 @@ SMALL = dict(depth=2, embed_dim=64, num_heads=2)
 @pytest.mark.parametrize("config, patch", [("vit_b16_clip", 16), ("vit_l14_clip", 14)])
 def test_clip_backbone_loads_a_local_file_with_clip_normalisation(tmp_path, config, patch, no_network):
     torch.manual_seed(0)
-    cfg = OmegaConf.load(CONFIGS / "backbone" / f"{config}.yaml")
+    cfg = backbone_config(config)
     assert cfg.name.endswith(".openai") and cfg.name in timm.list_pretrained(cfg.name)
     img_size = 2 * patch
     # The CLIP image tower as timm stores it, with its 512-d projection as `head` (dropped on load).

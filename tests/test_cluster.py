@@ -63,7 +63,8 @@ def test_local_sweep_runs_every_value(tmp_path):
     out = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=TIMEOUT)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     for job, k in ((0, 2), (1, 4)):
-        state = load_checkpoint(tmp_path / "sweep" / str(job) / "checkpoints" / "last.pt")
+        # Named by what the job sweeps, not by the overrides every job shares.
+        state = load_checkpoint(tmp_path / "sweep" / f"{job}_fusion.K={k}" / "checkpoints" / "last.pt")
         assert state["config"]["fusion"]["K"] == k and state["step"] == 2
 
 
@@ -96,7 +97,7 @@ def test_preempted_submitit_job_checkpoints_requeues_and_resumes(tmp_path):
         f"hydra.sweep.dir={sweep}",
     ]
     proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    run_dir = sweep / "0"
+    run_dir = sweep / "0"  # nothing swept: the job number alone
     deadline = time.time() + TIMEOUT
     while time.time() < deadline and not ((run_dir / "metrics.jsonl").exists() and len(train_steps(run_dir)) >= 3):
         time.sleep(0.1)

@@ -218,6 +218,13 @@ def test_missing_videos_are_reported_and_left_out(tmp_path):
     assert (report / "missing_train.txt").read_text().splitlines() == expected
     with pytest.raises(ValueError, match=r"2 of 6 videos are missing.*dataset.max_missing_fraction=0.2"):
         build_dataset(OmegaConf.merge(cfg, {"max_missing_fraction": 0.2}), "train")
+
+    # Once the videos are back (a resumed run), the list goes; a split with none missing writes none.
+    for path in (root / "missing_1.mp4", root / "sub" / "missing_2.mp4"):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes((root / "v0.mp4").read_bytes())
+    assert len(build_dataset(cfg, "train", report_dir=report)) == 6
+    assert not (report / "missing_train.txt").exists()
     with pytest.raises(ValueError, match="6 of 6 videos are missing"):
         elsewhere = {"video_dir": str(tmp_path / "elsewhere"), "max_missing_fraction": 1.0}
         build_dataset(OmegaConf.merge(cfg, elsewhere), "train")
@@ -444,6 +451,7 @@ def test_synthetic_dataset_is_generated_and_read(tmp_path):
         f"dataset.root={tmp_path / 'synthetic'}",
         "dataset.generate.train_per_class=1",
         "dataset.generate.val_per_class=1",
+        "dataset.generate.test_per_class=1",
         "dataset.generate.size=32",
     ).dataset
     train = build_dataset(cfg, "train")

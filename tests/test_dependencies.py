@@ -16,11 +16,16 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+# pyproject.toml is read with the standard library's reader, new in Python 3.11.
+tomllib = pytest.importorskip("tomllib", reason="reading pyproject.toml needs Python 3.11+")
+
 ROOT = Path(__file__).resolve().parent.parent
 SOURCES = [ROOT / "train.py", ROOT / "eval.py", *sorted((ROOT / "squarefuse").rglob("*.py"))]
 SCRIPTS = sorted((ROOT / "scripts").rglob("*.py"))
 # Imports that are optional by design: each module imports them lazily and names the extra when missing.
-OPTIONAL = {"onnx": "dev", "onnxruntime": "dev", "torchcodec": "torchcodec"}
+OPTIONAL = {"onnx": "export", "onnxruntime": "export", "torchcodec": "torchcodec"}
 
 
 def top_level_imports(path: Path) -> set[str]:
@@ -39,12 +44,17 @@ def requirement_name(requirement: str) -> str:
 
 
 def declared() -> tuple[set[str], dict[str, set[str]]]:
-    """(core requirements, {extra: requirements}) from the installed package's metadata (pyproject.toml)."""
-    core: set[str] = set()
-    extras: dict[str, set[str]] = {}
-    for requirement in importlib.metadata.requires("squarefuse") or []:
-        extra = re.search(r"extra\s*==\s*['\"]([^'\"]+)['\"]", requirement)
-        (extras.setdefault(extra.group(1), set()) if extra else core).add(requirement_name(requirement))
+    """(core requirements, {extra: requirements}) from this tree's pyproject.toml.
+
+    Read from the file, not from the installed metadata: an editable install keeps the metadata of
+    when it was installed, so a new extra would be invisible until the package is reinstalled.
+    """
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    core = {requirement_name(r) for r in project.get("dependencies", [])}
+    extras = {
+        extra: {requirement_name(r) for r in requirements}
+        for extra, requirements in project.get("optional-dependencies", {}).items()
+    }
     return core, extras
 
 

@@ -29,7 +29,17 @@ TIMEOUT = 300
 def list_data(tmp_path_factory) -> Path:
     """Synthetic videos as a `list` dataset whose val list has an odd number of videos (7)."""
     root = tmp_path_factory.mktemp("ddp_data")
-    splits = ensure_synthetic(root, train_per_class=2, val_per_class=1, size=64, num_frames=8)
+    splits = ensure_synthetic(
+        root,
+        task="direction",
+        seed=0,
+        train_per_class=2,
+        val_per_class=1,
+        test_per_class=1,
+        size=64,
+        num_frames=8,
+        fps=8,
+    )
     val_lines = splits.val_list.read_text().splitlines()
     (root / "val_odd.txt").write_text("\n".join(val_lines[:7]) + "\n")
     return root

@@ -16,6 +16,7 @@ from omegaconf import OmegaConf
 
 from squarefuse.apps.evaluate import run_eval
 from squarefuse.checkpoint import save_checkpoint
+from squarefuse.config import resolvers
 from squarefuse.evaluation.ensemble import read_eval_dir, run_ensemble
 from squarefuse.models import build_classifier
 
@@ -107,6 +108,17 @@ def test_weighted_ensemble_through_the_script(evals, tmp_path, monkeypatch):
     # Nothing is overwritten.
     with pytest.raises(SystemExit, match="already holds results.json"):
         runpy.run_path(str(script), run_name="__main__")
+
+
+def test_default_output_folders_are_unique_and_git_ignored(evals, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(resolvers.time, "strftime", lambda fmt, t=None: "2026-12-02/10-00-00")
+    for _ in range(2):  # two ensembles in the same second: the second does not overwrite or fail
+        run_ensemble([evals["a"], evals["b"]])
+    folders = sorted(p.name for p in (tmp_path / "ensembles").iterdir())
+    assert folders == ["2026-12-02_10-00-00", "2026-12-02_10-00-00_2"]
+    assert all((tmp_path / "ensembles" / f / "results.json").is_file() for f in folders)
+    assert "ensembles/" in (REPO / ".gitignore").read_text().splitlines()
 
 
 def test_evaluations_of_other_videos_or_classes_are_refused(evals, tmp_path):

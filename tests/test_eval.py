@@ -22,6 +22,7 @@ from helpers.checkpoints import (
     run_evaluate,
     tiny_train_cfg,
 )
+from matplotlib.figure import Figure
 from omegaconf import OmegaConf
 
 from squarefuse.apps.evaluate import run_eval
@@ -190,13 +191,15 @@ def test_result_files_agree_with_a_hand_computation(tmp_path, model, train_cfg):
     assert [int(r["index"]) for r in rows] == list(range(len(LABELS)))
     assert [int(r["pred"]) for r in rows] == saved["probs"].argmax(1).tolist()
     assert rows[3]["path"].endswith("v3.mp4") and rows[3]["label_name"] == CLASS_NAMES[LABELS[3]]
-    assert all(len(r["top3"].split()) == 3 for r in rows)
+    # 3 classes: `top5` is top-3, under the one name every file and log uses, with k stated.
+    assert summary["topk"] == 3 and all(len(r["top5"].split()) == len(r["top5_probs"].split()) == 3 for r in rows)
 
     with open(tmp_path / "per_class.csv") as f:
         per_class = list(csv.DictReader(f))
     assert [r["class"] for r in per_class] == CLASS_NAMES
     assert sum(int(r["support"]) for r in per_class) == len(LABELS)
     assert [float(r["top1"]) for r in per_class] == pytest.approx(per_class_hand, abs=0.01)
+    assert all(float(r["top5"]) == 100.0 for r in per_class)  # top-3 of 3 classes
     assert (tmp_path / "confusion_matrix.png").stat().st_size > 1000
 
 
@@ -228,8 +231,9 @@ def test_run_eval_with_dataset_root_override(tmp_path, moved_checkpoint, data_ro
     assert summary["weights"] == "ema" and summary["step"] == 123 and summary["views"] == {"clips": 2, "crops": 1}
     assert summary["dataset_root"] == str(data_root) and summary["num_missing"] == 0
     assert summary["top1"] == pytest.approx(ema.top1)
-    for name in ("per_class.csv", "predictions.csv", "probs.pt", "confusion_matrix.png", "missing_val.txt"):
+    for name in ("per_class.csv", "predictions.csv", "probs.pt", "confusion_matrix.png"):
         assert (tmp_path / "ema" / name).is_file(), name
+    assert not (tmp_path / "ema" / "missing_val.txt").exists()  # nothing is missing: no empty list
 
     plain = run_eval(
         eval_cfg(moved_checkpoint, f"dataset.root={data_root}", "dataset.test_clips=2", "use_ema=false"),
@@ -305,7 +309,8 @@ def test_eval_py_end_to_end(tmp_path, moved_checkpoint, data_root):
     summary = json.loads(outputs[0].read_text())
     assert summary["num_videos"] == len(LABELS) and summary["weights"] == "ema"
     log = done.stdout + done.stderr
-    assert "top-1" in log and "weights: ema" in log and f"videos: {len(LABELS)} evaluated, 0 failed" in log
+    assert "top1: " in log and "top5 (k=3: 3 classes): 100.00%" in log and "weights: ema" in log
+    assert f"videos: {len(LABELS)} evaluated, 0 failed" in log
 
     missing = tmp_path / "runs" / "typo" / "checkpoints" / "best.pt"
     done = subprocess.run(
@@ -328,7 +333,29 @@ def test_a_checkpoint_that_predates_a_dataset_key_gets_its_default(train_cfg):
     stored = OmegaConf.to_container(train_cfg.dataset, resolve=True)
     del stored["decode_short_side"], stored["decode_device"]
     merged = merge_dataset_overrides(stored, {"test_clips": 2})
-    base = OmegaConf.load(REPO / "configs" / "dataset" / "base.yaml")
-    assert merged.decode_short_side == base.decode_short_side and merged.decode_device == base.decode_device
+    # The defaults the training config composes (synthetic.yaml keeps base.yaml's for both keys).
+    composed = train_cfg.dataset
+    assert merged.decode_short_side == composed.decode_short_side and merged.decode_device == composed.decode_device
     assert merged.test_clips == 2 and merged.root == stored["root"]
     build_dataset(merged, "val", views=True)  # builds, where a missing key used to be an error
+
+
+def test_confusion_matrix_title_says_what_was_evaluated(tmp_path, model, train_cfg, monkeypatch):
+    titles = []
+    real_savefig = Figure.savefig
+
+    def savefig(fig, *args, **kwargs):
+        titles.append(fig.axes[0].get_title())
+        return real_savefig(fig, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", savefig)
+    dataset = build_dataset(train_cfg.dataset, "val")
+    result = run_evaluate(model, dataset)
+    records = dataset.records
+    write_results(result, tmp_path / "normal", CLASS_NAMES, records, meta={"frame_order": "normal"})
+    write_results(result, tmp_path / "rev", CLASS_NAMES, records, meta={"frame_order": "reversed", "split": "test"})
+    n = result.num_videos
+    assert titles == [
+        f"confusion matrix ({n} videos, 3 classes)",
+        f"confusion matrix ({n} videos, 3 classes; split test; frames reversed)",
+    ]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import subprocess
 import sys
@@ -17,6 +18,7 @@ from helpers.checkpoints import CLASS_NAMES, compose_config, make_checkpoint
 from helpers.videos import write_video
 
 import squarefuse
+import squarefuse.apps.export as export_app
 from squarefuse.apps.export import export_model
 from squarefuse.models import SQuaReFuse
 
@@ -114,6 +116,22 @@ def test_what_does_not_export_fails_clearly(loaded, tmp_path):
     assert list(tmp_path.iterdir()) == []  # no file, not even a temporary one
     with pytest.raises(ValueError, match="format='tflite'"):
         export_model(loaded.model, tmp_path / "m.tflite", fmt="tflite", **shape)
+
+
+def test_missing_onnx_packages_name_the_extra_before_anything_is_read(default_ckpt, tmp_path, monkeypatch):
+    real_import = importlib.import_module
+
+    def without_onnxruntime(name, *args):
+        if name == "onnxruntime":
+            raise ModuleNotFoundError("No module named 'onnxruntime'")
+        return real_import(name, *args)
+
+    monkeypatch.setattr(export_app.importlib, "import_module", without_onnxruntime)
+    cfg = compose_config("export", [f"ckpt={tmp_path / 'not_read.pt'}", "format=onnx"])
+    with pytest.raises(ImportError, match=r'onnxruntime is not installed.*pip install -e "\.\[export\]"'):
+        export_app.run_export(cfg, tmp_path / "out")  # the checkpoint does not exist: never reached
+    assert not (tmp_path / "out").exists()
+    export_app.check_export_packages("torchscript")  # needs nothing more
 
 
 @pytest.mark.slow

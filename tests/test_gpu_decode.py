@@ -40,11 +40,15 @@ def _train_set(paths, *, decode_device: str, repeated_aug: int = 1) -> VideoData
         train=True,
         crop_size=32,
         train_transform=TrainTransform(crop_size=32, scale=(0.5, 1.0)),
+        eval_short_side=36,
+        num_crops=1,
         decoder="pyav",
         fallback_decoder=None,
         decode_timeout=None,
+        decode_short_side=None,
         repeated_aug=repeated_aug,
         decode_device=decode_device,
+        max_replacements=0,
     )
 
 

@@ -10,11 +10,12 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from squarefuse.config import resolvers
-from squarefuse.config.output_dirs import default_eval_dir
+from squarefuse.config.output_dirs import default_eval_dir, eval_suffix
 from squarefuse.config.resolvers import OWNER_FILE, STAMP_FORMAT, launch_dir, launch_stamp, register_resolvers
 
 REPO = Path(__file__).resolve().parents[1]
@@ -85,7 +86,8 @@ def test_slurm_tasks_without_torchrun_use_the_job_id(bare_env):
 @pytest.mark.parametrize("config_name", ["train", "eval"])
 def test_only_rank_zero_writes_hydra_files(bare_env, config_name):
     register_resolvers()
-    OmegaConf.register_new_resolver("checkpoint_dir", lambda ckpt, subdir: "out", replace=True)
+    OmegaConf.register_new_resolver("checkpoint_dir", lambda ckpt, subdir, suffix="": "out", replace=True)
+    OmegaConf.register_new_resolver("eval_suffix", eval_suffix, replace=True)
 
     def hydra_cfg():
         with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
@@ -121,6 +123,31 @@ def test_eval_jobs_started_in_the_same_second_get_their_own_folders(bare_env, sa
         eval_dir / "2026-12-02_09-31-05_3",
     ]
     assert all(f.is_dir() for f in folders)  # created now, so the next job cannot take it
+
+
+@pytest.mark.parametrize(
+    "overrides, name",
+    [
+        ([], "2026-12-02_09-31-05"),
+        (["frame_order=reversed"], "2026-12-02_09-31-05_reversed"),
+        (["split=test", "dataset.test_clips=5", "dataset.test_crops=3"], "2026-12-02_09-31-05_test_5x3"),
+        (["frame_order=shuffled", "frame_order_seed=3", "use_ema=false"], "2026-12-02_09-31-05_shuffled-seed3_noema"),
+        (["dataset.test_clips=4", "dataset.num_frames=16"], "2026-12-02_09-31-05_4clips_16f"),
+        (["split=my split/../x"], "2026-12-02_09-31-05_my-split-..-x"),  # one safe folder, no path
+    ],
+)
+def test_eval_folders_name_their_non_default_choices(bare_env, same_second, tmp_path, overrides, name):
+    from squarefuse.apps.checkpoint_dir import register_checkpoint_dir_resolver  # noqa: PLC0415 - app layer
+
+    ckpt = tmp_path / "run" / "checkpoints" / "best.pt"
+    ckpt.parent.mkdir(parents=True)
+    torch.save({"step": 1}, ckpt)
+    register_resolvers()
+    register_checkpoint_dir_resolver("usage")
+    hydra_cfg = _compose_hydra("eval", [f"ckpt={ckpt}", *overrides])
+    assert Path(hydra_cfg.run.dir) == tmp_path / "run" / "eval" / name
+    # A second job in the same second with the same choices: the suffix, then _2.
+    assert Path(default_eval_dir(str(ckpt), suffix=name[len("2026-12-02_09-31-05") :])).name == f"{name}_2"
 
 
 def test_train_jobs_started_in_the_same_second_get_their_own_folders(bare_env, same_second, tmp_path, monkeypatch):
@@ -205,3 +232,20 @@ def test_two_torchruns_started_together_get_one_folder_each(tmp_path):
         assert len(ranks) == 1, out  # both ranks of one torchrun: one folder
         folders += ranks
     assert len(set(folders)) == 2 and all(Path(f).is_dir() for f in folders)
+
+
+def test_sweep_folders_are_named_by_what_each_job_sweeps(tmp_path):
+    sweep = tmp_path / "sweep"
+    sweep.mkdir()
+    task = ["dataset.root=/data/x", "fusion=none,square", "trainer.seed=0,1", "+dataset.test_file=/a/b.json"]
+    OmegaConf.save({"hydra": {"overrides": {"task": task}}}, sweep / "multirun.yaml")
+    job = ["dataset.root=/data/x", "fusion=none", "trainer.seed=1", "+dataset.test_file=/a/b.json"]
+    assert resolvers.sweep_subdir(1, job, str(sweep)) == "1_fusion=none,trainer.seed=1"
+    # A swept path cannot nest folders; a long name is cut, the job number keeps it unique.
+    OmegaConf.save(
+        {"hydra": {"overrides": {"task": ["dataset.root=/d/a,/d/b", "optim.lr=0.1,0.2"]}}}, sweep / "multirun.yaml"
+    )
+    name = resolvers.sweep_subdir(12, ["dataset.root=/data/" + "x" * 80, "optim.lr=0.1"], str(sweep))
+    assert name.startswith("12_dataset.root=-data-xxx") and "/" not in name and len(name) == len("12_") + 60
+    assert resolvers.sweep_subdir(0, [], str(sweep)) == "0"
+    assert resolvers.sweep_subdir(3, ["a=1"], str(tmp_path / "no_multirun_yaml")) == "3_a=1"

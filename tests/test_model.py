@@ -10,7 +10,7 @@ import safetensors.torch
 import timm
 import timm.optim
 import torch
-from helpers.configs import fusion_config
+from helpers.configs import backbone_config, fusion_config
 from omegaconf import OmegaConf
 
 from squarefuse.models import (
@@ -345,7 +345,7 @@ def test_layer_decay_param_groups_through_wrapper():
 
 
 def test_build_classifier_from_yaml_configs():
-    backbone_cfg = OmegaConf.load(CONFIGS / "backbone" / "tiny.yaml")
+    backbone_cfg = backbone_config("tiny")
     backbone_cfg.img_size = IMG
     backbone_cfg.model_kwargs = dict(TINY_KWARGS)
     fusion_cfg = fusion_config("square", "K=2")
@@ -369,7 +369,7 @@ def test_build_classifier_from_yaml_configs():
 
 
 def test_tiny_backbone_config_as_shipped_builds_and_runs():
-    cfg = OmegaConf.load(CONFIGS / "backbone" / "tiny.yaml")
+    cfg = backbone_config("tiny")
     model = build_classifier(
         cfg,
         fusion_config("square"),
@@ -381,7 +381,7 @@ def test_tiny_backbone_config_as_shipped_builds_and_runs():
 
 @pytest.mark.parametrize("name", ["tiny", "vit_s16", "vit_b16", "vit_l16"])
 def test_backbone_configs_name_real_models(name):
-    cfg = OmegaConf.load(CONFIGS / "backbone" / f"{name}.yaml")
+    cfg = backbone_config(name)
     assert cfg._target_ == "squarefuse.models.VideoBackbone"
     assert timm.is_model(cfg.name)
     if "." in cfg.name:

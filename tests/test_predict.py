@@ -203,3 +203,16 @@ def test_predict_script_on_a_folder_with_a_corrupt_file(ckpt, videos, tmp_path):
     )
     assert done.returncode != 0 and f"input={tmp_path}/typo: no such file or folder" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize(
+    "ema_cfg, warned",
+    [({"enabled": False}, False), ({"enabled": True}, True), (None, True)],
+    ids=["run-without-ema", "ema-run-lost-its-weights", "config-unknown"],
+)
+def test_missing_ema_weights_warn_only_when_the_run_had_ema(caplog, ema_cfg, warned):
+    state = {"model": {"w": torch.zeros(1)}, "ema": None, "config": {"trainer": {"ema": ema_cfg} if ema_cfg else {}}}
+    with caplog.at_level(logging.WARNING, logger="squarefuse"):
+        weights, name = select_weights(state, use_ema=True)
+    assert name == "model" and weights.keys() == {"w"}
+    assert ("has no EMA weights" in caplog.text) == warned

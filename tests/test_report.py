@@ -14,6 +14,7 @@ import yaml
 from squarefuse.evaluation.eval_files import RESULT_FILES
 from squarefuse.report.app import make_report
 from squarefuse.report.groups import group_runs, run_matches
+from squarefuse.report.plots import training_curves_figure
 from squarefuse.report.runs import Run, expected_jobs, find_run_dirs, load_run
 from squarefuse.report.significance import PairingError, discordant_counts, mcnemar_exact
 
@@ -34,7 +35,7 @@ def write_eval(run: Path, name: str, correct: list[bool], *, frame_order: str = 
     with open(out / "predictions.csv", "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(
-            ["index", "id", "path", "label", "label_name", "pred", "pred_name", "prob", "correct", "top2", "top2_probs"]
+            ["index", "id", "path", "label", "label_name", "pred", "pred_name", "prob", "correct", "top5", "top5_probs"]
         )
         for i, (path, ok) in enumerate(zip(videos, correct, strict=True)):
             label = i % 2
@@ -203,7 +204,7 @@ def test_report_means_stds_and_p_value(sweep, tmp_path):
     assert f"{sweep / '6'} (fusion=square): crashed, crashed at step 4: RuntimeError: boom" in md
     assert f"{sweep / '7'} (fusion=square): unfinished" in md
     assert f"{sweep / '8'} (fusion=none): no eval" in md
-    for name in ("val_curves.png", "accuracy_vs_fusion_flops.png", "per_class_gain.png"):
+    for name in ("training_curves.png", "accuracy_vs_fusion_flops.png", "per_class_gain.png"):
         assert (tmp_path / "out" / name).stat().st_size > 1000, name
         assert f"![{name}]({name})" in md
 
@@ -242,6 +243,34 @@ def test_different_video_sets_are_refused_for_pairing(tmp_path):
     md = (tmp_path / "out" / "report.md").read_text()
     assert "refused (see below)" in md and "## Pairing refused" in md and "different video sets" in md
     assert "per_class_gain.png not drawn" in md  # said, not silently missing
+
+
+def test_training_curves_show_train_loss_next_to_val_and_single_points(tmp_path):
+    root = tmp_path / "runs"
+    for seed in (0, 1):
+        write_run(root, f"s{seed}", fusion="square", seed=seed, val=[40.0 + 20 * seed], end=FINISHED)
+    (summary,) = make_report([root], tmp_path / "out").summaries
+    assert [run.train_curve for run in summary.finished] == [[(1, 1.0), (2, 1.0), (3, 1.0)]] * 2
+    fig = training_curves_figure([summary])
+    loss_ax, val_ax = fig.axes
+    assert loss_ax.get_ylabel() == "train loss" and "val top-1" in val_ax.get_ylabel()
+    (loss_line,) = loss_ax.lines
+    (val_line,) = val_ax.lines
+    assert list(loss_line.get_xdata()) == [1, 2, 3] and list(loss_line.get_ydata()) == [1.0, 1.0, 1.0]
+    # One validation per run: a single point, visible only with a marker; the mean of 40 and 60.
+    assert list(val_line.get_xdata()) == [1] and list(val_line.get_ydata()) == [50.0]
+    assert val_line.get_marker() == "o" and loss_line.get_color() == val_line.get_color()
+
+
+def test_accuracy_vs_flops_says_what_is_missing(tmp_path):
+    root = tmp_path / "runs"
+    write_run(root, "a", fusion="square", seed=0, val=[50.0], end=FINISHED, model_info=SQUARE_INFO)
+    md = (make_report([root], tmp_path / "out").out_dir / "report.md").read_text()
+    assert "accuracy_vs_fusion_flops.png not drawn: no run was evaluated yet" in md
+    write_eval(root / "a", "e", [True, False])
+    (root / "a" / "model_info.json").unlink()
+    md = (make_report([root], tmp_path / "out2").out_dir / "report.md").read_text()
+    assert "accuracy_vs_fusion_flops.png not drawn: no run folder has a model_info.json with fusion FLOPs" in md
 
 
 def test_baseline_is_found_without_hydra_choices(tmp_path):
@@ -301,6 +330,16 @@ def test_run_status_without_an_end_record(tmp_path):
     early = load_run(tmp_path / "early")
     assert early.status == "crashed" and "no metrics.jsonl" in early.problem
     assert isinstance(early, Run) and early.val_curve == []
+
+
+def test_sweep_folders_named_by_their_overrides_are_found_and_grouped(tmp_path):
+    root = tmp_path / "sweep"
+    names = ["0_fusion=square,trainer.seed=0", "1_fusion=square,trainer.seed=1", "10_fusion=none,trainer.seed=0"]
+    for name, fusion, seed in zip(names, ["square", "square", "none"], [0, 1, 0], strict=True):
+        write_run(root, name, fusion=fusion, seed=seed, val=[50.0], end=FINISHED)
+    assert [p.name for p in find_run_dirs([root])] == names  # 10 after 1, as jobs were numbered
+    report = make_report([root], tmp_path / "out")
+    assert [(s.label, len(s.finished)) for s in report.summaries] == [("fusion=square", 2), ("fusion=none", 1)]
 
 
 def test_multirun_discovery_and_missing_jobs(sweep, tmp_path):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import importlib.util
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -15,8 +16,10 @@ import av
 import pytest
 from helpers.processes import children_of, kill_all, wait_gone
 from helpers.videos import write_video
+from omegaconf import OmegaConf
 
-SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
+REPO = Path(__file__).resolve().parent.parent
+SCRIPTS = REPO / "scripts"
 
 
 def load_script(name: str):
@@ -138,6 +141,30 @@ def test_check_videos_config_json_report(video_folder, tmp_path):
     assert {name: row["status"] for name, row in rows.items()} == expected
     assert rows["good.webm"]["decoder"] == "pyav"
     assert (out / "clean_videos.txt").read_text() == "# a comment stays\ngood.mp4 0\ngood.webm 2\n"
+
+
+def test_check_videos_takes_the_decode_settings_of_the_config(video_folder, tmp_path, caplog):
+    check_videos = load_script("check_videos")
+    folder, _ = video_folder
+    good = folder / "good.txt"
+    good.write_text("good.mp4 0\ngood.webm 1\n")
+    overrides = [
+        "dataset=list",
+        f"dataset.root={folder}",
+        f"dataset.val_file={good}",
+        "dataset.num_classes=2",
+        "dataset.fallback_decoder=null",
+    ]
+    args = ["--out-dir", str(tmp_path / "out"), "--workers", "1", "--frames", "4"]
+    # A deliberate decode_timeout: 0 (unguarded, as the synthetic dataset trains) is kept, not replaced by 60 s.
+    with caplog.at_level(logging.INFO):
+        summary = check_videos.main(["--config-overrides", *overrides, "dataset.decode_timeout=0", *args])
+    assert "unguarded decoding" in caplog.text and summary["counts"]["ok"] == 2
+    caplog.clear()
+    with caplog.at_level(logging.INFO):  # a bare list: the keys every dataset config has (decode_timeout 60)
+        check_videos.main(["--list", str(good), *args])
+    base = OmegaConf.load(REPO / "squarefuse" / "config" / "defaults" / "dataset" / "base.yaml")
+    assert f"{base.decode_timeout:g} s per decoder call" in caplog.text and base.decoder in caplog.text
 
 
 def test_check_videos_cleans_k400_and_ssv2_formats(tmp_path):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import json
 import logging
 import subprocess
@@ -30,11 +29,14 @@ from squarefuse.datasets.synthetic import (
     twin_of,
 )
 from squarefuse.datasets.synthetic import generate as synthetic
+from squarefuse.datasets.synthetic.render import _BASE_MOTIONS
 
 REPO = Path(__file__).resolve().parents[1]
 
 # Small enough to generate in well under a second; large enough for every class and codec.
-SMALL = dict(seed=0, train_per_class=2, val_per_class=2, num_frames=8, size=64, fps=8)
+SMALL = dict(
+    task="direction", seed=0, train_per_class=2, val_per_class=2, test_per_class=2, num_frames=8, size=64, fps=8
+)
 
 
 def read_pyav(path: Path) -> tuple[np.ndarray, str]:
@@ -73,6 +75,7 @@ def test_lists_classes_and_codecs(tmp_path):
     for list_file, per_class in (
         (splits.train_list, SMALL["train_per_class"]),
         (splits.val_list, SMALL["val_per_class"]),
+        (splits.test_list, SMALL["test_per_class"]),
     ):
         entries = list_entries(list_file)
         labels = [label for _, label in entries]
@@ -85,9 +88,14 @@ def test_lists_classes_and_codecs(tmp_path):
         suffixes = {Path(path).suffix for path, _ in entries}
         assert suffixes == {".mp4", ".webm"}, suffixes
     train_paths = {p for p, _ in list_entries(splits.train_list)}
-    assert train_paths.isdisjoint(p for p, _ in list_entries(splits.val_list))
+    val_paths = {p for p, _ in list_entries(splits.val_list)}
+    test_paths = {p for p, _ in list_entries(splits.test_list)}
+    assert not train_paths & val_paths and not test_paths & (train_paths | val_paths)
     manifest = json.loads((splits.root / "manifest.json").read_text())
-    assert manifest["params"] == SMALL and manifest["version"] == synthetic.GENERATOR_VERSION
+    assert manifest["params"] == {"task": "direction", **SMALL}
+    assert manifest["version"] == synthetic.GENERATOR_VERSION
+    twins = [line.split(" | ") for line in splits.twins_file.read_text().splitlines()]
+    assert twins == [[CLASS_NAMES[c], CLASS_NAMES[c + 1]] for c in range(0, 8, 2)]
 
 
 def test_same_seed_same_bytes_other_seed_differs(tmp_path):
@@ -97,9 +105,9 @@ def test_same_seed_same_bytes_other_seed_differs(tmp_path):
     files_a, files_b, files_c = all_files(a.root), all_files(b.root), all_files(c.root)
     assert files_a == files_b
     videos = [name for name in files_a if name.startswith("videos/")]
-    assert len(videos) == 8 * (SMALL["train_per_class"] + SMALL["val_per_class"])
+    assert len(videos) == 8 * (SMALL["train_per_class"] + SMALL["val_per_class"] + SMALL["test_per_class"])
     assert all(files_a[name] != files_c[name] for name in videos)
-    # Train and val use different streams too: no video is duplicated across or within splits.
+    # Train, val and test use different streams too: no video is duplicated across or within splits.
     assert len({files_a[name] for name in videos}) == len(videos)
 
 
@@ -134,7 +142,7 @@ def test_twin_is_exact_time_reversal(class_index):
     assert np.abs(clip.astype(int) - clip[::-1]).mean() > 1.0
 
     base = class_index & ~1
-    params = sample_clip_params(synthetic._BASE_MOTIONS[base // 2], rng=np.random.default_rng(3), size=48)
+    params = sample_clip_params(_BASE_MOTIONS[base // 2], rng=np.random.default_rng(3), size=48)
     np.testing.assert_array_equal(class_trajectory(base + 1, params, 12), class_trajectory(base, params, 12)[::-1])
 
 
@@ -143,7 +151,7 @@ def decoded_shape_masks(root: Path, path: str, label: int) -> np.ndarray:
     split, _, name = Path(path).parts[-3:]
     rng = synthetic._video_rng(SMALL["seed"], split, label, int(Path(name).stem))
     # render_clip draws the base motion's parameters first from the video's generator.
-    params = sample_clip_params(synthetic._BASE_MOTIONS[label // 2], rng=rng, size=SMALL["size"])
+    params = sample_clip_params(_BASE_MOTIONS[label // 2], rng=rng, size=SMALL["size"])
     traj = class_trajectory(label, params, SMALL["num_frames"])
     traj[:, 2] = 1e-3  # a vanishing shape: the background alone
     background = draw_frames(params, traj, size=SMALL["size"])
@@ -351,7 +359,7 @@ def test_regeneration_deletes_only_the_generators_own_files(tmp_path):
     with pytest.raises(ValueError, match="my_notes.txt"):
         ensure_synthetic(root, **{**SMALL, "num_frames": 10})
     assert mine.read_text() == "keep me"
-    assert json.loads((root / "manifest.json").read_text())["params"] == SMALL  # nothing was removed
+    assert json.loads((root / "manifest.json").read_text())["params"] == {"task": "direction", **SMALL}
     mine.unlink()
     ensure_synthetic(root, **{**SMALL, "num_frames": 10})
     manifest = json.loads((root / "manifest.json").read_text())
@@ -420,12 +428,10 @@ def test_default_size_generation_and_dataset(tmp_path):
     with initialize_config_dir(config_dir=str(Path(__file__).resolve().parents[1] / "configs"), version_base="1.3"):
         defaults = compose("train", overrides=["dataset=synthetic"]).dataset  # every key a dataset config has
     generate = OmegaConf.to_container(defaults.generate)
-    signature = inspect.signature(ensure_synthetic).parameters
-    assert generate == {name: p.default for name, p in signature.items() if name != "root"}
     num_train, num_val = 8 * generate["train_per_class"], 8 * generate["val_per_class"]
 
     start = time.perf_counter()
-    splits = ensure_synthetic(tmp_path / "syn")
+    splits = ensure_synthetic(tmp_path / "syn", task=defaults.task, **generate)
     seconds = time.perf_counter() - start
     print(f"\nsynthetic dataset, default size ({num_train} train + {num_val} val videos): {seconds:.1f} s")
     assert len(list_entries(splits.train_list)) == num_train

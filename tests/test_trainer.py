@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -123,16 +124,17 @@ def test_missing_checkpoint_is_named(tmp_path):
 # ---------------------------------------------------------------------------------------- runs
 
 
-def test_tiny_run_writes_metrics_and_checkpoints(data_root, tmp_path):
+def test_tiny_run_writes_metrics_and_checkpoints(data_root, tmp_path, caplog):
     run = tmp_path / "run"
-    summary = Trainer(tiny_train_config(data_root), run).fit()
+    with caplog.at_level(logging.INFO, logger="squarefuse"):
+        summary = Trainer(tiny_train_config(data_root), run).fit()
     assert summary["status"] == "finished"
     metrics = read_metrics(run)
     train = [r for r in metrics if r["split"] == "train"]
     val = [r for r in metrics if r["split"] == "val_clip"]
     assert [r["step"] for r in train] == list(range(1, len(train) + 1))
     assert all({"step", "epoch", "loss", "lr", "clips_per_s", "data_wait"} <= set(r) for r in train)
-    assert len(val) == 2 and all(0.0 <= r["top1"] <= 100.0 for r in val)
+    assert len(val) == 2 and all(0.0 <= r["top1"] <= 100.0 and r["topk"] == 5 for r in val)
     assert val[-1]["num_videos"] == 8  # 8 classes x 1 val video, each counted once
     for name in ("last.pt", "best.pt"):
         state = load_checkpoint(run / "checkpoints" / name)
@@ -143,6 +145,24 @@ def test_tiny_run_writes_metrics_and_checkpoints(data_root, tmp_path):
     end = metrics[-1]  # how the run ended, for scripts/report.py
     assert end["split"] == "end" and end["status"] == "finished" and end["step"] == summary["step"]
     assert end["wall_s"] > 0 and "error" not in end
+    # The log: every train window's loss, and one closing line with what to do next.
+    assert "params, all trainable |" in caplog.text  # the start-up line
+    train_lines = [m for m in caplog.messages if "| train loss " in m]
+    assert len(train_lines) == len(train) and f"train loss {train[-1]['loss']:.4f}" in train_lines[-1]
+    best = max(val, key=lambda r: r["top1"])  # the first of equals: a later tie is not "better"
+    last_line = caplog.messages[-1]
+    assert last_line.startswith("training finished in ")
+    assert f"best clip-level val top-1 {best['top1']:.2f} at epoch {best['epoch']}" in last_line
+    assert f"final val top-1 {val[-1]['top1']:.2f} (epoch 2)" in last_line
+    assert f"best.pt: {run / 'checkpoints' / 'best.pt'}" in last_line
+    assert last_line.endswith(f"next: python eval.py ckpt={run / 'checkpoints' / 'best.pt'}")
+
+
+def test_start_up_line_says_trainable_and_total_params(data_root, tmp_path, caplog):
+    model = torch.nn.Sequential(torch.nn.Linear(1000, 1000), torch.nn.Linear(1000, 100))
+    assert trainer_mod.describe_params(model) == "1.1M params, all trainable"
+    model[0].requires_grad_(False)  # as backbone.freeze=true does
+    assert trainer_mod.describe_params(model) == "0.1M of 1.1M params trainable"
 
 
 def test_resume_is_exact(data_root, tmp_path, monkeypatch):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import subprocess
 import sys
 import zipfile
@@ -9,8 +10,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers.checkpoints import make_checkpoint
 from helpers.configs import tiny_train_config
 
+from squarefuse.apps.user_errors import user_errors
 from squarefuse.checkpoint import check_checkpoint_file, load_checkpoint
 from squarefuse.training.trainer import Trainer
 
@@ -81,6 +84,9 @@ def test_a_value_of_the_wrong_type_names_its_key(tmp_path, override, message):
         (["dataset.num_frames=100000"], r"dataset\.num_frames=100000: must be in 1\.\.1024"),
         # Before: accepted.
         (["optim.warmup_epochs=-1"], r"optim\.warmup_epochs must be >= 0, got -1"),
+        # Before: after the synthetic data was generated (the layer checks its arguments when built).
+        (["fusion.K=0"], r"fusion\.K must be an integer >= 1, got 0"),
+        (["fusion.quantiles=[0.1,1.5]"], r"fusion\.quantiles levels must be numbers in \[0, 1\], got 1\.5"),
     ],
 )
 def test_bad_training_values_name_their_key_before_any_work(tmp_path, override, message):
@@ -98,3 +104,56 @@ def test_a_run_folder_inside_a_new_synthetic_root_is_refused_as_such(tmp_path):
     with pytest.raises(ValueError, match=r"run folder .*/data/runs/x \(hydra\.run\.dir\) is inside dataset\.root="):
         Trainer(cfg, root / "runs" / "x")
     assert not (root / "manifest.json").exists() and not (root / "videos").exists()
+
+
+@pytest.mark.slow
+def test_a_bad_value_is_one_line_and_leaves_no_run_folder(tmp_path):
+    command = [sys.executable, str(REPO / "train.py"), "fusion.K=0", f"dataset.root={tmp_path / 'data'}"]
+    result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2
+    assert result.stderr.strip() == "error: fusion.K must be an integer >= 1, got 0"  # no traceback
+    assert not (tmp_path / "data").exists()  # validated before any data is touched
+    assert list((tmp_path / "runs").rglob("*")) == []  # neither runs/<date>/<time> nor runs/<date>
+
+
+@pytest.mark.slow
+def test_a_bad_eval_option_leaves_no_eval_folder(tmp_path):
+    ckpt, _ = make_checkpoint(tmp_path / "run" / "checkpoints" / "best.pt", tiny_train_config(tmp_path / "data"))
+    result = _run("eval.py", f"ckpt={ckpt}", "frame_order=backwards")
+    assert result.returncode == 2 and result.stderr.strip().startswith("error: frame_order must be one of")
+    assert "Traceback" not in result.stderr
+    assert list((tmp_path / "run" / "eval").iterdir()) == []  # before: eval/<stamp>/ with an empty log
+
+
+def _hydra_run_dir(folder: Path) -> logging.FileHandler:
+    """A run folder as Hydra leaves it before the app runs, its log file attached to the root logger."""
+    (folder / ".hydra").mkdir(parents=True)
+    (folder / ".hydra" / "config.yaml").write_text("a: 1\n")
+    handler = logging.FileHandler(folder / "train.log")
+    logging.getLogger().addHandler(handler)
+    return handler
+
+
+def test_user_errors_remove_an_unstarted_run_folder_only(tmp_path, capsys):
+    fresh = tmp_path / "runs" / "2026-12-02" / "10-00-00"
+    _hydra_run_dir(fresh)
+    with pytest.raises(SystemExit) as exit_info, user_errors(fresh):
+        raise ValueError("fusion.K must be an integer >= 1, got 0")
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == "error: fusion.K must be an integer >= 1, got 0\n"
+    assert not (tmp_path / "runs" / "2026-12-02").exists()
+
+    resumed = tmp_path / "resumed"
+    handler = _hydra_run_dir(resumed)
+    (resumed / "checkpoints").mkdir()
+    (resumed / "checkpoints" / "last.pt").write_bytes(b"weights")
+    try:
+        with pytest.raises(SystemExit), user_errors(resumed):
+            raise ValueError("a changed config")
+    finally:
+        logging.getLogger().removeHandler(handler)
+        handler.close()
+    assert (resumed / "checkpoints" / "last.pt").read_bytes() == b"weights"  # a run's data is never removed
+    log_text = (resumed / "train.log").read_text()
+    assert "Traceback" in log_text and "ValueError: a changed config" in log_text
+    assert capsys.readouterr().err == "error: a changed config\n"

@@ -15,7 +15,7 @@ import sys
 from omegaconf import OmegaConf
 
 from squarefuse.checkpoint import check_checkpoint_file
-from squarefuse.config.output_dirs import default_eval_dir
+from squarefuse.config.output_dirs import default_eval_dir, eval_suffix
 
 
 def register_checkpoint_dir_resolver(usage: str) -> None:
@@ -26,14 +26,15 @@ def register_checkpoint_dir_resolver(usage: str) -> None:
     interpolation traceback: a missing or absent `ckpt` exits with the message (and `usage`).
     """
 
-    def resolve(ckpt: str | None, subdir: str) -> str:
+    def resolve(ckpt: str | None, subdir: str, suffix: str = "") -> str:
         if ckpt is None:
             sys.exit(f"error: ckpt is required: {usage}")
         try:
             check_checkpoint_file(ckpt)  # before Hydra makes a folder next to a file that is no checkpoint
-            return default_eval_dir(str(ckpt), str(subdir))
+            return default_eval_dir(str(ckpt), str(subdir), str(suffix))
         except (FileNotFoundError, ValueError) as e:
             sys.exit(f"error: {e}")
 
     # Cached: the stamp is read once, so every use of hydra.run.dir names the same folder.
     OmegaConf.register_new_resolver("checkpoint_dir", resolve, use_cache=True, replace=True)
+    OmegaConf.register_new_resolver("eval_suffix", eval_suffix, replace=True)

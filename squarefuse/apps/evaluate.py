@@ -18,6 +18,7 @@ from squarefuse.checkpoint import build_model_from_checkpoint, load_checkpoint, 
 from squarefuse.config.dataset_overrides import merge_dataset_overrides
 from squarefuse.datasets import build_dataset
 from squarefuse.datasets.preprocess import input_normalizer
+from squarefuse.evaluation.class_subsets import class_subset_metrics, read_class_subset, read_twin_pairs
 from squarefuse.evaluation.evaluator import evaluate
 from squarefuse.evaluation.frame_order import check_frame_order
 from squarefuse.evaluation.metrics import EvalResult
@@ -28,6 +29,17 @@ from squarefuse.runtime.precision import resolve_precision
 from squarefuse.runtime.workers import resolve_num_workers
 
 log = logging.getLogger(__name__)
+
+
+def _check_class_files(
+    subset_files: list[str], twin_file: str | None, class_names: list[str], *, only_existing: bool
+) -> None:
+    """Reads the class subset and twin files, which raises a ValueError for a name not in `class_names`."""
+    for subset_file in subset_files:
+        if not only_existing or Path(subset_file).is_file():
+            read_class_subset(subset_file, class_names)
+    if twin_file is not None and (not only_existing or Path(twin_file).is_file()):
+        read_twin_pairs(twin_file, class_names)
 
 
 def run_eval(cfg: DictConfig, run_dir: str | Path) -> EvalResult:
@@ -51,6 +63,11 @@ def run_eval(cfg: DictConfig, run_dir: str | Path) -> EvalResult:
         if key not in state:
             raise ValueError(f"{ckpt} has no '{key}' entry: it was not written by the squarefuse trainer")
     class_names = list(state["class_names"])
+    subset_files = [str(f) for f in cfg.get("subsets") or []]
+    twin_file = cfg.get("twin_pairs")
+    # A wrong class name fails now, not after the evaluation; a synthetic dataset's twins.txt may
+    # not exist before the dataset is generated, and is read after that.
+    _check_class_files(subset_files, twin_file, class_names, only_existing=True)
     split = str(cfg.split)
     dataset_cfg = merge_dataset_overrides(
         state["config"]["dataset"], cfg.get("dataset"), allow_new=(f"{split}_file", f"{split}_video_dir")
@@ -65,6 +82,7 @@ def run_eval(cfg: DictConfig, run_dir: str | Path) -> EvalResult:
         weights, weights_name = select_weights(state, bool(cfg.use_ema))
         model = build_model_from_checkpoint(state, weights).to(device)
         dataset = build_dataset(dataset_cfg, split, views=True, report_dir=run_dir if dist_info.is_main else None)
+        _check_class_files(subset_files, twin_file, class_names, only_existing=False)
         if dataset.num_classes != len(class_names):
             raise ValueError(
                 f"the checkpoint has {len(class_names)} classes but the {split} split of "
@@ -82,7 +100,7 @@ def run_eval(cfg: DictConfig, run_dir: str | Path) -> EvalResult:
             num_workers=resolve_num_workers(cfg.num_workers, key="num_workers"),
             precision=precision,
             dist_info=dist_info,
-            progress=bool(cfg.get("progress", False)),
+            progress=bool(cfg.progress),
             frame_order=frame_order,
             frame_order_seed=frame_order_seed,
         )
@@ -101,10 +119,22 @@ def run_eval(cfg: DictConfig, run_dir: str | Path) -> EvalResult:
                 "model_info": model_complexity(model, int(dataset_cfg.num_frames), model.backbone.img_size),
                 "frame_order": frame_order,
                 "frame_order_seed": frame_order_seed if frame_order == "shuffled" else None,
+                **class_subset_metrics(
+                    result.labels.tolist(),
+                    result.probs.argmax(1).tolist(),
+                    class_names,
+                    subset_files=subset_files,
+                    twin_file=twin_file,
+                ),
             }
             write_results(result, run_dir, class_names, dataset.records, missing=dataset.missing, meta=meta)
             for line in summary_lines(result, weights=weights_name, ckpt=ckpt, split=split):
                 log.info(line)
+            for name, subset in meta.get("class_subsets", {}).items():
+                log.info(f"class subset {name}: top-1 {subset['top1']}% over {subset['num_videos']} videos")
+            if "twin_confusion" in meta:
+                twins = meta["twin_confusion"]
+                log.info(f"twin confusion: {twins['confusion']}% of {twins['num_videos']} videos predicted as the twin")
             if frame_order != "normal":
                 log.info(f"frame order: {frame_order} (the frames of every view reordered before the model)")
             if dataset.missing:

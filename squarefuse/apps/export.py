@@ -19,10 +19,10 @@ and TorchScript with a mask do.
 from __future__ import annotations
 
 import copy
+import importlib
 import json
 import logging
 import os
-import tempfile
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -33,13 +33,32 @@ from omegaconf import DictConfig
 from torch import Tensor, nn
 
 from squarefuse.api import load_model
-from squarefuse.runtime.atomic_file import atomic_write
+from squarefuse.runtime.atomic_file import atomic_write, new_temp_file
 
 __all__ = ["EXPORT_FORMATS", "ExportedClassifier", "check_export", "export_model", "run_export"]
 
 log = logging.getLogger(__name__)
 
 EXPORT_FORMATS = {"onnx": "model.onnx", "torchscript": "model.torchscript.pt"}
+ONNX_PACKAGES = ("onnx", "onnxruntime")  # pyproject.toml's `export` extra
+
+
+def check_export_packages(fmt: str) -> None:
+    """Fail before anything is loaded or written when `fmt` needs packages that are not installed.
+
+    Raises:
+        ImportError: naming the missing package and the extra that installs it.
+    """
+    if fmt != "onnx":
+        return
+    for name in ONNX_PACKAGES:
+        try:
+            importlib.import_module(name)
+        except ImportError as e:
+            raise ImportError(
+                f"format=onnx needs the packages onnx and onnxruntime, and {name} is not installed ({e}): "
+                'pip install -e ".[export]" (or use format=torchscript, which needs nothing more)'
+            ) from e
 
 
 class ExportedClassifier(nn.Module):
@@ -150,12 +169,13 @@ def export_model(
     """
     if fmt not in EXPORT_FORMATS:
         raise ValueError(f"format={fmt!r}: choose one of {list(EXPORT_FORMATS)}")
+    check_export_packages(fmt)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     wrapper = ExportedClassifier(model, mask=mask)
     example = _example_inputs(2, num_frames, crop_size, mask, seed=0)
     names = ["video", "mask"][: len(example)]
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp_name = new_temp_file(path)
     os.close(fd)
     tmp = Path(tmp_name)
     try:
@@ -210,6 +230,7 @@ def run_export(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     fmt = str(cfg.format)
     if fmt not in EXPORT_FORMATS:
         raise ValueError(f"format={fmt!r}: choose one of {list(EXPORT_FORMATS)}")
+    check_export_packages(fmt)
     loaded = load_model(str(cfg.ckpt), use_ema=bool(cfg.use_ema), device="cpu")
     num_frames = int(cfg.num_frames or loaded.preprocess.num_frames)
     crop_size = loaded.preprocess.crop_size

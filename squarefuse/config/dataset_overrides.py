@@ -2,14 +2,15 @@
 
 The stored config is the training run's, resolved; `merge_dataset_overrides` applies the non-null
 overrides of the app's `dataset` block, moves paths under an overridden `root`, and gives keys the
-checkpoint predates their configs/dataset/base.yaml defaults.
+checkpoint predates their dataset/base.yaml defaults (package data: squarefuse/config/defaults/).
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from pathlib import Path, PurePath
+from importlib import resources
+from pathlib import PurePath
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
@@ -17,8 +18,14 @@ from omegaconf import DictConfig, OmegaConf
 log = logging.getLogger(__name__)
 
 
-# The keys every dataset config has, with their defaults (configs/dataset/base.yaml).
-DATASET_BASE_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "dataset" / "base.yaml"
+# The keys every dataset config has, with their defaults; package data, so that an installed
+# squarefuse (not only a source checkout) reads the same file as the training configs.
+DATASET_BASE_CONFIG = resources.files("squarefuse.config.defaults") / "dataset" / "base.yaml"
+
+
+def dataset_defaults() -> DictConfig:
+    """The keys every dataset config has, with their defaults, as the package ships them."""
+    return OmegaConf.create(DATASET_BASE_CONFIG.read_text())
 
 
 def _keys_added_since(stored: DictConfig) -> dict[str, Any]:
@@ -26,9 +33,7 @@ def _keys_added_since(stored: DictConfig) -> dict[str, Any]:
 
     Interpolated and required (`???`) defaults are left out: every checkpoint has those keys.
     """
-    if not DATASET_BASE_CONFIG.is_file():
-        return {}
-    base = OmegaConf.load(DATASET_BASE_CONFIG)
+    base = dataset_defaults()
     return {
         key: base[key]
         for key in base
@@ -52,7 +57,7 @@ def merge_dataset_overrides(
         allow_new: top-level keys that may be added although the stored config lacks them (the
             annotation file of a split the training run did not use, e.g. `test_file`).
 
-    A key the checkpoint predates (added to configs/dataset/base.yaml since) gets its default, and
+    A key the checkpoint predates (added to dataset/base.yaml since) gets its default, and
     the log says so, so that older checkpoints keep working.
 
     Raises:

@@ -12,6 +12,7 @@ Call `register_resolvers()` before `@hydra.main` composes the config (train.py, 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import time
 import uuid
@@ -27,6 +28,7 @@ STAMP_FORMAT = "%Y-%m-%d/%H-%M-%S"
 # that launch, and no other job, recognises the folder as its own.
 OWNER_FILE = ".launch"
 _MAX_CLAIMS = 1000
+_SWEEP_UNSAFE = re.compile(r"[^A-Za-z0-9._=,+-]+")
 
 
 def _process_start_ticks(pid: int) -> int:
@@ -123,8 +125,8 @@ def _claim(path: Path, owner: str) -> bool:
         return False
 
 
-def launch_dir(parent: str, sep: str = "/") -> str:
-    """`parent/<launch stamp>` (`sep` between date and time), a folder this launch alone owns.
+def launch_dir(parent: str, sep: str = "/", suffix: str = "") -> str:
+    """`parent/<launch stamp><suffix>` (`sep` between date and time), a folder this launch alone owns.
 
     Every rank of a torchrun job lands in the same folder, any other job in another one: a job
     started in the same second as another gets `<time>_2` (then `_3`...), made create-exclusively
@@ -136,7 +138,7 @@ def launch_dir(parent: str, sep: str = "/") -> str:
         ValueError: see `launch_stamp`.
     """
     stamp, owner = _launch()
-    base = Path(parent) / stamp.replace("/", sep)
+    base = Path(parent) / (stamp.replace("/", sep) + suffix)
     if owner is None:
         return str(base)
     for n in range(1, _MAX_CLAIMS + 1):
@@ -146,12 +148,42 @@ def launch_dir(parent: str, sep: str = "/") -> str:
     raise ValueError(f"{_MAX_CLAIMS} folders named {base}[_N] exist already: set hydra.run.dir=...")
 
 
+def _swept_keys(sweep_dir: Path) -> set[str] | None:
+    """The keys a multirun sweeps over (`fusion`, `trainer.seed`...), from the `multirun.yaml` Hydra
+    writes into the sweep folder before it launches the jobs; None when it cannot be read."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser  # noqa: PLC0415 - Hydra's own
+    from hydra.errors import HydraException  # noqa: PLC0415
+
+    try:
+        saved = OmegaConf.load(sweep_dir / "multirun.yaml")
+        overrides = OverridesParser.create().parse_overrides(list(saved.hydra.overrides.task))
+    except (OSError, HydraException, AttributeError):
+        return None
+    return {o.key_or_group for o in overrides if o.is_sweep_override()}
+
+
+def sweep_subdir(job_num: Any, task_overrides: Any, sweep_dir: str, max_chars: int = 60) -> str:
+    """A multirun job's folder: `<job number>_<what it sweeps>`, e.g. `3_fusion=none,trainer.seed=0`.
+
+    Only the overrides of the keys the sweep varies (read from its `multirun.yaml`; all of the
+    job's overrides when that is missing), in the order given. Anything but letters, digits and
+    `._=,+-` becomes `-`, so a path value never makes a nested folder; the name is cut to
+    `max_chars`, and the job number keeps the folders unique and sorted.
+    """
+    swept = _swept_keys(Path(sweep_dir))
+    chosen = [str(o) for o in task_overrides if swept is None or str(o).lstrip("+~").split("=", 1)[0] in swept]
+    safe = _SWEEP_UNSAFE.sub("-", ",".join(chosen))[:max_chars].rstrip("-,")
+    return f"{job_num}_{safe}" if safe else str(job_num)
+
+
 def if_rank_zero(value: Any, other: Any) -> Any:
     """`value` in the job's rank-0 process (or a single process), `other` in every other rank."""
     return value if env_dist_info().is_main else other
 
 
 def register_resolvers() -> None:
-    """Register `${launch_dir:PARENT}` (cached: one folder per config) and `${if_rank_zero:A,B}`."""
+    """Register `${launch_dir:PARENT}` (cached: one folder per config), `${if_rank_zero:A,B}` and
+    `${sweep_subdir:NUM,OVERRIDES,SWEEP_DIR}`."""
     OmegaConf.register_new_resolver("launch_dir", launch_dir, use_cache=True, replace=True)
+    OmegaConf.register_new_resolver("sweep_subdir", sweep_subdir, replace=True)
     OmegaConf.register_new_resolver("if_rank_zero", if_rank_zero, replace=True)

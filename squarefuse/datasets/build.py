@@ -4,7 +4,7 @@ Splits are named freely: split "train" gives random, augmented train items; any 
 ("val", "test", ...) gives deterministic eval items. `dataset.name` names the annotation format
 (`squarefuse.datasets.formats`), which reads the split's records and class names; everything
 else (frames, decoding, crops, augmentation) is read here, the same for every format. Every key
-comes from the config; the defaults live in configs/dataset/base.yaml.
+comes from the config; the defaults live in squarefuse/config/defaults/dataset/base.yaml.
 
 Missing videos are looked for at start-up (one directory listing per folder), logged with a count
 and the first few paths, written in full to ``report_dir/missing_{split}.txt``, and left out; more
@@ -54,13 +54,14 @@ def load_annotations(cfg: Mapping[str, Any], split: str) -> Annotations:
 def _report_missing(
     missing: list[str], total: int, *, name: str, split: str, max_fraction: float, report_dir: str | Path | None
 ) -> None:
-    report = None
-    if report_dir is not None:
-        report = Path(report_dir) / f"missing_{split}.txt"
+    report = Path(report_dir) / f"missing_{split}.txt" if report_dir is not None else None
+    if not missing:
+        if report is not None:
+            report.unlink(missing_ok=True)  # a resumed run's list from when videos were missing
+        return
+    if report is not None:
         report.parent.mkdir(parents=True, exist_ok=True)
         report.write_text("".join(f"{p}\n" for p in missing), encoding="utf-8")
-    if not missing:
-        return
     where = f"; full list in {report}" if report else ""
     message = f"{name} {split}: {len(missing)} of {total} videos are missing, e.g. {missing[:3]}{where}"
     if len(missing) == total or len(missing) / total > max_fraction:

@@ -126,7 +126,8 @@ class PathLabelList(DatasetFormat):
 
 
 class Synthetic(DatasetFormat):
-    """The built-in synthetic videos, generated under `root` on first use. Keys: root, generate."""
+    """The built-in synthetic videos, generated under `root` on first use. Keys: root, task, generate
+    (splits train, val, test). A config saved before `task` existed means the default task."""
 
     name = "synthetic"
 
@@ -134,11 +135,13 @@ class Synthetic(DatasetFormat):
         # Imported on use: only this format needs the generator.
         from squarefuse.datasets.synthetic import ensure_synthetic  # noqa: PLC0415
 
-        splits = ensure_synthetic(required(cfg, "root"), **dict(required(cfg, "generate")))
-        lists = {"train": splits.train_list, "val": splits.val_list}
-        if split not in lists:
-            raise ValueError(f"the synthetic dataset has splits {list(lists)}, not {split!r}")
-        return load_list(list_file=lists[split], video_dir=splits.root, class_names=list(splits.class_names))
+        generate = dict(required(cfg, "generate"))
+        # A config saved before the task families (an older checkpoint) generated `direction`, without a
+        # test split of its own: give it one the size of val.
+        generate.setdefault("test_per_class", generate.get("val_per_class"))
+        task = cfg["task"] if "task" in cfg else "direction"
+        splits = ensure_synthetic(required(cfg, "root"), task=task, **generate)
+        return load_list(list_file=splits.list_file(split), video_dir=splits.root, class_names=list(splits.class_names))
 
 
 FORMATS: dict[str, DatasetFormat] = {f.name: f for f in (SSv2(), Kinetics(), PathLabelList(), Synthetic())}

@@ -183,7 +183,7 @@ def apply_cache_to_config(cfg: DictConfig) -> None:
         for key, cache_key in EXPECTED_KEYS.items():
             cfg.dataset[key] = info[cache_key]
         for key in ("embed_dim", "num_prefix_tokens", "has_class_token", "num_tokens"):
-            cfg.backbone[key] = info[key]
+            cfg.backbone.model_kwargs[key] = info[key]
         cfg.backbone.name = info["backbone_name"]
         cfg.backbone.img_size = info["img_size"]
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 import csv
 import json
 import logging
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +21,7 @@ from typing import Any
 
 import torch
 
+from squarefuse.config.resolvers import launch_dir
 from squarefuse.evaluation.evaluator import merge_shards
 from squarefuse.evaluation.metrics import EvalResult
 from squarefuse.evaluation.results import summary_lines, write_results
@@ -145,8 +145,9 @@ def ensemble(outputs: Sequence[EvalOutput], weights: Sequence[float] | None = No
 
 
 def default_ensemble_dir() -> Path:
-    """``ensembles/<date>_<time>`` under the current folder."""
-    return Path("ensembles") / time.strftime("%Y-%m-%d_%H-%M-%S")
+    """``ensembles/<date>_<time>`` under the current folder (git-ignored), ``_2``... for another
+    ensemble made in the same second (`launch_dir`)."""
+    return Path(launch_dir("ensembles", sep="_"))
 
 
 def run_ensemble(

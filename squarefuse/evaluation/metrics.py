@@ -15,6 +15,15 @@ from torchmetrics.functional.classification import multiclass_confusion_matrix
 TOPK = 5  # the k of the `top5` number (at most the number of classes)
 
 
+def top5_name(k: int) -> str:
+    """How logs name the `top5` number: "top5", or "top5 (k=3: 3 classes)" when there are fewer than 5.
+
+    One name everywhere (results.json, metrics.jsonl, per_class.csv, predictions.csv, logs, report):
+    `top5`, with `topk` stating k where it is less than 5.
+    """
+    return "top5" if k >= TOPK else f"top5 (k={k}: {k} classes)"
+
+
 @dataclass
 class EvalResult:
     """Metrics over the videos that decoded, and the per-video predictions behind them.

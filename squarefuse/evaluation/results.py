@@ -3,7 +3,8 @@
 results.json           metrics (percent), counts of evaluated / failed / missing videos, views,
                        the failed videos, and whatever `meta` the caller adds (checkpoint...)
 per_class.csv          class_id, class, support, correct, top1, top5
-predictions.csv        one row per evaluated video: index, id, path, label, pred, prob, top-5
+predictions.csv        one row per evaluated video: index, id, path, label, pred, prob, top5, top5_probs
+                       (`top5` is top-k with k = min(5, classes) everywhere; results.json's `topk` is k)
 probs.pt               indices, labels, averaged probs [N, C] and class names (for ensembling;
                        `torch.load(weights_only=True)` reads it)
 confusion_matrix.png   row-normalised; class names on the axes up to 40 classes
@@ -27,7 +28,7 @@ import torch
 from matplotlib.figure import Figure
 
 from squarefuse.evaluation.eval_files import RESULTS_FILE
-from squarefuse.evaluation.metrics import EvalResult, confusion_matrix
+from squarefuse.evaluation.metrics import EvalResult, confusion_matrix, top5_name
 from squarefuse.runtime.atomic_file import atomic_write
 from squarefuse.runtime.safe_text import csv_writer, plot_text
 
@@ -103,7 +104,7 @@ def write_results(
     top5_correct = torch.zeros(num_classes, dtype=torch.long).index_add_(0, result.labels, top5_hits)
     with atomic_write(out_dir / "per_class.csv") as f:
         writer = csv_writer(f)
-        writer.writerow(["class_id", "class", "support", "correct", "top1", f"top{k}"])
+        writer.writerow(["class_id", "class", "support", "correct", "top1", "top5"])
         for c in range(num_classes):
             n = int(support[c])
             correct = int(confmat[c, c])
@@ -124,8 +125,8 @@ def write_results(
                 "pred_name",
                 "prob",
                 "correct",
-                f"top{k}",
-                f"top{k}_probs",
+                "top5",
+                "top5_probs",
             ]
         )
         for row in range(result.num_videos):
@@ -160,13 +161,32 @@ def write_results(
             f,
         )
     with atomic_write(out_dir / "confusion_matrix.png", "wb") as f:
-        plot_confusion_matrix(confmat, class_names, f)
+        plot_confusion_matrix(confmat, class_names, f, conditions=_conditions(summary))
     with atomic_write(out_dir / RESULTS_FILE) as f:
         json.dump(summary, f, indent=2)
 
 
-def plot_confusion_matrix(confmat: torch.Tensor, class_names: Sequence[str], path: str | Path | IO[bytes]) -> None:
+def _conditions(summary: Mapping[str, Any]) -> list[str]:
+    """The evaluation's non-default choices, for the confusion matrix's title: a reversed-frames
+    matrix must not look like the in-order one."""
+    conditions = []
+    if summary.get("split") not in (None, "val"):
+        conditions.append(f"split {summary['split']}")
+    if summary.get("frame_order") not in (None, "normal"):
+        conditions.append(f"frames {summary['frame_order']}")
+    return conditions
+
+
+def plot_confusion_matrix(
+    confmat: torch.Tensor,
+    class_names: Sequence[str],
+    path: str | Path | IO[bytes],
+    *,
+    conditions: Sequence[str] = (),
+) -> None:
     """Row-normalised confusion matrix (each row: how a true class was predicted) as a PNG.
+
+    `conditions` (e.g. "frames reversed") are added to the title.
 
     Uses a bare `Figure` (Agg canvas) rather than pyplot: no global state, no display needed.
     Class names are drawn as plain text (`plot_text`): a `$` in a name is not math.
@@ -181,7 +201,8 @@ def plot_confusion_matrix(confmat: torch.Tensor, class_names: Sequence[str], pat
     fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="fraction of the true class")
     ax.set_xlabel("predicted class")
     ax.set_ylabel("true class")
-    ax.set_title(f"confusion matrix ({int(confmat.sum())} videos, {num_classes} classes)")
+    details = [f"{int(confmat.sum())} videos, {num_classes} classes", *conditions]
+    ax.set_title(plot_text(f"confusion matrix ({'; '.join(details)})"))
     if num_classes <= _MAX_TICK_LABELS:
         names = [plot_text(name) for name in class_names]
         ax.set_xticks(range(num_classes), labels=names, rotation=90, fontsize=8)
@@ -214,7 +235,7 @@ def summary_lines(result: EvalResult, *, weights: str, ckpt: str | None = None, 
         f"split: {split}" if split else None,
         f"views: {clips} clips x {crops} crops",
         f"videos: {result.num_videos} evaluated, {result.num_failed} failed to decode",
-        f"top-1: {result.top1:.2f}%  top-{result.topk}: {result.top5:.2f}%  "
+        f"top1: {result.top1:.2f}%  {top5_name(result.topk)}: {result.top5:.2f}%  "
         f"mean-class: {result.mean_class_acc:.2f}%  loss: {result.loss:.4f}",
     ]
     return [line for line in lines if line is not None]

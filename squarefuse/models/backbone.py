@@ -19,6 +19,8 @@ import torch.utils.checkpoint
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
+from squarefuse.models.hub_weights import check_weights_reachable
+
 __all__ = ["VideoBackbone", "prefix_group_matcher"]
 
 # timm reports keys that a pretrained file did not provide only through this logger.
@@ -181,12 +183,14 @@ class VideoBackbone(nn.Module):
         if pretrained and pretrained_path is not None:
             self.model = self._create_from_file(name, os.fspath(pretrained_path), create_kwargs)
         elif pretrained:
+            check_weights_reachable(name)
             try:
                 self.model = _create_model(name, pretrained=True, **create_kwargs)
             except OSError as e:  # hub/URL download errors are OSError subclasses
                 raise RuntimeError(
                     f"backbone.name={name!r}: could not fetch pretrained weights ({e}). Without "
-                    f"network access, set backbone.pretrained_path to a local weights file."
+                    f"network access, set backbone.pretrained_path to a local weights file, or train a "
+                    f"small model from scratch with recipe=tiny_scratch."
                 ) from e
         else:
             self.model = _create_model(name, pretrained=False, **create_kwargs)

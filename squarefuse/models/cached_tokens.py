@@ -22,12 +22,10 @@ class CachedTokens(nn.Module):
     Args:
         name: the timm name of the backbone that made the cache (for messages and model info).
         img_size: the frame size the cache was made at.
-        embed_dim: D.
-        num_prefix_tokens: prefix tokens (class token, registers) before the patch tokens.
-        has_class_token: whether token 0 is a class token.
-        num_tokens: N, the tokens per frame the cache holds (all, the prefix only, or pooled).
-        pretrained, pretrained_path, freeze: accepted for the keys every backbone config has;
-            there are no weights here (`pretrained_path` must be null).
+        model_kwargs: the cached token layout: ``embed_dim`` (D), ``num_prefix_tokens`` (class token,
+            registers), ``has_class_token``, ``num_tokens`` (N: all, the prefix only, or pooled).
+        pretrained, pretrained_path, drop_path_rate, grad_checkpointing, freeze: the keys every
+            backbone config has; there are no weights here (`pretrained_path` must be null).
     """
 
     mean = None  # no pixels, hence no normalisation: `squarefuse.datasets.preprocess.input_normalizer`
@@ -38,12 +36,11 @@ class CachedTokens(nn.Module):
         self,
         name: str,
         img_size: int,
-        embed_dim: int,
-        num_prefix_tokens: int,
-        has_class_token: bool,
-        num_tokens: int,
+        model_kwargs: Mapping[str, Any],
         pretrained: bool = False,
         pretrained_path: str | None = None,
+        drop_path_rate: float = 0.0,
+        grad_checkpointing: bool = False,
         freeze: bool = True,
     ) -> None:
         super().__init__()
@@ -53,8 +50,9 @@ class CachedTokens(nn.Module):
                 "weights; the cache holds the backbone's output"
             )
         self.name, self.img_size = name, int(img_size)
-        self.embed_dim, self.num_tokens = int(embed_dim), int(num_tokens)
-        self.num_prefix_tokens, self.has_class_token = int(num_prefix_tokens), bool(has_class_token)
+        self.embed_dim, self.num_tokens = int(model_kwargs["embed_dim"]), int(model_kwargs["num_tokens"])
+        self.num_prefix_tokens = int(model_kwargs["num_prefix_tokens"])
+        self.has_class_token = bool(model_kwargs["has_class_token"])
         self.freeze = True
 
     @property

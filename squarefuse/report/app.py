@@ -9,7 +9,13 @@ from pathlib import Path
 
 from squarefuse.report.aggregate import Comparison, GroupSummary, compare, summarise
 from squarefuse.report.groups import baseline_for, find_baseline, group_runs, parse_terms
-from squarefuse.report.plots import plot_accuracy_vs_flops, plot_per_class_gain, plot_val_curves
+from squarefuse.report.matrix import matrix_markdown, plot_matrix, task_fusion_matrix, write_matrix_csv
+from squarefuse.report.plots import (
+    plot_accuracy_vs_flops,
+    plot_per_class_gain,
+    plot_training_curves,
+    why_no_accuracy_vs_flops,
+)
 from squarefuse.report.runs import expected_jobs, find_run_dirs, load_run
 from squarefuse.report.write import write_csv, write_markdown
 
@@ -49,13 +55,23 @@ def _compare_with_baselines(summaries: list[GroupSummary], terms: list[tuple[str
     return f"Baseline ({spec}): " + "; ".join(b.label for b in baselines) + "."
 
 
-def make_report(paths: Sequence[str | Path], out_dir: str | Path, *, baseline: Sequence[str] | None = None) -> Report:
+def make_report(
+    paths: Sequence[str | Path],
+    out_dir: str | Path,
+    *,
+    baseline: Sequence[str] | None = None,
+    matrix: bool = False,
+    split: str = "test",
+) -> Report:
     """Find the runs under `paths`, aggregate them per group and write the report into `out_dir`.
 
     Args:
         paths: Hydra multirun folders, run folders, or any folders holding runs.
         out_dir: where report.md, report.csv and the PNG plots go (created).
         baseline: KEY=VALUE terms selecting the baseline group; None: `fusion=none` if any group has it.
+        matrix: also write the temporal benchmark's task x fusion matrix of `split` top-1
+            (matrix.md, matrix.csv, temporal_matrix.png; `squarefuse.report.matrix`).
+        split: the evaluated split the matrix reads.
 
     Raises:
         FileNotFoundError: a path does not exist.
@@ -67,7 +83,8 @@ def make_report(paths: Sequence[str | Path], out_dir: str | Path, *, baseline: S
         raise ValueError(f"no run folder (config.yaml, metrics.jsonl or .hydra/) under {', '.join(map(str, paths))}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    summaries = [summarise(g) for g in group_runs([load_run(d) for d in run_dirs])]
+    runs = [load_run(d) for d in run_dirs]
+    summaries = [summarise(g) for g in group_runs(runs)]
     terms = parse_terms(baseline if baseline else DEFAULT_BASELINE)
     baseline_note = _compare_with_baselines(summaries, terms, explicit=bool(baseline))
 
@@ -82,8 +99,8 @@ def make_report(paths: Sequence[str | Path], out_dir: str | Path, *, baseline: S
             )
     plots = []
     for name, plot, why_not in (
-        ("val_curves.png", plot_val_curves, "no finished run logged a validation"),
-        ("accuracy_vs_fusion_flops.png", plot_accuracy_vs_flops, "no evaluated group has model_info.json FLOPs"),
+        ("training_curves.png", plot_training_curves, "no finished run logged a train loss or a validation"),
+        ("accuracy_vs_fusion_flops.png", plot_accuracy_vs_flops, why_no_accuracy_vs_flops(summaries)),
         ("per_class_gain.png", plot_per_class_gain, "no group could be paired with a baseline"),
     ):
         if plot(summaries, out_dir / name):
@@ -100,6 +117,14 @@ def make_report(paths: Sequence[str | Path], out_dir: str | Path, *, baseline: S
         plots=plots,
     )
     write_csv(summaries, out_dir / "report.csv")
+    if matrix:
+        verdict = task_fusion_matrix(runs, split=split)
+        if not verdict.cells:
+            raise ValueError(f"no finished run under {', '.join(map(str, paths))} was evaluated on split {split}")
+        (out_dir / "matrix.md").write_text(matrix_markdown(verdict))
+        write_matrix_csv(verdict, out_dir / "matrix.csv")
+        plot_matrix(verdict, out_dir / "temporal_matrix.png")
+        plots.append("temporal_matrix.png")
     return Report(summaries=summaries, out_dir=out_dir, notes=notes, plots=plots)
 
 
@@ -116,6 +141,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="the baseline group, e.g. fusion=none (the default when such a group exists) or fusion.K=8",
     )
     parser.add_argument(
+        "--matrix",
+        action="store_true",
+        help="also the temporal benchmark's task x fusion matrix of test top-1 (matrix.md, matrix.csv, "
+        "temporal_matrix.png): best per task, McNemar against it",
+    )
+    parser.add_argument("--split", default="test", help="the evaluated split the matrix reads (default: test)")
+    parser.add_argument(
         "--out", type=Path, help="output folder (default: PATH/report for a single PATH, else ./report)"
     )
     return parser.parse_args(argv)
@@ -125,9 +157,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     out_dir = args.out or (Path(args.paths[0]) / "report" if len(args.paths) == 1 else Path("report"))
     try:
-        report = make_report(args.paths, out_dir, baseline=args.baseline)
+        report = make_report(args.paths, out_dir, baseline=args.baseline, matrix=args.matrix, split=args.split)
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"error: {e}") from None
     print((report.out_dir / "report.md").read_text())
+    if args.matrix:
+        print((report.out_dir / "matrix.md").read_text())
     print(f"written to {report.out_dir}: report.md, report.csv" + "".join(f", {p}" for p in report.plots))
     return 0

@@ -46,7 +46,7 @@ def _value_text(value: Any) -> str:
     return json.dumps(value, sort_keys=True) if isinstance(value, (list, dict)) else str(value)
 
 
-def _choice(run: Run, group: str) -> str | None:
+def group_choice(run: Run, group: str) -> str | None:
     """The run's Hydra choice for a config group, else the short name of the group's `_target_`."""
     if group in run.choices:
         return run.choices[group]
@@ -70,7 +70,7 @@ def _varying(runs: Sequence[Run]) -> tuple[list[str], list[str]]:
         {key.rsplit(".", 1)[0] for f in flats for key in f if key.endswith("._target_")}
         | {g for r in runs for g in r.choices}
     )
-    varying_groups = [g for g in groups if len({_choice(r, g) for r in runs}) > 1 and not is_ignored(g)]
+    varying_groups = [g for g in groups if len({group_choice(r, g) for r in runs}) > 1 and not is_ignored(g)]
     keys = sorted({key for f in flats for key in f})
     varying_keys = []
     for key in keys:
@@ -85,7 +85,7 @@ def _varying(runs: Sequence[Run]) -> tuple[list[str], list[str]]:
         # of the same choice (fusion.K=4,8 for fusion=square), not because `none` lacks it.
         by_choice: dict[str | None, set[str]] = {}
         for run, f in zip(runs, flats, strict=True):
-            by_choice.setdefault(_choice(run, group), set()).add(_value_text(f.get(key, _ABSENT)))
+            by_choice.setdefault(group_choice(run, group), set()).add(_value_text(f.get(key, _ABSENT)))
         if any(len(values) > 1 for values in by_choice.values()):
             varying_keys.append(key)
     return varying_groups, varying_keys
@@ -97,7 +97,7 @@ def group_runs(runs: Sequence[Run]) -> list[Group]:
     groups: dict[tuple[tuple[str, str], ...], Group] = {}
     for run in runs:
         flat = flatten(run.config)
-        settings = {g: str(_choice(run, g)) for g in varying_groups}
+        settings = {g: str(group_choice(run, g)) for g in varying_groups}
         settings.update({k: _value_text(flat[k]) for k in varying_keys if k in flat})
         key = tuple(settings.items())
         if key not in groups:

@@ -14,44 +14,76 @@ from squarefuse.runtime.safe_text import plot_text
 _MAX_CLASS_LABELS = 40  # beyond this, class names on an axis overlap into an unreadable block
 
 
-def plot_val_curves(summaries: Sequence[GroupSummary], path: Path) -> bool:
-    """Clip-level val top-1 per epoch: the mean over a group's finished runs, min-max band over seeds."""
-    fig = Figure(figsize=(8, 5), dpi=100, layout="constrained")
-    ax = fig.add_subplot()
-    drawn = False
-    for summary in summaries:
-        by_epoch: dict[int, list[float]] = {}
-        for run in summary.finished:
-            for epoch, top1 in run.val_curve:
-                by_epoch.setdefault(epoch, []).append(top1)
-        if not by_epoch:
-            continue
-        epochs = sorted(by_epoch)
-        mean = [sum(by_epoch[e]) / len(by_epoch[e]) for e in epochs]
-        (line,) = ax.plot(epochs, mean, label=plot_text(f"{summary.label} (n={len(summary.finished)})"))
-        ax.fill_between(
-            epochs,
-            [min(by_epoch[e]) for e in epochs],
-            [max(by_epoch[e]) for e in epochs],
-            color=line.get_color(),
-            alpha=0.2,
-        )
-        drawn = True
-    if not drawn:
+def _mean_and_band(ax, curves: Sequence[Sequence[tuple[int, float]]], label: str) -> bool:
+    """Plot the mean over runs of (x, y) curves with their min-max band; markers show single points."""
+    by_x: dict[int, list[float]] = {}
+    for curve in curves:
+        for x, y in curve:
+            by_x.setdefault(x, []).append(y)
+    if not by_x:
         return False
-    ax.set_xlabel("epoch")
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_ylabel("clip-level val top-1 (%)")
-    ax.set_title("validation top-1: mean over seeds, band = min-max")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    xs = sorted(by_x)
+    mean = [sum(by_x[x]) / len(by_x[x]) for x in xs]
+    (line,) = ax.plot(xs, mean, marker="o", markersize=3, label=plot_text(label))
+    ax.fill_between(xs, [min(by_x[x]) for x in xs], [max(by_x[x]) for x in xs], color=line.get_color(), alpha=0.2)
+    return True
+
+
+def plot_training_curves(summaries: Sequence[GroupSummary], path: Path) -> bool:
+    """Save `training_curves_figure` to `path`; False when no finished run logged anything to draw."""
+    fig = training_curves_figure(summaries)
+    if fig is None:
+        return False
     fig.savefig(path)
     return True
 
 
+def training_curves_figure(summaries: Sequence[GroupSummary]) -> Figure | None:
+    """Train loss per step next to clip-level val top-1 per epoch: the mean over a group's finished runs,
+    min-max band over seeds."""
+    fig = Figure(figsize=(12, 5), dpi=100, layout="constrained")
+    loss_ax, val_ax = fig.subplots(1, 2)
+    drawn = False
+    for summary in summaries:
+        label = f"{summary.label} (n={len(summary.finished)})"
+        # The same colour for a group in both panels: matplotlib's cycle advances per line drawn.
+        drawn_loss = _mean_and_band(loss_ax, [run.train_curve for run in summary.finished], label)
+        if not drawn_loss:
+            loss_ax.plot([], [])
+        drawn_val = _mean_and_band(val_ax, [run.val_curve for run in summary.finished], label)
+        if not drawn_val:
+            val_ax.plot([], [])
+        drawn = drawn or drawn_loss or drawn_val
+    if not drawn:
+        return None
+    loss_ax.set_xlabel("step")
+    loss_ax.set_ylabel("train loss")
+    loss_ax.set_title("train loss: mean over seeds, band = min-max")
+    val_ax.set_xlabel("epoch")
+    val_ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    val_ax.set_ylabel("clip-level val top-1 (%)")
+    val_ax.set_title("validation top-1: mean over seeds, band = min-max")
+    for ax in (loss_ax, val_ax):
+        ax.grid(alpha=0.3)
+        if any(not line.get_label().startswith("_") for line in ax.lines):
+            ax.legend(fontsize=8)
+    return fig
+
+
+def why_no_accuracy_vs_flops(summaries: Sequence[GroupSummary]) -> str:
+    """Why `plot_accuracy_vs_flops` has nothing to draw, in the user's terms."""
+    with_flops = [s for s in summaries if s.fusion_flops is not None]
+    evaluated = [s for s in summaries if s.eval_top1.mean is not None]
+    if not evaluated:
+        return "no run was evaluated yet (python eval.py ckpt=<run>/checkpoints/best.pt)"
+    if not with_flops:
+        return "no run folder has a model_info.json with fusion FLOPs (train.py writes it at start-up)"
+    return "no group has both an evaluation and model_info.json FLOPs"
+
+
 def plot_accuracy_vs_flops(summaries: Sequence[GroupSummary], path: Path) -> bool:
     """Eval top-1 (mean ± std over seeds) against the fusion's FLOPs per clip; False when no
-    group has both (model_info.json missing, or no evaluation)."""
+    group has both (`why_no_accuracy_vs_flops` says which is missing)."""
     points = [s for s in summaries if s.fusion_flops is not None and s.eval_top1.mean is not None]
     if not points:
         return False

@@ -1,6 +1,7 @@
 """One way to write a file so that a crash mid-write leaves the previous file (or none), never half a file.
 
 with atomic_write(path, "wb") as f: ...     # a temporary `.NAME.XXXXXXXX.tmp` renamed over `path`
+fd, tmp = new_temp_file(path)              # the same temporary file for writers that need a name (ONNX, PyAV)
 remove_stale_temp_files(folder)             # what killed writers left (only with the run lock held)
 check_writable(folder, key)                 # at start-up, not at the first save after hours of work
 """
@@ -47,6 +48,39 @@ def _is_disk_full(error: BaseException, folder: Path) -> bool:
     return free is not None and free < LOW_SPACE_BYTES
 
 
+def current_umask() -> int:
+    """The process's umask, read without changing it where Linux tells (`os.umask` can only swap it)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    # Swapping is not thread-safe, hence only the fallback.
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def new_temp_file(path: str | Path, suffix: str = TEMP_SUFFIX) -> tuple[int, str]:
+    """Create `.NAME.XXXXXXXX<suffix>` next to `path` with the mode a plain `open(path, "w")` would give.
+
+    `mkstemp` creates 0600 files and a rename keeps the mode: without this, checkpoints and exports
+    could be read by their owner only, whatever the user's umask says (on a shared cluster, colleagues
+    could not read a run). Returns the open descriptor and the name, as `mkstemp` does.
+    """
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    try:
+        os.fchmod(fd, 0o666 & ~current_umask())
+    except BaseException:
+        os.close(fd)
+        os.unlink(tmp)
+        raise
+    return fd, tmp
+
+
 @contextlib.contextmanager
 def atomic_write(path: str | Path, mode: str = "w") -> Iterator[IO]:
     """Open a temporary file next to `path` and rename it over `path` once the block succeeds.
@@ -60,7 +94,7 @@ def atomic_write(path: str | Path, mode: str = "w") -> Iterator[IO]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent)
+    fd, tmp = new_temp_file(path)
     try:
         with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8", "newline": ""})) as f:
             yield f

@@ -19,6 +19,7 @@ from typing import Any
 # with other classes does not.
 HARMLESS_KEYS = (
     "logger",
+    "recipe",  # the recipe's name; what it sets (backbone, optim, trainer...) is compared key by key
     "trainer.num_workers",
     "trainer.prefetch_factor",
     "trainer.cpu_threads",

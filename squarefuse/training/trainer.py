@@ -11,6 +11,7 @@ import contextlib
 import logging
 import math
 import random
+import shlex
 import signal
 import time
 import weakref
@@ -22,11 +23,13 @@ import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from timm.utils import ModelEmaV3
+from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from squarefuse.checkpoint import load_checkpoint, save_checkpoint
 from squarefuse.datasets import build_dataset, build_device_augment, build_gpu_decoder
@@ -34,6 +37,7 @@ from squarefuse.datasets.build import check_run_dir
 from squarefuse.datasets.preprocess import input_normalizer
 from squarefuse.datasets.token_cache import apply_cache_to_config
 from squarefuse.evaluation.evaluator import evaluate
+from squarefuse.evaluation.metrics import top5_name
 from squarefuse.models import build_classifier
 from squarefuse.models.complexity import format_model_info, model_complexity, write_model_info
 from squarefuse.runtime import distributed
@@ -92,6 +96,23 @@ def check_trainer_cfg(tcfg: DictConfig) -> None:
     need(0.0 < float(tcfg.ema.decay) < 1.0, "ema", "a mapping with decay in (0, 1)")
 
 
+def check_train_config(cfg: DictConfig) -> None:
+    """Every check that needs no data, no file and no device, run before anything is created.
+
+    The trainer and optimiser keys, and the model: the backbone, fusion and head are built on the
+    meta device (no memory, no weights read), so each layer's own argument checks (`fusion.K=0`,
+    `fusion.quantiles=[0.1,1.5]`...) run before the data is generated or a file is written.
+
+    Raises:
+        ValueError: naming the key and its value.
+    """
+    check_trainer_cfg(cfg.trainer)
+    check_optim_cfg(cfg.optim)
+    backbone_cfg = OmegaConf.merge(cfg.backbone, {"pretrained": False, "pretrained_path": None})
+    with torch.device("meta"):
+        build_classifier(backbone_cfg, cfg.fusion, cfg.head, num_classes=2)  # any class count will do
+
+
 def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return torch.sum(-targets * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
 
@@ -118,6 +139,22 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     random.setstate((version, tuple(internal), gauss_next))
 
 
+def describe_recipe(cfg: DictConfig) -> str:
+    """The start-up line that says which recipe runs and where its backbone's weights come from."""
+    backbone = cfg.backbone
+    if not backbone.pretrained:
+        weights = "trained from scratch"
+    elif backbone.pretrained_path is not None:
+        weights = f"pretrained weights from backbone.pretrained_path={backbone.pretrained_path}"
+    else:
+        weights = "pretrained weights from the Hugging Face hub (offline: set backbone.pretrained_path)"
+    head = str(cfg.head._target_).rsplit(".", 1)[-1]
+    return (
+        f"recipe {cfg.recipe} (configs/recipe/{cfg.recipe}.yaml; recipe=... swaps it): "
+        f"backbone {backbone.name} at {backbone.img_size} px, {weights}; head {head}"
+    )
+
+
 class Trainer:
     """Owns the model, data, optimiser and loop of one training run."""
 
@@ -139,14 +176,14 @@ class Trainer:
         self.run_dir = Path(run_dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
         tcfg = cfg.trainer
-        check_trainer_cfg(tcfg)
-        check_optim_cfg(cfg.optim)
-        apply_cache_to_config(cfg)  # dataset=tokens: the cache's settings, checked, into the run's config
+        # dataset=tokens: the cache's settings, checked, into the run's config (the model is built from them)
+        apply_cache_to_config(cfg)
         if cfg.dataset.name == "tokens" and (float(tcfg.mixup) > 0 or float(tcfg.cutmix) > 0):
             raise ValueError(
                 f"trainer.mixup={tcfg.mixup}, trainer.cutmix={tcfg.cutmix}: MixUp/CutMix mix pixels, and a run on "
                 "cached tokens (dataset=tokens) has none; set both to 0"
             )
+        check_train_config(cfg)
         check_run_dir(cfg.dataset, self.run_dir)
         if tcfg.init_from is not None and not tcfg.resume and not (self.ckpt_dir / "last.pt").is_file():
             check_init_file(tcfg.init_from)  # a fresh run will read it: a wrong file fails before the data is built
@@ -158,6 +195,7 @@ class Trainer:
             torch.set_num_threads(threads)
         is_main = self.dist.is_main
         if is_main:
+            log.info(describe_recipe(cfg))
             # Now, not at the first save after an epoch of work. The run lock (held) wrote run.lock
             # into the run folder already; checkpoints/ may be another (read-only, full) mount.
             check_writable(self.ckpt_dir, "the run's checkpoints (last.pt, best.pt)")
@@ -246,6 +284,8 @@ class Trainer:
         self.epoch = 0
         self.batch_in_epoch = 0  # micro-batches of this rank done in the current epoch
         self.best_top1 = -math.inf
+        self.best_epoch: int | None = None
+        self.last_val_top1: float | None = None
         self.last_val_step = -1
         self.num_replaced = 0
         self.num_skipped = 0
@@ -274,15 +314,14 @@ class Trainer:
             resume_val_step=self.last_val_step,
         )
         if is_main:
-            n_params = sum(p.numel() for p in self.model.parameters())
             log.info(
-                "run dir %s | %d train / %s val videos, %d classes | %.1fM params | global batch %d, lr %.2e | "
+                "run dir %s | %d train / %s val videos, %d classes | %s | global batch %d, lr %.2e | "
                 "%d steps (%d per epoch) | %s (%d threads), %s, %d workers/rank, world size %d",
                 self.run_dir,
                 len(self.train_set),
                 len(self.val_set) if self.val_set else 0,
                 self.num_classes,
-                n_params / 1e6,
+                describe_params(self.model),
                 self.global_batch,
                 max(self.scheduler.base_values),  # the peak lr of the schedule in use (a resumed one's too)
                 self.total_steps,
@@ -416,6 +455,8 @@ class Trainer:
             "epoch": self.epoch,
             "batch_in_epoch": self.batch_in_epoch,
             "best_top1": self.best_top1,
+            "best_epoch": self.best_epoch,
+            "last_val_top1": self.last_val_top1,
             "last_val_step": self.last_val_step,
             "num_replaced": self.num_replaced,
             "num_skipped": self.num_skipped,
@@ -444,6 +485,8 @@ class Trainer:
         self._restore_schedule(state["scheduler"], path)
         self.batch_in_epoch = int(state["batch_in_epoch"])
         self.best_top1 = float(state["best_top1"])
+        self.best_epoch = state.get("best_epoch")  # absent from checkpoints saved before it was recorded
+        self.last_val_top1 = state.get("last_val_top1")
         self.last_val_step = int(state["last_val_step"])
         self.num_replaced, self.num_skipped = int(state["num_replaced"]), int(state["num_skipped"])
         self.consecutive_skips = int(state.get("consecutive_skips", 0))
@@ -560,6 +603,8 @@ class Trainer:
                 if self.val_set is not None and self.last_val_step != self.step:
                     self._validate_and_save()  # training ended mid-epoch (max_steps): validate the final weights
                 status = "finished"
+                if self.dist.is_main:
+                    log.info(self._summary_line(time.perf_counter() - started))
         except BaseException as e:
             if status == "crashed":  # not the requeue handler's exit after a clean stop
                 error = f"{type(e).__name__}: {e}"
@@ -579,6 +624,23 @@ class Trainer:
             "best_val_clip_top1": self.best_top1 if self.best_top1 > -math.inf else None,
             "run_dir": str(self.run_dir),
         }
+
+    def _summary_line(self, wall_s: float) -> str:
+        """The last line of a finished run: its best and final validation, wall time, and what to run next."""
+        minutes, seconds = divmod(round(wall_s), 60)
+        parts = [f"training finished in {minutes}m {seconds:02d}s"]
+        best = self.ckpt_dir / "best.pt"
+        if self.best_epoch is not None or self.best_top1 > -math.inf:
+            at = f" at epoch {self.best_epoch}" if self.best_epoch is not None else ""
+            parts.append(f"best clip-level val top-1 {self.best_top1:.2f}{at}")
+        if self.last_val_top1 is not None:
+            parts.append(f"final val top-1 {self.last_val_top1:.2f} (epoch {self.epoch})")
+        if not best.is_file():
+            parts.append("no validation, no best.pt")
+            best = self.ckpt_dir / "last.pt"
+        parts.append(f"{best.name}: {best}")
+        parts.append(f"next: python eval.py ckpt={shlex.quote(_short_path(best))}")
+        return " | ".join(parts)
 
     def close(self) -> None:
         """Stop the loader's workers and release the run folder (`fit` does both when it ends)."""
@@ -623,27 +685,29 @@ class Trainer:
             dynamic_ncols=True,
             leave=False,
         )
-        window = self._new_window()
-        t_last = time.perf_counter()
-        for _ in range(steps_left):
-            loss, wait = self.train_step(batches)
-            now = time.perf_counter()
-            if loss is None:
-                window["skipped"] += 1
-            else:
-                window["loss"] += loss
-            window["steps"] += 1
-            window["wait"] += wait
-            window["time"] += now - t_last
-            t_last = now
-            bar.update(1)
-            if self.step % int(tcfg.log_every) == 0 or self.step == self.total_steps:
-                self._log_train(window, bar)
-                window = self._new_window()
-            if self._stop_signal is not None:
-                break
-            if self.step % int(tcfg.ckpt_every) == 0:
-                self.save("last.pt")
+        # Log lines (the train loss among them) are printed above the progress bar, not through it.
+        with logging_redirect_tqdm():
+            window = self._new_window()
+            t_last = time.perf_counter()
+            for _ in range(steps_left):
+                loss, wait = self.train_step(batches)
+                now = time.perf_counter()
+                if loss is None:
+                    window["skipped"] += 1
+                else:
+                    window["loss"] += loss
+                window["steps"] += 1
+                window["wait"] += wait
+                window["time"] += now - t_last
+                t_last = now
+                bar.update(1)
+                if self.step % int(tcfg.log_every) == 0 or self.step == self.total_steps:
+                    self._log_train(window, bar)
+                    window = self._new_window()
+                if self._stop_signal is not None:
+                    break
+                if self.step % int(tcfg.ckpt_every) == 0:
+                    self.save("last.pt")
         bar.close()
 
     def _new_window(self) -> dict[str, Any]:
@@ -783,6 +847,16 @@ class Trainer:
         if window["skipped"]:
             record["skipped_steps"] = window["skipped"]
         self.logger.log(record)
+        if self.dist.is_main:
+            log.info(
+                "epoch %d step %d | train loss %s lr %.2e | %.1f clips/s, data wait %.0f%%",
+                self.epoch,
+                self.step,
+                "skipped" if loss is None else f"{loss:.4f}",
+                lr,
+                clips_per_s,
+                100 * wait_share,
+            )
         bar.set_postfix(
             loss="skipped" if loss is None else f"{loss:.4f}",
             lr=f"{lr:.2e}",
@@ -829,19 +903,21 @@ class Trainer:
             "loss": result.loss,
             "top1": result.top1,
             "top5": result.top5,
+            "topk": result.topk,
             "mean_class_acc": result.mean_class_acc,
             "num_videos": result.num_videos,
             "num_failed": result.num_failed,
             "weights": "ema" if model is not self.model else "model",
         }
         self.logger.log(record)
-        self.last_val_step = self.step
+        self.last_val_step, self.last_val_top1 = self.step, result.top1
         if self.dist.is_main:
             log.info(
-                "epoch %d step %d | clip-level val top1 %.2f top5 %.2f (%d videos, %d failed)",
+                "epoch %d step %d | clip-level val top1 %.2f %s %.2f (%d videos, %d failed)",
                 self.epoch,
                 self.step,
                 result.top1,
+                top5_name(result.topk),
                 result.top5,
                 result.num_videos,
                 result.num_failed,
@@ -856,10 +932,27 @@ class Trainer:
                     result.loss,
                 )
         elif result.top1 > self.best_top1:
-            self.best_top1 = result.top1
+            self.best_top1, self.best_epoch = result.top1, self.epoch
             self.save("best.pt")
         self.logger.summary({"best_val_clip_top1": self.best_top1})
         return record
+
+
+def describe_params(model: nn.Module) -> str:
+    """ "5.7M params" or, when some are frozen (`backbone.freeze=true`), "0.6M of 5.7M params trainable"."""
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    if trainable == total:
+        return f"{total / 1e6:.1f}M params, all trainable"
+    return f"{trainable / 1e6:.1f}M of {total / 1e6:.1f}M params trainable"
+
+
+def _short_path(path: Path) -> str:
+    """`path` relative to the current folder when it lies below it (a command to copy), else as is."""
+    try:
+        return str(path.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
 
 
 def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:

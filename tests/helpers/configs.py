@@ -21,6 +21,7 @@ def tiny_overrides(data_root: Path) -> list[str]:
         f"dataset.root={data_root}",
         "dataset.generate.train_per_class=2",
         "dataset.generate.val_per_class=1",
+        "dataset.generate.test_per_class=1",
         "dataset.generate.size=64",  # decord cannot decode frames narrower than 64 px
         "dataset.num_frames=4",
         "backbone.img_size=32",
@@ -44,3 +45,8 @@ def tiny_train_config(data_root: Path, *extra: str) -> DictConfig:
 def fusion_config(option: str, *overrides: str) -> DictConfig:
     """The ``fusion`` group option ``option`` as Hydra composes it, with ``fusion.<key>=value`` overrides."""
     return compose_config("train", [f"fusion={option}", *(f"fusion.{o}" for o in overrides)]).fusion
+
+
+def backbone_config(option: str) -> DictConfig:
+    """The ``backbone`` group option ``option`` as Hydra composes it (with configs/backbone/base.yaml)."""
+    return compose_config("train", [f"backbone={option}"]).backbone

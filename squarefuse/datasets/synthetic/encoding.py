@@ -8,13 +8,14 @@ renamed when complete, so an interrupted run never leaves a half-written video u
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Iterable, Mapping
 from fractions import Fraction
 from pathlib import Path
 
 import av
 import numpy as np
+
+from squarefuse.runtime.atomic_file import new_temp_file
 
 __all__ = ["write_video"]
 
@@ -55,7 +56,7 @@ def write_video(
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     # Same folder, so the rename is atomic; same extension, so PyAV can guess the container.
-    handle, partial_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=f".partial{path.suffix}")
+    handle, partial_name = new_temp_file(path.with_name(path.stem), suffix=f".partial{path.suffix}")
     os.close(handle)
     partial = Path(partial_name)
     try:
