@@ -18,7 +18,7 @@ from squarefuse.apps.batch_settings import batch_settings
 from squarefuse.checkpoint import build_model_from_checkpoint, load_checkpoint, select_weights
 from squarefuse.config.dataset_overrides import merge_dataset_overrides
 from squarefuse.datasets import build_dataset
-from squarefuse.datasets.preprocess import VideoNormalizer
+from squarefuse.datasets.preprocess import input_normalizer
 from squarefuse.evaluation.class_subsets import class_subset_metrics, read_class_subset, read_twin_pairs
 from squarefuse.evaluation.evaluator import evaluate
 from squarefuse.evaluation.frame_order import check_frame_order
@@ -89,7 +89,7 @@ def run_eval(cfg: DictConfig, run_dir: str | Path) -> EvalResult:
             )
         if list(dataset.class_names) != class_names:
             log.warning("the dataset's class names differ from the checkpoint's; labels are compared by id")
-        normalizer = VideoNormalizer(model.mean, model.std, device)
+        normalizer = input_normalizer(model.mean, model.std, device)
         settings = batch_settings(cfg, device, normalizer, frame_order=frame_order, frame_order_seed=frame_order_seed)
         precision = settings.precision
         result = evaluate(model, dataset, settings, dist_info=dist_info, progress=bool(cfg.progress))

@@ -42,7 +42,7 @@ from squarefuse.runtime.atomic_file import atomic_write
 from squarefuse.runtime.distributed import all_gather_objects, broadcast_object, init_distributed, shutdown
 from squarefuse.runtime.safe_text import csv_writer
 
-__all__ = ["COMPLETE_FILE", "run_extract"]
+__all__ = ["COMPLETE_FILE", "checkpoint_preprocess", "run_extract"]
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +82,22 @@ def _existing(run_dir: Path, request: dict[str, Any], overwrite: bool) -> bool:
     return True
 
 
+def checkpoint_preprocess(model: Any, cfg: DictConfig, device: torch.device) -> EvalPreprocess:
+    """The eval views of `cfg.split` of the checkpoint's dataset, with the app's `dataset.*` overrides and `views`."""
+    split = str(cfg.split)
+    dataset_cfg = merge_dataset_overrides(
+        model.info["config"]["dataset"], cfg.get("dataset"), allow_new=(f"{split}_file", f"{split}_video_dir")
+    )
+    return EvalPreprocess(
+        dataset_cfg,
+        class_names=model.class_names,
+        mean=model.model.mean,
+        std=model.model.std,
+        device=device,
+        views=cfg.get("views"),
+    )
+
+
 def run_extract(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     """Extract per-video features of a dataset split or of the videos `cfg.input` names.
 
@@ -103,17 +119,7 @@ def run_extract(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     try:
         model = load_model(str(cfg.ckpt), use_ema=bool(cfg.use_ema), device=device)
         split = str(cfg.split)
-        dataset_cfg = merge_dataset_overrides(
-            model.info["config"]["dataset"], cfg.get("dataset"), allow_new=(f"{split}_file", f"{split}_video_dir")
-        )
-        preprocess = EvalPreprocess(
-            dataset_cfg,
-            class_names=model.class_names,
-            mean=model.model.mean,
-            std=model.model.std,
-            device=device,
-            views=cfg.get("views"),
-        )
+        preprocess = checkpoint_preprocess(model, cfg, device)
         request = _request(cfg, model.weights, preprocess.views)
         skip = None
         if dist_info.is_main:

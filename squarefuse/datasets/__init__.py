@@ -9,7 +9,8 @@ formats         `dataset.name`: which keys a format reads and which reader it ca
 frame_sampling  which frames make a clip: segment (TSN) and dense-stride sampling
 transforms      uint8 train augmentation (CPU; the photometric steps also on the device), eval views
 video_dataset   `VideoDataset`: record -> sampled frames -> decoded, augmented clip(s)
-build           `build_dataset`: a dataset config and a split -> `VideoDataset`
+token_cache     the token cache's files and `TokenDataset` (cached tokens read memory-mapped, `dataset=tokens`)
+build           `build_dataset`: a dataset config and a split -> `VideoDataset` (or `TokenDataset`)
 preprocess      `VideoNormalizer` (uint8 -> normalised on the device), `EvalPreprocess` (a file -> eval views)
 inputs          `find_videos`, `parse_views`: the videos and views an app's `input=` and `views=` name
 decoding/       decord, PyAV, torchcodec, NVDEC; in-process or in a guarded decoding process

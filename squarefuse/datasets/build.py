@@ -24,6 +24,7 @@ from squarefuse.datasets.decoding.gpu import GpuClipDecoder, check_decode_device
 from squarefuse.datasets.decoding.video_reader import resolve_decoder
 from squarefuse.datasets.formats import FORMATS, find_format, optional, required
 from squarefuse.datasets.frame_sampling import FrameSampler
+from squarefuse.datasets.token_cache import TokenDataset
 from squarefuse.datasets.transforms import DeviceAugment, TrainTransform, default_eval_short_side
 from squarefuse.datasets.video_dataset import VideoDataset
 
@@ -105,8 +106,8 @@ def build_gpu_decoder(train_set: VideoDataset, device: Any) -> GpuClipDecoder | 
 def build_device_augment(dataset_cfg: Mapping[str, Any]) -> DeviceAugment | None:
     """The photometric train augmentation to run on the device, when `dataset.augment_on_device`."""
     cfg = dataset_cfg
-    if not required(cfg, "augment_on_device"):
-        return None
+    if required(cfg, "name") == "tokens" or not required(cfg, "augment_on_device"):
+        return None  # cached tokens have no pixels to augment
     randaug_n, erasing = int(required(cfg, "randaug_n")), float(required(cfg, "random_erasing"))
     if randaug_n == 0 and erasing == 0:
         return None
@@ -190,7 +191,7 @@ def check_run_dir(dataset_cfg: Mapping[str, Any], run_dir: str | Path) -> None:
     The generator owns that folder: it refuses one holding files it did not write (the run's
     config, lock and checkpoints), with a message about foreign files that does not say why.
     """
-    if find_format(required(dataset_cfg, "name")).name != "synthetic":
+    if required(dataset_cfg, "name") == "tokens" or find_format(required(dataset_cfg, "name")).name != "synthetic":
         return
     root = Path(str(required(dataset_cfg, "root"))).expanduser().resolve()
     run = Path(run_dir).expanduser().resolve()
@@ -204,13 +205,14 @@ def check_run_dir(dataset_cfg: Mapping[str, Any], run_dir: str | Path) -> None:
 
 def build_dataset(
     dataset_cfg: Mapping[str, Any], split: str, *, views: bool = False, report_dir: str | Path | None = None
-) -> VideoDataset:
+) -> VideoDataset | TokenDataset:
     """Build one split of the dataset a config describes.
 
     Args:
         dataset_cfg: the ``dataset`` block of the config (DictConfig or dict).
         split: "train" for training items; any other split (with a ``{split}_file`` key) for
-            deterministic eval items.
+            deterministic eval items. With ``dataset.name=tokens``, a split of a token cache
+            (`squarefuse.datasets.token_cache.TokenDataset`).
         views: eval only: dataset.test_clips x dataset.test_crops views per video (multi-view
             test) instead of 1 centre clip x 1 centre crop (clip-level validation).
         report_dir: where ``missing_{split}.txt`` is written; None writes nothing (non-zero ranks).
@@ -222,6 +224,9 @@ def build_dataset(
         ValueError: unknown name/decoder/sampling, malformed annotations, too many videos missing.
         FileNotFoundError: an annotation file does not exist.
     """
+    if required(dataset_cfg, "name") == "tokens":
+        # A token cache holds its own views: eval items give all of them, train items one.
+        return TokenDataset(dataset_cfg, split, views=views)
     dataset_format = find_format(required(dataset_cfg, "name"))
     options = video_dataset_options(dataset_cfg, train=split == "train", views=views)
     annotations = dataset_format.load(dataset_cfg, split)

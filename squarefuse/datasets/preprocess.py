@@ -1,8 +1,9 @@
 """Eval input preparation: a video file -> its eval views; uint8 frames stay uint8 until the device.
 
 `VideoNormalizer` turns uint8 frames into the backbone's normalised floats on the device (train,
-eval, predict). `EvalPreprocess` reads a file through the same eval item of `VideoDataset` that
-eval reads a split's videos with (same sampler, decoder, views, normalisation): what
+eval, predict); `input_normalizer` picks it, or `TokenInput` for a model on cached tokens.
+`EvalPreprocess` reads a file through the same eval item of `VideoDataset` that eval reads a split's
+videos with (same sampler, decoder, views, normalisation): what
 `squarefuse.load_model` gives a model, and what the predict and extract apps run.
 """
 
@@ -38,6 +39,24 @@ class VideoNormalizer:
         if video.dtype != torch.uint8:
             raise ValueError(f"expected uint8 video frames, got {video.dtype}")
         return torch.addcmul(self.shift, video.float(), self.scale)
+
+
+class TokenInput:
+    """Cached tokens (float16 on any device) -> float32: the input of a model on cached tokens."""
+
+    def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
+        if not tokens.is_floating_point():
+            raise ValueError(f"expected cached tokens (floats), got {tokens.dtype}: is this a token cache run?")
+        return tokens.float()
+
+
+def input_normalizer(
+    mean: Sequence[float] | None, std: Sequence[float] | None, device: torch.device
+) -> VideoNormalizer | TokenInput:
+    """What turns a batch into the model's input: pixels are normalised, cached tokens (mean None) cast."""
+    if mean is None or std is None:
+        return TokenInput()
+    return VideoNormalizer(mean, std, device)
 
 
 class EvalPreprocess:

@@ -57,6 +57,7 @@ def run_batches(
     progress: bool = False,
     desc: str = "videos",
     num_views: int | None = None,
+    average_views: bool = True,
 ) -> dict[str, Any]:
     """`fn` on the views of every video of `shard` that decodes, averaged over each video's views.
 
@@ -69,6 +70,8 @@ def run_batches(
         progress: show a progress bar.
         desc: the progress bar's label.
         num_views: the V the dataset must give per video (clips x crops), checked when set.
+        average_views: False keeps every view's output: [n, V, ...] instead of [n, ...] (the
+            token cache stores each view).
 
     Returns:
         {"indices": int64 [n], "labels": int64 [n], "outputs": {name: float32 [n, ...]}, "errors":
@@ -120,8 +123,9 @@ def run_batches(
             with autocast(device, settings.precision):
                 out = fn(video, mask)
             for name, value in out.items():
-                mean = value.float().unflatten(0, (B, V)).mean(dim=1)
-                outputs.setdefault(name, []).append(mean.cpu())
+                per_view = value.unflatten(0, (B, V))
+                kept = per_view.float().mean(dim=1) if average_views else per_view
+                outputs.setdefault(name, []).append(kept.cpu())
             indices.append(batch["index"][ok_B].long())
             labels.append(batch["label"][ok_B].long())
     return {

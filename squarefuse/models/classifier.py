@@ -17,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
 from squarefuse.models.backbone import VideoBackbone, prefix_group_matcher
+from squarefuse.models.cached_tokens import CachedTokens
 from squarefuse.models.fusion import NoFusion
 
 __all__ = ["VideoClassifier", "build_classifier", "split_fusion_config"]
@@ -43,7 +44,7 @@ class VideoClassifier(nn.Module):
 
     def __init__(
         self,
-        backbone: VideoBackbone,
+        backbone: VideoBackbone | CachedTokens,
         fusion: Callable[..., nn.Module] | nn.Module,
         head: Callable[..., nn.Module] | nn.Module,
         num_classes: int,
@@ -89,13 +90,13 @@ class VideoClassifier(nn.Module):
         self.num_classes = num_classes
 
     @property
-    def mean(self) -> tuple[float, float, float]:
-        """Per-channel input mean expected by the backbone (0-1 pixel scale)."""
+    def mean(self) -> tuple[float, float, float] | None:
+        """Per-channel input mean expected by the backbone (0-1 pixel scale); None for cached tokens."""
         return self.backbone.mean
 
     @property
-    def std(self) -> tuple[float, float, float]:
-        """Per-channel input std expected by the backbone (0-1 pixel scale)."""
+    def std(self) -> tuple[float, float, float] | None:
+        """Per-channel input std expected by the backbone (0-1 pixel scale); None for cached tokens."""
         return self.backbone.std
 
     def _check_mask(self, video: Tensor, mask: Tensor | None) -> None:
@@ -217,8 +218,10 @@ def build_classifier(
         The classifier (on CPU, fp32).
     """
     backbone = hydra.utils.instantiate(backbone_cfg, _convert_="all")
-    if not isinstance(backbone, VideoBackbone):
-        raise ValueError(f"backbone._target_={backbone_cfg.get('_target_')!r} must build a VideoBackbone")
+    if not isinstance(backbone, (VideoBackbone, CachedTokens)):
+        raise ValueError(
+            f"backbone._target_={backbone_cfg.get('_target_')!r} must build a VideoBackbone (or CachedTokens)"
+        )
     layer_cfg, placement = split_fusion_config(fusion_cfg)
     fusion = hydra.utils.instantiate(layer_cfg, _convert_="all")
     head = hydra.utils.instantiate(head_cfg, _convert_="all")

@@ -110,7 +110,8 @@ def model_complexity(model: nn.Module, num_frames: int, img_size: int) -> dict[s
         ``{"params": {part: n, ..., "total": n}, "flops_per_clip": {part: n, ..., "total": n},
         "num_frames": T, "img_size": H}`` with the parts ``backbone``, ``fusion``,
         ``block_fusions``, ``head`` (0 when absent) and any other top-level child. The model runs
-        once in eval mode without autograd; its modes are restored and no RNG is used.
+        once in eval mode without autograd; its modes are restored and no RNG is used. A model on
+        cached tokens gets a token clip ``[1,T,N,D]``: its counts are the fusion's and head's only.
     """
     if num_frames < 1 or img_size < 1:
         raise ValueError(f"num_frames and img_size must be >= 1, got {num_frames} and {img_size}")
@@ -118,7 +119,13 @@ def model_complexity(model: nn.Module, num_frames: int, img_size: int) -> dict[s
     param = next(model.parameters(), None)
     device = param.device if param is not None else torch.device("cpu")
     dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
-    clip = torch.zeros(1, num_frames, 3, img_size, img_size, device=device, dtype=dtype)
+    token_shape = getattr(getattr(model, "backbone", None), "token_shape", None)
+    if token_shape is not None:
+        # A model trained on cached tokens (`CachedTokens`): fusion and head only; the backbone
+        # that made the cache ran once, when caching, and is not counted here.
+        clip = torch.zeros(1, num_frames, *token_shape, device=device, dtype=dtype)
+    else:
+        clip = torch.zeros(1, num_frames, 3, img_size, img_size, device=device, dtype=dtype)
     return {
         "params": _count_params(parts, model),
         "flops_per_clip": _count_flops(parts, model, clip),

@@ -34,7 +34,8 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from squarefuse.checkpoint import load_checkpoint, save_checkpoint
 from squarefuse.datasets import build_dataset, build_device_augment, build_gpu_decoder
 from squarefuse.datasets.build import check_run_dir
-from squarefuse.datasets.preprocess import VideoNormalizer
+from squarefuse.datasets.preprocess import input_normalizer
+from squarefuse.datasets.token_cache import apply_cache_to_config
 from squarefuse.evaluation.evaluator import evaluate
 from squarefuse.evaluation.metrics import top5_name
 from squarefuse.evaluation.video_batches import BatchSettings
@@ -176,6 +177,13 @@ class Trainer:
         self.run_dir = Path(run_dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
         tcfg = cfg.trainer
+        # dataset=tokens: the cache's settings, checked, into the run's config (the model is built from them)
+        apply_cache_to_config(cfg)
+        if cfg.dataset.name == "tokens" and (float(tcfg.mixup) > 0 or float(tcfg.cutmix) > 0):
+            raise ValueError(
+                f"trainer.mixup={tcfg.mixup}, trainer.cutmix={tcfg.cutmix}: MixUp/CutMix mix pixels, and a run on "
+                "cached tokens (dataset=tokens) has none; set both to 0"
+            )
         check_train_config(cfg)
         check_run_dir(cfg.dataset, self.run_dir)
         if tcfg.init_from is not None and not tcfg.resume and not (self.ckpt_dir / "last.pt").is_file():
@@ -249,7 +257,7 @@ class Trainer:
             resume_from=resume_from,
             report_dir=self.run_dir if is_main else None,
         )
-        self.normalizer = VideoNormalizer(self.model.mean, self.model.std, self.device)
+        self.normalizer = input_normalizer(self.model.mean, self.model.std, self.device)
         self.device_augment = build_device_augment(cfg.dataset)
         self.gpu_decoder = build_gpu_decoder(self.train_set, self.device)  # dataset.decode_device=cuda
         self.ema = ModelEmaV3(self.model, decay=float(tcfg.ema.decay)) if tcfg.ema.enabled else None

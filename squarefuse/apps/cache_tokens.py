@@ -1,0 +1,263 @@
+"""The token cache app: `python scripts/cache_tokens.py ckpt=PATH split=train out=CACHE`.
+
+Runs the frozen backbone of a squarefuse checkpoint over every video of a split (its eval views:
+`views=CLIPSxCROPS`, the checkpoint's frame sampling unless `dataset.*` overrides say otherwise)
+and writes the tokens the fusion would receive, `[views, T, N, D]` per video, into the cache
+folder `out` (format: `squarefuse.datasets.token_cache`). `tokens=all|cls|pooled` chooses what is
+kept of each frame's tokens; `split=val` afterwards adds the val split to the same folder (its
+settings must then be the same).
+
+Shards of `shard_size` videos are the unit of work and of resumption: under torchrun shard k goes
+to rank k % world_size; a shard is written atomically, its json last, and a rerun skips the
+shards that have their json, so a killed run continues where it stopped and every video is cached
+once. Rank 0 then writes the split's index.json (and failed.csv for videos that did not decode).
+Nothing is deleted unless `overwrite=true`, which removes the split's files first.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import DictConfig
+
+from squarefuse.api import load_model
+from squarefuse.apps.batch_settings import batch_settings
+from squarefuse.apps.extract import checkpoint_preprocess
+from squarefuse.datasets.annotations import split_missing
+from squarefuse.datasets.build import load_annotations
+from squarefuse.datasets.preprocess import EvalPreprocess
+from squarefuse.datasets.token_cache import (
+    CACHE_FILE,
+    CACHE_VERSION,
+    INDEX_FILE,
+    TOKEN_OPTIONS,
+    pool_tokens,
+    read_shard_json,
+    shard_done,
+    write_shard,
+    write_split_index,
+)
+from squarefuse.evaluation.video_batches import run_batches
+from squarefuse.runtime.atomic_file import atomic_write
+from squarefuse.runtime.distributed import barrier, broadcast_object, init_distributed, shutdown
+from squarefuse.runtime.safe_text import csv_writer
+
+__all__ = ["run_cache_tokens", "weights_hash"]
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float16": np.float16, "float32": np.float32}
+
+
+def weights_hash(module: torch.nn.Module) -> str:
+    """sha256 of a module's state dict (names, dtypes, shapes and values, in name order)."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        value = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}:{value.dtype}:{tuple(value.shape)};".encode())
+        digest.update(value.view(torch.uint8).numpy().tobytes() if value.numel() else b"")
+    return digest.hexdigest()
+
+
+def _check_options(cfg: DictConfig) -> None:
+    if cfg.get("ckpt") is None:
+        raise ValueError("ckpt is required: python scripts/cache_tokens.py ckpt=PATH split=train out=CACHE")
+    if cfg.get("out") is None:
+        raise ValueError("out is required: the cache folder, e.g. out=data/cache/ssv2_vitb16")
+    if str(cfg.tokens) not in TOKEN_OPTIONS:
+        raise ValueError(f"tokens={cfg.tokens!r}: choose one of {', '.join(TOKEN_OPTIONS)}")
+    if str(cfg.dtype) not in DTYPES:
+        raise ValueError(f"dtype={cfg.dtype!r}: choose float16 or float32")
+    if int(cfg.shard_size) < 1:
+        raise ValueError(f"shard_size={cfg.shard_size}: must be >= 1")
+
+
+def _cache_info(cfg: DictConfig, model: Any, dataset_cfg: dict[str, Any], preprocess: EvalPreprocess) -> dict:
+    """What every split of the cache shares (cache.json)."""
+    backbone = model.model.backbone
+    tokens = str(cfg.tokens)
+    patches = backbone.model.patch_embed.num_patches
+    num_tokens = {
+        "all": backbone.num_prefix_tokens + patches,
+        "cls": backbone.num_prefix_tokens,
+        "pooled": backbone.num_prefix_tokens + int(cfg.grid) ** 2,
+    }[tokens]
+    return {
+        "version": CACHE_VERSION,
+        "backbone_name": backbone.name,
+        "backbone": model.info["config"]["backbone"],
+        "checkpoint": str(Path(str(cfg.ckpt)).resolve()),
+        "weights": model.weights,
+        "weights_hash": weights_hash(backbone),
+        "num_frames": preprocess.num_frames,
+        "img_size": backbone.img_size,
+        "sampling": {k: dataset_cfg.get(k) for k in ("sampling", "stride", "short_video", "eval_short_side")},
+        "tokens": tokens,
+        "grid": int(cfg.grid) if tokens == "pooled" else None,
+        "dtype": str(cfg.dtype),
+        "views": list(preprocess.views),
+        "embed_dim": backbone.embed_dim,
+        "num_prefix_tokens": backbone.num_prefix_tokens,
+        "has_class_token": backbone.has_class_token,
+        "num_tokens": num_tokens,
+        "class_names": list(model.class_names),
+    }
+
+
+def _prepare_folder(out: Path, split: str, info: dict[str, Any], overwrite: bool) -> bool:
+    """Rank 0: True when the split is already cached; checks an existing cache.json, writes a new one."""
+    out.mkdir(parents=True, exist_ok=True)
+    split_dir = out / split
+    cache_file = out / CACHE_FILE
+    if cache_file.is_file():
+        previous = json.loads(cache_file.read_text(encoding="utf-8"))
+        differ = [k for k, v in info.items() if previous.get(k) != v and k != "checkpoint"]
+        if differ and not overwrite:
+            raise ValueError(
+                f"{out} holds a token cache made with other settings "
+                f"({'; '.join(f'{k}: {previous.get(k)!r} there, {info[k]!r} now' for k in differ)}): "
+                "choose another out= folder, or overwrite=true to replace it"
+            )
+        if differ and overwrite:
+            # The other splits were made with the old settings: a cache never mixes settings.
+            others = [p.name for p in out.iterdir() if p.is_dir() and p.name != split]
+            if others:
+                raise ValueError(
+                    f"overwrite=true would change the settings of {out}, which also holds the splits {others} "
+                    "made with the old ones: use a new out= folder"
+                )
+    if overwrite and split_dir.is_dir():
+        for path in split_dir.iterdir():
+            if path.is_file():
+                path.unlink()
+    with atomic_write(cache_file) as f:
+        json.dump(info, f, indent=1)
+    split_dir.mkdir(exist_ok=True)
+    return (split_dir / INDEX_FILE).is_file()
+
+
+def run_cache_tokens(cfg: DictConfig) -> dict[str, Any]:
+    """Cache the backbone tokens of one split of the checkpoint's dataset into `cfg.out`.
+
+    Args:
+        cfg: the composed `configs/cache_tokens.yaml`.
+
+    Returns:
+        The split's index (the same on every rank).
+    """
+    _check_options(cfg)
+    out, split = Path(str(cfg.out)), str(cfg.split)
+    was_initialised = torch.distributed.is_initialized()
+    dist_info, device = init_distributed(str(cfg.device))
+    try:
+        model = load_model(str(cfg.ckpt), use_ema=bool(cfg.use_ema), device=device)
+        if len(model.model.block_fusions):
+            raise ValueError(
+                f"{cfg.ckpt}: its fusion layers sit inside the backbone (fusion.after_blocks), so the backbone's "
+                "tokens depend on trained layers and cannot be cached; cache a model with fusion.after_blocks=[]"
+            )
+        preprocess = checkpoint_preprocess(model, cfg, device)
+        info = _cache_info(cfg, model, preprocess.dataset_cfg, preprocess)
+        done = None
+        if dist_info.is_main:
+            done = _prepare_folder(out, split, info, bool(cfg.overwrite))
+        split_dir = out / split
+        if broadcast_object(done):
+            index = json.loads((split_dir / INDEX_FILE).read_text(encoding="utf-8"))
+            log.info(f"{split_dir} already holds this split ({len(index['videos'])} videos): nothing to do")
+            return index
+
+        annotations = load_annotations(preprocess.dataset_cfg, split)
+        records, missing = split_missing(annotations.records)
+        if missing:
+            log.warning(f"{len(missing)} videos of {split} are missing and left out of the cache, e.g. {missing[:3]}")
+        dataset = preprocess.dataset(records)
+        shard_size = int(cfg.shard_size)
+        num_shards = -(-len(records) // shard_size)
+        if dist_info.is_main:
+            per_video = int(np.prod([*info["views"], info["num_frames"], info["num_tokens"], info["embed_dim"]]))
+            size = len(records) * per_video * np.dtype(DTYPES[info["dtype"]]).itemsize
+            log.info(
+                f"caching {len(records)} {split} videos x {info['views'][0]}x{info['views'][1]} views x "
+                f"{info['num_frames']} frames x {info['num_tokens']} tokens x {info['embed_dim']} "
+                f"({info['tokens']}, {info['dtype']}): {size / 2**30:.2f} GiB on disk, "
+                f"in {num_shards} shards, into {split_dir}"
+            )
+        backbone = model.model.backbone
+
+        def tokens_of(video: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
+            tokens_BTND = backbone(video)
+            B, T = tokens_BTND.shape[:2]
+            kept = pool_tokens(
+                tokens_BTND.flatten(0, 1), info["tokens"], num_prefix_tokens=backbone.num_prefix_tokens, grid=cfg.grid
+            )
+            return {"tokens": kept.unflatten(0, (B, T)), "mask": mask}
+
+        mine = [k for k in range(dist_info.rank, num_shards, dist_info.world_size) if not shard_done(split_dir, k)]
+        for k in mine:
+            indices = list(range(k * shard_size, min((k + 1) * shard_size, len(records))))
+            part = run_batches(
+                tokens_of,
+                dataset,
+                batch_settings(cfg, device, preprocess.normalizer),
+                shard=indices,
+                progress=bool(cfg.progress) and dist_info.is_main,
+                desc=f"cache shard {k + 1}/{num_shards}",
+                average_views=False,
+            )
+            rows = part["indices"].tolist()
+            D = info["embed_dim"]
+            empty = (0, *info["views"][:1], info["num_frames"], info["num_tokens"], D)
+            tokens = part["outputs"]["tokens"].numpy() if rows else np.zeros(empty)
+            mask = part["outputs"]["mask"].numpy() if rows else np.zeros(empty[:3], dtype=bool)
+            videos = [
+                {"index": i, "id": records[i].id, "path": records[i].path, "label": records[i].label} for i in rows
+            ]
+            write_shard(
+                split_dir,
+                k,
+                tokens=tokens.astype(DTYPES[info["dtype"]]),
+                mask=mask.astype(bool),
+                videos=videos,
+                errors=part["errors"],
+            )
+        barrier()
+        index = None
+        if dist_info.is_main:
+            index = _write_index(split_dir, records, num_shards, missing)
+        return broadcast_object(index)
+    finally:
+        if not was_initialised:
+            shutdown()
+
+
+def _write_index(split_dir: Path, records: list[Any], num_shards: int, missing: list[str]) -> dict[str, Any]:
+    """Rank 0, after every shard is written: index.json (and failed.csv) of the split."""
+    videos, failed = [], []
+    for k in range(num_shards):
+        shard = read_shard_json(split_dir, k)
+        videos += [{**v, "shard": k, "row": row} for row, v in enumerate(shard["videos"])]
+        for index, error in shard["errors"].items():
+            record = records[int(index)]
+            failed.append({"index": int(index), "id": record.id, "path": record.path, "error": error})
+    seen = sorted([v["index"] for v in videos] + [f["index"] for f in failed])
+    assert seen == list(range(len(records))), f"the shards of {split_dir} do not hold every video exactly once"
+    if failed:
+        with atomic_write(split_dir / "failed.csv") as f:
+            writer = csv_writer(f)
+            writer.writerow(["index", "id", "path", "error"])
+            for row in failed:
+                writer.writerow([row["index"], row["id"], row["path"], row["error"]])
+        log.warning(
+            f"{len(failed)} of {len(records)} videos did not decode and are not cached: see {split_dir}/failed.csv"
+        )
+    index = {"videos": videos, "failed": failed, "missing": missing}
+    write_split_index(split_dir, index)
+    log.info(f"{len(videos)} videos cached in {split_dir}")
+    return index
