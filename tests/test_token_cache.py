@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers.checkpoints import CLASS_NAMES, make_checkpoint
-from helpers.configs import compose_config
+from helpers.checkpoints import CLASS_NAMES, make_checkpoint, tiny_list_overrides
+from helpers.configs import compose_config, tiny_trainer_overrides
 from helpers.videos import write_video
 
 from squarefuse.apps.cache_tokens import run_cache_tokens
@@ -52,21 +52,7 @@ def videos(tmp_path_factory) -> Path:
 
 
 def video_overrides(root: Path) -> list[str]:
-    return [
-        "dataset=list",
-        f"dataset.root={root}",
-        f"dataset.label_map={root}/classes.txt",
-        "dataset.decoder=pyav",
-        "dataset.decode_timeout=0",
-        "dataset.test_clips=1",
-        "dataset.test_crops=1",
-        "backbone=tiny",
-        "backbone.img_size=32",
-        "backbone.model_kwargs.depth=2",
-        "backbone.model_kwargs.embed_dim=48",
-        "fusion=temporal_conv",
-        *SAME_VIEWS,
-    ]
+    return [*tiny_list_overrides(root), "fusion=temporal_conv", *SAME_VIEWS]
 
 
 @pytest.fixture(scope="module")
@@ -95,18 +81,7 @@ def cache32(ckpt, tmp_path_factory) -> Path:
 
 
 # The same recipe both ways (frozen_tokens), trainer settings for a few exact steps.
-TRAIN = [
-    "recipe=frozen_tokens",
-    "head=mean",
-    "fusion=temporal_conv",
-    "trainer.batch_size=2",
-    "trainer.num_workers=0",
-    "trainer.epochs=2",
-    "trainer.log_every=1",
-    "trainer.val_every=1",
-    "trainer.device=cpu",
-    "trainer.precision=fp32",
-]
+TRAIN = ["recipe=frozen_tokens", "head=mean", "fusion=temporal_conv", *tiny_trainer_overrides(batch_size=2)]
 
 
 def losses(run_dir: Path, split: str = "train") -> list[float]:

@@ -45,7 +45,7 @@ from squarefuse.datasets.token_cache import (
 )
 from squarefuse.evaluation.video_batches import run_batches
 from squarefuse.runtime.atomic_file import atomic_write
-from squarefuse.runtime.distributed import barrier, broadcast_object, init_distributed, shutdown
+from squarefuse.runtime.distributed import barrier, broadcast_object, distributed_session
 from squarefuse.runtime.safe_text import csv_writer
 
 __all__ = ["run_cache_tokens", "weights_hash"]
@@ -153,9 +153,7 @@ def run_cache_tokens(cfg: DictConfig) -> dict[str, Any]:
     """
     _check_options(cfg)
     out, split = Path(str(cfg.out)), str(cfg.split)
-    was_initialised = torch.distributed.is_initialized()
-    dist_info, device = init_distributed(str(cfg.device))
-    try:
+    with distributed_session(str(cfg.device)) as (dist_info, device):
         model = load_model(str(cfg.ckpt), use_ema=bool(cfg.use_ema), device=device)
         if len(model.model.block_fusions):
             raise ValueError(
@@ -232,9 +230,6 @@ def run_cache_tokens(cfg: DictConfig) -> dict[str, Any]:
         if dist_info.is_main:
             index = _write_index(split_dir, records, num_shards, missing)
         return broadcast_object(index)
-    finally:
-        if not was_initialised:
-            shutdown()
 
 
 def _write_index(split_dir: Path, records: list[Any], num_shards: int, missing: list[str]) -> dict[str, Any]:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-import torch
 from omegaconf import DictConfig
 
 from squarefuse.apps.batch_settings import batch_settings
@@ -25,7 +24,7 @@ from squarefuse.evaluation.frame_order import check_frame_order
 from squarefuse.evaluation.metrics import EvalResult
 from squarefuse.evaluation.results import summary_lines, write_results
 from squarefuse.models.complexity import model_complexity
-from squarefuse.runtime.distributed import init_distributed, shutdown
+from squarefuse.runtime.distributed import distributed_session
 
 log = logging.getLogger(__name__)
 
@@ -72,9 +71,7 @@ def run_eval(cfg: DictConfig, run_dir: str | Path) -> EvalResult:
         state["config"]["dataset"], cfg.get("dataset"), allow_new=(f"{split}_file", f"{split}_video_dir")
     )
 
-    was_initialised = torch.distributed.is_initialized()
-    dist_info, device = init_distributed(str(cfg.device))
-    try:
+    with distributed_session(str(cfg.device)) as (dist_info, device):
         run_dir = Path(run_dir)
         if dist_info.is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
@@ -130,6 +127,3 @@ def run_eval(cfg: DictConfig, run_dir: str | Path) -> EvalResult:
                 log.info(f"{len(dataset.missing)} videos were missing at start-up and left out (see {run_dir})")
             log.info(f"results written to {run_dir}")
         return result
-    finally:
-        if not was_initialised:
-            shutdown()

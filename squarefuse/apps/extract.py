@@ -39,7 +39,7 @@ from squarefuse.datasets.preprocess import EvalPreprocess
 from squarefuse.evaluation.evaluator import shard_indices
 from squarefuse.evaluation.video_batches import run_batches
 from squarefuse.runtime.atomic_file import atomic_write
-from squarefuse.runtime.distributed import all_gather_objects, broadcast_object, init_distributed, shutdown
+from squarefuse.runtime.distributed import all_gather_objects, broadcast_object, distributed_session
 from squarefuse.runtime.safe_text import csv_writer
 
 __all__ = ["COMPLETE_FILE", "checkpoint_preprocess", "run_extract"]
@@ -114,9 +114,7 @@ def run_extract(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     if cfg.get("ckpt") is None:
         raise ValueError("ckpt is required: python scripts/extract.py ckpt=PATH [split=val | input=PATH]")
     run_dir = Path(run_dir)
-    was_initialised = torch.distributed.is_initialized()
-    dist_info, device = init_distributed(str(cfg.device))
-    try:
+    with distributed_session(str(cfg.device)) as (dist_info, device):
         model = load_model(str(cfg.ckpt), use_ema=bool(cfg.use_ema), device=device)
         split = str(cfg.split)
         preprocess = checkpoint_preprocess(model, cfg, device)
@@ -158,9 +156,6 @@ def run_extract(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
         if dist_info.is_main:
             summary = _write(merged, dataset, run_dir, summary)
         return broadcast_object(summary)
-    finally:
-        if not was_initialised:
-            shutdown()
 
 
 def _merge(parts: list[dict[str, Any]], *, num_videos: int) -> dict[str, Any]:

@@ -7,8 +7,10 @@ master address comes from the first node of the job. Everything else in the code
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -106,6 +108,19 @@ def init_distributed(device_name: str = "auto", timeout_s: float = 1800) -> tupl
 def shutdown() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def distributed_session(device_name: str) -> Iterator[tuple[DistInfo, torch.device]]:
+    """`init_distributed` for the span of an app; the process group is shut down at the end unless
+    the caller had already set one up (a test or a script that runs several apps in one process)."""
+    was_initialised = dist.is_initialized()
+    dist_info, device = init_distributed(device_name)
+    try:
+        yield dist_info, device
+    finally:
+        if not was_initialised:
+            shutdown()
 
 
 def barrier() -> None:

@@ -31,27 +31,28 @@ LABELS = [0, 1, 2, 0, 1, 2, 0]  # 7 videos: an odd count, so 2 shards differ in 
 CPU = torch.device("cpu")
 
 
+def tiny_list_overrides(root: Path) -> list[str]:
+    """A `list` dataset under `root` (one view per video, PyAV in-process) and a 2-block ViT at 32 px."""
+    return [
+        "dataset=list",
+        f"dataset.root={root}",
+        f"dataset.label_map={root}/classes.txt",
+        "dataset.decoder=pyav",
+        "dataset.decode_timeout=0",
+        "dataset.test_clips=1",
+        "dataset.test_crops=1",
+        "backbone=tiny",
+        "backbone.img_size=32",
+        "backbone.model_kwargs.depth=2",
+        "backbone.model_kwargs.embed_dim=48",
+    ]
+
+
 def tiny_train_cfg(root: Path, *extra: str):
     """The training config a checkpoint stores: list dataset under `root`, a 2-block ViT at 32 px."""
     return compose_config(
         "train",
-        [
-            "dataset=list",
-            f"dataset.root={root}",
-            f"dataset.label_map={root}/classes.txt",
-            "dataset.num_frames=4",
-            "dataset.sampling=segment",
-            "dataset.decoder=pyav",
-            "dataset.decode_timeout=0",
-            "dataset.test_clips=1",
-            "dataset.test_crops=1",
-            "backbone=tiny",
-            "backbone.img_size=32",
-            "backbone.model_kwargs.depth=2",
-            "backbone.model_kwargs.embed_dim=48",
-            "fusion.K=4",
-            *extra,
-        ],
+        [*tiny_list_overrides(root), "dataset.num_frames=4", "dataset.sampling=segment", "fusion.K=4", *extra],
     )
 
 

@@ -46,7 +46,14 @@ def tiny_overrides(data_root: Path) -> list[str]:
         "backbone.model_kwargs.depth=2",
         "backbone.model_kwargs.embed_dim=48",
         "fusion.K=4",
-        "trainer.batch_size=4",
+        *tiny_trainer_overrides(batch_size=4),
+    ]
+
+
+def tiny_trainer_overrides(*, batch_size: int) -> list[str]:
+    """Two epochs on the CPU in fp32 in the main process, logging and validating every step/epoch."""
+    return [
+        f"trainer.batch_size={batch_size}",
         "trainer.num_workers=0",
         "trainer.epochs=2",
         "trainer.log_every=1",
