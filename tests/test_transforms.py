@@ -102,11 +102,12 @@ def test_device_augment_draws_one_policy_per_clip_shared_by_its_frames():
 
 def test_augment_on_device_moves_randaugment_out_of_the_worker():
 
-    cfg = {"augment_on_device": True, "randaug_n": 4, "randaug_m": 7, "random_erasing": 0.25}
+    cfg = {"name": "synthetic", "augment_on_device": True, "randaug_n": 4, "randaug_m": 7, "random_erasing": 0.25}
     device_aug = build_device_augment(cfg)
     names = [type(t).__name__ for t in device_aug.transform.transforms]
     assert names == ["RandAugment", "RandomErasingUint8"]
     assert build_device_augment({**cfg, "augment_on_device": False}) is None
+    assert build_device_augment({**cfg, "name": "tokens"}) is None  # cached tokens have no pixels
     assert build_device_augment({**cfg, "randaug_n": 0, "random_erasing": 0.0}) is None
     worker = TrainTransform(crop_size=16, randaug_n=4, randaug_m=7, random_erasing=0.25, photometric=False)
     assert [type(t).__name__ for t in worker.transform.transforms] == ["RandomResizedCrop"]
