@@ -11,7 +11,7 @@ measured: the FLOPs of one SSv2 fusion run (the default fusion, 30 epochs) with 
 and a frozen CLIP ViT-B/16 at 8 and 16 frames, from the videos vs cache-once-then-train, and the
 disk size of the caches.
 
-    python scripts/benchmark_cache.py            # about 2-3 minutes on 2 CPU cores
+    python scripts/benchmark_cache.py            # about 1.5 minutes on 2 CPU cores (quiet machine)
 """
 
 from __future__ import annotations
