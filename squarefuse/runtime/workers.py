@@ -15,7 +15,6 @@ make sure they always do, and promptly:
 from __future__ import annotations
 
 import atexit
-import ctypes
 import multiprocessing
 import multiprocessing.util  # noqa: F401 - registers its exit handler before ours (see below)
 import os
@@ -25,9 +24,10 @@ import time
 import torch
 from torch.utils.data import DataLoader
 
+from squarefuse.runtime.process_pool import die_with_parent
+
 # How long children that were sent SIGTERM at exit get before SIGKILL.
 _EXIT_GRACE_S = 1.0
-_PR_SET_PDEATHSIG = 1
 
 
 def ignore_stop_signals(worker_id: int) -> None:
@@ -40,10 +40,7 @@ def ignore_stop_signals(worker_id: int) -> None:
     """
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR2):
         signal.signal(sig, signal.SIG_IGN)
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-    except (OSError, AttributeError):  # not Linux: the DataLoader's watchdog still ends the worker
-        pass
+    die_with_parent(os.getppid())
 
 
 def private_generator(seed: int) -> torch.Generator:

@@ -9,7 +9,6 @@ without taking the DataLoader worker down with it. The protocol is in `protocol`
 
 from __future__ import annotations
 
-import os
 import signal
 import socket
 import sys
@@ -27,29 +26,24 @@ from squarefuse.datasets.decoding.protocol import (
     send_frames,
     send_msg,
 )
+from squarefuse.runtime.process_pool import die_with_parent
 
 __all__ = ["serve"]
 
 
-def _live_and_die_with_parent() -> None:
+def _live_and_die_with_parent(parent_pid: int) -> None:
     # Ctrl-C and a scheduler's SIGTERM reach the whole process group: the parent decides what
     # happens (a preempted job checkpoints first), and requests in flight must not fail meanwhile.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    # If the parent (a DataLoader worker) is killed, a decoder stuck in C would otherwise live on.
-    try:
-        import ctypes  # noqa: PLC0415
-
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG (Linux)
-    except (OSError, AttributeError):
-        pass
+    # If the parent (a DataLoader worker) is killed, a decoder stuck in C would otherwise live on;
+    # a parent that died before this took effect ends this process at once.
+    die_with_parent(parent_pid)
 
 
 def serve(sock: socket.socket, parent_pid: int) -> None:
     """Answer requests from the parent until it closes the connection (or dies)."""
-    _live_and_die_with_parent()
-    if os.getppid() != parent_pid:  # the parent died before PR_SET_PDEATHSIG took effect
-        return
+    _live_and_die_with_parent(parent_pid)
     readers: dict[int, Backend] = {}
     send_msg(sock, (READY,))
     while True:
