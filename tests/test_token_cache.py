@@ -24,7 +24,7 @@ from helpers.videos import write_video
 from squarefuse.apps.cache_tokens import run_cache_tokens
 from squarefuse.apps.evaluate import run_eval
 from squarefuse.datasets.token_cache import TokenDataset, pool_tokens
-from squarefuse.training.trainer import Trainer, train
+from squarefuse.training.trainer import Trainer, check_train_config, train
 
 REPO = Path(__file__).resolve().parents[1]
 LABELS = [0, 1, 2, 0, 1, 2, 0, 1]
@@ -111,6 +111,16 @@ def video_train_cfg(videos: Path, ckpt: Path, *extra: str):
 def token_train_cfg(cache: Path, ckpt: Path | None, *extra: str):
     init = [f"trainer.init_from={ckpt}"] if ckpt else []
     return compose_config("train", ["dataset=tokens", f"dataset.root={cache}", *TRAIN, *init, *extra])
+
+
+def test_the_first_check_of_train_py_completes_a_token_run_from_its_cache(cache32):
+    # train.py checks the composed config before the trainer exists: the backbone's token layout is
+    # still null there and must come from the cache, or `dataset=tokens` could not start at all.
+    cfg = token_train_cfg(cache32, None)
+    assert cfg.backbone.model_kwargs.embed_dim is None
+    check_train_config(cfg)
+    assert cfg.backbone.model_kwargs.embed_dim == 48 and cfg.backbone.name is not None
+    check_train_config(cfg)  # again, as the trainer does: the filled-in values match the cache
 
 
 @pytest.mark.slow

@@ -98,16 +98,27 @@ def check_trainer_cfg(tcfg: DictConfig) -> None:
 
 
 def check_train_config(cfg: DictConfig) -> None:
-    """Every check that needs no data, no file and no device, run before anything is created.
+    """Every check that needs no data and no device, run before anything is created.
 
     The trainer and optimiser keys, and the model: the backbone, fusion and head are built on the
     meta device (no memory, no weights read), so each layer's own argument checks (`fusion.K=0`,
     `fusion.quantiles=[0.1,1.5]`...) run before the data is generated or a file is written.
 
+    With `dataset=tokens` it first reads the cache's `cache.json` and fills the run's config with the
+    cache's settings (`apply_cache_to_config`): the model is built from them. Calling it again is
+    harmless (the filled-in values equal the cache's).
+
     Raises:
         ValueError: naming the key and its value.
     """
-    check_trainer_cfg(cfg.trainer)
+    apply_cache_to_config(cfg)
+    tcfg = cfg.trainer
+    if cfg.dataset.name == "tokens" and (float(tcfg.mixup) > 0 or float(tcfg.cutmix) > 0):
+        raise ValueError(
+            f"trainer.mixup={tcfg.mixup}, trainer.cutmix={tcfg.cutmix}: MixUp/CutMix mix pixels, and a run on "
+            "cached tokens (dataset=tokens) has none; set both to 0"
+        )
+    check_trainer_cfg(tcfg)
     check_optim_cfg(cfg.optim)
     backbone_cfg = OmegaConf.merge(cfg.backbone, {"pretrained": False, "pretrained_path": None})
     with torch.device("meta"):
@@ -177,13 +188,6 @@ class Trainer:
         self.run_dir = Path(run_dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
         tcfg = cfg.trainer
-        # dataset=tokens: the cache's settings, checked, into the run's config (the model is built from them)
-        apply_cache_to_config(cfg)
-        if cfg.dataset.name == "tokens" and (float(tcfg.mixup) > 0 or float(tcfg.cutmix) > 0):
-            raise ValueError(
-                f"trainer.mixup={tcfg.mixup}, trainer.cutmix={tcfg.cutmix}: MixUp/CutMix mix pixels, and a run on "
-                "cached tokens (dataset=tokens) has none; set both to 0"
-            )
         check_train_config(cfg)
         check_run_dir(cfg.dataset, self.run_dir)
         if tcfg.init_from is not None and not tcfg.resume and not (self.ckpt_dir / "last.pt").is_file():
