@@ -1,5 +1,9 @@
 """The token cache app: `python scripts/cache_tokens.py ckpt=PATH split=train out=CACHE`.
 
+Or, without a checkpoint, `train_config=[OVERRIDES]`: the backbone `python train.py OVERRIDES`
+starts from (pretrained weights, `backbone.pretrained_path`, or its initialisation seeded by
+`trainer.seed`), on that run's dataset.
+
 Runs the frozen backbone of a squarefuse checkpoint over every video of a split (its eval views:
 `views=CLIPSxCROPS`, the checkpoint's frame sampling unless `dataset.*` overrides say otherwise)
 and writes the tokens the fusion would receive, `[views, T, N, D]` per video, into the cache
@@ -24,11 +28,13 @@ from typing import Any
 
 import numpy as np
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
-from squarefuse.api import load_model
+from squarefuse.api import LoadedModel, load_model
 from squarefuse.apps.batch_settings import batch_settings
 from squarefuse.apps.extract import checkpoint_preprocess
+from squarefuse.config.compose_config import compose_app_config
+from squarefuse.datasets import build_dataset
 from squarefuse.datasets.annotations import split_missing
 from squarefuse.datasets.build import load_annotations
 from squarefuse.datasets.preprocess import EvalPreprocess
@@ -44,9 +50,11 @@ from squarefuse.datasets.token_cache import (
     write_split_index,
 )
 from squarefuse.evaluation.video_batches import run_batches
+from squarefuse.models import build_classifier
 from squarefuse.runtime.atomic_file import atomic_write
 from squarefuse.runtime.distributed import barrier, broadcast_object, distributed_session
 from squarefuse.runtime.safe_text import csv_writer
+from squarefuse.training.trainer import check_train_config
 
 __all__ = ["run_cache_tokens", "weights_hash"]
 
@@ -66,8 +74,17 @@ def weights_hash(module: torch.nn.Module) -> str:
 
 
 def _check_options(cfg: DictConfig) -> None:
-    if cfg.get("ckpt") is None:
-        raise ValueError("ckpt is required: python scripts/cache_tokens.py ckpt=PATH split=train out=CACHE")
+    if (cfg.get("ckpt") is None) == (cfg.get("train_config") is None):
+        raise ValueError(
+            "give the backbone either as ckpt=PATH (a squarefuse checkpoint) or as train_config=[OVERRIDES] "
+            f"(the backbone `python train.py OVERRIDES` starts from), not {'both' if cfg.get('ckpt') else 'neither'}: "
+            "python scripts/cache_tokens.py ckpt=PATH split=train out=CACHE"
+        )
+    if cfg.get("train_config") is not None and not OmegaConf.is_list(cfg.train_config):
+        raise ValueError(
+            f"train_config={cfg.train_config!r}: must be a list of train.py overrides, each quoted, e.g. "
+            """'train_config=["dataset.task=path_shape","backbone.pretrained_path=W.safetensors"]'"""
+        )
     if cfg.get("out") is None:
         raise ValueError("out is required: the cache folder, e.g. out=data/cache/ssv2_vitb16")
     if str(cfg.tokens) not in TOKEN_OPTIONS:
@@ -92,11 +109,13 @@ def _cache_info(cfg: DictConfig, model: Any, dataset_cfg: dict[str, Any], prepro
         "version": CACHE_VERSION,
         "backbone_name": backbone.name,
         "backbone": model.info["config"]["backbone"],
-        "checkpoint": str(Path(str(cfg.ckpt)).resolve()),
+        "checkpoint": str(Path(str(cfg.ckpt)).resolve()) if cfg.get("ckpt") is not None else None,
+        "train_config": list(cfg.train_config) if cfg.get("train_config") is not None else None,
         "weights": model.weights,
         "weights_hash": weights_hash(backbone),
         "num_frames": preprocess.num_frames,
         "img_size": backbone.img_size,
+        "task": dataset_cfg.get("task"),
         "sampling": {k: dataset_cfg.get(k) for k in ("sampling", "stride", "short_video", "eval_short_side")},
         "tokens": tokens,
         "grid": int(cfg.grid) if tokens == "pooled" else None,
@@ -110,6 +129,37 @@ def _cache_info(cfg: DictConfig, model: Any, dataset_cfg: dict[str, Any], prepro
     }
 
 
+def initial_model(overrides: list[str], device: torch.device, *, is_main: bool = True) -> LoadedModel:
+    """The model `python train.py OVERRIDES` starts from, before any step, with its dataset's class names.
+
+    Its backbone has the weights the run would load (the hub's, `backbone.pretrained_path`), or
+    without them the initialisation drawn after `torch.manual_seed(trainer.seed)`: a backbone that
+    has seen none of the dataset's labels. A synthetic dataset is generated here (rank 0 first) when
+    its files are missing, as `train.py` would.
+
+    Raises:
+        ValueError: an override names no key or option, or the train config fails its checks.
+    """
+    train_cfg = compose_app_config("train", overrides)
+    check_train_config(train_cfg)
+    if train_cfg.dataset.name == "tokens":
+        raise ValueError(f"train_config={overrides}: dataset=tokens holds tokens already; give the video dataset")
+    if is_main:
+        class_names = build_dataset(train_cfg.dataset, "train", report_dir=None).class_names
+    barrier()
+    if not is_main:
+        class_names = build_dataset(train_cfg.dataset, "train", report_dir=None).class_names
+    torch.manual_seed(int(train_cfg.trainer.seed))
+    model = build_classifier(train_cfg.backbone, train_cfg.fusion, train_cfg.head, num_classes=len(class_names))
+    model = model.to(device).eval()
+    preprocess = EvalPreprocess(
+        train_cfg.dataset, class_names=list(class_names), mean=model.mean, std=model.std, device=device
+    )
+    info = {"step": 0, "epoch": 0, "config": OmegaConf.to_container(train_cfg, resolve=True)}
+    source = f"the initial model of train.py {' '.join(overrides)}"
+    return LoadedModel(model, list(class_names), preprocess, weights="initial", checkpoint=source, info=info)
+
+
 def _prepare_folder(out: Path, split: str, info: dict[str, Any], overwrite: bool) -> bool:
     """Rank 0: True when the split is already cached; checks an existing cache.json, writes a new one."""
     out.mkdir(parents=True, exist_ok=True)
@@ -117,7 +167,7 @@ def _prepare_folder(out: Path, split: str, info: dict[str, Any], overwrite: bool
     cache_file = out / CACHE_FILE
     if cache_file.is_file():
         previous = json.loads(cache_file.read_text(encoding="utf-8"))
-        differ = [k for k, v in info.items() if previous.get(k) != v and k != "checkpoint"]
+        differ = [k for k, v in info.items() if previous.get(k) != v and k not in ("checkpoint", "train_config")]
         if differ and not overwrite:
             raise ValueError(
                 f"{out} holds a token cache made with other settings "
@@ -154,11 +204,15 @@ def run_cache_tokens(cfg: DictConfig) -> dict[str, Any]:
     _check_options(cfg)
     out, split = Path(str(cfg.out)), str(cfg.split)
     with distributed_session(str(cfg.device)) as (dist_info, device):
-        model = load_model(str(cfg.ckpt), use_ema=bool(cfg.use_ema), device=device)
+        if cfg.get("ckpt") is not None:
+            model = load_model(str(cfg.ckpt), use_ema=bool(cfg.use_ema), device=device)
+        else:
+            model = initial_model(list(cfg.train_config), device, is_main=dist_info.is_main)
         if len(model.model.block_fusions):
             raise ValueError(
-                f"{cfg.ckpt}: its fusion layers sit inside the backbone (fusion.after_blocks), so the backbone's "
-                "tokens depend on trained layers and cannot be cached; cache a model with fusion.after_blocks=[]"
+                f"{model.checkpoint}: its fusion layers sit inside the backbone (fusion.after_blocks), so the "
+                "backbone's tokens depend on trained layers and cannot be cached; "
+                "cache a model with fusion.after_blocks=[]"
             )
         preprocess = checkpoint_preprocess(model, cfg, device)
         info = _cache_info(cfg, model, preprocess.dataset_cfg, preprocess)
