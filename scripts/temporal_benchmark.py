@@ -33,7 +33,7 @@ from pathlib import Path
 
 from squarefuse.apps.cache_tokens import run_cache_tokens
 from squarefuse.apps.evaluate import run_eval
-from squarefuse.config.compose_config import compose_app_config
+from squarefuse.config.compose_config import compose_app_config, override
 from squarefuse.config.output_dirs import default_eval_dir
 from squarefuse.report.app import make_report
 from squarefuse.report.lr_grid import choose_lrs, grid_markdown, params_note
@@ -103,18 +103,13 @@ def joined(values: list) -> str:
     return ",".join(str(v) for v in values)
 
 
-def hydra_quoted(value: Path | str) -> str:
-    """A path as a Hydra override value: run folders of a sweep have '=' in their names."""
-    return "'" + str(value).replace("\\", "\\\\").replace("'", "\\'") + "'"
-
-
 def cache_tokens(video_data: list[str], cache: Path) -> None:
     """Cache train, val and test of the videos with the never-trained tiny ViT `train.py` starts from."""
     for split in CACHED_SPLITS:
         overrides = [
             "train_config=[" + ",".join(f'"{o}"' for o in video_data) + "]",
             f"split={split}",
-            f"out={hydra_quoted(cache)}",
+            override("out", cache),
             "num_workers=0",
             "progress=false",
         ]
@@ -124,7 +119,7 @@ def cache_tokens(video_data: list[str], cache: Path) -> None:
 
 def evaluate_on_test(ckpt: Path, twins: Path) -> None:
     """`eval.py ckpt=... split=test twin_pairs=...`, in this process (an eval.py start-up costs ~15 s)."""
-    overrides = [f"ckpt={hydra_quoted(ckpt)}", "split=test", f"twin_pairs={hydra_quoted(twins)}", "progress=false"]
+    overrides = [override("ckpt", ckpt), "split=test", override("twin_pairs", twins), "progress=false"]
     print("+ eval", shlex.join(overrides), flush=True)
     cfg = compose_app_config("eval", overrides)
     run_eval(cfg, default_eval_dir(str(ckpt), suffix="_test"))
@@ -142,12 +137,12 @@ def main(argv: list[str]) -> int:
         videos = data_root(args.data_dir.resolve(), task)
         video_data = [f"dataset.task={task}", f"dataset.root={videos}", *args.data]
         if args.end_to_end:
-            data = [*video_data[:1], f"dataset.root={hydra_quoted(videos)}", *args.data]
+            data = [*video_data[:1], override("dataset.root", videos), *args.data]
         else:
             cache = out / "cache" / task
             cache_tokens(video_data, cache)
             times[f"{task}: token cache"] = time.perf_counter() - task_start
-            data = ["experiment=temporal_frozen", f"dataset.root={hydra_quoted(cache)}"]
+            data = ["experiment=temporal_frozen", override("dataset.root", cache)]
         grid_start = time.perf_counter()
         grid_dir = out / "grid" / task
         sweep = [
@@ -155,7 +150,7 @@ def main(argv: list[str]) -> int:
             f"optim.lr={joined(args.lrs)}",
             f"trainer.seed={joined(args.grid_seeds)}",
         ]
-        run([*train, "-m", *sweep, *data, f"hydra.sweep.dir={hydra_quoted(grid_dir)}", *args.overrides])
+        run([*train, "-m", *sweep, *data, override("hydra.sweep.dir", grid_dir), *args.overrides])
         chosen, _ = choose_lrs(load_runs([grid_dir]))
         times[f"{task}: grid"] = time.perf_counter() - grid_start
 
@@ -170,7 +165,7 @@ def main(argv: list[str]) -> int:
                     f"optim.lr={chosen[(task, fusion)]}",
                     f"trainer.seed={joined(args.seeds)}",
                     *data,
-                    f"hydra.sweep.dir={hydra_quoted(final_dir)}",
+                    override("hydra.sweep.dir", final_dir),
                     *args.overrides,
                 ]
             )

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -337,3 +338,60 @@ def test_resume_on_the_cache_is_exact_with_a_view_drawn_per_sample(ckpt, tmp_pat
     for part in ("model", "ema"):
         for key, value in full[part].items():
             torch.testing.assert_close(cut[part][key], value, rtol=1e-5, atol=1e-6, msg=f"{part}.{key}")
+
+
+def _train_config_override(overrides: list[str]) -> str:
+    return "train_config=[" + ",".join(f'"{o}"' for o in overrides) + "]"
+
+
+def test_a_cache_without_a_checkpoint_holds_the_tokens_of_the_backbone_train_py_starts_from(videos, ckpt, tmp_path):
+    # The ckpt fixture's model weights are the initialisation drawn after torch.manual_seed(0) from the
+    # same train config: the cache of `train_config=[...]` (trainer.seed=0) must be the very same.
+    overrides = [*video_overrides(videos), "head=mean"]
+    common = ["num_workers=0", "device=cpu", "progress=false", "views=1x1", "dtype=float32", "split=train"]
+    bare = tmp_path / "bare"
+    run_cache_tokens(compose_config("cache_tokens", [_train_config_override(overrides), f"out={bare}", *common]))
+    from_ckpt = tmp_path / "from_ckpt"
+    run_cache_tokens(cache_cfg(ckpt, from_ckpt, "split=train", "use_ema=false", "dtype=float32"))
+    bare_info = json.loads((bare / "cache.json").read_text())
+    ckpt_info = json.loads((from_ckpt / "cache.json").read_text())
+    assert bare_info["weights_hash"] == ckpt_info["weights_hash"]
+    assert bare_info["train_config"] == overrides and bare_info["checkpoint"] is None
+    assert _shards(bare).keys() == _shards(from_ckpt).keys()
+    for name, array in _shards(from_ckpt).items():
+        np.testing.assert_array_equal(_shards(bare)[name], array, err_msg=name)
+    # Another trainer.seed draws another backbone.
+    other = tmp_path / "seed1"
+    seeded = _train_config_override([*overrides, "trainer.seed=1"])
+    run_cache_tokens(compose_config("cache_tokens", [seeded, f"out={other}", *common]))
+    assert json.loads((other / "cache.json").read_text())["weights_hash"] != bare_info["weights_hash"]
+
+
+def test_the_backbone_is_given_once_as_a_checkpoint_or_as_a_train_config(videos, ckpt, tmp_path):
+    def refused(overrides: list[str], match: str) -> None:
+        with pytest.raises(ValueError, match=match):
+            run_cache_tokens(compose_config("cache_tokens", [f"out={tmp_path / 'cache'}", "device=cpu", *overrides]))
+
+    train_config = _train_config_override(video_overrides(videos))
+    refused([], r"either as ckpt=PATH .* or as train_config=\[OVERRIDES\].*not neither")
+    refused([f"ckpt={ckpt}", train_config], "not both")
+    refused(["train_config=path_shape"], r"train_config='path_shape': must be a list of train.py overrides")
+    refused([_train_config_override(["fusion=nope"])], r"train config with overrides \['fusion=nope'\].*fusion/nope")
+    refused([_train_config_override(["dataset=tokens", f"dataset.root={tmp_path}"])], "no such folder|tokens")
+    assert not (tmp_path / "cache").exists()
+
+
+def test_a_missing_shard_is_refused_naming_it(cache32, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(cache32, copy)
+    (copy / "train" / "shard_000001.npy").unlink()
+    with pytest.raises(ValueError, match=r"copy/train is incomplete: shard_000001.npy is missing"):
+        TokenDataset({"name": "tokens", "root": str(copy)}, "train")
+
+
+def test_a_mean_head_on_a_cache_of_prefix_tokens_only_is_refused(ckpt, tmp_path):
+    cache = make_cache(ckpt, tmp_path / "cls_cache", "tokens=cls")
+    with pytest.raises(ValueError, match=r"head=mean averages the patch tokens.*dataset.tokens=cls.*use head=cls"):
+        train(token_train_cfg(cache, None, "head=mean"), tmp_path / "run")
+    assert not (tmp_path / "run" / "checkpoints").exists()
+    check_train_config(token_train_cfg(cache, None, "head=cls"))

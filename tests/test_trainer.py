@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -152,6 +154,18 @@ def test_tiny_run_writes_metrics_and_checkpoints(data_root, tmp_path, caplog):
     assert f"final val top-1 {val[-1]['top1']:.2f} (epoch 2)" in last_line
     assert f"best.pt: {run / 'checkpoints' / 'best.pt'}" in last_line
     assert last_line.endswith(f"next: python eval.py ckpt={run / 'checkpoints' / 'best.pt'}")
+
+
+
+def test_the_suggested_eval_command_runs_as_printed_for_a_sweeps_run_folder(tmp_path):
+    # A multirun's run folders have '=' and ',' in their names, which Hydra's grammar reads as syntax.
+    trainer = object.__new__(Trainer)  # only the fields the closing line reads
+    trainer.ckpt_dir = tmp_path / "multirun" / "0_fusion=none,optim.lr=0.01" / "checkpoints"
+    trainer.ckpt_dir.mkdir(parents=True)
+    trainer.best_epoch, trainer.best_top1, trainer.last_val_top1 = None, -math.inf, None
+    command = shlex.split(trainer._summary_line(1.0).rsplit("next: ", 1)[1])
+    assert command[:2] == ["python", "eval.py"]
+    assert compose_config("eval", command[2:]).ckpt == str(trainer.ckpt_dir / "last.pt")
 
 
 def test_start_up_line_says_trainable_and_total_params(data_root, tmp_path, caplog):

@@ -7,6 +7,8 @@ a Hydra app the global Hydra is initialised with the same `configs/` folder; fro
 
 from __future__ import annotations
 
+import re
+import shlex
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -14,7 +16,10 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig
 
-__all__ = ["CONFIG_DIR", "compose_app_config"]
+__all__ = ["CONFIG_DIR", "compose_app_config", "override", "shell_override"]
+
+# Values Hydra's override grammar and the shell both read as they are.
+_PLAIN_VALUE = re.compile(r"[\w./~:+@%-]+")
 
 # The configs/ folder next to the package: apps run from a checkout (or an editable install) of the repository.
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
@@ -36,3 +41,23 @@ def compose_app_config(config_name: str, overrides: Sequence[str]) -> DictConfig
             return compose(config_name=config_name, overrides=overrides)
     except (ConfigCompositionException, OverrideParseException) as e:
         raise ValueError(f"{config_name} config with overrides {overrides}: {e}") from e
+
+
+def override(key: str, value: str | Path) -> str:
+    """`key=value` that Hydra reads back as `value`, quoted when `value` holds characters of its
+    grammar: the run folders of a sweep have '=' and ',' in their names (`0_fusion=none,optim.lr=0.01`)."""
+    text = str(value)
+    if _PLAIN_VALUE.fullmatch(text):
+        return f"{key}={text}"
+    # In a quoted value Hydra reads a backslash as an escape only before a quote or at the end.
+    text = re.sub(r"(\\*)'", lambda m: m.group(1) * 2 + "\\'", text)
+    text = re.sub(r"(\\+)$", lambda m: m.group(1) * 2, text)
+    return f"{key}='{text}'"
+
+
+def shell_override(key: str, value: str | Path) -> str:
+    """`override(key, value)` as one shell word, for the commands a log line suggests."""
+    word = override(key, value)
+    if word == f"{key}={value}" or re.search(r"[\"$`\\!]", word):
+        return shlex.quote(word)
+    return f'"{word}"'  # easier to read than shlex's '"'"' for the single quotes inside

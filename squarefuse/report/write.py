@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
+from squarefuse.config.compose_config import shell_override
 from squarefuse.report.aggregate import GroupSummary, Stat
 from squarefuse.runtime.safe_text import csv_writer, printable
 
@@ -146,7 +147,7 @@ def write_markdown(
         lines += [
             printable(
                 f"- {r.path} ({s.label}): no eval/*/results.json with frame_order=normal; "
-                f"run `python eval.py ckpt={r.path}/checkpoints/best.pt`"
+                f"run `python eval.py {shell_override('ckpt', r.path / 'checkpoints' / 'best.pt')}`"
             )
             for s, r in unevaluated
         ]

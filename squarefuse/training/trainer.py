@@ -11,7 +11,6 @@ import contextlib
 import logging
 import math
 import random
-import shlex
 import signal
 import time
 import weakref
@@ -32,6 +31,7 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from squarefuse.checkpoint import load_checkpoint, save_checkpoint
+from squarefuse.config.compose_config import shell_override
 from squarefuse.datasets import build_dataset, build_device_augment, build_gpu_decoder
 from squarefuse.datasets.build import check_run_dir
 from squarefuse.datasets.preprocess import input_normalizer
@@ -118,6 +118,13 @@ def check_train_config(cfg: DictConfig) -> None:
             f"trainer.mixup={tcfg.mixup}, trainer.cutmix={tcfg.cutmix}: MixUp/CutMix mix pixels, and a run on "
             "cached tokens (dataset=tokens) has none; set both to 0"
         )
+    if cfg.dataset.name == "tokens" and str(cfg.head.get("_target_", "")).endswith(".MeanHead"):
+        patches = int(cfg.backbone.model_kwargs.num_tokens) - int(cfg.backbone.model_kwargs.num_prefix_tokens)
+        if patches < 1:
+            raise ValueError(
+                f"head=mean averages the patch tokens, and the token cache {cfg.dataset.root} holds none "
+                f"(dataset.tokens={cfg.dataset.tokens}: its prefix tokens only): use head=cls"
+            )
     check_trainer_cfg(tcfg)
     check_optim_cfg(cfg.optim)
     backbone_cfg = OmegaConf.merge(cfg.backbone, {"pretrained": False, "pretrained_path": None})
@@ -644,7 +651,7 @@ class Trainer:
             parts.append("no validation, no best.pt")
             best = self.ckpt_dir / "last.pt"
         parts.append(f"{best.name}: {best}")
-        parts.append(f"next: python eval.py ckpt={shlex.quote(_short_path(best))}")
+        parts.append(f"next: python eval.py {shell_override('ckpt', _short_path(best))}")
         return " | ".join(parts)
 
     def close(self) -> None:
