@@ -1,0 +1,83 @@
+"""scripts/temporal_benchmark.py end to end on a micro setting: every phase, in the folders the README names."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_the_benchmark_caches_tunes_on_val_and_reports_other_seeds_on_test(tmp_path):
+    out = tmp_path / "bench"
+    command = [
+        sys.executable,
+        "scripts/temporal_benchmark.py",
+        str(out),
+        "--tasks",
+        "path_shape",
+        "--fusions",
+        "none",
+        "square",
+        "--lrs",
+        "1e-3",
+        "1e-2",
+        "--seeds",
+        "1",
+        "2",
+        "--data-dir",
+        str(tmp_path / "data"),
+        "--data",
+        "dataset.generate.train_per_class=4",
+        "dataset.generate.val_per_class=2",
+        "dataset.generate.test_per_class=3",
+        "--",
+        "trainer.epochs=1",
+        "trainer.val_every=1",
+        "trainer.batch_size=4",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+    # 0. The cache holds train, val and test of the never-trained backbone train.py starts from.
+    cache = json.loads((out / "cache" / "path_shape" / "cache.json").read_text())
+    assert cache["checkpoint"] is None and cache["task"] == "path_shape"
+    assert cache["train_config"][:2] == ["dataset.task=path_shape", f"dataset.root={tmp_path / 'data' / 'path_shape'}"]
+    for split, videos in (("train", 8), ("val", 4), ("test", 6)):
+        index = json.loads((out / "cache" / "path_shape" / split / "index.json").read_text())
+        assert len(index["videos"]) == videos, split
+    # 1-2. Every grid point ran on the cache at grid seed 0; the chosen lr is the one lr_grid.md marks.
+    grid_runs = sorted((out / "grid" / "path_shape").glob("*_*"))
+    grid = [yaml.safe_load((p / ".hydra" / "config.yaml").read_text()) for p in grid_runs]
+    swept = [yaml.safe_load((p / ".hydra" / "overrides.yaml").read_text())[:2] for p in grid_runs]
+    points = [[f"fusion={f}", f"optim.lr={lr}"] for f in ("none", "square") for lr in (0.001, 0.01)]
+    assert sorted(swept) == sorted(points)
+    assert {c["trainer"]["seed"] for c in grid} == {0} and {c["dataset"]["name"] for c in grid} == {"tokens"}
+    lr_grid = (out / "report" / "lr_grid.md").read_text()
+    chosen = {
+        line.split("|")[2].strip(): float(line.split("|")[3]) for line in lr_grid.splitlines() if "| yes |" in line
+    }
+    assert set(chosen) == {"none", "square"}
+    # 3. The final runs: the other seeds at the chosen lr, each best.pt evaluated on test (twin confusion too).
+    for fusion, lr in chosen.items():
+        runs = sorted((out / "final" / "path_shape" / fusion).glob("*_*"))
+        configs = [yaml.safe_load((r / ".hydra" / "config.yaml").read_text()) for r in runs]
+        assert sorted(c["trainer"]["seed"] for c in configs) == [1, 2]
+        assert {c["optim"]["lr"] for c in configs} == {lr}
+        for run in runs:
+            (result,) = [json.loads(p.read_text()) for p in run.glob("eval/*_test/results.json")]
+            assert result["split"] == "test" and result["num_videos"] == 6
+            assert "twin_confusion" in result
+    # 4. The verdict and the wall time of every phase.
+    assert "path_shape" in (out / "report" / "matrix.md").read_text()
+    assert (out / "report" / "temporal_matrix.png").is_file()
+    wall = json.loads((out / "benchmark.json").read_text())["wall_s"]
+    assert {"path_shape: token cache", "path_shape: grid", "path_shape: final runs", "total"} <= set(wall)
