@@ -56,7 +56,7 @@ from squarefuse.runtime.distributed import barrier, broadcast_object, distribute
 from squarefuse.runtime.safe_text import csv_writer
 from squarefuse.training.trainer import check_train_config
 
-__all__ = ["run_cache_tokens", "weights_hash"]
+__all__ = ["initial_model", "run_cache_tokens", "weights_hash"]
 
 log = logging.getLogger(__name__)
 
