@@ -342,13 +342,8 @@ class TorchCodecBackend:
 
 
 BACKENDS = {"decord": DecordBackend, "pyav": PyAVBackend, "torchcodec": TorchCodecBackend}
-# The modules each backend imports when it opens a video (decord reads the rotation with PyAV,
-# torchcodec resizes with torchvision).
-_LIBRARIES = {
-    "decord": ("decord", "av"),
-    "pyav": ("av",),
-    "torchcodec": ("torchcodec.decoders", "torchvision.transforms.v2.functional"),
-}
+# The modules each backend imports when it opens a video (decord reads the rotation with PyAV).
+_LIBRARIES = {"decord": ("decord", "av"), "pyav": ("av",), "torchcodec": ("torchcodec.decoders",)}
 
 
 def load_libraries(decoder: str) -> None:
