@@ -9,15 +9,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers.configs import compose_config
 from helpers.videos import write_video
-from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from torch.utils.data import DataLoader
 
 from squarefuse.datasets import build_dataset
 from squarefuse.datasets.formats import FORMATS, find_format
 
-CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "configs")
 T = 4
 CROP = 32
 
@@ -121,8 +120,7 @@ def make_list(root: Path, entries: list[tuple[str, int]], *, split: str = "train
 
 
 def compose_dataset(name: str, *overrides: str):
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        return compose("train", overrides=[f"dataset={name}", *overrides])
+    return compose_config("train", [f"dataset={name}", *overrides])
 
 
 # --- annotations -------------------------------------------------------------------------------

@@ -114,6 +114,34 @@ def test_hung_decoder_is_killed_within_the_timeout(make_video, tmp_path, name):
         assert video.get_frames([3]).shape == (1, 48, 64, 3)
 
 
+@pytest.mark.parametrize("name", BOTH)
+def test_hang_on_the_first_video_of_a_fresh_process_costs_the_timeout_only(tmp_path, name):
+    # Before: the first open with a decoder had 60 s of start-up margin added to its timeout, so
+    # a first video that hangs cost timeout + 60 s. Now the margin covers only the library import.
+    fifo = _fifo(tmp_path)
+    video_reader._decode_process().close()  # the next open starts a fresh process
+    start = time.monotonic()
+    with pytest.raises(DecodeTimeout, match=r"hangs.mp4: the decoder did not answer within 2 s \(open\)"):
+        open_video(fifo, name, timeout=2.0)
+    # Generous: a fresh process and the decoder's import take ~1 s on an idle machine.
+    assert time.monotonic() - start < 2.0 + 15
+
+
+def test_decoder_library_that_does_not_load_is_named(make_video, tmp_path, monkeypatch):
+    path = make_video(tmp_path / "v.mp4", num_frames=4)
+    video_reader._decode_process().close()
+    # The decoding process inherits this environment: a module path that shadows PyAV with a broken one.
+    (tmp_path / "av").mkdir()
+    (tmp_path / "av" / "__init__.py").write_text("raise ImportError('a broken PyAV')\n")
+    monkeypatch.setenv("PYTHONPATH", f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    with pytest.raises(DecodeError, match="v.mp4: the decoding process could not load pyav: ImportError: a broken"):
+        open_video(path, "pyav", timeout=20.0)
+    monkeypatch.undo()
+    video_reader._decode_process().close()
+    with open_video(path, "pyav", timeout=20.0) as video:
+        assert video.get_frames([3]).shape[0] == 1
+
+
 class _SleepHoldingTheGil:
     """Unpickled in the decoding process as a C call that sleeps while holding the GIL."""
 

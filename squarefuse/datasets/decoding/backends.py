@@ -24,6 +24,7 @@ resized frames are close across backends but not identical.
 from __future__ import annotations
 
 import bisect
+import importlib
 import os
 from typing import Protocol
 
@@ -38,6 +39,7 @@ __all__ = [
     "TorchCodecBackend",
     "decode_size",
     "describe_error",
+    "load_libraries",
     "open_backend",
 ]
 
@@ -340,6 +342,16 @@ class TorchCodecBackend:
 
 
 BACKENDS = {"decord": DecordBackend, "pyav": PyAVBackend, "torchcodec": TorchCodecBackend}
+# The modules each backend imports when it opens a video (decord reads the rotation with PyAV).
+_LIBRARIES = {"decord": ("decord", "av"), "pyav": ("av",), "torchcodec": ("torchcodec.decoders",)}
+
+
+def load_libraries(decoder: str) -> None:
+    """Import the libraries of the backend named `decoder`, so that opening a video does not."""
+    if decoder not in BACKENDS:
+        raise ValueError(f"unknown decoder {decoder!r}: choose one of {sorted(BACKENDS)}")
+    for module in _LIBRARIES[decoder]:
+        importlib.import_module(module)
 
 
 def open_backend(path: str, decoder: str, *, num_threads: int = 1, short_side: int | None = None) -> Backend:

@@ -10,10 +10,13 @@ Operations (request -> reply):
     (SIZE, handle)                           -> (OK, height, width)
     (READ, handle, indices)                  -> (FRAMES, shape) + raw bytes of uint8 [N,H,W,3]
     (CLOSE, handle)                          -> (OK,)
+    (LOAD, decoder)                          -> (OK,)   imports the decoder's libraries
 
 ``options`` are the keyword arguments of `backends.open_backend` (num_threads, short_side).
 The server announces itself with ``(READY,)``; any failed request is answered with
-``(ERROR, "TypeName: message")`` and the server carries on.
+``(ERROR, "TypeName: message")`` and the server carries on. The client sends ``LOAD`` before
+the first ``OPEN`` with each decoder, so that importing a library (seconds for torch) is timed
+apart from opening a video.
 
 This module imports nothing but the standard library and numpy: the decoding process loads it.
 """
@@ -31,6 +34,7 @@ __all__ = [
     "CLOSE",
     "ERROR",
     "FRAMES",
+    "LOAD",
     "OK",
     "OPEN",
     "READ",
@@ -44,7 +48,7 @@ __all__ = [
 ]
 
 # Requests.
-OPEN, SIZE, READ, CLOSE = "open", "size", "read", "close"
+OPEN, SIZE, READ, CLOSE, LOAD = "open", "size", "read", "close", "load"
 # Replies.
 READY, OK, FRAMES, ERROR = "ready", "ok", "frames", "error"
 

@@ -13,10 +13,11 @@ import signal
 import socket
 import sys
 
-from squarefuse.datasets.decoding.backends import Backend, describe_error, open_backend
+from squarefuse.datasets.decoding.backends import Backend, describe_error, load_libraries, open_backend
 from squarefuse.datasets.decoding.protocol import (
     CLOSE,
     ERROR,
+    LOAD,
     OK,
     OPEN,
     READ,
@@ -64,6 +65,9 @@ def serve(sock: socket.socket, parent_pid: int) -> None:
                 send_msg(sock, (OK, *readers[handle].frame_size()))
             elif op == READ:
                 send_frames(sock, readers[handle].read(request[2]))
+            elif op == LOAD:
+                load_libraries(request[1])
+                send_msg(sock, (OK,))
             elif op == CLOSE:
                 reader = readers.pop(handle, None)
                 if reader is not None:

@@ -9,7 +9,9 @@ This module is the client side: the backends are in `backends`, the decoding pro
 With ``timeout`` set, decoding runs in one small child process per calling process (started on
 first use, re-used for every later video). A decoder call that does not answer within ``timeout``
 seconds gets that process killed and raises `DecodeTimeout` naming the file; the next call starts
-a fresh process. Killing is the only cure: decord can spin forever inside C while holding the GIL,
+a fresh process. Importing a decoder's library in a fresh process is timed apart, under
+`_STARTUP_TIMEOUT_S` (a ``LOAD`` request before its first ``OPEN``): the first video that hangs
+costs ``timeout`` like any other. Killing is the only cure: decord can spin forever inside C while holding the GIL,
 where no Python thread, signal handler or alarm of the hung process ever runs again. A decoder
 that crashes the process (a segfault on a corrupt file) raises `DecodeError` the same way instead
 of killing the DataLoader worker. The price is one copy of the decoded frames through a socket:
@@ -46,6 +48,7 @@ from squarefuse.datasets.decoding.protocol import (
     CLOSE,
     ERROR,
     FRAMES,
+    LOAD,
     OK,
     OPEN,
     READ,
@@ -63,7 +66,8 @@ log = logging.getLogger(__name__)
 DECODERS = ("decord", "pyav", "torchcodec")
 # The package folder that holds `squarefuse`: the decoding process imports it from there.
 _PACKAGE_ROOT = str(Path(__file__).resolve().parents[3])
-# How long a fresh decoding process may take to import numpy and answer (slow shared filesystems).
+# How long a fresh decoding process may take to import numpy and answer, and then to import a
+# decoder's library (slow shared filesystems, torch for torchcodec); `timeout` starts after it.
 _STARTUP_TIMEOUT_S = 60.0
 # The decoding process is replaced after this many videos: whatever a decoder library leaks or
 # fragments (decord without seek(0), FFmpeg buffers) cannot pile up over an epoch. ~0.3 s each.
@@ -205,33 +209,42 @@ class _DecodeProcess:
             if op == OPEN and (not alive or (self._opens >= _RECYCLE_AFTER_OPENS and not self._open_handles)):
                 self._kill()
                 self._start()
-            assert self._sock is not None
             if op == OPEN and message[3] not in self._loaded_decoders:
-                # The first video a process opens with a decoder also imports its library (torch
-                # for torchcodec: seconds, more on a busy node): that is not the decoder hanging.
-                timeout += _STARTUP_TIMEOUT_S
-            try:
-                self._sock.settimeout(timeout)
-                send_msg(self._sock, message)
-                reply = recv_msg(self._sock)
-                if reply[0] == FRAMES:
-                    reply = (FRAMES, recv_frames(self._sock, reply[1]))
-            except TimeoutError as e:
-                self._kill()
-                raise DecodeTimeout(
-                    f"{path}: the decoder did not answer within {timeout:g} s ({op}); its process was killed"
-                ) from e
-            except (OSError, EOFError) as e:
-                code = self._kill()
-                raise DecodeError(f"{path}: the decoding process died during {op} (exit code {code})") from e
-            if op == OPEN and reply[0] == OK:
+                # Importing a decoder's library (torch for torchcodec: seconds, more on a busy
+                # node) is not the decoder hanging: it gets the start-up margin, and the open
+                # that follows gets `timeout` alone.
+                self._exchange((LOAD, message[3]), path=path, timeout=_STARTUP_TIMEOUT_S)
                 self._loaded_decoders.add(message[3])
+            reply = self._exchange(message, path=path, timeout=timeout)
+            if op == OPEN and reply[0] == OK:
                 self._opens += 1
                 self._open_handles.add(message[1])
             elif op == CLOSE:
                 self._open_handles.discard(message[1])
         if reply[0] == ERROR:
             raise DecodeError(f"{path}: {reply[1]}")
+        return reply
+
+    def _exchange(self, message: tuple, *, path: str, timeout: float) -> tuple:
+        # One request and its reply on the live process; a timeout or a death kills it.
+        op = message[0]
+        assert self._sock is not None
+        try:
+            self._sock.settimeout(timeout)
+            send_msg(self._sock, message)
+            reply = recv_msg(self._sock)
+            if reply[0] == FRAMES:
+                reply = (FRAMES, recv_frames(self._sock, reply[1]))
+        except TimeoutError as e:
+            self._kill()
+            raise DecodeTimeout(
+                f"{path}: the decoder did not answer within {timeout:g} s ({op}); its process was killed"
+            ) from e
+        except (OSError, EOFError) as e:
+            code = self._kill()
+            raise DecodeError(f"{path}: the decoding process died during {op} (exit code {code})") from e
+        if op == LOAD and reply[0] == ERROR:
+            raise DecodeError(f"{path}: the decoding process could not load {message[1]}: {reply[1]}")
         return reply
 
     def close(self) -> None:
