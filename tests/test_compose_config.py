@@ -15,7 +15,7 @@ PATHS = [
     "C:\\runs\\a=b\\best.pt",
     "ends with a backslash\\",
     "quote after backslash \\'.pt",
-    "costs $HOME `and` \"more\"=1",
+    'costs $HOME `and` "more"=1',
 ]
 
 

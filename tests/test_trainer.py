@@ -156,7 +156,6 @@ def test_tiny_run_writes_metrics_and_checkpoints(data_root, tmp_path, caplog):
     assert last_line.endswith(f"next: python eval.py ckpt={run / 'checkpoints' / 'best.pt'}")
 
 
-
 def test_the_suggested_eval_command_runs_as_printed_for_a_sweeps_run_folder(tmp_path):
     # A multirun's run folders have '=' and ',' in their names, which Hydra's grammar reads as syntax.
     trainer = object.__new__(Trainer)  # only the fields the closing line reads
