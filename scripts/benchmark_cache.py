@@ -24,11 +24,11 @@ import time
 from pathlib import Path
 
 import torch
-from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from squarefuse.apps.cache_tokens import run_cache_tokens
 from squarefuse.checkpoint import save_checkpoint
+from squarefuse.config.compose_config import compose_app_config
 from squarefuse.config.resolvers import register_resolvers
 from squarefuse.datasets import build_dataset
 from squarefuse.models import build_classifier
@@ -36,18 +36,12 @@ from squarefuse.models.complexity import model_complexity
 from squarefuse.training.trainer import train
 
 REPO = Path(__file__).resolve().parents[1]
-CONFIG_DIR = str(REPO / "configs")
 # SSv2: videos per split, classes, and the views a fusion study caches / evaluates.
 SSV2_TRAIN, SSV2_VAL = 168_913, 24_777
 EPOCHS = 30
 TRAIN_VIEWS, TEST_VIEWS = 4, 6  # cached train views (4 clips x 1 crop), test views (2 clips x 3 crops)
 # A training step is forward + backward: about 3x the forward's FLOPs.
 TRAIN_FACTOR = 3
-
-
-def compose_cfg(name: str, overrides: list[str]):
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        return compose(config_name=name, overrides=overrides)
 
 
 def _parse_args() -> argparse.Namespace:
@@ -59,7 +53,7 @@ def _parse_args() -> argparse.Namespace:
 
 def tiny_checkpoint(work: Path) -> Path:
     """A checkpoint of the tiny model on the synthetic videos (random weights: speed does not care)."""
-    cfg = compose_cfg("train", [f"dataset.root={work / 'videos'}", "dataset.generate.train_per_class=16"])
+    cfg = compose_app_config("train", [f"dataset.root={work / 'videos'}", "dataset.generate.train_per_class=16"])
     class_names = build_dataset(cfg.dataset, "train").class_names  # generates the videos
     torch.manual_seed(0)
     model = build_classifier(cfg.backbone, cfg.fusion, cfg.head, num_classes=len(class_names))
@@ -74,7 +68,7 @@ def tiny_checkpoint(work: Path) -> Path:
 
 
 def cache(ckpt: Path, out: Path, split: str, *extra: str) -> float:
-    cfg = compose_cfg(
+    cfg = compose_app_config(
         "cache_tokens", [f"ckpt={ckpt}", f"out={out}", f"split={split}", "device=cpu", "progress=false", *extra]
     )
     start = time.perf_counter()
@@ -104,7 +98,7 @@ def measure_speed(work: Path, cache_dir: Path, rounds: int) -> None:
     for r in range(rounds):
         for name, overrides in (("videos", videos), ("cache", tokens)):
             run_dir = work / f"run_{name}_{r}"
-            train(compose_cfg("train", overrides), run_dir)
+            train(compose_app_config("train", overrides), run_dir)
             speeds[name].append(clips_per_s(run_dir))
     v, c = statistics.median(speeds["videos"]), statistics.median(speeds["cache"])
     print("\n## Measured: train clips/s, frozen tiny backbone (depth 4, 64 px, 8 frames), batch 16, 1 worker, CPU")
@@ -141,7 +135,7 @@ def computed_costs() -> None:
     )
     for backbone in ("vit_b16", "vit_b16_clip"):
         for frames in (8, 16):
-            cfg = compose_cfg(
+            cfg = compose_app_config(
                 "train",
                 [f"backbone={backbone}", "backbone.pretrained=false", "dataset=ssv2", "head=cls", "fusion=square"],
             )

@@ -11,18 +11,17 @@ import json
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import yaml
 
+from squarefuse.config.compose_config import CONFIG_DIR
 from squarefuse.report.runs import Run
 
 # Keys that say where things are or how a run logs, not what it trains.
 IGNORED_KEYS = {"trainer.seed", "trainer.log_every", "trainer.ckpt_every", "trainer.resume", "trainer.num_workers"}
 IGNORED_PREFIXES = ("logger", "hydra")  # the logger group and its keys; Hydra's own choices (hydra/launcher...)
 _PATH_KEY = re.compile(r"(^|_)(root|path|dir|file|label_map)$")
-_CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 _ABSENT = "<absent>"
 
 
@@ -125,7 +124,7 @@ def parse_terms(terms: Sequence[str]) -> list[tuple[str, str]]:
 def _group_config_matches(run: Run, group: str, name: str) -> bool:
     # Without Hydra's record of the choice: the option's config file in configs/<group>/ must
     # agree with the run's stored values on its `_target_` and every key it sets.
-    option = _CONFIG_DIR / group / f"{name}.yaml"
+    option = CONFIG_DIR / group / f"{name}.yaml"
     if not option.is_file():
         return False
     stored = flatten(run.config.get(group) or {})

@@ -12,9 +12,8 @@ from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
+from squarefuse.config.compose_config import CONFIG_DIR
 from squarefuse.config.resolvers import register_resolvers
-
-CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 
 
 def compose_config(config_name: str, overrides: list[str]) -> DictConfig:
