@@ -62,7 +62,7 @@ EXPECTED_KEYS = {
     "num_frames": "num_frames",
     "img_size": "img_size",
     "tokens": "tokens",
-    "task": "task",  # the synthetic task of the cached videos (null otherwise, and in caches made before it)
+    "task": "task",  # the synthetic task of the cached videos (null otherwise)
 }
 
 
@@ -113,6 +113,7 @@ def read_cache_info(root: str | Path) -> dict[str, Any]:
             f"{root} is a token cache of format version {version!r}, this squarefuse reads version "
             f"{CACHE_VERSION}: remake it with scripts/cache_tokens.py into a new folder (or overwrite=true)"
         )
+    info.setdefault("task", None)  # caches made before the key was recorded
     return info
 
 
@@ -182,7 +183,7 @@ def apply_cache_to_config(cfg: DictConfig) -> None:
     check_expected(cfg.dataset, info, root)
     with open_dict(cfg):
         for key, cache_key in EXPECTED_KEYS.items():
-            cfg.dataset[key] = info.get(cache_key)
+            cfg.dataset[key] = info[cache_key]
         for key in ("embed_dim", "num_prefix_tokens", "has_class_token", "num_tokens"):
             cfg.backbone.model_kwargs[key] = info[key]
         cfg.backbone.name = info["backbone_name"]
@@ -192,9 +193,9 @@ def apply_cache_to_config(cfg: DictConfig) -> None:
 def check_expected(dataset_cfg: Mapping[str, Any], info: Mapping[str, Any], root: Path) -> None:
     for key, cache_key in EXPECTED_KEYS.items():
         expected = dataset_cfg.get(key)
-        if expected is not None and expected != info.get(cache_key):
+        if expected is not None and expected != info[cache_key]:
             raise ValueError(
-                f"dataset.{key}={expected!r} but the token cache {root} was made with {key} {info.get(cache_key)!r}: "
+                f"dataset.{key}={expected!r} but the token cache {root} was made with {key} {info[cache_key]!r}: "
                 "use a cache made with the run's settings (scripts/cache_tokens.py) or change dataset.{key}"
             )
 
