@@ -4,8 +4,7 @@ synthetic task family, the rate chosen on val, other seeds at that rate reported
 
     python scripts/temporal_benchmark.py OUT_DIR [--quick] [--end-to-end] [-- train.py overrides ...]
 
-Per task (videos under data/synthetic for `direction`, data/synthetic_<task> for the others, generated
-on first use):
+Per task (videos under --data-dir/<task>, default data/temporal_benchmark/<task>, generated on first use):
   0. (frozen, the default) the token cache OUT/cache/<task> of train, val and test: the per-frame
      tokens of the tiny ViT that `python train.py dataset.task=<task>` starts from, never trained
      (`scripts/cache_tokens.py train_config=[...]`); runs train on it with `experiment=temporal_frozen`.
@@ -135,9 +134,9 @@ def main(argv: list[str]) -> int:
     for task in args.tasks:
         task_start = time.perf_counter()
         videos = data_root(args.data_dir.resolve(), task)
-        video_data = [f"dataset.task={task}", f"dataset.root={videos}", *args.data]
+        video_data = [f"dataset.task={task}", override("dataset.root", videos), *args.data]
         if args.end_to_end:
-            data = [*video_data[:1], override("dataset.root", videos), *args.data]
+            data = video_data
         else:
             cache = out / "cache" / task
             cache_tokens(video_data, cache)

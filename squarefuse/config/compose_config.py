@@ -1,6 +1,6 @@
 """Compose one of the repository's app configs (`configs/<name>.yaml`) from inside another app.
 
-`scripts/cache_tokens.py train=[...]` needs the config `python train.py ...` would run with. Inside
+`scripts/cache_tokens.py train_config=[...]` needs the config `python train.py ...` would run with. Inside
 a Hydra app the global Hydra is initialised with the same `configs/` folder; from a plain call
 (a test, a notebook) it is initialised here for the duration of the call.
 """
