@@ -20,7 +20,15 @@ import timm.models._builder as builder
 from helpers.configs import tiny_train_config
 from helpers.videos import write_video
 
+from squarefuse.datasets.decoding.video_reader import TORCHCODEC_INSTALL, torchcodec_problem
 from squarefuse.datasets.synthetic import ensure_synthetic
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    # At setup, not at collection: the check starts an interpreter that imports torch (~4 s), which
+    # every pytest-xdist worker would pay while collecting, though one worker runs these tests.
+    if item.get_closest_marker("torchcodec") and (problem := torchcodec_problem()) is not None:
+        pytest.skip(f"{problem}: {TORCHCODEC_INSTALL}")
 
 
 @pytest.fixture(scope="session")

@@ -17,17 +17,13 @@ from torchvision.transforms.v2 import functional as F
 from squarefuse.datasets.decoding import video_reader
 from squarefuse.datasets.decoding.backends import PyAVBackend, _decord_safe_width, decode_size
 from squarefuse.datasets.decoding.video_reader import (
-    TORCHCODEC_INSTALL,
     DecodeError,
     DecodeTimeout,
     open_video,
     resolve_decoder,
 )
 
-_NO_TORCHCODEC = video_reader.torchcodec_problem()
-TORCHCODEC = pytest.param(
-    "torchcodec", marks=pytest.mark.skipif(_NO_TORCHCODEC is not None, reason=f"{_NO_TORCHCODEC}: {TORCHCODEC_INSTALL}")
-)
+TORCHCODEC = pytest.param("torchcodec", marks=pytest.mark.torchcodec)
 BOTH = ["decord", "pyav"]
 ALL = [*BOTH, TORCHCODEC]
 GUARD = [None, 20.0]  # in-process, and in the guarded decoding process
@@ -226,7 +222,7 @@ def test_rotated_videos_decode_upright_and_identical_with_every_decoder(tmp_path
     path = tmp_path / f"rot{degrees}.mp4"
     stored = _write_rotated(path, degrees)
     upright = np.rot90(stored, k=degrees // 90, axes=(1, 2))  # as FFmpeg's own tools display it
-    names = ["decord", "pyav"] + ([] if _NO_TORCHCODEC else ["torchcodec"])
+    names = ["decord", "pyav"] + ([] if video_reader.torchcodec_problem() else ["torchcodec"])
     out = {}
     for name in names:
         for timeout in GUARD:

@@ -105,29 +105,38 @@ def metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_two_process_training_matches_one_process_and_writes_one_run_folder(list_data, tmp_path):
-    # Same global batch (8): one process x 8 clips, two processes x 4 clips.
-    run(single("train.py", *overrides(list_data, "trainer.batch_size=8"), f"hydra.run.dir={tmp_path}/one"), tmp_path)
-    ddp_cwd = tmp_path / "ddp"
-    ddp_cwd.mkdir()
-    run(torchrun("train.py", *overrides(list_data, "trainer.batch_size=4")), ddp_cwd)
+@pytest.fixture(scope="module")
+def ddp_run(list_data, tmp_path_factory) -> Path:
+    """One 2-process run (2 x 4 clips a step, 8 epochs, 16 steps) that two tests compare against.
 
-    # No hydra.run.dir given: both ranks agreed on one timestamped folder, and only rank 0 wrote.
-    run_dirs = [p.parent for p in (ddp_cwd / "runs").glob("*/*/metrics.jsonl")]
-    assert len(run_dirs) == 1, list((ddp_cwd / "runs").rglob("*"))
-    ddp_run = run_dirs[0]
-    assert len(list((ddp_cwd / "runs").glob("*/*"))) == 1
+    Started without hydra.run.dir: the ranks must agree on one timestamped folder themselves.
+    Each torchrun costs three interpreters that import torch (~10 s each on 2 cores), so the
+    parity test and the resume test share this run instead of making one each.
+    """
+    cwd = tmp_path_factory.mktemp("ddp")
+    run(torchrun("train.py", *overrides(list_data, "trainer.batch_size=4", "trainer.epochs=8")), cwd)
+    run_dirs = [p.parent for p in (cwd / "runs").glob("*/*/metrics.jsonl")]
+    assert len(run_dirs) == 1, list((cwd / "runs").rglob("*"))
+    assert len(list((cwd / "runs").glob("*/*"))) == 1  # only rank 0 made a folder
+    return run_dirs[0]
+
+
+def test_two_process_training_matches_one_process_and_writes_one_run_folder(list_data, ddp_run, tmp_path):
+    # Same global batch (8): one process x 8 clips, two processes x 4 clips.
+    args = overrides(list_data, "trainer.batch_size=8", "trainer.epochs=8")
+    run(single("train.py", *args, f"hydra.run.dir={tmp_path}/one"), tmp_path)
+
     train_steps = [r["step"] for r in metrics(ddp_run) if r["split"] == "train"]
     assert train_steps == sorted(set(train_steps)), "a step was logged twice"
 
     one = load_checkpoint(tmp_path / "one" / "checkpoints" / "last.pt")
     two = load_checkpoint(ddp_run / "checkpoints" / "last.pt")
-    assert one["step"] == two["step"] > 0
+    assert one["step"] == two["step"] == 16
     for key, value in one["model"].items():
         torch.testing.assert_close(two["model"][key], value, rtol=1e-4, atol=1e-5, msg=key)
     one_val = [r for r in metrics(tmp_path / "one") if r["split"] == "val_clip"]
     two_val = [r for r in metrics(ddp_run) if r["split"] == "val_clip"]
-    assert [r["num_videos"] for r in two_val] == [r["num_videos"] for r in one_val] == [7, 7]
+    assert [r["num_videos"] for r in two_val] == [r["num_videos"] for r in one_val] == [7] * 8
     for a, b in zip(one_val, two_val, strict=True):
         assert a["top1"] == pytest.approx(b["top1"]) and a["loss"] == pytest.approx(b["loss"], rel=1e-4)
 
@@ -145,10 +154,9 @@ def test_two_process_training_matches_one_process_and_writes_one_run_folder(list
     assert len(rows) == 1 + 7
 
 
-def test_ddp_resume_after_sigterm_is_exact(list_data, tmp_path):
+def test_ddp_resume_after_sigterm_is_exact(list_data, ddp_run, tmp_path):
+    # The uninterrupted run is `ddp_run`: the same overrides, started without a folder of its own.
     args = overrides(list_data, "trainer.batch_size=4", "trainer.epochs=8")
-    run(torchrun("train.py", *args, f"hydra.run.dir={tmp_path}/full"), tmp_path)
-
     cut = tmp_path / "cut"
     cmd = torchrun("train.py", *args, f"hydra.run.dir={cut}")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -166,12 +174,12 @@ def test_ddp_resume_after_sigterm_is_exact(list_data, tmp_path):
     assert len(stopped["rng"]) == 2  # both ranks' RNG states, so each resumes its own stream
 
     run(cmd, tmp_path)
-    full_state = load_checkpoint(tmp_path / "full" / "checkpoints" / "last.pt")
+    full_state = load_checkpoint(ddp_run / "checkpoints" / "last.pt")
     cut_state = load_checkpoint(cut / "checkpoints" / "last.pt")
     assert full_state["step"] == cut_state["step"] == 16  # 16 videos / (4 x 2 ranks) x 8 epochs
     for key, value in full_state["model"].items():
         torch.testing.assert_close(cut_state["model"][key], value, rtol=1e-5, atol=1e-6, msg=key)
-    full_losses = {r["step"]: r["loss"] for r in metrics(tmp_path / "full") if r["split"] == "train"}
+    full_losses = {r["step"]: r["loss"] for r in metrics(ddp_run) if r["split"] == "train"}
     cut_losses = {r["step"]: r["loss"] for r in metrics(cut) if r["split"] == "train"}
     assert cut_losses.keys() == full_losses.keys()
     for step, loss in full_losses.items():

@@ -16,7 +16,6 @@ from helpers.checkpoints import run_evaluate
 from helpers.configs import tiny_train_config
 
 from squarefuse.datasets import build_dataset
-from squarefuse.datasets.decoding import video_reader
 from squarefuse.datasets.decoding.video_reader import open_video
 from squarefuse.models import build_classifier
 from squarefuse.runtime import distributed
@@ -92,7 +91,7 @@ def test_eval_on_cuda_equals_eval_on_cpu(data_root):
     assert cpu.loss == pytest.approx(cuda.loss, abs=1e-3)
 
 
-@pytest.mark.skipif(video_reader.torchcodec_problem() is not None, reason="needs torchcodec (CUDA build)")
+@pytest.mark.torchcodec
 @pytest.mark.parametrize("ext", [".mp4", ".webm"])
 def test_gpu_decoding_equals_cpu_decoding(make_video, tmp_path, ext):
     from torchcodec.decoders import VideoDecoder  # noqa: PLC0415 - optional dependency
@@ -109,7 +108,7 @@ def test_gpu_decoding_equals_cpu_decoding(make_video, tmp_path, ext):
     assert diff.mean() < 3 and diff.max() < 40, (diff.mean(), diff.max())
 
 
-@pytest.mark.skipif(video_reader.torchcodec_problem() is not None, reason="needs torchcodec (CUDA build)")
+@pytest.mark.torchcodec
 def test_training_steps_with_gpu_decoding(data_root, tmp_path):
     cfg = tiny_train_config(
         data_root, "trainer.device=cuda", "trainer.val_every=0", "dataset.decode_device=cuda", "dataset.repeated_aug=2"

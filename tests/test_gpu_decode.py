@@ -12,15 +12,12 @@ import torch
 
 from squarefuse.datasets.annotations import VideoRecord
 from squarefuse.datasets.build import build_gpu_decoder
-from squarefuse.datasets.decoding import gpu, video_reader
+from squarefuse.datasets.decoding import gpu
 from squarefuse.datasets.decoding.gpu import GpuClipDecoder, check_decode_device
-from squarefuse.datasets.decoding.video_reader import TORCHCODEC_INSTALL, open_video
+from squarefuse.datasets.decoding.video_reader import open_video
 from squarefuse.datasets.frame_sampling import FrameSampler
 from squarefuse.datasets.transforms import TrainTransform
 from squarefuse.datasets.video_dataset import VideoDataset
-
-_NO_TORCHCODEC = video_reader.torchcodec_problem()
-needs_torchcodec = pytest.mark.skipif(_NO_TORCHCODEC is not None, reason=f"{_NO_TORCHCODEC}: {TORCHCODEC_INSTALL}")
 
 
 def test_cuda_decoding_without_cuda_is_a_clear_start_up_error(monkeypatch):
@@ -52,7 +49,7 @@ def _train_set(paths, *, decode_device: str, repeated_aug: int = 1) -> VideoData
     )
 
 
-@needs_torchcodec
+@pytest.mark.torchcodec
 def test_index_only_items_decoded_in_the_training_process_match_cpu_decoding(make_video, tmp_path):
     paths = [make_video(tmp_path / f"v{i}{ext}", num_frames=20) for i, ext in enumerate([".mp4", ".webm"])]
     train_set = _train_set(paths, decode_device="cuda", repeated_aug=2)
@@ -69,7 +66,7 @@ def test_index_only_items_decoded_in_the_training_process_match_cpu_decoding(mak
     assert video.shape == (2, 2, 4, 3, 32, 32) and video.dtype == torch.uint8 and replaced == 0
 
 
-@needs_torchcodec
+@pytest.mark.torchcodec
 def test_a_video_that_fails_everywhere_is_replaced_within_the_batch(make_video, tmp_path, bad_videos):
     good = make_video(tmp_path / "good.mp4", num_frames=20)
     decoder = GpuClipDecoder(
@@ -81,7 +78,7 @@ def test_a_video_that_fails_everywhere_is_replaced_within_the_batch(make_video, 
     assert torch.equal(video[1], video[0])
 
 
-@needs_torchcodec
+@pytest.mark.torchcodec
 def test_large_videos_are_scaled_like_decode_time_resize(make_video, tmp_path):
     path = make_video(tmp_path / "big.mp4", num_frames=6, width=320, height=240)
     decoder = GpuClipDecoder(
