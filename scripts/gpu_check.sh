@@ -14,7 +14,7 @@ workers="${WORKERS:-$(( $(nproc) - 1 ))}"
 status=0
 python -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; print(torch.cuda.get_device_name())" || exit 1
 
-timeout 240 python -m pytest -m gpu -rs -q -p no:cacheprovider 2>&1 | tee "$out/pytest_gpu.log" || status=1
+timeout 240 python -m pytest -m gpu -n 0 -rs -q -p no:cacheprovider 2>&1 | tee "$out/pytest_gpu.log" || status=1
 
 timeout 180 python scripts/benchmark.py --preset gpu --workers "$workers" --steps 8 \
     --json "$out/bench_decord.json" 2>&1 | tee "$out/bench_decord.log" || status=1

@@ -16,18 +16,28 @@ from pathlib import Path
 
 import av  # noqa: F401 - before anything loads decord: PyAV's VP9 encoder fails to open after it
 import pytest
-import timm.models._builder as builder
 from helpers.configs import tiny_train_config
 from helpers.videos import write_video
 
-from squarefuse.datasets.decoding.video_reader import TORCHCODEC_INSTALL, torchcodec_problem
 from squarefuse.datasets.synthetic import ensure_synthetic
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    # Modules with slow tests first (otherwise in file order): pytest-xdist's loadfile hands out
+    # whole modules in this order, and a long module handed out last runs alone while the other
+    # workers wait.
+    slow = {item.nodeid.split("::")[0] for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.nodeid.split("::")[0] not in slow)
 
 
 def pytest_runtest_setup(item: pytest.Item) -> None:
     # At setup, not at collection: the check starts an interpreter that imports torch (~4 s), which
     # every pytest-xdist worker would pay while collecting, though one worker runs these tests.
-    if item.get_closest_marker("torchcodec") and (problem := torchcodec_problem()) is not None:
+    if not item.get_closest_marker("torchcodec"):
+        return
+    from squarefuse.datasets.decoding.video_reader import TORCHCODEC_INSTALL, torchcodec_problem  # noqa: PLC0415
+
+    if (problem := torchcodec_problem()) is not None:
         pytest.skip(f"{problem}: {TORCHCODEC_INSTALL}")
 
 
@@ -80,6 +90,9 @@ def bad_videos(tmp_path: Path) -> dict[str, Path]:
 @pytest.fixture
 def no_network(monkeypatch):
     """Makes every timm weight download fail, as on a machine without network access."""
+    # Here, not at the top: pytest-xdist's controller process imports this file too but runs no
+    # test, and timm (with torch and torchvision) is ~7 s of its start-up on 2 cores.
+    import timm.models._builder as builder  # noqa: PLC0415
 
     def refuse(*args, **kwargs):
         raise OSError("network disabled in tests")

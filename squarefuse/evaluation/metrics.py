@@ -10,7 +10,6 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
-from torchmetrics.functional.classification import multiclass_confusion_matrix
 
 TOPK = 5  # the k of the `top5` number (at most the number of classes)
 
@@ -54,6 +53,10 @@ def confusion_matrix(labels: torch.Tensor, preds: torch.Tensor, num_classes: int
     """[C, C] int64 counts; row = true class, column = predicted class."""
     if labels.numel() == 0:
         return torch.zeros(num_classes, num_classes, dtype=torch.long)
+    # Lazy: importing torchmetrics loads all of its domains (audio's scipy.signal too), ~3.5 s on
+    # 2 cores; a command that stops on a bad argument, or never evaluates, should not wait for it.
+    from torchmetrics.functional.classification import multiclass_confusion_matrix  # noqa: PLC0415
+
     return multiclass_confusion_matrix(preds, labels, num_classes=num_classes, validate_args=False).long()
 
 

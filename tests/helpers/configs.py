@@ -16,7 +16,6 @@ from hydra.core.override_parser.types import Override
 from omegaconf import DictConfig
 
 from squarefuse.config.compose_config import CONFIG_DIR
-from squarefuse.config.resolvers import register_resolvers
 
 
 def compose_config(config_name: str, overrides: list[str]) -> DictConfig:
@@ -53,6 +52,10 @@ def _compose_once(config_name: str, overrides: tuple[str, ...]) -> DictConfig:
 @contextlib.contextmanager
 def as_hydra_app(config_name: str, overrides: list[str]) -> Iterator[DictConfig]:
     """The config as `@hydra.main` hands it to an app, HydraConfig set: for checks that read the command line."""
+    # Here, not at the top: conftest.py imports this module, and pytest-xdist's controller, which
+    # runs no test, should not import torch (the resolvers read the distributed rank).
+    from squarefuse.config.resolvers import register_resolvers  # noqa: PLC0415
+
     register_resolvers()
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         cfg = compose(config_name=config_name, overrides=overrides, return_hydra_config=True)
