@@ -259,6 +259,30 @@ def test_wandb_offline_run_writes_its_files(data_root, tmp_path, monkeypatch):
     assert (run / "wandb_run_id.txt").read_text().strip() in offline[0].name
 
 
+def test_a_stop_signal_is_acted_on_at_a_step_every_rank_agreed_on(data_root, tmp_path, monkeypatch):
+    # The signal arrives just after step 3's all-reduce of the (non-finite, stop) flags, so the
+    # other ranks have not seen it. Stopping alone would make this rank save (collectives) while
+    # the others step, and all of them would hang until torchrun kills them (as seen under load).
+    # The stop must wait for the next step's all-reduce, which carries it to every rank.
+    trainer = Trainer(tiny_train_config(data_root, "trainer.epochs=3", "trainer.val_every=0"), tmp_path / "run")
+    real_all_reduce_sum = trainer_mod.distributed.all_reduce_sum
+    flag_reductions = []
+
+    def all_reduce_then_signal(tensor):
+        out = real_all_reduce_sum(tensor)
+        if tensor.numel() == 2:  # the step's flags
+            flag_reductions.append(trainer.step)
+            if len(flag_reductions) == 3:
+                trainer._on_signal(signal.SIGTERM, None)
+        return out
+
+    monkeypatch.setattr(trainer_mod.distributed, "all_reduce_sum", all_reduce_then_signal)
+    summary = trainer.fit()
+    assert summary["status"] == "interrupted" and summary["signal"] == signal.SIGTERM
+    assert summary["step"] == 4 and flag_reductions == [0, 1, 2, 3]
+    assert load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")["step"] == 4
+
+
 @pytest.mark.slow
 def test_sigterm_saves_and_rerun_resumes(data_root, tmp_path):
     run = tmp_path / "run"

@@ -302,6 +302,10 @@ class Trainer:
         self.num_replaced = 0
         self.num_skipped = 0
         self.consecutive_skips = 0
+        # The signal this process received, and the stop every rank agreed on (set after a step's
+        # all-reduce, never by the handler): a rank that acted on its own signal while another's
+        # had not arrived yet would save (collectives) while the other stepped, and both would hang.
+        self._signal_received: int | None = None
         self._stop_signal: int | None = None
         self._data_bound_reported = False
 
@@ -678,9 +682,9 @@ class Trainer:
         self.save("last.pt")  # again, now with the validation's outcome (best top-1, last_val_step)
 
     def _on_signal(self, signum: int, frame) -> None:
-        if self._stop_signal is not None and signum == signal.SIGINT:
+        if self._signal_received is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt  # a second Ctrl-C: stop now
-        self._stop_signal = signum
+        self._signal_received = signum
 
     def train_epoch(self) -> None:
         """Optimiser steps until the epoch ends, training ends, or a stop is requested."""
@@ -756,11 +760,11 @@ class Trainer:
 
         # Every rank must take the same decision: one tiny all-reduce of (non-finite, stop) flags.
         flags = torch.tensor(
-            [float(not torch.isfinite(loss_mean)), float(self._stop_signal is not None)], device=self.device
+            [float(not torch.isfinite(loss_mean)), float(self._signal_received is not None)], device=self.device
         )
         flags = distributed.all_reduce_sum(flags)
         if flags[1] > 0 and self._stop_signal is None:
-            self._stop_signal = signal.SIGTERM
+            self._stop_signal = self._signal_received or signal.SIGTERM
         if flags[0] > 0:
             self.optimizer.zero_grad(set_to_none=True)
             if tcfg.nonfinite == "stop":
