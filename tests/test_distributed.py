@@ -97,6 +97,11 @@ def torchrun(script: str, *args: str) -> list[str]:
     ]
 
 
+def ddp_args(root: Path) -> list[str]:
+    """The 2-process run of `ddp_run`, and of the resume test's cut run that must end where it ends."""
+    return overrides(root, "trainer.batch_size=4", "trainer.epochs=8")
+
+
 def single(script: str, *args: str) -> list[str]:
     return [sys.executable, str(REPO / script), *args]
 
@@ -114,7 +119,7 @@ def ddp_run(list_data, tmp_path_factory) -> Path:
     parity test and the resume test share this run instead of making one each.
     """
     cwd = tmp_path_factory.mktemp("ddp")
-    run(torchrun("train.py", *overrides(list_data, "trainer.batch_size=4", "trainer.epochs=8")), cwd)
+    run(torchrun("train.py", *ddp_args(list_data)), cwd)
     run_dirs = [p.parent for p in (cwd / "runs").glob("*/*/metrics.jsonl")]
     assert len(run_dirs) == 1, list((cwd / "runs").rglob("*"))
     assert len(list((cwd / "runs").glob("*/*"))) == 1  # only rank 0 made a folder
@@ -156,9 +161,8 @@ def test_two_process_training_matches_one_process_and_writes_one_run_folder(list
 
 def test_ddp_resume_after_sigterm_is_exact(list_data, ddp_run, tmp_path):
     # The uninterrupted run is `ddp_run`: the same overrides, started without a folder of its own.
-    args = overrides(list_data, "trainer.batch_size=4", "trainer.epochs=8")
     cut = tmp_path / "cut"
-    cmd = torchrun("train.py", *args, f"hydra.run.dir={cut}")
+    cmd = torchrun("train.py", *ddp_args(list_data), f"hydra.run.dir={cut}")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + TIMEOUT

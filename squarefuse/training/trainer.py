@@ -60,8 +60,8 @@ from squarefuse.training.sample_order import ResumableSampler, SeededDataset
 
 log = logging.getLogger("squarefuse")
 
-# SIGTERM/SIGINT: stop after the current step and save; SIGUSR2: SLURM's (submitit's) warning
-# before preemption or the time limit, the same and then requeue.
+# SIGTERM/SIGINT: stop after the first step whose all-reduce carries it to every rank, and save;
+# SIGUSR2: SLURM's (submitit's) warning before preemption or the time limit, the same and then requeue.
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR2)
 
 # The loader is called the bottleneck when the step waits this long for data, on average.

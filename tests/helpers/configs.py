@@ -28,10 +28,10 @@ def compose_config(config_name: str, overrides: list[str]) -> DictConfig:
     ``~key``) are applied to the copy by the function Hydra's compose applies them with, after the
     defaults list, in the same order: the result and the errors are Hydra's own.
     """
-    parsed = OverridesParser.create().parse_overrides(overrides)
-    groups = tuple(o.input_line for o in parsed if not _is_value_override(o))
-    values = [o for o in parsed if _is_value_override(o)]
-    cfg = copy.deepcopy(_compose_once(config_name, groups))
+    groups, values = [], []
+    for override in OverridesParser.create().parse_overrides(overrides):
+        (values if _is_value_override(override) else groups).append(override)
+    cfg = copy.deepcopy(_compose_once(config_name, tuple(o.input_line for o in groups)))
     ConfigLoaderImpl._apply_overrides_to_config(values, cfg)
     return cfg
 
