@@ -24,7 +24,8 @@ from squarefuse.datasets.synthetic import ensure_synthetic
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     # Modules with slow tests first (otherwise in file order): pytest-xdist's loadfile hands out
-    # whole modules in this order, and a long module handed out last runs alone while the other
+    # whole modules in this order (`--no-loadscope-reorder`: by default it hands out the modules
+    # with the most tests first), and a long module handed out last runs alone while the other
     # workers wait.
     slow = {item.path for item in items if item.get_closest_marker("slow")}
     items.sort(key=lambda item: item.path not in slow)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 from helpers.configs import CONFIG_DIR, compose_config, tiny_overrides
+from helpers.scripts import run_script
 from hydra import compose, initialize_config_dir
 
 from squarefuse.checkpoint import load_checkpoint
@@ -48,11 +49,10 @@ def test_slurm_launcher_preset_composes():
     assert compose_config("train", []).trainer is not None
 
 
+@pytest.mark.slow
 def test_local_sweep_runs_every_value(tmp_path):
     data = tmp_path / "data"
-    cmd = [
-        sys.executable,
-        str(REPO / "train.py"),
+    args = [
         "-m",
         *tiny_overrides(data),
         "trainer.max_steps=2",
@@ -60,7 +60,7 @@ def test_local_sweep_runs_every_value(tmp_path):
         "fusion.K=2,4",
         f"hydra.sweep.dir={tmp_path}/sweep",
     ]
-    out = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=TIMEOUT)
+    out = run_script("train.py", *args, cwd=tmp_path)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     for job, k in ((0, 2), (1, 4)):
         # Named by what the job sweeps, not by the overrides every job shares.

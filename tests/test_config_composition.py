@@ -15,6 +15,7 @@ import huggingface_hub
 import pytest
 import yaml
 from helpers.configs import CONFIG_DIR, compose_config
+from helpers.scripts import run_script
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
@@ -190,13 +191,7 @@ def test_the_readme_cpu_list_example_trains(tmp_path, make_video):
     overrides = command.replace("data/my_list", str(root)).split()
     # Shorter than the README's run: one epoch, no loader workers, one validation.
     quick = ["trainer.epochs=1", "trainer.val_every=1", "trainer.num_workers=0", f"hydra.run.dir={run}"]
-    done = subprocess.run(
-        [sys.executable, str(REPO / "train.py"), *overrides, *quick],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    done = run_script("train.py", *overrides, *quick, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "recipe tiny_scratch" in (run / "train.log").read_text()
     assert OmegaConf.load(run / "config.yaml").recipe == "tiny_scratch"

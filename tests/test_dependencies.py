@@ -114,11 +114,23 @@ def test_the_check_sees_an_undeclared_import(tmp_path):
 
 
 @pytest.mark.slow
-def test_every_module_of_the_package_imports_in_a_fresh_interpreter():
+def test_every_module_and_script_imports_in_a_fresh_interpreter():
+    # Most tests run the scripts in the test process (helpers/scripts.py); this is where each one
+    # is loaded by an interpreter that has imported nothing else, as `python SCRIPT` does.
     modules = sorted(
         ".".join(p.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
         for p in (ROOT / "squarefuse").rglob("*.py")
     )
-    code = "import importlib, sys\nfor m in sys.argv[1:]:\n    importlib.import_module(m)\n"
-    result = subprocess.run([sys.executable, "-c", code, *modules], capture_output=True, text=True, cwd=ROOT)
+    scripts = sorted(str(p) for p in [*ROOT.glob("*.py"), *(ROOT / "scripts").glob("*.py")])
+    assert {"train.py", "eval.py", "predict.py"} <= {Path(s).name for s in scripts}
+    code = (
+        "import importlib, os, runpy, sys\n"
+        "for m in sys.argv[1:]:\n"
+        "    if m.endswith('.py'):\n"
+        "        sys.path[0] = os.path.dirname(m)  # as `python SCRIPT` sets it\n"
+        "        runpy.run_path(m, run_name='loaded')\n"
+        "    else:\n"
+        "        importlib.import_module(m)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code, *modules, *scripts], capture_output=True, text=True, cwd=ROOT)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers.scripts import run_script
 
 from squarefuse.checkpoint import load_checkpoint
 from squarefuse.datasets.synthetic import ensure_synthetic
@@ -102,8 +103,11 @@ def ddp_args(root: Path) -> list[str]:
     return overrides(root, "trainer.batch_size=4", "trainer.epochs=8")
 
 
-def single(script: str, *args: str) -> list[str]:
-    return [sys.executable, str(REPO / script), *args]
+def single(script: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
+    """One process, as `OMP_NUM_THREADS=1 python SCRIPT ARGS`, run in this one (helpers/scripts.py)."""
+    out = run_script(script, *args, cwd=cwd, env={"OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
+    return out
 
 
 def metrics(run_dir: Path) -> list[dict]:
@@ -129,7 +133,7 @@ def ddp_run(list_data, tmp_path_factory) -> Path:
 def test_two_process_training_matches_one_process_and_writes_one_run_folder(list_data, ddp_run, tmp_path):
     # Same global batch (8): one process x 8 clips, two processes x 4 clips.
     args = overrides(list_data, "trainer.batch_size=8", "trainer.epochs=8")
-    run(single("train.py", *args, f"hydra.run.dir={tmp_path}/one"), tmp_path)
+    single("train.py", *args, f"hydra.run.dir={tmp_path}/one", cwd=tmp_path)
 
     train_steps = [r["step"] for r in metrics(ddp_run) if r["split"] == "train"]
     assert train_steps == sorted(set(train_steps)), "a step was logged twice"
@@ -148,7 +152,7 @@ def test_two_process_training_matches_one_process_and_writes_one_run_folder(list
     # Multi-view eval of the checkpoint: same metrics with 1 and 2 processes, 7 videos each counted once.
     ckpt = ddp_run / "checkpoints" / "last.pt"
     eval_args = [f"ckpt={ckpt}", "dataset.test_clips=2", "dataset.test_crops=3", "num_workers=1", "device=cpu"]
-    run(single("eval.py", *eval_args, f"hydra.run.dir={tmp_path}/eval1"), tmp_path)
+    single("eval.py", *eval_args, f"hydra.run.dir={tmp_path}/eval1", cwd=tmp_path)
     run(torchrun("eval.py", *eval_args, f"hydra.run.dir={tmp_path}/eval2"), tmp_path)
     r1 = json.loads((tmp_path / "eval1" / "results.json").read_text())
     r2 = json.loads((tmp_path / "eval2" / "results.json").read_text())
@@ -202,7 +206,7 @@ def test_resume_of_two_ranks_as_one_uses_and_shows_the_lr_of_its_own_batch(list_
     startup = re.compile(r"global batch (\d+), lr ([0-9.e+-]+) \|")
     two = run(torchrun("train.py", *args, "trainer.epochs=1"), tmp_path)  # 2 steps of 8 clips
     batch_2, lr_2 = startup.search(two.stdout + two.stderr).groups()
-    one = run(single("train.py", *args, "trainer.epochs=2"), tmp_path)  # resumed on 1 rank: 4 clips a step
+    one = single("train.py", *args, "trainer.epochs=2", cwd=tmp_path)  # resumed on 1 rank: 4 clips a step
     out = one.stdout + one.stderr
     batch_1, lr_1 = startup.search(out).groups()
     assert (int(batch_2), int(batch_1)) == (8, 4)

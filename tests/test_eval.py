@@ -23,6 +23,7 @@ from helpers.checkpoints import (
     run_evaluate,
     tiny_train_cfg,
 )
+from helpers.scripts import run_script
 from matplotlib.figure import Figure
 from omegaconf import OmegaConf
 
@@ -307,20 +308,14 @@ def test_eval_py_end_to_end(tmp_path, moved_checkpoint, data_root):
     assert "top1: " in log and "top5 (k=3: 3 classes): 100.00%" in log and "weights: ema" in log
     assert f"videos: {len(LABELS)} evaluated, 0 failed" in log
 
+
+def test_eval_py_names_a_missing_checkpoint_and_a_missing_ckpt_key(tmp_path):
     missing = tmp_path / "runs" / "typo" / "checkpoints" / "best.pt"
-    done = subprocess.run(
-        [sys.executable, str(REPO / "eval.py"), f"ckpt={missing}"],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    done = run_script("eval.py", f"ckpt={missing}", cwd=tmp_path)
     assert done.returncode != 0 and str(missing) in done.stderr
     assert not (tmp_path / "runs").exists()  # no stray run folder for a mistyped path
 
-    done = subprocess.run(
-        [sys.executable, str(REPO / "eval.py")], cwd=tmp_path, capture_output=True, text=True, timeout=120
-    )
+    done = run_script("eval.py", cwd=tmp_path)
     assert done.returncode != 0 and "ckpt is required" in done.stderr
 
 

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import importlib
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +13,7 @@ import onnxruntime
 import pytest
 import torch
 from helpers.checkpoints import CLASS_NAMES, compose_config, make_checkpoint
+from helpers.scripts import run_script
 from helpers.videos import write_video
 
 import squarefuse
@@ -135,15 +134,8 @@ def test_missing_onnx_packages_name_the_extra_before_anything_is_read(default_ck
     export_app.check_export_packages("torchscript")  # needs nothing more
 
 
-@pytest.mark.slow
 def test_export_script_onnx_classifies_a_real_clip_like_pytorch(default_ckpt, loaded, tmp_path):
-    done = subprocess.run(
-        [sys.executable, str(REPO / "scripts" / "export.py"), f"ckpt={default_ckpt}", "format=onnx"],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    done = run_script("scripts/export.py", f"ckpt={default_ckpt}", "format=onnx", cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-4000:]
     (out,) = (default_ckpt.parent.parent / "export").glob("*/export.json")  # <run>/export/<stamp>
     info = json.loads(out.read_text())

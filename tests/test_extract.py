@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 from helpers.checkpoints import LABELS, compose_config, make_checkpoint, make_list_dataset, tiny_train_cfg
+from helpers.scripts import run_script
 
 import squarefuse
 from squarefuse.apps.extract import run_extract
@@ -105,17 +106,20 @@ def test_extract_input_list(ckpt, videos, tmp_path):
 @pytest.mark.slow
 def test_extract_two_processes_equals_one(ckpt, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    script = str(REPO / "scripts" / "extract.py")
     args = [f"ckpt={ckpt}", "num_workers=0", "device=cpu", "progress=false", "aux=true"]
-    commands = {
-        "one": [sys.executable, script, *args, f"hydra.run.dir={tmp_path}/one"],
-        "two": [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", script, *args],
-    }
-    for name, command in commands.items():
-        cwd = tmp_path / f"cwd_{name}"
-        cwd.mkdir()
-        done = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
-        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    (tmp_path / "cwd_two").mkdir()
+    done = subprocess.run(
+        [*torchrun, str(REPO / "scripts" / "extract.py"), *args],
+        cwd=tmp_path / "cwd_two",
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    done = run_script("scripts/extract.py", *args, f"hydra.run.dir={tmp_path}/one", cwd=tmp_path)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     # No hydra.run.dir under torchrun: both ranks agreed on one <run>/extract/<stamp> folder.
     (two,) = [p.parent for p in (ckpt.parent.parent / "extract").glob("*/extract.json")]
     one = tmp_path / "one"

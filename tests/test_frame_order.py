@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
-from helpers.checkpoints import REPO, eval_cfg, make_checkpoint, tiny_train_cfg
+from helpers.checkpoints import eval_cfg, make_checkpoint, tiny_train_cfg
 from helpers.configs import fusion_config
+from helpers.scripts import run_script
 from omegaconf import open_dict
 
 from squarefuse.apps.evaluate import run_eval
@@ -122,11 +121,8 @@ def test_run_eval_with_reversed_frames(tmp_path, checkpoints, fusion, changes):
     assert json.loads((tmp_path / "normal" / "results.json").read_text())["frame_order"] == "normal"
 
 
-@pytest.mark.slow
 def test_eval_py_with_shuffled_frames(tmp_path, checkpoints):
     command = [
-        sys.executable,
-        str(REPO / "eval.py"),
         f"ckpt={checkpoints['square']}",
         "num_workers=0",
         "device=cpu",
@@ -135,13 +131,11 @@ def test_eval_py_with_shuffled_frames(tmp_path, checkpoints):
         "frame_order_seed=5",
         f"hydra.run.dir={tmp_path / 'out'}",
     ]
-    done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    done = run_script("eval.py", *command, cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     summary = json.loads((tmp_path / "out" / "results.json").read_text())
     assert summary["frame_order"] == "shuffled" and summary["frame_order_seed"] == 5
     assert "frame order: shuffled" in done.stdout + done.stderr
 
-    done = subprocess.run(
-        command[:-3] + ["frame_order=sideways"], cwd=tmp_path, capture_output=True, text=True, timeout=120
-    )
+    done = run_script("eval.py", *command[:-3], "frame_order=sideways", cwd=tmp_path)
     assert done.returncode != 0 and "frame_order must be one of" in done.stderr

@@ -7,8 +7,6 @@ import json
 import logging
 import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -22,6 +20,7 @@ from helpers.checkpoints import (
     run_evaluate,
     tiny_train_cfg,
 )
+from helpers.scripts import run_script
 
 import squarefuse
 from squarefuse.api import predict_probs
@@ -176,11 +175,10 @@ def test_run_predict_list_with_missing_file_and_labels(ckpt, videos, tmp_path):
     assert not (tmp_path / "out2").exists()
 
 
-@pytest.mark.slow
 def test_predict_script_on_a_folder_with_a_corrupt_file(ckpt, videos, tmp_path):
-    command = [sys.executable, str(REPO / "scripts" / "predict.py"), f"ckpt={ckpt}", f"input={videos}"]
+    command = [f"ckpt={ckpt}", f"input={videos}"]
     options = ["views=1x1", "topk=2", "num_workers=1", "device=cpu"]
-    done = subprocess.run(command + options, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    done = run_script("scripts/predict.py", *command, *options, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-4000:]
     outputs = list((ckpt.parent.parent / "predict").glob("*/predictions.csv"))
     assert len(outputs) == 1  # the default output folder: <run>/predict/<stamp>
@@ -199,9 +197,7 @@ def test_predict_script_on_a_folder_with_a_corrupt_file(ckpt, videos, tmp_path):
     log = done.stdout + done.stderr
     assert "FAILED" in log and "nested.webm" in log  # the table
 
-    done = subprocess.run(
-        command[:-1] + [f"input={tmp_path}/typo"], cwd=tmp_path, capture_output=True, text=True, timeout=300
-    )
+    done = run_script("scripts/predict.py", *command[:-1], f"input={tmp_path}/typo", cwd=tmp_path)
     assert done.returncode != 0 and f"input={tmp_path}/typo: no such file or folder" in done.stderr
     assert "Traceback" not in done.stderr
 

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import csv
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
+from helpers.scripts import run_script
 
 from squarefuse.evaluation.eval_files import RESULT_FILES
 from squarefuse.report.app import make_report
@@ -353,21 +352,10 @@ def test_multirun_discovery_and_missing_jobs(sweep, tmp_path):
         find_run_dirs([tmp_path / "nowhere"])
 
 
-@pytest.mark.slow
 def test_report_py_command_line(sweep):
-    done = subprocess.run(
-        [sys.executable, str(REPO / "scripts" / "report.py"), str(sweep), "--baseline", "fusion=none"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    done = run_script("scripts/report.py", str(sweep), "--baseline", "fusion=none", cwd=sweep)
     assert done.returncode == 0, done.stderr
     assert (sweep / "report" / "report.md").is_file() and (sweep / "report" / "report.csv").is_file()
     assert "fusion=square" in done.stdout and "0.0703" in done.stdout
-    done = subprocess.run(
-        [sys.executable, str(REPO / "scripts" / "report.py"), str(sweep), "--baseline", "fusion"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    done = run_script("scripts/report.py", str(sweep), "--baseline", "fusion", cwd=sweep)
     assert done.returncode != 0 and "KEY=VALUE" in done.stderr

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 from helpers.configs import tiny_overrides
+from helpers.scripts import run_script
 
 from squarefuse.training.run_lock import LOCK_NAME, RunFolderBusy, RunLock
 
@@ -165,15 +166,10 @@ def test_two_racing_takeovers_of_a_stale_lock_leave_one_holder(tmp_path, no_job_
     a.release()
 
 
-@pytest.mark.slow
-def test_train_py_refuses_a_busy_run_folder(holder, tmp_path):
+def test_train_py_refuses_a_busy_run_folder(holder, no_job_env, tmp_path):
     """A second job on a busy folder stops before reading or writing anything there."""
     run, proc = holder
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    for name in ("SLURM_JOB_ID", "SUBMITIT_LOCAL_JOB_ID"):
-        env.pop(name, None)
-    cmd = [sys.executable, str(REPO / "train.py"), *tiny_overrides(tmp_path / "data"), f"hydra.run.dir={run}"]
-    out = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=TIMEOUT)
+    out = run_script("train.py", *tiny_overrides(tmp_path / "data"), f"hydra.run.dir={run}", cwd=tmp_path)
     text = out.stdout + out.stderr
     assert out.returncode != 0
     assert "RunFolderBusy" in text and str(run) in text and f"pid {proc.pid}" in text, text[-3000:]

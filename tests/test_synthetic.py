@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch  # noqa: F401 - loaded before decord, as everywhere in the package
 from helpers.processes import children_of, kill_all, wait_gone
+from helpers.scripts import run_script
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
@@ -376,12 +377,10 @@ def test_an_old_manifest_without_a_file_list_still_owns_its_files(tmp_path):
     assert len(list(root.glob("videos/train/*/*"))) == 8
 
 
-@pytest.mark.slow
 def test_train_py_on_a_real_dataset_root_fails_and_deletes_nothing(tmp_path):
     files = _fake_ssv2_root(tmp_path / "x")
-    command = [sys.executable, "train.py", f"dataset.root={tmp_path / 'x'}", "trainer.max_steps=1"]
-    command += [f"hydra.run.dir={tmp_path / 'run'}"]
-    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
+    overrides = [f"dataset.root={tmp_path / 'x'}", "trainer.max_steps=1", f"hydra.run.dir={tmp_path / 'run'}"]
+    result = run_script("train.py", *overrides, cwd=REPO)
     assert result.returncode != 0
     assert "did not write" in result.stderr and "dataset=ssv2" in result.stderr
     assert _unchanged(files)

@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
+from helpers.scripts import run_script
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -17,9 +15,7 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.mark.slow
 def test_the_benchmark_caches_tunes_on_val_and_reports_other_seeds_on_test(tmp_path):
     out = tmp_path / "bench"
-    command = [
-        sys.executable,
-        "scripts/temporal_benchmark.py",
+    args = [
         str(out),
         "--tasks",
         "path_shape",
@@ -43,8 +39,8 @@ def test_the_benchmark_caches_tunes_on_val_and_reports_other_seeds_on_test(tmp_p
         "trainer.val_every=1",
         "trainer.batch_size=4",
     ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    # In this process (helpers/scripts.py); the training runs it starts are processes of their own.
+    done = run_script("scripts/temporal_benchmark.py", *args, cwd=REPO, env={"OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
     # 0. The cache holds train, val and test of the never-trained backbone train.py starts from.

@@ -20,6 +20,7 @@ import pytest
 import torch
 from helpers.checkpoints import CLASS_NAMES, make_checkpoint, tiny_list_overrides
 from helpers.configs import compose_config, tiny_trainer_overrides
+from helpers.scripts import run_script
 from helpers.videos import write_video
 
 from squarefuse.apps.cache_tokens import run_cache_tokens
@@ -269,8 +270,17 @@ def _shards(out: Path) -> dict[str, np.ndarray]:
     return {p.name: np.load(p) for p in sorted((out / "train").glob("shard_*.npy"))}
 
 
+@pytest.fixture(scope="module")
+def whole_cache(ckpt, tmp_path_factory) -> Path:
+    """The train split cached by one uninterrupted run of the script: what the other runs must reproduce."""
+    out = tmp_path_factory.mktemp("whole") / "cache"
+    done = run_script(*_cache_args(ckpt, out), cwd=out.parent, env={"OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    return out
+
+
 @pytest.mark.slow
-def test_a_killed_cache_run_continues_and_caches_each_video_once(ckpt, tmp_path):
+def test_a_killed_cache_run_continues_and_caches_each_video_once(ckpt, whole_cache, tmp_path):
     out = tmp_path / "cache"
     # Killed (os._exit, as SIGKILL would) right after the second shard was written.
     killer = (
@@ -286,30 +296,26 @@ def test_a_killed_cache_run_continues_and_caches_each_video_once(ckpt, tmp_path)
     with pytest.raises(ValueError, match="not a complete token cache"):
         TokenDataset({"name": "tokens", "root": str(out)}, "train")
 
-    resumed = _run([sys.executable, *_cache_args(ckpt, out)])
+    resumed = run_script(*_cache_args(ckpt, out), cwd=tmp_path, env={"OMP_NUM_THREADS": "1"})
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert {p: (out / "train" / p).stat().st_mtime_ns for p in done} == done  # kept, not redone
     index = json.loads((out / "train" / "index.json").read_text())
     assert sorted(v["index"] for v in index["videos"]) == list(range(len(LABELS)))
     # The same cache as one uninterrupted run.
-    whole = tmp_path / "whole"
-    assert _run([sys.executable, *_cache_args(ckpt, whole)]).returncode == 0
-    assert _shards(out).keys() == _shards(whole).keys()
-    for name, array in _shards(whole).items():
+    assert _shards(out).keys() == _shards(whole_cache).keys()
+    for name, array in _shards(whole_cache).items():
         np.testing.assert_array_equal(_shards(out)[name], array, err_msg=name)
 
 
 @pytest.mark.slow
-def test_two_processes_make_the_same_cache_as_one(ckpt, tmp_path):
+def test_two_processes_make_the_same_cache_as_one(ckpt, whole_cache, tmp_path):
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     two = _run([*torchrun, *_cache_args(ckpt, tmp_path / "two")])
     assert two.returncode == 0, two.stderr[-3000:]
-    one = _run([sys.executable, *_cache_args(ckpt, tmp_path / "one")])
-    assert one.returncode == 0, one.stderr[-3000:]
-    assert _shards(tmp_path / "two").keys() == _shards(tmp_path / "one").keys()
-    for name, array in _shards(tmp_path / "one").items():
+    assert _shards(tmp_path / "two").keys() == _shards(whole_cache).keys()
+    for name, array in _shards(whole_cache).items():
         np.testing.assert_array_equal(_shards(tmp_path / "two")[name], array, err_msg=name)
-    index = [json.loads((tmp_path / n / "train" / "index.json").read_text()) for n in ("one", "two")]
+    index = [json.loads((root / "train" / "index.json").read_text()) for root in (whole_cache, tmp_path / "two")]
     assert index[0]["videos"] == index[1]["videos"]
 
 

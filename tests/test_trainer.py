@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 from helpers.configs import CONFIG_DIR, compose_config, tiny_overrides, tiny_train_config
+from helpers.scripts import run_script
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
@@ -286,14 +287,9 @@ def test_a_stop_signal_is_acted_on_at_a_step_every_rank_agreed_on(data_root, tmp
 @pytest.mark.slow
 def test_sigterm_saves_and_rerun_resumes(data_root, tmp_path):
     run = tmp_path / "run"
-    cmd = [
-        sys.executable,
-        str(REPO / "train.py"),
-        *tiny_overrides(data_root),
-        "trainer.epochs=6",
-        f"hydra.run.dir={run}",
-    ]
+    args = [*tiny_overrides(data_root), "trainer.epochs=6", f"hydra.run.dir={run}"]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, str(REPO / "train.py"), *args]
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 120
     while time.time() < deadline and not (
@@ -308,7 +304,7 @@ def test_sigterm_saves_and_rerun_resumes(data_root, tmp_path):
     stopped_at = state["step"]
     assert stopped_at >= 3
 
-    done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    done = run_script("train.py", *args, cwd=tmp_path)  # the rerun, in this process (helpers/scripts.py)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "resumed from" in done.stdout + done.stderr
     steps = [r["step"] for r in read_metrics(run) if r["split"] == "train"]

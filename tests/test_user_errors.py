@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import re
 import subprocess
-import sys
 import zipfile
 from pathlib import Path
 
@@ -13,6 +12,7 @@ import pytest
 import torch
 from helpers.checkpoints import make_checkpoint
 from helpers.configs import as_hydra_app, tiny_train_config
+from helpers.scripts import run_script
 
 from squarefuse.apps.user_errors import user_errors
 from squarefuse.checkpoint import check_checkpoint_file, load_checkpoint
@@ -23,8 +23,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _run(script: str, *args: str) -> subprocess.CompletedProcess:
-    command = [sys.executable, str(REPO / script), *args]
-    return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
+    return run_script(script, *args, cwd=REPO)
 
 
 @pytest.fixture
@@ -53,7 +52,6 @@ def test_unreadable_checkpoints_name_the_file_and_the_reason(bad_checkpoints, ki
     assert load_checkpoint(bad_checkpoints["good"])["step"] == 1
 
 
-@pytest.mark.slow
 def test_eval_of_a_text_file_fails_without_making_an_eval_folder(bad_checkpoints):
     result = _run("eval.py", f"ckpt={bad_checkpoints['text']}")
     assert result.returncode != 0
@@ -81,7 +79,6 @@ def test_values_of_the_right_type_pass():
         check_override_types(cfg, "train")
 
 
-@pytest.mark.slow
 def test_train_py_checks_the_types_before_any_work(tmp_path):
     # The wiring: train.py runs the check above before the trainer makes anything.
     result = _run("train.py", "trainer.batch_size=abc", f"hydra.run.dir={tmp_path / 'run'}")
@@ -123,17 +120,14 @@ def test_a_run_folder_inside_a_new_synthetic_root_is_refused_as_such(tmp_path):
     assert not (root / "manifest.json").exists() and not (root / "videos").exists()
 
 
-@pytest.mark.slow
 def test_a_bad_value_is_one_line_and_leaves_no_run_folder(tmp_path):
-    command = [sys.executable, str(REPO / "train.py"), "fusion.K=0", f"dataset.root={tmp_path / 'data'}"]
-    result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    result = run_script("train.py", "fusion.K=0", f"dataset.root={tmp_path / 'data'}", cwd=tmp_path)
     assert result.returncode == 2
     assert result.stderr.strip() == "error: fusion.K must be an integer >= 1, got 0"  # no traceback
     assert not (tmp_path / "data").exists()  # validated before any data is touched
     assert list((tmp_path / "runs").rglob("*")) == []  # neither runs/<date>/<time> nor runs/<date>
 
 
-@pytest.mark.slow
 def test_a_bad_eval_option_leaves_no_eval_folder(tmp_path):
     ckpt, _ = make_checkpoint(tmp_path / "run" / "checkpoints" / "best.pt", tiny_train_config(tmp_path / "data"))
     result = _run("eval.py", f"ckpt={ckpt}", "frame_order=backwards")

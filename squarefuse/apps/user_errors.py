@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from squarefuse.config.resolvers import OWNER_FILE
-from squarefuse.runtime.distributed import env_dist_info
+from squarefuse.runtime.launch_env import env_dist_info
 
 USER_ERRORS = (ValueError, FileNotFoundError, ImportError)
 EXIT_CODE = 2

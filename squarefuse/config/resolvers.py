@@ -21,7 +21,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from squarefuse.runtime.distributed import env_dist_info
+from squarefuse.runtime.launch_env import env_dist_info
 
 STAMP_FORMAT = "%Y-%m-%d/%H-%M-%S"
 # Inside a folder made by `launch_dir`: who made it (the launch's owner id), so that every rank of

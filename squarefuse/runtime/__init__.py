@@ -1,6 +1,7 @@
 """Process-level infrastructure that knows nothing of models or data; every other package may use it.
 
-distributed   process group from the launcher's environment (torchrun, SLURM), `DistInfo`, collectives
+launch_env    `DistInfo`: this process's rank and world size from the launcher's environment (no torch)
+distributed   the process group (torchrun, SLURM) and the few collectives we need
 precision     the `precision` names (bf16, fp16, fp32, auto) and their autocast context
 workers       DataLoader worker counts, CPU threads, stop signals and shutdown of workers
 atomic_file   `atomic_write`: a crash mid-write leaves the old file, never half a file

@@ -2,68 +2,22 @@
 
 torchrun sets RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT; a SLURM task started by
 submitit or srun without torchrun has SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID instead, and the
-master address comes from the first node of the job. Everything else in the code asks `DistInfo`.
+master address comes from the first node of the job. Those are read in `launch_env`; everything
+else in the code asks its `DistInfo`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-import subprocess
 from collections.abc import Iterator
-from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
-
-@dataclass(frozen=True)
-class DistInfo:
-    """Where this process sits in the job."""
-
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def is_distributed(self) -> bool:
-        return self.world_size > 1
-
-
-def _slurm_master_addr() -> str:
-    nodelist = os.environ.get("SLURM_JOB_NODELIST") or os.environ.get("SLURM_NODELIST")
-    if not nodelist:
-        return "127.0.0.1"
-    try:
-        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, check=True)
-        return out.stdout.split()[0]
-    except (OSError, subprocess.CalledProcessError, IndexError):
-        # No scontrol (e.g. submitit's local executor): a single node, so the nodelist is the host.
-        return nodelist.split(",")[0].split("[")[0]
-
-
-def env_dist_info() -> DistInfo:
-    """Read rank/world size from torchrun's variables, else submitit's or SLURM's, else one process."""
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-        return DistInfo(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0)))
-    if "SUBMITIT_EXECUTOR" in os.environ:  # a task started by submitit (SLURM or its local executor)
-        import submitit  # noqa: PLC0415 - only under submitit
-
-        env = submitit.JobEnvironment()
-        if env.num_tasks > 1:
-            return DistInfo(env.global_rank, env.num_tasks, env.local_rank)
-        return DistInfo()
-    if "SLURM_PROCID" in os.environ and int(os.environ.get("SLURM_NTASKS", "1")) > 1:
-        return DistInfo(
-            int(os.environ["SLURM_PROCID"]), int(os.environ["SLURM_NTASKS"]), int(os.environ.get("SLURM_LOCALID", 0))
-        )
-    return DistInfo()
+from squarefuse.runtime.launch_env import DistInfo, env_dist_info, slurm_master_addr
 
 
 def resolve_device(name: str, info: DistInfo) -> torch.device:
@@ -88,7 +42,7 @@ def init_distributed(device_name: str = "auto", timeout_s: float = 1800) -> tupl
         # One group for both: collectives on CPU tensors (objects, flags) use gloo, CUDA ones NCCL.
         backend = "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
         if "MASTER_ADDR" not in os.environ:  # SLURM / submitit tasks: no launcher set these
-            os.environ["MASTER_ADDR"] = _slurm_master_addr()
+            os.environ["MASTER_ADDR"] = slurm_master_addr()
             job_id = os.environ.get("SLURM_JOB_ID") or os.environ.get("SUBMITIT_LOCAL_JOB_ID") or "0"
             os.environ.setdefault(
                 "MASTER_PORT", str(20000 + int("".join(c for c in job_id if c.isdigit()) or 0) % 20000)
