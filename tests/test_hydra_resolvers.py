@@ -48,6 +48,15 @@ def test_single_process_stamp_is_the_current_time(bare_env):
     assert before <= stamp <= time.strftime("%Y-%m-%d/%H-%M-%S")
 
 
+def test_the_run_folder_resolvers_import_no_torch():
+    # Every rank of a launch names its folder with them while Hydra composes; the processes of the
+    # tests below start in ~0.1 s instead of ~2 s (squarefuse/runtime/launch_env.py).
+    code = "import sys, squarefuse.config.resolvers; print([m for m in ('torch', 'timm') if m in sys.modules])"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
+
+
 @pytest.mark.slow
 def test_ranks_started_at_different_times_by_one_torchrun_agree():
     # Two "ranks" of one torchrun: children of this process (their agent), started > 1 s apart.
