@@ -13,20 +13,8 @@ import signal
 import socket
 import sys
 
+from squarefuse.datasets.decoding import protocol
 from squarefuse.datasets.decoding.backends import Backend, describe_error, load_libraries, open_backend
-from squarefuse.datasets.decoding.protocol import (
-    CLOSE,
-    ERROR,
-    LOAD,
-    OK,
-    OPEN,
-    READ,
-    READY,
-    SIZE,
-    recv_msg,
-    send_frames,
-    send_msg,
-)
 from squarefuse.runtime.process_pool import die_with_parent
 
 __all__ = ["serve"]
@@ -46,37 +34,37 @@ def serve(sock: socket.socket, parent_pid: int) -> None:
     """Answer requests from the parent until it closes the connection (or dies)."""
     _live_and_die_with_parent(parent_pid)
     readers: dict[int, Backend] = {}
-    send_msg(sock, (READY,))
+    protocol.send_msg(sock, (protocol.READY,))
     while True:
         try:
-            request = recv_msg(sock)
+            request = protocol.recv_msg(sock)
         except EOFError:
             return
         op, handle = request[0], request[1]
         try:
-            if op == OPEN:
+            if op == protocol.OPEN:
                 _, _, path, decoder, options = request
                 if handle in readers:
                     readers.pop(handle).close()
                 reader = open_backend(path, decoder, **options)
                 readers[handle] = reader
-                send_msg(sock, (OK, reader.num_frames, reader.fps))
-            elif op == SIZE:
-                send_msg(sock, (OK, *readers[handle].frame_size()))
-            elif op == READ:
-                send_frames(sock, readers[handle].read(request[2]))
-            elif op == LOAD:
+                protocol.send_msg(sock, (protocol.OK, reader.num_frames, reader.fps))
+            elif op == protocol.SIZE:
+                protocol.send_msg(sock, (protocol.OK, *readers[handle].frame_size()))
+            elif op == protocol.READ:
+                protocol.send_frames(sock, readers[handle].read(request[2]))
+            elif op == protocol.LOAD:
                 load_libraries(request[1])
-                send_msg(sock, (OK,))
-            elif op == CLOSE:
+                protocol.send_msg(sock, (protocol.OK,))
+            elif op == protocol.CLOSE:
                 reader = readers.pop(handle, None)
                 if reader is not None:
                     reader.close()
-                send_msg(sock, (OK,))
+                protocol.send_msg(sock, (protocol.OK,))
             else:
-                send_msg(sock, (ERROR, f"ValueError: unknown request {op!r}"))
+                protocol.send_msg(sock, (protocol.ERROR, f"ValueError: unknown request {op!r}"))
         except Exception as e:  # noqa: BLE001 - every decoder failure goes back to the parent
-            send_msg(sock, (ERROR, describe_error(e)))
+            protocol.send_msg(sock, (protocol.ERROR, describe_error(e)))
 
 
 if __name__ == "__main__":
