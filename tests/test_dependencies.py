@@ -115,8 +115,9 @@ def test_the_check_sees_an_undeclared_import(tmp_path):
 
 @pytest.mark.slow
 def test_every_module_and_script_imports_in_a_fresh_interpreter():
-    # Most tests run the scripts in the test process (helpers/scripts.py); this is where each one
-    # is loaded by an interpreter that has imported nothing else, as `python SCRIPT` does.
+    # Most tests run the scripts in the test process (helpers/scripts.py), which has imported much
+    # already; here one fresh interpreter loads the package's modules, then every script with
+    # sys.path[0] set as `python SCRIPT` sets it (top-level code only: not `__main__`).
     modules = sorted(
         ".".join(p.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
         for p in (ROOT / "squarefuse").rglob("*.py")
