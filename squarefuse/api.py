@@ -27,7 +27,8 @@ from torch import Tensor, nn
 from squarefuse.checkpoint import build_model_from_checkpoint, load_checkpoint, select_weights
 from squarefuse.config.dataset_overrides import merge_dataset_overrides
 from squarefuse.datasets.preprocess import EvalPreprocess
-from squarefuse.runtime.distributed import DistInfo, resolve_device
+from squarefuse.runtime.distributed import resolve_device
+from squarefuse.runtime.launch_env import DistInfo
 from squarefuse.runtime.precision import autocast, resolve_precision
 
 __all__ = ["LoadedModel", "load_model", "predict", "predict_probs"]

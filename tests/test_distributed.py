@@ -10,13 +10,12 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
-from helpers.scripts import run_script
+from helpers.scripts import run_script, torchrun
 
 from squarefuse.checkpoint import load_checkpoint
 from squarefuse.datasets.synthetic import ensure_synthetic
@@ -84,18 +83,6 @@ def run(cmd: list[str], cwd: Path, **kwargs) -> subprocess.CompletedProcess:
     out = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=TIMEOUT, **kwargs)
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
     return out
-
-
-def torchrun(script: str, *args: str) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node=2",
-        str(REPO / script),
-        *args,
-    ]
 
 
 def ddp_args(root: Path) -> list[str]:

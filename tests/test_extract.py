@@ -6,14 +6,13 @@ import csv
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from helpers.checkpoints import LABELS, compose_config, make_checkpoint, make_list_dataset, tiny_train_cfg
-from helpers.scripts import run_script
+from helpers.scripts import run_script, torchrun
 
 import squarefuse
 from squarefuse.apps.extract import run_extract
@@ -107,10 +106,9 @@ def test_extract_input_list(ckpt, videos, tmp_path):
 def test_extract_two_processes_equals_one(ckpt, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     args = [f"ckpt={ckpt}", "num_workers=0", "device=cpu", "progress=false", "aux=true"]
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     (tmp_path / "cwd_two").mkdir()
     done = subprocess.run(
-        [*torchrun, str(REPO / "scripts" / "extract.py"), *args],
+        torchrun("scripts/extract.py", *args),
         cwd=tmp_path / "cwd_two",
         env=env,
         capture_output=True,

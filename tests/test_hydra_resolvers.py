@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers.scripts import torchrun
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
@@ -231,7 +232,7 @@ def test_two_torchruns_started_together_get_one_folder_each(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     for name in LAUNCH_VARS + SLURM_VARS:
         env.pop(name, None)
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script)]
+    command = torchrun(script)
     jobs = [
         subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in "ab"
     ]

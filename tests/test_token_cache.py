@@ -20,7 +20,7 @@ import pytest
 import torch
 from helpers.checkpoints import CLASS_NAMES, make_checkpoint, tiny_list_overrides
 from helpers.configs import compose_config, tiny_trainer_overrides
-from helpers.scripts import run_script
+from helpers.scripts import run_script, torchrun
 from helpers.videos import write_video
 
 from squarefuse.apps.cache_tokens import run_cache_tokens
@@ -309,8 +309,7 @@ def test_a_killed_cache_run_continues_and_caches_each_video_once(ckpt, whole_cac
 
 @pytest.mark.slow
 def test_two_processes_make_the_same_cache_as_one(ckpt, whole_cache, tmp_path):
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    two = _run([*torchrun, *_cache_args(ckpt, tmp_path / "two")])
+    two = _run(torchrun(*_cache_args(ckpt, tmp_path / "two")))
     assert two.returncode == 0, two.stderr[-3000:]
     assert _shards(tmp_path / "two").keys() == _shards(whole_cache).keys()
     for name, array in _shards(whole_cache).items():

@@ -18,7 +18,8 @@ from torch import nn
 
 from squarefuse.evaluation.metrics import EvalResult, compute_metrics
 from squarefuse.evaluation.video_batches import BatchSettings, run_batches
-from squarefuse.runtime.distributed import DistInfo, all_gather_objects
+from squarefuse.runtime.distributed import all_gather_objects
+from squarefuse.runtime.launch_env import DistInfo
 
 
 def shard_indices(num_items: int, rank: int, world_size: int) -> list[int]:

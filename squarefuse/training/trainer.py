@@ -43,6 +43,7 @@ from squarefuse.models import build_classifier
 from squarefuse.models.complexity import format_model_info, model_complexity, write_model_info
 from squarefuse.runtime import distributed
 from squarefuse.runtime.atomic_file import check_writable, remove_stale_temp_files
+from squarefuse.runtime.launch_env import env_dist_info
 from squarefuse.runtime.precision import autocast, resolve_precision
 from squarefuse.runtime.workers import (
     ignore_stop_signals,
@@ -180,7 +181,7 @@ class Trainer:
     def __init__(self, cfg: DictConfig, run_dir: str | Path):
         # One job per run folder, held by rank 0 from before anything in it is read (last.pt) or
         # written, until `close` (the end of `fit`), a failure below, garbage collection or exit.
-        self.run_lock = RunLock(run_dir) if distributed.env_dist_info().is_main else None
+        self.run_lock = RunLock(run_dir) if env_dist_info().is_main else None
         if self.run_lock is not None:
             self.run_lock.acquire()
             weakref.finalize(self, self.run_lock.release)

@@ -23,7 +23,7 @@ from squarefuse.datasets.preprocess import VideoNormalizer
 from squarefuse.evaluation.evaluator import evaluate
 from squarefuse.evaluation.video_batches import BatchSettings
 from squarefuse.models import build_classifier
-from squarefuse.runtime.distributed import DistInfo
+from squarefuse.runtime.launch_env import DistInfo
 
 REPO = Path(__file__).resolve().parents[2]
 CLASS_NAMES = ["push", "pull", "spin"]

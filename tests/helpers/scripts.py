@@ -28,6 +28,12 @@ REPO = Path(__file__).resolve().parents[2]
 _SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
 
 
+def torchrun(script: str | Path, *args: str) -> list[str]:
+    """The command `torchrun --standalone --nproc_per_node=2 SCRIPT ARGS`, with this Python."""
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    return [*launcher, str(REPO / script), *args]
+
+
 def run_script(
     script: str | Path, *args: str, cwd: str | Path, env: Mapping[str, str] | None = None
 ) -> subprocess.CompletedProcess:
