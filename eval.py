@@ -4,6 +4,8 @@ Also under torchrun (`torchrun --nproc_per_node=8 eval.py ckpt=...`): the videos
 ranks without padding and only rank 0 writes the result files.
 """
 
+import sys
+
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
@@ -11,6 +13,7 @@ from omegaconf import DictConfig
 from squarefuse.apps.checkpoint_dir import register_checkpoint_dir_resolver
 from squarefuse.apps.evaluate import run_eval
 from squarefuse.apps.user_errors import user_errors
+from squarefuse.config.command_line import exit_on_unreadable_overrides
 from squarefuse.config.override_types import check_override_types
 from squarefuse.config.resolvers import register_resolvers
 
@@ -28,4 +31,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    exit_on_unreadable_overrides(sys.argv[1:])  # before Hydra's grammar message
     main()

@@ -11,6 +11,7 @@ import hydra
 from omegaconf import DictConfig
 
 from squarefuse.apps.cache_tokens import run_cache_tokens
+from squarefuse.config.command_line import exit_on_unreadable_overrides
 from squarefuse.config.resolvers import register_resolvers
 
 register_resolvers()
@@ -25,4 +26,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    exit_on_unreadable_overrides(sys.argv[1:])  # before Hydra's grammar message
     main()

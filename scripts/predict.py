@@ -4,6 +4,8 @@ Options in configs/predict.yaml (`views=1x1` for speed, `topk=3`, `device=cuda`.
 <run>/predict/<stamp>/predictions.csv and predictions.json (or hydra.run.dir=...).
 """
 
+import sys
+
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
@@ -11,6 +13,7 @@ from omegaconf import DictConfig
 from squarefuse.apps.checkpoint_dir import register_checkpoint_dir_resolver
 from squarefuse.apps.predict import run_predict
 from squarefuse.apps.user_errors import user_errors
+from squarefuse.config.command_line import exit_on_unreadable_overrides
 from squarefuse.config.resolvers import register_resolvers
 
 register_resolvers()
@@ -25,4 +28,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    exit_on_unreadable_overrides(sys.argv[1:])  # before Hydra's grammar message
     main()

@@ -64,7 +64,7 @@ def test_local_sweep_runs_every_value(tmp_path):
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     for job, k in ((0, 2), (1, 4)):
         # Named by what the job sweeps, not by the overrides every job shares.
-        state = load_checkpoint(tmp_path / "sweep" / f"{job}_fusion.K={k}" / "checkpoints" / "last.pt")
+        state = load_checkpoint(tmp_path / "sweep" / f"{job}_K-{k}" / "checkpoints" / "last.pt")
         assert state["config"]["fusion"]["K"] == k and state["step"] == 2
 
 

@@ -13,6 +13,7 @@ import pytest
 import torch
 from helpers.scripts import torchrun
 from hydra import compose, initialize_config_dir
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 
 from squarefuse.config import resolvers
@@ -252,12 +253,33 @@ def test_sweep_folders_are_named_by_what_each_job_sweeps(tmp_path):
     task = ["dataset.root=/data/x", "fusion=none,square", "trainer.seed=0,1", "+dataset.test_file=/a/b.json"]
     OmegaConf.save({"hydra": {"overrides": {"task": task}}}, sweep / "multirun.yaml")
     job = ["dataset.root=/data/x", "fusion=none", "trainer.seed=1", "+dataset.test_file=/a/b.json"]
-    assert resolvers.sweep_subdir(1, job, str(sweep)) == "1_fusion=none,trainer.seed=1"
+    assert resolvers.sweep_subdir(1, job, str(sweep)) == "1_fusion-none_seed-1"
     # A swept path cannot nest folders; a long name is cut, the job number keeps it unique.
     OmegaConf.save(
         {"hydra": {"overrides": {"task": ["dataset.root=/d/a,/d/b", "optim.lr=0.1,0.2"]}}}, sweep / "multirun.yaml"
     )
     name = resolvers.sweep_subdir(12, ["dataset.root=/data/" + "x" * 80, "optim.lr=0.1"], str(sweep))
-    assert name.startswith("12_dataset.root=-data-xxx") and "/" not in name and len(name) == len("12_") + 60
+    assert name.startswith("12_root-data-xxx") and "/" not in name and len(name) == len("12_") + 60
     assert resolvers.sweep_subdir(0, [], str(sweep)) == "0"
-    assert resolvers.sweep_subdir(3, ["a=1"], str(tmp_path / "no_multirun_yaml")) == "3_a=1"
+    assert resolvers.sweep_subdir(3, ["a=1"], str(tmp_path / "no_multirun_yaml")) == "3_a-1"
+    # Keys that share their last part keep their whole name; quotes, brackets and spaces go.
+    OmegaConf.save(
+        {"hydra": {"overrides": {"task": ["optim.lr=1,2", "+head.lr=3,4", "x='a b',c"]}}}, sweep / "multirun.yaml"
+    )
+    name = resolvers.sweep_subdir(5, ["optim.lr=1", "+head.lr=3", "x='a b'"], str(sweep))
+    assert name == "5_optim.lr-1_head.lr-3_x-a-b"
+
+
+def test_sweep_folder_paths_pass_to_the_apps_unquoted(tmp_path):
+    """Whatever a sweep varies, `ckpt=<its job folder>/checkpoints/best.pt` parses as one plain value."""
+    sweep = tmp_path / "sweep"
+    sweep.mkdir()
+    values = ["/d/a b", "x=1,y=[2]", "'q'", '"{k: v}"', "(1)", "a\\tb", "~/p+q:r@s%t"]
+    task = ["fusion=a,b", f"dataset.root={','.join(repr(v) for v in values)}"]
+    OmegaConf.save({"hydra": {"overrides": {"task": task}}}, sweep / "multirun.yaml")
+    parser = OverridesParser.create()
+    for num, value in enumerate(values):
+        name = resolvers.sweep_subdir(num, ["fusion=a", f"dataset.root={value!r}"], str(sweep))
+        path = f"multirun/2026-12-07/10-00-00/{name}/checkpoints/best.pt"
+        (override,) = parser.parse_overrides([f"ckpt={path}"])
+        assert override.value() == path, name

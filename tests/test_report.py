@@ -333,7 +333,7 @@ def test_run_status_without_an_end_record(tmp_path):
 
 def test_sweep_folders_named_by_their_overrides_are_found_and_grouped(tmp_path):
     root = tmp_path / "sweep"
-    names = ["0_fusion=square,trainer.seed=0", "1_fusion=square,trainer.seed=1", "10_fusion=none,trainer.seed=0"]
+    names = ["0_fusion-square_seed-0", "1_fusion-square_seed-1", "10_fusion-none_seed-0"]
     for name, fusion, seed in zip(names, ["square", "square", "none"], [0, 1, 0], strict=True):
         write_run(root, name, fusion=fusion, seed=seed, val=[50.0], end=FINISHED)
     assert [p.name for p in find_run_dirs([root])] == names  # 10 after 1, as jobs were numbered

@@ -45,7 +45,7 @@ def compose_app_config(config_name: str, overrides: Sequence[str]) -> DictConfig
 
 def override(key: str, value: str | Path) -> str:
     """`key=value` that Hydra reads back as `value`, quoted when `value` holds characters of its
-    grammar: the run folders of a sweep have '=' and ',' in their names (`0_fusion=none,optim.lr=0.01`)."""
+    grammar: a user's folder may have '=', ',', quotes or spaces in its name (`runs/lr=0.01,bs=8`)."""
     text = str(value)
     if _PLAIN_VALUE.fullmatch(text):
         return f"{key}={text}"

@@ -28,7 +28,9 @@ STAMP_FORMAT = "%Y-%m-%d/%H-%M-%S"
 # that launch, and no other job, recognises the folder as its own.
 OWNER_FILE = ".launch"
 _MAX_CLAIMS = 1000
-_SWEEP_UNSAFE = re.compile(r"[^A-Za-z0-9._=,+-]+")
+# Characters of a sweep folder's name: ones Hydra's override grammar and the shell read as they are,
+# so that `ckpt=<sweep>/<job>/checkpoints/best.pt` works unquoted (no '=', ',', quotes, brackets, spaces).
+_SWEEP_UNSAFE = re.compile(r"[^A-Za-z0-9._+-]+")
 
 
 def _process_start_ticks(pid: int) -> int:
@@ -162,17 +164,30 @@ def _swept_keys(sweep_dir: Path) -> set[str] | None:
     return {o.key_or_group for o in overrides if o.is_sweep_override()}
 
 
+def _short_keys(keys: list[str]) -> list[str]:
+    """Each key's last part (`trainer.seed` -> `seed`, `hydra/launcher` -> `launcher`), or the whole key
+    where two keys share their last part (`optim.lr` and `head.lr`)."""
+    last = [re.split(r"[./]", key)[-1] for key in keys]
+    return [short if last.count(short) == 1 else key.replace("/", ".") for key, short in zip(keys, last, strict=True)]
+
+
 def sweep_subdir(job_num: Any, task_overrides: Any, sweep_dir: str, max_chars: int = 60) -> str:
-    """A multirun job's folder: `<job number>_<what it sweeps>`, e.g. `3_fusion=none,trainer.seed=0`.
+    """A multirun job's folder: `<job number>_<key>-<value>_...`, e.g. `3_fusion-none_seed-0`.
 
     Only the overrides of the keys the sweep varies (read from its `multirun.yaml`; all of the
-    job's overrides when that is missing), in the order given. Anything but letters, digits and
-    `._=,+-` becomes `-`, so a path value never makes a nested folder; the name is cut to
-    `max_chars`, and the job number keeps the folders unique and sorted.
+    job's overrides when that is missing), in the order given, each key by its last part unless two
+    share it. Anything but letters, digits and `._+-` becomes `-`, so the path can be passed to our
+    apps unquoted (`ckpt=<job folder>/checkpoints/best.pt`) and a path value never nests folders; the
+    name is cut to `max_chars`, and the job number keeps the folders unique and sorted. What a job
+    ran is in its `.hydra/overrides.yaml` (what `scripts/report.py` groups by), not in this name.
     """
     swept = _swept_keys(Path(sweep_dir))
-    chosen = [str(o) for o in task_overrides if swept is None or str(o).lstrip("+~").split("=", 1)[0] in swept]
-    safe = _SWEEP_UNSAFE.sub("-", ",".join(chosen))[:max_chars].rstrip("-,")
+    pairs = [str(o).lstrip("+~").split("=", 1) for o in task_overrides]
+    chosen = [(kv[0], kv[1] if len(kv) > 1 else "") for kv in pairs if swept is None or kv[0] in swept]
+    keys = _short_keys([key for key, _ in chosen])
+    values = [_SWEEP_UNSAFE.sub("-", value).strip("-") for _, value in chosen]
+    words = [f"{key}-{value}" if value else key for key, value in zip(keys, values, strict=True)]
+    safe = _SWEEP_UNSAFE.sub("-", "_".join(words))[:max_chars].rstrip("-_")
     return f"{job_num}_{safe}" if safe else str(job_num)
 
 
