@@ -22,6 +22,8 @@ CLASSES = ["left", "right"]
 FUSIONS = {
     "square": {"_target_": "squarefuse.models.fusion.square_fuse", "_partial_": True, "K": 8, "P": 2},
     "none": {"_target_": "squarefuse.models.fusion.NoFusion", "_partial_": True},
+    "temporal_conv": {"_target_": "squarefuse.models.fusion.TemporalConv", "_partial_": True},
+    "temporal_shift": {"_target_": "squarefuse.models.fusion.TemporalShift", "_partial_": True},
 }
 
 

@@ -8,11 +8,13 @@ from pathlib import Path
 
 import pytest
 import yaml
+from scipy.stats import ttest_ind
 from test_report import FINISHED, write_eval, write_run
 
 from squarefuse.report.app import make_report
 from squarefuse.report.matrix import matrix_markdown, task_fusion_matrix
 from squarefuse.report.runs import load_run
+from squarefuse.report.significance import holm
 
 
 def benchmark_run(root: Path, task: str, fusion: str, seed: int, right: int, *, twin_confusion: float | None = None):
@@ -50,35 +52,65 @@ def test_matrix_against_hand_computed_values(benchmark):
     matrix = task_fusion_matrix(runs, split="test")
     assert matrix.tasks == ["direction", "path_shape"] and matrix.fusions == ["none", "square"]
     cell = matrix.cells
-    assert cell[("direction", "square")].top1.mean == 100.0 and cell[("direction", "square")].is_best
-    none = cell[("direction", "none")]
-    assert none.top1.mean == 50.0 and none.top1.std == 0.0 and not none.is_best
-    # Only the best is right on videos 5..9, for both seeds: b = 10, c = 0, p = 2 * 0.5**10.
-    assert (none.versus_best.b, none.versus_best.c) == (10, 0)
-    assert none.versus_best.p_value == pytest.approx(2 / 1024) and not none.tied_with_best(0.05)
-    assert none.twin_confusion.mean == 50.0 and cell[("direction", "square")].twin_confusion.mean == 0.0
-    # path_shape: square 70 / 80 (mean 75, std 7.07), none 60 / 80; square alone right on video 6 of seed 0.
-    square = cell[("path_shape", "square")]
-    assert square.is_best and square.top1.mean == 75.0 and square.top1.std == pytest.approx(50**0.5)
-    other = cell[("path_shape", "none")]
-    assert (other.versus_best.b, other.versus_best.c) == (1, 0)
-    assert other.versus_best.p_value == 1.0 and other.tied_with_best(0.05)
+    assert cell[("direction", "square")].top1.mean == 100.0 and cell[("direction", "square")].is_reference
+    # direction: none 50 % on both seeds, square 100 %: no spread on either side, a sure difference.
+    none = cell[("direction", "none")].versus_reference
+    assert none.difference == -50.0 and none.p_value == 0.0 and none.seeds == (2, 2)
+    assert -80.01 <= none.ci[0] < -50 < none.ci[1] <= -19.99  # only the videos vary: 5 of 10 right, resampled
+    assert cell[("direction", "none")].verdict(0.05) == "worse"
+    assert cell[("direction", "none")].twin_confusion.mean == 50.0
+    # path_shape: square 70 / 80, none 60 / 80: Welch over the seeds, Holm over the two comparisons
+    # (the other p is 0, so this one, the larger, is multiplied by 1).
+    other = cell[("path_shape", "none")].versus_reference
+    p = ttest_ind([60.0, 80.0], [70.0, 80.0], equal_var=False).pvalue
+    assert other.difference == -5.0 and other.p_value == pytest.approx(p) and other.p_holm == pytest.approx(p)
+    assert cell[("path_shape", "none")].verdict(0.05) == "inconclusive"  # a large p is not a tie
     assert any("grid_point" in line and "no evaluation of split test" in line for line in matrix.skipped)
 
     text = matrix_markdown(matrix)
-    assert "| direction | 50.0 ± 0.0 (n=2) p=0.002 | **100.0 ± 0.0 (n=2)** best |" in text
-    assert "| path_shape | 70.0 ± 14.1 (n=2) ~best p=1 | **75.0 ± 7.1 (n=2)** best |" in text
+    assert "| direction | 50.0 ± 0.0 (n=2) Δ-50.0 [" in text and "p_Holm=0 worse | **100.0 ± 0.0 (n=2)** ref |" in text
+    assert "| path_shape | 70.0 ± 14.1 (n=2) Δ-5.0 [" in text and "inconclusive | **75.0 ± 7.1 (n=2)** ref |" in text
     assert "| direction | 50.0 ± 14.1 | 0.0 ± 0.0 |" in text  # the twin confusion table
+    assert "best" not in text  # nothing is chosen on the test split
+
+
+def test_a_tie_needs_the_interval_inside_the_margin_and_seeds_must_match(tmp_path):
+    for seed in (0, 1, 2):
+        benchmark_run(tmp_path, "speed", "square", seed, 8)
+        benchmark_run(tmp_path, "speed", "none", seed, 8)  # the same videos right: a difference of exactly 0
+        benchmark_run(tmp_path, "speed", "temporal_conv", seed, 8 if seed else 6)
+    benchmark_run(tmp_path, "speed", "temporal_shift", 0, 8)  # seed 0 only
+    matrix = task_fusion_matrix([load_run(p) for p in sorted(tmp_path.iterdir())], split="test")
+    none = matrix.cells[("speed", "none")]
+    assert none.versus_reference.ci == (0.0, 0.0) and none.verdict(0.05) == "tie"
+    conv = matrix.cells[("speed", "temporal_conv")]
+    assert conv.versus_reference.ci[0] < -2 and conv.verdict(0.05) == "inconclusive"
+    shift = matrix.cells[("speed", "temporal_shift")]
+    assert shift.versus_reference is None and "seeds [0] here, [0, 1, 2] in the reference" in shift.refused
+
+
+def test_holm_adjusts_in_order_and_stays_monotone():
+    assert holm([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])
+    assert holm([0.5, 0.5]) == [1.0, 1.0] and holm([]) == []
+
+
+def test_twin_confusion_that_is_100_minus_top1_is_not_shown(tmp_path):
+    for seed in (0, 1):
+        benchmark_run(tmp_path, "event_order", "square", seed, 9, twin_confusion=10.0)
+        benchmark_run(tmp_path, "event_order", "none", seed, 5, twin_confusion=50.0)
+    matrix = task_fusion_matrix([load_run(p) for p in sorted(tmp_path.iterdir())], split="test")
+    assert not matrix.shows_twin_confusion("event_order") and "Twin confusion" not in matrix_markdown(matrix)
 
 
 def test_report_py_matrix_files(benchmark, tmp_path):
     report = make_report([benchmark], tmp_path / "out", matrix=True)
     assert {"matrix.md", "matrix.csv", "temporal_matrix.png"} <= {p.name for p in report.out_dir.iterdir()}
     with open(report.out_dir / "matrix.csv", newline="") as f:
-        rows = {(r["task"], r["fusion"]): r for r in csv.DictReader(f)}
+        rows = {(r["task"], r["option"]): r for r in csv.DictReader(f)}
     assert float(rows[("path_shape", "none")]["top1_mean"]) == 70.0
-    assert rows[("path_shape", "none")]["tied_with_best"] == "True"
-    assert rows[("direction", "none")]["tied_with_best"] == "False"
+    assert rows[("path_shape", "none")]["verdict"] == "inconclusive"
+    assert rows[("direction", "none")]["verdict"] == "worse" and float(rows[("direction", "none")]["p_holm"]) == 0
+    assert rows[("direction", "square")]["verdict"] == "reference"
     assert (report.out_dir / "temporal_matrix.png").stat().st_size > 1000
 
 

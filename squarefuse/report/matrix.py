@@ -1,12 +1,17 @@
-"""The temporal benchmark's verdict: a task x fusion matrix of test top-1, with the paired test.
+"""The temporal benchmark's verdict: a task x option matrix of test top-1, compared a reviewer's way.
 
 Rows are the synthetic task (`dataset.task`; a run without the key is the default ``direction``),
-columns the fusion option (its Hydra choice). A cell holds the finished runs of that task and
-fusion that were evaluated on `split` (frames in order): mean ± std of their top-1 over seeds and,
-when the evaluations report it, of their twin confusion. Per row, the best cell (highest mean) is
-marked, and every other cell is paired with it by the exact McNemar test on the test videos,
-pooled over the seeds both evaluated: a cell with p >= `alpha` is not significantly different from
-the best.
+columns the option: the fusion's Hydra choice, with the head's (`square/attentive`) where the runs use
+more than one head. A cell holds the finished runs of that task and option evaluated on `split`
+(frames in order), one per seed: mean ± std of their top-1 and, where it is not just 100 - top-1, of
+their twin confusion.
+
+The comparisons are fixed before any number is seen: the `reference` option (`square`, with the same
+head) against every other option of the same task, nothing chosen on the test split. Seeds are the
+unit: the difference of mean top-1, a 95 % bootstrap interval over seeds and test videos, Welch's
+t-test over the per-seed top-1, Holm's correction over every comparison of the matrix. A comparison
+reads `better`/`worse` (for the other option) only below `alpha` after Holm, and `tie` only when the
+interval lies inside +-`margin` points (an equivalence test); anything else is `inconclusive`.
 """
 
 from __future__ import annotations
@@ -21,38 +26,54 @@ from matplotlib.figure import Figure
 from squarefuse.report.aggregate import Stat
 from squarefuse.report.groups import flatten, group_choice
 from squarefuse.report.runs import FINISHED, EvalRun, Run, read_predictions
-from squarefuse.report.significance import PairedTest, PairingError, paired_test
+from squarefuse.report.significance import PairingError, SeedComparison, compare_over_seeds, holm
 from squarefuse.runtime.safe_text import csv_value, plot_text
 
 __all__ = ["Cell", "Matrix", "plot_matrix", "task_fusion_matrix", "write_matrix_csv", "matrix_markdown"]
 
 DEFAULT_TASK = "direction"
+REFERENCE = "square"
+MARGIN = 2.0  # points of top-1: a tie is claimed only when the difference's interval lies inside +-MARGIN
 
 
 @dataclass
 class Cell:
-    """The runs of one task and fusion evaluated on the split, and how they compare with the row's best."""
+    """The runs of one task and option evaluated on the split, and how they compare with the reference."""
 
     runs: list[Run]
     evals: list[EvalRun]
     top1: Stat
     twin_confusion: Stat
-    is_best: bool = False
-    versus_best: PairedTest | None = None  # the paired test against the row's best cell
-    refused: str | None = None  # why the cell could not be paired with the best
+    is_reference: bool = False
+    versus_reference: SeedComparison | None = None  # this option minus the reference
+    refused: str | None = None  # why the cell could not be compared with the reference
 
-    def tied_with_best(self, alpha: float) -> bool:
-        return self.is_best or (self.versus_best is not None and self.versus_best.p_value >= alpha)
+    def verdict(self, alpha: float, margin: float = MARGIN) -> str:
+        if self.is_reference:
+            return "reference"
+        return self.versus_reference.verdict(alpha, margin) if self.versus_reference is not None else "-"
 
 
 @dataclass
 class Matrix:
     tasks: list[str]
-    fusions: list[str]
+    fusions: list[str]  # the options (columns)
     cells: dict[tuple[str, str], Cell]
     split: str
     alpha: float
+    reference: str = REFERENCE
+    margin: float = MARGIN
     skipped: list[str] = field(default_factory=list)  # runs left out, with the reason
+
+    def shows_twin_confusion(self, task: str) -> bool:
+        """Whether the task's twin confusion says more than its top-1: not where, in every run, it is
+        100 - top-1 (a two-class task whose two classes are the twins)."""
+        cells = [c for (t, _), c in self.cells.items() if t == task and c.twin_confusion.n]
+        return any(
+            abs(twin + top1 - 100) > 1e-6
+            for c in cells
+            for twin, top1 in zip(c.twin_confusion.values, c.top1.values, strict=False)
+        )
 
 
 def _task(run: Run) -> str:
@@ -65,22 +86,36 @@ def split_eval(run: Run, split: str) -> EvalRun | None:
     return matching[-1] if matching else None
 
 
-def _pair_with_best(best: Cell, cell: Cell) -> None:
-    best_by_seed = {run.seed: e for run, e in zip(best.runs, best.evals, strict=True)}
-    pairs = [
-        (run.seed, read_predictions(best_by_seed[run.seed].predictions_path), read_predictions(e.predictions_path))
-        for run, e in zip(cell.runs, cell.evals, strict=True)
-        if run.seed in best_by_seed
-    ]
+def _option(run: Run, heads: set[str]) -> str:
+    fusion = str(group_choice(run, "fusion"))
+    return f"{fusion}/{group_choice(run, 'head')}" if len(heads) > 1 else fusion
+
+
+def _reference_of(option: str, reference: str) -> str:
+    """The reference option with the same head as `option` (`temporal_attn/mean` -> `square/mean`)."""
+    return f"{reference}/{option.split('/', 1)[1]}" if "/" in option else reference
+
+
+def _compare(reference: Cell, cell: Cell) -> None:
+    by_seed = {run.seed: e for run, e in zip(reference.runs, reference.evals, strict=True)}
+    seeds = [run.seed for run in cell.runs]
+    if set(seeds) != set(by_seed):
+        cell.refused = f"seeds {sorted(seeds)} here, {sorted(by_seed)} in the reference: run the same seeds"
+        return
     try:
-        cell.versus_best = paired_test(pairs)
+        cell.versus_reference = compare_over_seeds(
+            [read_predictions(by_seed[s].predictions_path) for s in seeds],
+            [read_predictions(e.predictions_path) for e in cell.evals],
+        )
     except PairingError as error:
         cell.refused = str(error)
 
 
-def task_fusion_matrix(runs: Sequence[Run], *, split: str = "test", alpha: float = 0.05) -> Matrix:
+def task_fusion_matrix(
+    runs: Sequence[Run], *, split: str = "test", alpha: float = 0.05, reference: str = REFERENCE
+) -> Matrix:
     """The matrix of the finished runs evaluated on `split`; the others are listed in `skipped`."""
-    grouped: dict[tuple[str, str], list[tuple[Run, EvalRun]]] = {}
+    chosen: list[tuple[Run, EvalRun]] = []
     skipped = []
     for run in runs:
         evaluation = split_eval(run, split)
@@ -88,31 +123,36 @@ def task_fusion_matrix(runs: Sequence[Run], *, split: str = "test", alpha: float
             why = run.problem or run.status if run.status != FINISHED else f"no evaluation of split {split}"
             skipped.append(f"{run.path}: {why}")
             continue
-        grouped.setdefault((_task(run), str(group_choice(run, "fusion"))), []).append((run, evaluation))
+        chosen.append((run, evaluation))
+    heads = {str(group_choice(run, "head")) for run, _ in chosen}
+    grouped: dict[tuple[str, str], list[tuple[Run, EvalRun]]] = {}
+    for run, evaluation in chosen:
+        grouped.setdefault((_task(run), _option(run, heads)), []).append((run, evaluation))
     cells = {}
     for key, members in grouped.items():
         seeds = [run.seed for run, _ in members]
         if len(set(seeds)) != len(seeds):
-            raise ValueError(f"task {key[0]}, fusion {key[1]}: two runs share a seed ({seeds}); report them apart")
+            raise ValueError(f"task {key[0]}, option {key[1]}: two runs share a seed ({seeds}); report them apart")
         evals = [e for _, e in members]
-        cells[key] = Cell(
-            runs=[run for run, _ in members],
-            evals=evals,
-            top1=Stat([float(e.results["top1"]) for e in evals]),
-            twin_confusion=Stat(
-                [float(e.results["twin_confusion"]["confusion"]) for e in evals if _has_twin_confusion(e)]
-            ),
-        )
+        top1 = [float(e.results["top1"]) for e in evals]
+        twins = [float(e.results["twin_confusion"]["confusion"]) for e in evals if _has_twin_confusion(e)]
+        cells[key] = Cell(runs=[run for run, _ in members], evals=evals, top1=Stat(top1), twin_confusion=Stat(twins))
+    compared = []
+    for (task, option), cell in cells.items():
+        ref = cells.get((task, _reference_of(option, reference)))
+        if ref is cell:
+            cell.is_reference = True
+        elif ref is None:
+            cell.refused = f"no {_reference_of(option, reference)} runs of this task to compare with"
+        else:
+            _compare(ref, cell)
+            compared += [cell] if cell.versus_reference is not None else []
+    tested = [c for c in compared if c.versus_reference.p_value is not None]
+    for cell, p_holm in zip(tested, holm([c.versus_reference.p_value for c in tested]), strict=True):
+        cell.versus_reference.p_holm = p_holm
     tasks = sorted({task for task, _ in cells})
-    fusions = sorted({fusion for _, fusion in cells})
-    for task in tasks:
-        row = [cells[(task, f)] for f in fusions if (task, f) in cells]
-        best = max(row, key=lambda c: c.top1.mean)
-        best.is_best = True
-        for cell in row:
-            if cell is not best:
-                _pair_with_best(best, cell)
-    return Matrix(tasks=tasks, fusions=fusions, cells=cells, split=split, alpha=alpha, skipped=skipped)
+    fusions = sorted({option for _, option in cells})
+    return Matrix(tasks, fusions, cells, split, alpha, reference=reference, skipped=skipped)
 
 
 def _has_twin_confusion(evaluation: EvalRun) -> bool:
@@ -120,63 +160,76 @@ def _has_twin_confusion(evaluation: EvalRun) -> bool:
     return isinstance(twins, dict) and twins.get("confusion") is not None
 
 
-def _cell_text(cell: Cell | None, alpha: float) -> str:
+def _cell_text(cell: Cell | None, matrix: Matrix) -> str:
     if cell is None:
         return "-"
     text = f"{cell.top1.text(1)} (n={cell.top1.n})"
-    if cell.is_best:
-        return f"**{text}** best"
-    if cell.versus_best is None:
-        return f"{text} unpaired"
-    mark = " ~best" if cell.tied_with_best(alpha) else ""
-    return f"{text}{mark} p={cell.versus_best.p_value:.2g}"
+    if cell.is_reference:
+        return f"**{text}** ref"
+    c = cell.versus_reference
+    if c is None:
+        return f"{text} not compared"
+    p = "p_Holm -" if c.p_holm is None else f"p_Holm={c.p_holm:.2g}"
+    return (
+        f"{text} Δ{c.difference:+.1f} [{c.ci[0]:+.1f}, {c.ci[1]:+.1f}] {p} {cell.verdict(matrix.alpha, matrix.margin)}"
+    )
 
 
 def matrix_markdown(matrix: Matrix) -> str:
-    """The matrix as markdown: top-1 per cell, the best per task in bold, ~best: not significantly different."""
+    """The matrix as markdown: top-1 per cell and each option's comparison with the reference."""
     lines = [
-        f"## Temporal benchmark: {matrix.split} top-1 (%), task x fusion",
+        f"## Temporal benchmark: {matrix.split} top-1 (%), task x option",
         "",
-        f"Mean ± std over seeds (n runs). **best**: the highest mean of the task; ~best: not significantly "
-        f"different from it (exact McNemar on the {matrix.split} videos, pooled over the seeds both have, "
-        f"p >= {matrix.alpha}); p: that test's p-value.",
+        f"Mean ± std over seeds (n runs); **ref**: the reference `{matrix.reference}`, fixed in advance. "
+        "Other cells: Δ = this option minus the reference (points), its 95 % bootstrap interval over seeds "
+        "and test videos, Welch's t-test over the per-seed top-1 with Holm's correction over every "
+        f"comparison of the matrix; better/worse: p_Holm < {matrix.alpha}; tie: the interval inside "
+        f"±{matrix.margin:g} points; else inconclusive. No cell is chosen on the {matrix.split} split.",
         "",
         "| task | " + " | ".join(matrix.fusions) + " |",
         "|---|" + "---|" * len(matrix.fusions),
     ]
     for task in matrix.tasks:
-        cells = [_cell_text(matrix.cells.get((task, f)), matrix.alpha) for f in matrix.fusions]
+        cells = [_cell_text(matrix.cells.get((task, f)), matrix) for f in matrix.fusions]
         lines.append(f"| {task} | " + " | ".join(cells) + " |")
-    if any(c.twin_confusion.n for c in matrix.cells.values()):
-        lines += ["", "Twin confusion (%): the share of a twin pair's videos predicted as the other class.", ""]
+    twin_tasks = [task for task in matrix.tasks if matrix.shows_twin_confusion(task)]
+    if twin_tasks:
+        lines += ["", "Twin confusion (%): the share of a twin pair's videos predicted as the other class", ""]
+        lines[-2] += " (not shown where it is 100 - top-1: two-class tasks whose classes are the twins)."
         lines += ["| task | " + " | ".join(matrix.fusions) + " |", "|---|" + "---|" * len(matrix.fusions)]
-        for task in matrix.tasks:
+        for task in twin_tasks:
             cells = [matrix.cells.get((task, f)) for f in matrix.fusions]
             texts = [c.twin_confusion.text(1) if c is not None else "-" for c in cells]
             lines.append(f"| {task} | " + " | ".join(texts) + " |")
     refused = [(k, c.refused) for k, c in matrix.cells.items() if c.refused]
     if refused or matrix.skipped:
         lines += ["", "Left out:"]
-        lines += [f"- task {task}, fusion {fusion}: not paired with the best: {why}" for (task, fusion), why in refused]
+        lines += [f"- task {task}, option {option}: not compared: {why}" for (task, option), why in refused]
         lines += [f"- {line}" for line in matrix.skipped]
     return "\n".join(lines) + "\n"
 
 
 def write_matrix_csv(matrix: Matrix, path: Path) -> None:
-    rows = [["task", "fusion", "n", "top1_mean", "top1_std", "best", "p_vs_best", "tied_with_best", "twin_confusion"]]
-    for (task, fusion), cell in sorted(matrix.cells.items()):
-        p_value = cell.versus_best.p_value if cell.versus_best is not None else ""
+    rows = [
+        ["task", "option", "n", "top1_mean", "top1_std", "diff_vs_reference", "ci_low", "ci_high"]
+        + ["p_welch", "p_holm", "verdict", "twin_confusion"]
+    ]
+    for (task, option), cell in sorted(matrix.cells.items()):
+        c = cell.versus_reference
+        blank = ["", "", "", "", ""]
+        compared = [c.difference, c.ci[0], c.ci[1], c.p_value, c.p_holm] if c is not None else blank
         rows.append(
             [
                 csv_value(task),
-                csv_value(fusion),
+                csv_value(option),
                 cell.top1.n,
                 cell.top1.mean,
                 "" if cell.top1.std is None else cell.top1.std,
-                cell.is_best,
-                p_value,
-                cell.tied_with_best(matrix.alpha),
-                "" if cell.twin_confusion.mean is None else cell.twin_confusion.mean,
+            ]
+            + ["" if v is None else v for v in compared]
+            + [
+                cell.verdict(matrix.alpha, matrix.margin),
+                cell.twin_confusion.mean if matrix.shows_twin_confusion(task) else "",
             ]
         )
     with open(path, "w", newline="") as f:
@@ -197,11 +250,12 @@ def plot_matrix(matrix: Matrix, path: Path) -> None:
             cell = matrix.cells.get((task, fusion))
             if cell is None:
                 continue
-            mark = "\nbest" if cell.is_best else "~" if cell.tied_with_best(matrix.alpha) else ""
+            verdict = cell.verdict(matrix.alpha, matrix.margin)
+            mark = {"reference": "\nref", "better": "\n+", "worse": "\n-", "tie": "\n="}.get(verdict, "")
             colour = "white" if cell.top1.mean < 60 else "black"
             ax.text(j, i, f"{cell.top1.mean:.1f}{mark}", ha="center", va="center", color=colour, fontsize=8)
     ax.set_xticks(range(len(matrix.fusions)), [plot_text(f) for f in matrix.fusions], rotation=30, ha="right")
     ax.set_yticks(range(len(matrix.tasks)), [plot_text(t) for t in matrix.tasks])
-    ax.set_title(f"{matrix.split} top-1 (%), mean over seeds; ~ = not significantly below the best")
+    ax.set_title(f"{matrix.split} top-1 (%), mean over seeds; vs {matrix.reference}: + better, - worse, = tie")
     fig.colorbar(image, ax=ax, label="top-1 (%)")
     fig.savefig(path)
