@@ -14,8 +14,10 @@ settings must then be the same).
 Shards of `shard_size` videos are the unit of work and of resumption: under torchrun shard k goes
 to rank k % world_size; a shard is written atomically, its json last, and a rerun skips the
 shards that have their json, so a killed run continues where it stopped and every video is cached
-once. Rank 0 then writes the split's index.json (and failed.csv for videos that did not decode).
-Nothing is deleted unless `overwrite=true`, which removes the split's files first.
+once. Rank 0 then writes the split's index.json (and failed.csv for videos that did not decode),
+with the sha256 of every shard recorded when it was written.
+Nothing is deleted unless `overwrite=true`, which removes the split's files first: only files the
+cache wrote (by name), in a folder with the cache's cache.json; any other file there is refused.
 """
 
 from __future__ import annotations
@@ -43,9 +45,12 @@ from squarefuse.datasets.token_cache import (
     CACHE_VERSION,
     INDEX_FILE,
     TOKEN_OPTIONS,
+    file_checksum,
+    is_split_file,
     pool_tokens,
     read_shard_json,
     shard_done,
+    shard_files,
     write_shard,
     write_split_index,
 )
@@ -160,13 +165,57 @@ def initial_model(overrides: list[str], device: torch.device, *, is_main: bool =
     return LoadedModel(model, list(class_names), preprocess, weights="initial", checkpoint=source, info=info)
 
 
+def _previous_settings(cache_file: Path) -> dict[str, Any]:
+    """The settings in an existing cache.json, which must be one this app wrote."""
+    try:
+        previous = json.loads(cache_file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        previous = str(e)
+    if not isinstance(previous, dict) or "version" not in previous or "backbone_name" not in previous:
+        raise ValueError(
+            f"{cache_file} is not the cache.json of a token cache (damaged, or another program's file): "
+            "choose another out= folder; nothing was changed"
+        )
+    return previous
+
+
+def _splits(out: Path) -> list[str]:
+    """The split folders of a cache: those holding its files (not `.hydra_logs` nor a folder of the user's)."""
+    return sorted(
+        p.name
+        for p in out.iterdir()
+        if p.is_dir() and not p.name.startswith(".") and any(is_split_file(f.name) for f in p.iterdir())
+    )
+
+
+def _remove_split_files(split_dir: Path, *, in_cache: bool) -> None:
+    """overwrite=true: delete the files the cache wrote into `split_dir`; refuse if anything else is there."""
+    entries = sorted(split_dir.iterdir())
+    if entries and not in_cache:
+        raise ValueError(
+            f"{split_dir} is not a split of a token cache ({split_dir.parent / CACHE_FILE} is missing) and "
+            f"overwrite=true deletes only a cache's own files; it holds {[p.name for p in entries[:10]]}: "
+            "choose another out= folder. Nothing was deleted"
+        )
+    foreign = [p.name for p in entries if not (p.is_file() and is_split_file(p.name))]
+    if foreign:
+        more = f" and {len(foreign) - 10} more" if len(foreign) > 10 else ""
+        raise ValueError(
+            f"{split_dir} holds files the token cache did not write: {foreign[:10]}{more}. overwrite=true deletes "
+            "only the cache's own files: move these elsewhere, or choose another out= folder. Nothing was deleted"
+        )
+    for path in entries:
+        path.unlink()
+
+
 def _prepare_folder(out: Path, split: str, info: dict[str, Any], overwrite: bool) -> bool:
     """Rank 0: True when the split is already cached; checks an existing cache.json, writes a new one."""
     out.mkdir(parents=True, exist_ok=True)
     split_dir = out / split
     cache_file = out / CACHE_FILE
-    if cache_file.is_file():
-        previous = json.loads(cache_file.read_text(encoding="utf-8"))
+    in_cache = cache_file.is_file()
+    if in_cache:
+        previous = _previous_settings(cache_file)
         differ = [k for k, v in info.items() if previous.get(k) != v and k not in ("checkpoint", "train_config")]
         if differ and not overwrite:
             raise ValueError(
@@ -176,16 +225,14 @@ def _prepare_folder(out: Path, split: str, info: dict[str, Any], overwrite: bool
             )
         if differ and overwrite:
             # The other splits were made with the old settings: a cache never mixes settings.
-            others = [p.name for p in out.iterdir() if p.is_dir() and p.name != split]
+            others = [name for name in _splits(out) if name != split]
             if others:
                 raise ValueError(
                     f"overwrite=true would change the settings of {out}, which also holds the splits {others} "
                     "made with the old ones: use a new out= folder"
                 )
     if overwrite and split_dir.is_dir():
-        for path in split_dir.iterdir():
-            if path.is_file():
-                path.unlink()
+        _remove_split_files(split_dir, in_cache=in_cache)
     with atomic_write(cache_file) as f:
         json.dump(info, f, indent=1)
     split_dir.mkdir(exist_ok=True)
@@ -265,7 +312,7 @@ def run_cache_tokens(cfg: DictConfig) -> dict[str, Any]:
             )
             rows = part["indices"].tolist()
             D = info["embed_dim"]
-            empty = (0, *info["views"][:1], info["num_frames"], info["num_tokens"], D)
+            empty = (0, int(np.prod(info["views"])), info["num_frames"], info["num_tokens"], D)
             tokens = part["outputs"]["tokens"].numpy() if rows else np.zeros(empty)
             mask = part["outputs"]["mask"].numpy() if rows else np.zeros(empty[:3], dtype=bool)
             videos = [
@@ -288,10 +335,12 @@ def run_cache_tokens(cfg: DictConfig) -> dict[str, Any]:
 
 def _write_index(split_dir: Path, records: list[Any], num_shards: int, missing: list[str]) -> dict[str, Any]:
     """Rank 0, after every shard is written: index.json (and failed.csv) of the split."""
-    videos, failed = [], []
+    videos, failed, files = [], [], {}
     for k in range(num_shards):
         shard = read_shard_json(split_dir, k)
         videos += [{**v, "shard": k, "row": row} for row, v in enumerate(shard["videos"])]
+        # A shard written before checksums were recorded (a run resumed across the upgrade): taken now.
+        files.update(shard.get("files") or {name: file_checksum(split_dir / name) for name in shard_files(k)})
         for index, error in shard["errors"].items():
             record = records[int(index)]
             failed.append({"index": int(index), "id": record.id, "path": record.path, "error": error})
@@ -306,7 +355,7 @@ def _write_index(split_dir: Path, records: list[Any], num_shards: int, missing: 
         log.warning(
             f"{len(failed)} of {len(records)} videos did not decode and are not cached: see {split_dir}/failed.csv"
         )
-    index = {"videos": videos, "failed": failed, "missing": missing}
+    index = {"split": split_dir.name, "videos": videos, "failed": failed, "missing": missing, "files": files}
     write_split_index(split_dir, index)
     log.info(f"{len(videos)} videos cached in {split_dir}")
     return index

@@ -215,7 +215,8 @@ def build_dataset(
             (`squarefuse.datasets.token_cache.TokenDataset`).
         views: eval only: dataset.test_clips x dataset.test_crops views per video (multi-view
             test) instead of 1 centre clip x 1 centre crop (clip-level validation).
-        report_dir: where ``missing_{split}.txt`` is written; None writes nothing (non-zero ranks).
+        report_dir: where ``missing_{split}.txt`` (a token cache: ``token_cache_{split}.json``, the cache
+            files read) is written; None writes nothing (non-zero ranks).
 
     Returns:
         The `VideoDataset`.
@@ -226,7 +227,7 @@ def build_dataset(
     """
     if required(dataset_cfg, "name") == "tokens":
         # A token cache holds its own views: eval items give all of them, train items one.
-        return TokenDataset(dataset_cfg, split, views=views)
+        return TokenDataset(dataset_cfg, split, views=views, report_dir=report_dir)
     dataset_format = find_format(required(dataset_cfg, "name"))
     options = video_dataset_options(dataset_cfg, train=split == "train", views=views)
     annotations = dataset_format.load(dataset_cfg, split)
