@@ -11,6 +11,7 @@ import hydra
 from omegaconf import DictConfig
 
 from squarefuse.apps.cache_tokens import run_cache_tokens
+from squarefuse.apps.user_errors import EXIT_CODE
 from squarefuse.config.command_line import exit_on_unreadable_overrides
 from squarefuse.config.resolvers import register_resolvers
 
@@ -22,7 +23,8 @@ def main(cfg: DictConfig) -> None:
     try:
         run_cache_tokens(cfg)
     except (FileNotFoundError, ValueError) as e:
-        sys.exit(f"error: {e}")
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(EXIT_CODE)
 
 
 if __name__ == "__main__":
