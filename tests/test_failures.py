@@ -18,7 +18,7 @@ import pytest
 from helpers.configs import tiny_overrides, tiny_train_config
 
 from squarefuse.checkpoint import load_checkpoint
-from squarefuse.training import trainer as trainer_mod
+from squarefuse.training import loop as loop_mod
 from squarefuse.training.trainer import Trainer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -179,7 +179,7 @@ def test_no_process_outlives_a_killed_trainer(data_root, tmp_path):
 
 
 def _nan_on_calls(calls: set[int]):
-    original = trainer_mod.soft_cross_entropy
+    original = loop_mod.soft_cross_entropy
     count = {"n": 0}
 
     def loss_fn(logits, target):
@@ -192,13 +192,14 @@ def _nan_on_calls(calls: set[int]):
 
 @pytest.mark.slow
 def test_skipped_steps_count_and_are_logged_as_skipped(data_root, tmp_path, monkeypatch):
-    monkeypatch.setattr(trainer_mod, "soft_cross_entropy", _nan_on_calls({3, 4}))
+    monkeypatch.setattr(loop_mod, "soft_cross_entropy", _nan_on_calls({3, 4}))
     run = tmp_path / "run"
     trainer = Trainer(tiny_train_config(data_root, "trainer.nonfinite=skip", "trainer.epochs=2"), run)
     summary = trainer.fit()
     assert summary["status"] == "finished"
     # 2 epochs x 4 steps: the skipped steps count, so the run ends where it was planned to.
-    assert trainer.step == trainer.total_steps == 8 and trainer.epoch == 2 and trainer.num_skipped == 2
+    state = trainer.state
+    assert state.step == trainer.total_steps == 8 and state.epoch == 2 and state.num_skipped == 2
     train = {r["step"]: r for r in read_metrics(run) if r["split"] == "train"}
     assert sorted(train) == list(range(1, 9))
     for step in (3, 4):
@@ -210,12 +211,12 @@ def test_skipped_steps_count_and_are_logged_as_skipped(data_root, tmp_path, monk
 
 @pytest.mark.slow
 def test_too_many_skips_in_a_row_stop_the_run(data_root, tmp_path, monkeypatch):
-    monkeypatch.setattr(trainer_mod, "soft_cross_entropy", _nan_on_calls(set(range(3, 1000))))
+    monkeypatch.setattr(loop_mod, "soft_cross_entropy", _nan_on_calls(set(range(3, 1000))))
     cfg = tiny_train_config(data_root, "trainer.nonfinite=skip", "trainer.max_consecutive_skips=3", "trainer.epochs=5")
     trainer = Trainer(cfg, tmp_path / "run")
     with pytest.raises(FloatingPointError, match=r"4 steps in a row \(steps 3 to 6.*max_consecutive_skips=3"):
         trainer.fit()
-    assert trainer.step == 6 and trainer.num_skipped == 4
+    assert trainer.state.step == 6 and trainer.state.num_skipped == 4
     assert not (tmp_path / "run" / "run.lock").exists()
 
 
@@ -225,18 +226,18 @@ def test_max_consecutive_skips_is_validated(data_root, tmp_path):
 
 
 def test_nonfinite_validation_never_becomes_best(data_root, tmp_path, monkeypatch):
-    real_evaluate = trainer_mod.evaluate
+    real_evaluate = loop_mod.evaluate
 
     def nan_validation(*args, **kwargs):
         # What NaN weights give: a NaN loss, yet an argmax and so a top-1 (here a perfect one).
         return dataclasses.replace(real_evaluate(*args, **kwargs), loss=float("nan"), top1=100.0)
 
-    monkeypatch.setattr(trainer_mod, "evaluate", nan_validation)
+    monkeypatch.setattr(loop_mod, "evaluate", nan_validation)
     run = tmp_path / "run"
     trainer = Trainer(tiny_train_config(data_root, "trainer.epochs=1"), run)
     trainer.fit()
     assert not (run / "checkpoints" / "best.pt").exists()
-    assert trainer.best_top1 == float("-inf")
+    assert trainer.state.best_top1 == float("-inf")
     assert [r["loss"] for r in read_metrics(run) if r["split"] == "val_clip"] == ["nan"]
 
 
@@ -245,12 +246,12 @@ def test_nonfinite_validation_never_becomes_best(data_root, tmp_path, monkeypatc
 
 @pytest.mark.slow
 def test_failing_validation_keeps_the_epoch_checkpoint_and_reruns(data_root, tmp_path, monkeypatch):
-    real_evaluate = trainer_mod.evaluate
+    real_evaluate = loop_mod.evaluate
 
     def every_video_fails(*args, **kwargs):
         raise ValueError("no video of the split could be decoded")
 
-    monkeypatch.setattr(trainer_mod, "evaluate", every_video_fails)
+    monkeypatch.setattr(loop_mod, "evaluate", every_video_fails)
     run = tmp_path / "run"
     cfg = tiny_train_config(data_root, "trainer.epochs=2")
     with pytest.raises(ValueError, match="no video"):
@@ -259,7 +260,7 @@ def test_failing_validation_keeps_the_epoch_checkpoint_and_reruns(data_root, tmp
     assert (state["step"], state["epoch"], state["batch_in_epoch"]) == (4, 1, 0)  # the epoch is kept
 
     # Rerun once validation works again: the missed validation runs first, then training goes on.
-    monkeypatch.setattr(trainer_mod, "evaluate", real_evaluate)
+    monkeypatch.setattr(loop_mod, "evaluate", real_evaluate)
     summary = Trainer(cfg, run).fit()
     assert summary["status"] == "finished" and summary["step"] == 8
     val_steps = [r["step"] for r in read_metrics(run) if r["split"] == "val_clip"]

@@ -53,7 +53,7 @@ def test_bf16_step_with_fused_adamw_compile_ema_and_device_randaugment(data_root
     for _ in range(2):
         loss, _ = trainer.train_step(batches)
         assert torch.isfinite(loss), loss
-    assert trainer.step == 2
+    assert trainer.state.step == 2
     assert any(not torch.equal(a, b) for a, b in zip(before, trainer.model.parameters(), strict=True))
     assert any(not torch.equal(a, b) for a, b in zip(ema_before, trainer.ema.module.parameters(), strict=True))
     assert all(p.device.type == "cuda" for p in trainer.ema.module.parameters())
@@ -117,4 +117,4 @@ def test_training_steps_with_gpu_decoding(data_root, tmp_path):
     assert trainer.gpu_decoder is not None
     batches = iter(trainer.loader)
     loss, _ = trainer.train_step(batches)
-    assert torch.isfinite(loss) and trainer.step == 1 and trainer.num_replaced == 0
+    assert torch.isfinite(loss) and trainer.state.step == 1 and trainer.state.num_replaced == 0

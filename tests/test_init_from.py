@@ -88,7 +88,7 @@ def test_init_from_a_checkpoint_with_another_class_count(source_run, five_classe
     assert torch.count_nonzero(weights["head.fc.bias"]) == 0
 
     # Optimiser and schedule start fresh.
-    assert trainer.step == 0 and trainer.epoch == 0 and not trainer.optimizer.state
+    assert trainer.state.step == 0 and trainer.state.epoch == 0 and not trainer.optimizer.state
     report = json.loads((run / "init_from.json").read_text())
     assert report["weights"] == "model" and report["missing"] == [] and report["unexpected"] == []
     assert {r["key"] for r in report["reinitialised"]} == head_keys
@@ -107,7 +107,7 @@ def test_init_from_a_checkpoint_with_another_class_count(source_run, five_classe
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="squarefuse"):
         resumed = Trainer(cfg, run)
-    assert resumed.step == 1 and "init_from" in caplog.text and "ignored" in caplog.text
+    assert resumed.state.step == 1 and "init_from" in caplog.text and "ignored" in caplog.text
     last = load_checkpoint(run / "checkpoints" / "last.pt")["model"]
     for key, value in resumed.model.state_dict().items():
         torch.testing.assert_close(value, last[key], rtol=0, atol=0, msg=key)

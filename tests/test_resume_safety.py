@@ -65,7 +65,7 @@ def test_own_newer_last_pt_wins_over_trainer_resume(data_root, one_epoch_run, tm
 
     caplog.set_level(logging.INFO, logger="squarefuse")
     trainer = build(tiny_train_config(data_root, f"trainer.resume={given}", "trainer.epochs=3"), run)  # a rerun
-    assert trainer.step == 8  # not back to step 4
+    assert trainer.state.step == 8  # not back to step 4
     assert any(
         "resumed from" in r.getMessage()
         and str(run / "checkpoints" / "last.pt") in r.getMessage()
@@ -82,7 +82,7 @@ def test_further_trainer_resume_wins_over_own_older_last_pt(data_root, one_epoch
     caplog.set_level(logging.INFO, logger="squarefuse")
     given = further / "checkpoints" / "last.pt"
     trainer = build(tiny_train_config(data_root, f"trainer.resume={given}", "trainer.epochs=3"), run)
-    assert trainer.step == 8
+    assert trainer.state.step == 8
     assert "is further than the run folder's own last.pt (step 4)" in caplog.text
 
 
@@ -114,7 +114,7 @@ def test_every_step_logged_once_after_a_hard_kill(data_root, tmp_path, monkeypat
 
     def stop_after_5(self, batches):
         out = original_step(self, batches)
-        if self.step == 5:
+        if self.state.step == 5:
             self._stop_signal = signal.SIGTERM
         return out
 
@@ -167,7 +167,7 @@ def test_allowed_config_change_resumes_and_keeps_the_old_config(data_root, one_e
     caplog.set_level(logging.INFO, logger="squarefuse")
     cfg = tiny_train_config(data_root, "fusion.quantiles=[0.2,0.5,0.8]", "trainer.allow_config_change=true")
     trainer = build(cfg, run)
-    assert trainer.step == 4
+    assert trainer.state.step == 4
     assert "fusion.quantiles" in caplog.text and "allow_config_change=true" in caplog.text
     assert (run / "config.until_step_4.yaml").read_text() == before
     assert "0.2" in (run / "config.yaml").read_text()
@@ -177,7 +177,7 @@ def test_harmless_config_change_resumes_and_is_logged(data_root, one_epoch_run, 
     run = copy_run(one_epoch_run, tmp_path / "run")
     caplog.set_level(logging.INFO, logger="squarefuse")
     trainer = build(tiny_train_config(data_root, "trainer.log_every=3", "trainer.num_workers=1"), run)
-    assert trainer.step == 4
+    assert trainer.state.step == 4
     assert "trainer.log_every: 1 (checkpoint) -> 3 (now)" in caplog.text
     assert "trainer.num_workers: 0 (checkpoint) -> 1 (now)" in caplog.text
 
@@ -214,7 +214,7 @@ def test_resume_with_a_longer_run_rebuilds_the_lr_schedule(data_root, one_epoch_
     assert Trainer(cfg, run).fit()["step"] == 12
     lrs = {r["step"]: r["lr"] for r in read_metrics(run) if r["split"] == "train" and r["step"] > 4}
     assert lrs == pytest.approx(expected)
-    assert lrs[5] > 100 * float(cfg.optim.min_lr)  # not the old schedule's end
+    assert lrs[5] > 100 * float(cfg.schedule.min_lr)  # not the old schedule's end
     assert "lr schedule of 4 steps" in caplog.text and "the schedule is rebuilt" in caplog.text
 
 
@@ -225,8 +225,9 @@ def test_startup_line_shows_the_lr_of_a_run_resumed_with_another_world_size(data
     # What 2 ranks save: twice the global batch, hence twice the scaled lr, and half the steps.
     state["world_size"] = 2
     state["rng"] = state["rng"] * 2
-    state["scheduler"]["base_values"] = [2 * v for v in state["scheduler"]["base_values"]]
-    state["scheduler"]["t_initial"] //= 2
+    spec, saved = state["scheduler"]["spec"], state["scheduler"]["state"]
+    spec["lr"], spec["total_steps"] = 2 * spec["lr"], spec["total_steps"] // 2
+    saved["base_values"] = [2 * v for v in saved["base_values"]]
     save_checkpoint(state, last)
     caplog.set_level(logging.INFO, logger="squarefuse")
     trainer = build(tiny_train_config(data_root), run)
@@ -235,6 +236,44 @@ def test_startup_line_shows_the_lr_of_a_run_resumed_with_another_world_size(data
     assert shown == pytest.approx(trainer.lr, rel=1e-2)  # the lr scaled for this run's global batch...
     assert max(trainer.scheduler.base_values) == trainer.lr  # ...is the one the schedule uses
     assert "the schedule is rebuilt" in caplog.text
+
+
+def test_resume_with_another_schedule_kind_is_refused_naming_the_key(data_root, one_epoch_run, tmp_path):
+    run = copy_run(one_epoch_run, tmp_path / "run")
+    with pytest.raises(ValueError, match=r"schedule\.name: 'cosine' \(checkpoint\) -> 'step' \(now\)"):
+        Trainer(tiny_train_config(data_root, "schedule=step", "trainer.epochs=3"), run)
+    # Allowed config changes or not, a step schedule cannot continue a cosine one's state.
+    cfg = tiny_train_config(data_root, "schedule=step", "trainer.epochs=3", "trainer.allow_config_change=true")
+    with pytest.raises(ValueError) as err:
+        Trainer(cfg, run)
+    message = str(err.value)
+    assert "trained with schedule.name=cosine, and this run has schedule.name=step" in message
+    assert "Resume with schedule=cosine" in message and "new run folder" in message
+    assert not (run / "run.lock").exists()
+
+
+def test_resume_restores_the_saved_schedule_through_its_state_dict(data_root, one_epoch_run, tmp_path):
+    run = copy_run(one_epoch_run, tmp_path / "run")
+    last = run / "checkpoints" / "last.pt"
+    saved = load_checkpoint(last)["scheduler"]
+    assert saved["spec"]["kind"] == "cosine" and saved["spec"]["total_steps"] == 4
+    state = load_checkpoint(last)
+    state["scheduler"]["state"]["noise_seed"] = 7  # a field only the saved state has: loaded, not rebuilt
+    save_checkpoint(state, last)
+    trainer = build(tiny_train_config(data_root, "trainer.epochs=1"), run)
+    assert trainer.scheduler.state_dict()["noise_seed"] == 7
+
+
+def test_a_checkpoint_saved_before_schedule_specs_resumes_on_the_same_lrs(data_root, one_epoch_run, tmp_path):
+    run = copy_run(one_epoch_run, tmp_path / "run")
+    last = run / "checkpoints" / "last.pt"
+    state = load_checkpoint(last)
+    state["scheduler"] = state["scheduler"]["state"]  # what older versions saved: timm's state only
+    save_checkpoint(state, last)
+    cfg = tiny_train_config(data_root, "trainer.epochs=1")
+    old = build(cfg, run)
+    fresh = build(cfg, tmp_path / "fresh")
+    assert [_lr_after(old, s) for s in range(5)] == [_lr_after(fresh, s) for s in range(5)]
 
 
 # ------------------------------------------------------------------------- damaged checkpoints
@@ -246,7 +285,7 @@ def test_bit_flipped_last_pt_is_named_and_the_run_falls_back_to_best_pt(data_roo
     member = flip_bit(last)
     caplog.set_level(logging.INFO, logger="squarefuse")
     trainer = build(tiny_train_config(data_root), run)
-    assert trainer.step == load_checkpoint(best)["step"] == 4
+    assert trainer.state.step == load_checkpoint(best)["step"] == 4
     assert f"checkpoint {last} is damaged: member {member!r}" in caplog.text
     assert f"resumed from {best}" in caplog.text and "newest intact checkpoint" in caplog.text
 
@@ -270,13 +309,13 @@ def test_explicit_resume_works_when_the_runs_own_last_pt_is_truncated(data_root,
     last.write_bytes(last.read_bytes()[: last.stat().st_size // 2])  # a copy cut short
     caplog.set_level(logging.INFO, logger="squarefuse")
     # What the error message suggests: the run's best.pt.
-    assert build(tiny_train_config(data_root, f"trainer.resume={best}"), run).step == 4
+    assert build(tiny_train_config(data_root, f"trainer.resume={best}"), run).state.step == 4
     assert f"checkpoint {last} is truncated" in caplog.text
     # A file from elsewhere, when the run has no other intact checkpoint.
     elsewhere = tmp_path / "copy.pt"
     shutil.move(best, elsewhere)
     trainer = build(tiny_train_config(data_root, f"trainer.resume={elsewhere}"), run)
-    assert trainer.step == 4
+    assert trainer.state.step == 4
     assert "the run folder has no intact checkpoint" in caplog.text
 
 

@@ -328,7 +328,7 @@ def test_resume_on_the_cache_is_exact_with_a_view_drawn_per_sample(ckpt, tmp_pat
 
     def interrupt_after_5(self, batches):
         out = original_step(self, batches)
-        if self.step == 5:  # mid-epoch 1 (4 steps per epoch)
+        if self.state.step == 5:  # mid-epoch 1 (4 steps per epoch)
             self._stop_signal = 15
         return out
 

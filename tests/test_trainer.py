@@ -21,7 +21,9 @@ from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
 from squarefuse.checkpoint import load_checkpoint, save_checkpoint
+from squarefuse.training import loop as loop_mod
 from squarefuse.training import trainer as trainer_mod
+from squarefuse.training.state import TrainState
 from squarefuse.training.trainer import Trainer, check_trainer_cfg
 
 REPO = Path(__file__).resolve().parents[1]
@@ -162,7 +164,7 @@ def test_the_suggested_eval_command_runs_as_printed_for_a_sweeps_run_folder(tmp_
     trainer = object.__new__(Trainer)  # only the fields the closing line reads
     trainer.ckpt_dir = tmp_path / "multirun" / "0_fusion=none,optim.lr=0.01" / "checkpoints"
     trainer.ckpt_dir.mkdir(parents=True)
-    trainer.best_epoch, trainer.best_top1, trainer.last_val_top1 = None, -math.inf, None
+    trainer.state = TrainState(best_epoch=None, best_top1=-math.inf, last_val_top1=None)
     command = shlex.split(trainer._summary_line(1.0).rsplit("next: ", 1)[1])
     assert command[:2] == ["python", "eval.py"]
     assert compose_config("eval", command[2:]).ckpt == str(trainer.ckpt_dir / "last.pt")
@@ -195,7 +197,7 @@ def test_resume_is_exact(data_root, tmp_path, monkeypatch):
 
     def interrupt_after_5(self, batches):
         out = original_step(self, batches)
-        if self.step == 5:  # mid-epoch 1 (4 steps per epoch)
+        if self.state.step == 5:  # mid-epoch 1 (4 steps per epoch)
             self._stop_signal = signal.SIGTERM
         return out
 
@@ -222,7 +224,7 @@ def test_resume_is_exact(data_root, tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_nonfinite_loss_stops_or_skips(data_root, tmp_path, monkeypatch):
-    original = trainer_mod.soft_cross_entropy
+    original = loop_mod.soft_cross_entropy
     calls = {"n": 0}
 
     def nan_on_third_call(logits, target):
@@ -230,12 +232,12 @@ def test_nonfinite_loss_stops_or_skips(data_root, tmp_path, monkeypatch):
         loss = original(logits, target)
         return loss * float("nan") if calls["n"] == 3 else loss
 
-    monkeypatch.setattr(trainer_mod, "soft_cross_entropy", nan_on_third_call)
+    monkeypatch.setattr(loop_mod, "soft_cross_entropy", nan_on_third_call)
     trainer = Trainer(tiny_train_config(data_root), tmp_path / "stop")
     before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
     with pytest.raises(FloatingPointError, match="step 3"):
         trainer.fit()
-    assert trainer.step == 2
+    assert trainer.state.step == 2
     end = read_metrics(tmp_path / "stop")[-1]
     assert end["split"] == "end" and end["status"] == "crashed" and end["step"] == 2
     assert end["error"].startswith("FloatingPointError") and "step 3" in end["error"]
@@ -245,7 +247,7 @@ def test_nonfinite_loss_stops_or_skips(data_root, tmp_path, monkeypatch):
     calls["n"] = 0
     trainer = Trainer(tiny_train_config(data_root, "trainer.nonfinite=skip"), tmp_path / "skip")
     summary = trainer.fit()
-    assert summary["status"] == "finished" and trainer.num_skipped == 1
+    assert summary["status"] == "finished" and trainer.state.num_skipped == 1
     assert all(torch.isfinite(v).all() for v in trainer.model.state_dict().values() if v.is_floating_point())
 
 
@@ -272,7 +274,7 @@ def test_a_stop_signal_is_acted_on_at_a_step_every_rank_agreed_on(data_root, tmp
     def all_reduce_then_signal(tensor):
         out = real_all_reduce_sum(tensor)
         if tensor.numel() == 2:  # the step's flags
-            flag_reductions.append(trainer.step)
+            flag_reductions.append(trainer.state.step)
             if len(flag_reductions) == 3:
                 trainer._on_signal(signal.SIGTERM, None)
         return out

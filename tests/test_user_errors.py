@@ -97,7 +97,7 @@ def test_train_py_checks_the_types_before_any_work(tmp_path):
         # Before: an allocator error in the FLOP counter.
         (["dataset.num_frames=100000"], r"dataset\.num_frames=100000: must be in 1\.\.1024"),
         # Before: accepted.
-        (["optim.warmup_epochs=-1"], r"optim\.warmup_epochs must be >= 0, got -1"),
+        (["schedule.warmup_epochs=-1"], r"schedule\.warmup_epochs must be >= 0, got -1"),
         # Before: after the synthetic data was generated (the layer checks its arguments when built).
         (["fusion.K=0"], r"fusion\.K must be an integer >= 1, got 0"),
         (["fusion.quantiles=[0.1,1.5]"], r"fusion\.quantiles levels must be numbers in \[0, 1\], got 1\.5"),

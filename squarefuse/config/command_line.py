@@ -20,6 +20,20 @@ from squarefuse.config.compose_config import shell_override
 # What Hydra reads as grammar inside an unquoted value: it ends or splits the value.
 _GRAMMAR_CHARS = "=,'\"[]{}() \t"
 EXIT_CODE = 2  # as squarefuse.apps.user_errors: a mistake the user can fix
+# Keys that moved to another config group: Hydra would only say that the old key is not in the config.
+MOVED_KEYS = {
+    "optim.warmup_epochs": "schedule.warmup_epochs",
+    "optim.warmup_lr": "schedule.warmup_lr",
+    "optim.min_lr": "schedule.min_lr",
+}
+
+
+def moved_key_message(arg: str) -> str | None:
+    """The error for an override of a key that moved (`MOVED_KEYS`), naming the new key; else None."""
+    key = arg.split("=", 1)[0].lstrip("+~")
+    if key not in MOVED_KEYS:
+        return None
+    return f"{key} is now {MOVED_KEYS[key]} (the lr schedule is its own group, schedule=cosine|step|constant)"
 
 
 def unreadable_override_message(arg: str) -> str | None:
@@ -44,9 +58,10 @@ def unreadable_override_message(arg: str) -> str | None:
 
 
 def exit_on_unreadable_overrides(argv: Sequence[str]) -> None:
-    """Exit with code 2 and `unreadable_override_message` for the first override Hydra cannot read."""
+    """Exit with code 2 and `unreadable_override_message` for the first override Hydra cannot read
+    (or `moved_key_message` for one that names a moved key)."""
     for arg in argv:
-        message = unreadable_override_message(arg)
+        message = moved_key_message(arg) or unreadable_override_message(arg)
         if message:
             print(f"error: {message}", file=sys.stderr)
             sys.exit(EXIT_CODE)

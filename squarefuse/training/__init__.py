@@ -1,10 +1,15 @@
 """Training: `train.py` -> `Trainer(cfg, run_dir).fit()`.
 
-trainer        the training loop, its `state_dict` and resume; read it top to bottom
-optim          AdamW with layer-wise lr decay, warmup + cosine schedule
+trainer        builds a run's parts (data, model, optimiser, schedule) and wires them; `state_dict`
+loop           the loop: `fit`, `train_epoch`, `train_step`, validation; read it top to bottom
+state          `TrainState` (the loop counters) and the RNG states a checkpoint keeps
+resume         which checkpoint to resume, what may change, restoring the lr schedule
+resume_checks  what changed between a checkpoint's config and the resuming run's, key by key
+config_checks  `check_train_config`: the checks that need no data and no device
+optim          the optimiser by `optim.name` (adamw | sgd), layer-wise lr decay
+schedule       the lr schedule by `schedule.name` (cosine | step | constant, each with a warmup)
 sample_order   a resumable sample order and per-sample augmentation seeds
 init_from      `trainer.init_from=PATH`: start from another model's weights (fine-tuning)
-resume_checks  what changed between a checkpoint's config and the resuming run's
 run_lock       one training job per run folder
 metrics_log    metrics.jsonl, the resolved config, the git commit, and wandb (rank 0)
 """

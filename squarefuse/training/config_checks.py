@@ -1,0 +1,76 @@
+"""The checks of a training config that need no data and no device: `check_train_config`.
+
+train.py (and scripts/cache_tokens.py) run them before anything is created; `Trainer` runs them again.
+"""
+
+from __future__ import annotations
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from squarefuse.datasets.token_cache import apply_cache_to_config
+from squarefuse.models import build_classifier
+from squarefuse.training.optim import check_optim_cfg
+from squarefuse.training.schedule import check_schedule_cfg
+
+
+def check_trainer_cfg(tcfg: DictConfig) -> None:
+    """Reject values that would fail late or silently misbehave; messages name the key."""
+
+    def need(ok: bool, key: str, what: str) -> None:
+        if not ok:
+            raise ValueError(f"trainer.{key} must be {what}, got {tcfg[key]!r}")
+
+    need(int(tcfg.epochs) >= 1, "epochs", ">= 1")
+    need(tcfg.max_steps is None or int(tcfg.max_steps) >= 1, "max_steps", "null or >= 1")
+    need(int(tcfg.batch_size) >= 1, "batch_size", ">= 1")
+    need(int(tcfg.prefetch_factor) >= 1, "prefetch_factor", ">= 1")
+    need(int(tcfg.accum_steps) >= 1, "accum_steps", ">= 1")
+    need(tcfg.nonfinite in ("stop", "skip"), "nonfinite", "stop or skip")
+    need(int(tcfg.max_consecutive_skips) >= 1, "max_consecutive_skips", ">= 1")
+    need(isinstance(tcfg.allow_config_change, bool), "allow_config_change", "true or false")
+    need(tcfg.precision in ("auto", "bf16", "fp16", "fp32"), "precision", "auto, bf16, fp16 or fp32")
+    need(float(tcfg.mixup) >= 0 and float(tcfg.cutmix) >= 0, "mixup", ">= 0 (and so must trainer.cutmix)")
+    need(0.0 <= float(tcfg.mixup_prob) <= 1.0, "mixup_prob", "in [0, 1]")
+    need(0.0 <= float(tcfg.label_smoothing) < 1.0, "label_smoothing", "in [0, 1)")
+    need(tcfg.clip_grad is None or float(tcfg.clip_grad) > 0, "clip_grad", "null or > 0")
+    need(int(tcfg.log_every) >= 1, "log_every", ">= 1")
+    need(int(tcfg.ckpt_every) >= 1, "ckpt_every", ">= 1")
+    need(int(tcfg.val_every) >= 0, "val_every", ">= 0")
+    need(0.0 < float(tcfg.ema.decay) < 1.0, "ema", "a mapping with decay in (0, 1)")
+
+
+def check_train_config(cfg: DictConfig) -> None:
+    """Every check that needs no data and no device, run before anything is created.
+
+    The trainer and optimiser keys, and the model: the backbone, fusion and head are built on the
+    meta device (no memory, no weights read), so each layer's own argument checks (`fusion.K=0`,
+    `fusion.quantiles=[0.1,1.5]`...) run before the data is generated or a file is written.
+
+    With `dataset=tokens` it first reads the cache's `cache.json` and fills the run's config with the
+    cache's settings (`apply_cache_to_config`): the model is built from them. Calling it again is
+    harmless (the filled-in values equal the cache's).
+
+    Raises:
+        ValueError: naming the key and its value.
+    """
+    apply_cache_to_config(cfg)
+    tcfg = cfg.trainer
+    if cfg.dataset.name == "tokens" and (float(tcfg.mixup) > 0 or float(tcfg.cutmix) > 0):
+        raise ValueError(
+            f"trainer.mixup={tcfg.mixup}, trainer.cutmix={tcfg.cutmix}: MixUp/CutMix mix pixels, and a run on "
+            "cached tokens (dataset=tokens) has none; set both to 0"
+        )
+    if cfg.dataset.name == "tokens" and str(cfg.head.get("_target_", "")).endswith(".MeanHead"):
+        patches = int(cfg.backbone.model_kwargs.num_tokens) - int(cfg.backbone.model_kwargs.num_prefix_tokens)
+        if patches < 1:
+            raise ValueError(
+                f"head=mean averages the patch tokens, and the token cache {cfg.dataset.root} holds none "
+                f"(dataset.tokens={cfg.dataset.tokens}: its prefix tokens only): use head=cls"
+            )
+    check_trainer_cfg(tcfg)
+    check_optim_cfg(cfg.optim)
+    check_schedule_cfg(cfg.schedule)
+    backbone_cfg = OmegaConf.merge(cfg.backbone, {"pretrained": False, "pretrained_path": None})
+    with torch.device("meta"):
+        build_classifier(backbone_cfg, cfg.fusion, cfg.head, num_classes=2)  # any class count will do
