@@ -485,6 +485,7 @@ class Trainer:
         }
 
     def load_state_dict(self, state: dict[str, Any], *, path: str | Path = "the checkpoint") -> None:
+        self._check_resumed_world_size(state, path)
         if len(state["class_names"]) != self.num_classes:
             raise ValueError(f"{path} has {len(state['class_names'])} classes but the dataset has {self.num_classes}")
         if list(state["class_names"]) != self.class_names and not self.cfg.trainer.allow_config_change:
@@ -507,25 +508,39 @@ class Trainer:
         self.last_val_step = int(state["last_val_step"])
         self.num_replaced, self.num_skipped = int(state["num_replaced"]), int(state["num_skipped"])
         self.consecutive_skips = int(state.get("consecutive_skips", 0))
-        if int(state["world_size"]) == self.dist.world_size:
-            _set_rng_state(state["rng"][self.dist.rank])
-        else:
-            # The epoch order changes with the world size anyway; resume at the next epoch start.
-            log.warning(
-                "resuming a world-size %d checkpoint with world size %d: continuing from the start of epoch %d",
-                state["world_size"],
-                self.dist.world_size,
-                self.epoch + (self.batch_in_epoch > 0),
-            )
-            if self.batch_in_epoch > 0:
-                self.epoch, self.batch_in_epoch = self.epoch + 1, 0
+        _set_rng_state(state["rng"][self.dist.rank])
+
+    def _check_resumed_world_size(self, state: dict[str, Any], path: str | Path) -> None:
+        """Refuse a checkpoint saved with another number of processes.
+
+        The world size sets the clips of an optimiser step (and so the lr, the steps of an epoch
+        and of the schedule) and which rank sees which sample: resumed with another one, the run
+        could neither see the rest of the interrupted epoch nor stay at its point of the lr
+        schedule (it skipped to the next epoch, rebuilt the schedule counting the steps done, and
+        trained past trainer.epochs).
+        """
+        saved, now = int(state["world_size"]), self.dist.world_size
+        if saved == now:
+            return
+        old = state.get("config", {}).get("trainer", {})
+        micro, accum = old.get("batch_size", self.micro_batch), old.get("accum_steps", self.accum)
+        raise ValueError(
+            f"{path} was saved by a run of world size {saved} (global batch {micro} x {accum} x {saved} = "
+            f"{int(micro) * int(accum) * saved} clips a step, at step {state['step']}: epoch {state['epoch']}, "
+            f"micro-batch {state['batch_in_epoch']} of it); this run has world size {now} (global batch "
+            f"{self.micro_batch * self.accum * now}). Resumed with another number of processes the run would "
+            f"not see the rest of its epoch's samples nor keep its place in the lr schedule. Resume with world "
+            f"size {saved} (e.g. torchrun --nproc_per_node={saved} on one node), or start a new run folder "
+            f"from its weights: hydra.run.dir=NEW_FOLDER trainer.init_from={path}"
+        )
 
     def _restore_schedule(self, saved: dict[str, Any], path: str | Path) -> None:
         """Continue the checkpoint's lr schedule, or this run's own when its length or lr differs.
 
         The schedule is a function of the run's length and peak lr: restoring the checkpoint's after
         `trainer.max_steps` 4 -> 12 would train steps 5-12 at the old schedule's end (min_lr); after
-        a change of world size it would use the old global batch's lr. This run's is rebuilt instead.
+        a change of batch size (trainer.allow_config_change) it would use the old global batch's lr.
+        This run's is rebuilt instead. (Another world size is refused before: `_check_resumed_world_size`.)
         """
         fresh = self.scheduler.state_dict()
         if all(saved.get(k) == fresh.get(k) for k in SCHEDULE_KEYS):
@@ -535,7 +550,7 @@ class Trainer:
             old_lr = max(saved.get("base_values") or [math.nan])
             log.warning(
                 "%s was saved with an lr schedule of %d steps (%d warmup) peaking at lr %.2e; this run has %d "
-                "steps (%d warmup) at lr %.2e (the run length, world size, batch or optim settings changed): "
+                "steps (%d warmup) at lr %.2e (the run length, batch or optim settings changed): "
                 "the schedule is rebuilt for this run's length and lr",
                 path,
                 old_steps,

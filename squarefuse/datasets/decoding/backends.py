@@ -195,7 +195,7 @@ class PyAVBackend:
 
         self._short_side = short_side
         # This reader's own RGB converter, with `num_threads` scaling threads. `VideoFrame.to_ndarray`
-        # would use PyAV's per-thread one (PyAV >= 16), which keeps FFmpeg's scaling threads (one
+        # would use PyAV's per-thread one (PyAV 18), which keeps FFmpeg's scaling threads (one
         # per core) alive for the life of the thread: a process that decoded a video in its main
         # thread and then forked a DataLoader worker gave the worker a converter whose threads do
         # not exist there, and the worker's first conversion waited for them forever.
