@@ -177,7 +177,9 @@ def test_run_predict_list_with_missing_file_and_labels(ckpt, videos, tmp_path):
 
 def test_predict_script_on_a_folder_with_a_corrupt_file(ckpt, videos, tmp_path):
     command = [f"ckpt={ckpt}", f"input={videos}"]
-    options = ["views=1x1", "topk=2", "num_workers=1", "device=cpu"]
+    # A worker that hung (as one did, forked after test_api_round_trip_equals_eval had decoded in
+    # this process: tests/test_loader_stalls.py) fails the run in 2 minutes instead of hanging it.
+    options = ["views=1x1", "topk=2", "num_workers=1", "device=cpu", "loader_timeout=120"]
     done = run_script("scripts/predict.py", *command, *options, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-4000:]
     outputs = list((ckpt.parent.parent / "predict").glob("*/predictions.csv"))

@@ -9,7 +9,6 @@ import errno
 import json
 import logging
 import os
-import re
 import shutil
 import signal
 import tempfile
@@ -218,24 +217,25 @@ def test_resume_with_a_longer_run_rebuilds_the_lr_schedule(data_root, one_epoch_
     assert "lr schedule of 4 steps" in caplog.text and "the schedule is rebuilt" in caplog.text
 
 
-def test_startup_line_shows_the_lr_of_a_run_resumed_with_another_world_size(data_root, one_epoch_run, tmp_path, caplog):
+def test_resume_with_another_world_size_is_refused_naming_both(data_root, one_epoch_run, tmp_path):
+    # What 2 ranks save in the middle of their second epoch (2 steps an epoch at twice the batch):
+    # resumed by 1 process it used to skip to the next epoch and rebuild the schedule, training
+    # past trainer.epochs (issue 28, item 7).
     run = copy_run(one_epoch_run, tmp_path / "run")
     last = run / "checkpoints" / "last.pt"
     state = load_checkpoint(last)
-    # What 2 ranks save: twice the global batch, hence twice the scaled lr, and half the steps.
-    state["world_size"] = 2
-    state["rng"] = state["rng"] * 2
-    spec, saved = state["scheduler"]["spec"], state["scheduler"]["state"]
-    spec["lr"], spec["total_steps"] = 2 * spec["lr"], spec["total_steps"] // 2
-    saved["base_values"] = [2 * v for v in saved["base_values"]]
+    state.update(world_size=2, rng=state["rng"] * 2, step=3, epoch=1, batch_in_epoch=1)
     save_checkpoint(state, last)
-    caplog.set_level(logging.INFO, logger="squarefuse")
-    trainer = build(tiny_train_config(data_root), run)
-    startup = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("run dir"))
-    shown = float(re.search(r", lr ([0-9.e+-]+) \|", startup).group(1))
-    assert shown == pytest.approx(trainer.lr, rel=1e-2)  # the lr scaled for this run's global batch...
-    assert max(trainer.scheduler.base_values) == trainer.lr  # ...is the one the schedule uses
-    assert "the schedule is rebuilt" in caplog.text
+    cfg = tiny_train_config(data_root, "trainer.epochs=3")
+    with pytest.raises(ValueError) as error:
+        Trainer(cfg, run)
+    message = str(error.value)
+    micro, accum = int(cfg.trainer.batch_size), int(cfg.trainer.accum_steps)
+    assert f"{last} was saved by a run of world size 2 (global batch {micro} x {accum} x 2 = " in message, message
+    assert "at step 3: epoch 1, micro-batch 1 of it" in message
+    assert f"this run has world size 1 (global batch {micro * accum})" in message
+    assert "Resume with world size 2" in message and f"trainer.init_from={last}" in message
+    assert load_checkpoint(last)["step"] == 3  # nothing was trained or saved
 
 
 def test_resume_with_another_schedule_kind_is_refused_naming_the_key(data_root, one_epoch_run, tmp_path):

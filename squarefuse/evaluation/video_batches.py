@@ -4,6 +4,8 @@ Eval items (`VideoDataset` eval mode) hold every view of a video, [V,T,C,H,W] ui
 loads them with a DataLoader over a given list of indices (one rank's shard, no padding),
 normalises on the device, runs a model function on the B*V views and averages its outputs over
 each video's V views. Videos that fail to decode are collected with their error, never replaced.
+A worker that dies, or a batch that takes longer than `BatchSettings.loader_timeout`, ends the run
+with `LoaderStalled` naming the batch's videos: nothing waits on a stuck worker for ever.
 """
 
 from __future__ import annotations
@@ -20,9 +22,19 @@ from tqdm import tqdm
 from squarefuse.datasets.preprocess import VideoNormalizer
 from squarefuse.evaluation.frame_order import reorder_frames
 from squarefuse.runtime.precision import autocast
-from squarefuse.runtime.workers import ignore_stop_signals, private_generator
+from squarefuse.runtime.workers import bounded_batches, ignore_stop_signals, private_generator
 
-__all__ = ["BatchSettings", "run_batches"]
+__all__ = ["DEFAULT_LOADER_TIMEOUT_S", "BatchSettings", "run_batches"]
+
+# Seconds the batch loop waits for one batch from its workers (`loader_timeout` in the app configs).
+# Generous: a batch of videos whose decoders all hang takes batch_size x (decoders tried) x
+# dataset.decode_timeout before the guard has failed them all, and a loaded node is slow.
+DEFAULT_LOADER_TIMEOUT_S = 1800.0
+_ADVICE = (
+    "Run with num_workers=0 to load in this process (a crash or hang then shows where it is), "
+    "set dataset.decode_timeout=60 to decode in a guarded process that is killed when it hangs, or "
+    "raise loader_timeout=SECONDS if the videos are only slow to load"
+)
 
 
 @dataclass(frozen=True)
@@ -37,6 +49,7 @@ class BatchSettings:
         precision: fp32 | bf16 | fp16 (autocast).
         frame_order: normal | reversed | shuffled: the frames of every view reordered before the
             model sees them (`squarefuse.evaluation.frame_order`); frame_order_seed seeds the shuffle.
+        loader_timeout: seconds to wait for one batch from the workers (> 0; unused without workers).
     """
 
     device: torch.device
@@ -46,6 +59,7 @@ class BatchSettings:
     precision: str
     frame_order: str = "normal"
     frame_order_seed: int = 0
+    loader_timeout: float = DEFAULT_LOADER_TIMEOUT_S
 
 
 def run_batches(
@@ -79,13 +93,16 @@ def run_batches(
 
     Raises:
         ValueError: the dataset gives another number of views than `num_views`.
+        LoaderStalled: a worker died, or a batch did not come within `settings.loader_timeout`.
     """
     device = settings.device
+    shard = list(shard)
     loader = DataLoader(
         dataset,
         batch_size=settings.batch_size,
-        sampler=list(shard),  # a plain list of indices: no shuffling, no padding
+        sampler=shard,  # a plain list of indices: no shuffling, no padding
         num_workers=settings.num_workers,
+        timeout=settings.loader_timeout if settings.num_workers > 0 else 0,  # 0: what it must be without workers
         pin_memory=device.type == "cuda",
         drop_last=False,
         worker_init_fn=ignore_stop_signals,
@@ -95,8 +112,14 @@ def run_batches(
     labels: list[Tensor] = []
     outputs: dict[str, list[Tensor]] = {}
     errors: dict[int, str] = {}
+    size = settings.batch_size
+
+    def describe(k: int) -> str:
+        return _describe_videos(dataset, shard[k * size : (k + 1) * size])
+
+    batches = bounded_batches(loader, describe=describe, advice=_ADVICE)
     with torch.inference_mode():
-        for batch in tqdm(loader, desc=desc, disable=not progress):
+        for batch in tqdm(batches, total=len(loader), desc=desc, disable=not progress):
             ok_B = ~batch["failed"].bool()
             for i in (~ok_B).nonzero().flatten().tolist():
                 errors[int(batch["index"][i])] = batch["error"][i] if "error" in batch else "did not decode"
@@ -134,3 +157,12 @@ def run_batches(
         "outputs": {name: torch.cat(parts) for name, parts in outputs.items()},
         "errors": errors,
     }
+
+
+def _describe_videos(dataset: Any, indices: Sequence[int], shown: int = 4) -> str:
+    """ "videos 8, 9 (a.mp4, b.mp4)": dataset indices and, where the dataset lists records, their paths."""
+    records = getattr(dataset, "records", None)
+    names = [str(records[i].path) for i in indices[:shown]] if records is not None else []
+    more = f", ... {len(indices) - shown} more" if len(indices) > shown else ""
+    listing = f" ({', '.join(names)}{more})" if names else ""
+    return f"videos {', '.join(map(str, indices))}{listing}"

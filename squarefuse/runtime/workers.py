@@ -10,16 +10,24 @@ make sure they always do, and promptly:
   traceback, e.g. one raised in the middle of a validation) are killed: multiprocessing's own exit
   handler would send them SIGTERM, which they ignore, and then join them without a timeout,
   hanging the process forever after the error was printed.
+
+A loader's consumer never waits for them without bound either: `bounded_batches` turns a worker
+that died, or a batch that did not come within the DataLoader's `timeout`, into `LoaderStalled`
+naming the batch's videos, and kills the workers that are left.
 """
 
 from __future__ import annotations
 
 import atexit
+import itertools
 import multiprocessing
 import multiprocessing.util  # noqa: F401 - registers its exit handler before ours (see below)
 import os
+import re
 import signal
 import time
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 from torch.utils.data import DataLoader
@@ -28,6 +36,13 @@ from squarefuse.runtime.process_pool import die_with_parent
 
 # How long children that were sent SIGTERM at exit get before SIGKILL.
 _EXIT_GRACE_S = 1.0
+# The DataLoader's own errors for a batch that did not come (`timeout`) and for a worker that died
+# (found by its SIGCHLD handler or its liveness check); any other error is the dataset's own.
+_LOADER_FAILURE = re.compile(r"DataLoader (timed out after|worker \(pid)")
+
+
+class LoaderStalled(RuntimeError):
+    """A DataLoader worker died, or a batch did not come within the loader's timeout."""
 
 
 def ignore_stop_signals(worker_id: int) -> None:
@@ -101,6 +116,43 @@ def shutdown_workers(loader: DataLoader) -> None:
     if iterator is not None and hasattr(iterator, "_shutdown_workers"):
         iterator._shutdown_workers()
     loader._iterator = None
+
+
+def bounded_batches(loader: DataLoader, *, describe: Callable[[int], str], advice: str) -> Iterator[Any]:
+    """The batches of `loader`, or `LoaderStalled` when its workers stop delivering them.
+
+    With workers, give the loader a `timeout` (seconds per batch): PyTorch then raises when a batch
+    does not come in time, and at once when a worker dies. Either becomes `LoaderStalled` naming
+    batch k as `describe(k)` says (its videos), with PyTorch's message (the worker's pid) and
+    `advice` (what to change); the workers are killed first, since a stuck one ignores SIGTERM.
+
+    Args:
+        loader: the DataLoader (batches come in sampler order: batch k is the k-th).
+        describe: batch number -> what it holds, e.g. "videos 8-11: a.mp4, ...".
+        advice: what the user can do, e.g. which keys to change.
+    """
+    iterator = iter(loader)
+    for k in itertools.count():
+        try:
+            batch = next(iterator)
+        except StopIteration:
+            return
+        except RuntimeError as e:
+            if not _LOADER_FAILURE.search(str(e)):
+                raise
+            _kill_workers(iterator)
+            raise LoaderStalled(f"data loading stopped at batch {k} ({describe(k)}): {e}. {advice}") from e
+        yield batch
+
+
+def _kill_workers(iterator: Any) -> None:
+    # A stuck worker ignores the SIGTERM of the iterator's own shutdown (see ignore_stop_signals)
+    # and would live on, stuck, until this process ends: SIGKILL it, then let the iterator clean up.
+    for worker in getattr(iterator, "_workers", []):
+        if worker.is_alive():
+            worker.kill()
+    if hasattr(iterator, "_shutdown_workers"):
+        iterator._shutdown_workers()
 
 
 def _kill_leftover_children() -> None:

@@ -175,7 +175,8 @@ def restore_schedule(
 
     The schedule is a function of the run's length and peak lr: restoring the checkpoint's after
     `trainer.max_steps` 4 -> 12 would train steps 5-12 at the old schedule's end (min_lr); after
-    a change of world size it would use the old global batch's lr. This run's is kept instead.
+    a change of batch size (trainer.allow_config_change) it would use the old global batch's lr; another
+    world size is refused before (`check_world_size`). This run's is kept instead.
     Another kind of schedule (`schedule.name`) cannot continue a saved one: that is refused.
 
     Raises:
@@ -198,7 +199,7 @@ def restore_schedule(
     elif is_main:
         log.warning(
             "%s was saved with an lr schedule of %d steps (%d warmup) peaking at lr %.2e; this run has %d "
-            "steps (%d warmup) at lr %.2e (the run length, world size, batch or optim/schedule settings "
+            "steps (%d warmup) at lr %.2e (the run length, batch or optim/schedule settings "
             "changed): the schedule is rebuilt for this run's length and lr",
             path,
             old["total_steps"],
@@ -210,3 +211,28 @@ def restore_schedule(
         )
     # The optimiser's lr is the one the saved schedule set; set the one of the schedule in use.
     scheduler.step_update(num_updates=step)
+
+
+def check_world_size(state: dict[str, Any], world_size: int, clips_per_rank_step: int, path: str | Path) -> None:
+    """Refuse a checkpoint saved with another number of processes.
+
+    The world size sets the clips of an optimiser step (and so the lr, the steps of an epoch and of
+    the schedule) and which rank sees which sample: resumed with another one, the run could neither
+    see the rest of the interrupted epoch nor stay at its point of the lr schedule (it used to skip
+    to the next epoch, rebuild the schedule counting the steps done, and train past trainer.epochs).
+    """
+    saved = int(state["world_size"])
+    if saved == world_size:
+        return
+    old = state.get("config", {}).get("trainer", {})
+    micro, accum = old.get("batch_size", "?"), old.get("accum_steps", "?")
+    old_global = int(micro) * int(accum) * saved if str(micro).isdigit() and str(accum).isdigit() else "?"
+    raise ValueError(
+        f"{path} was saved by a run of world size {saved} (global batch {micro} x {accum} x {saved} = "
+        f"{old_global} clips a step, at step {state['step']}: epoch {state['epoch']}, "
+        f"micro-batch {state['batch_in_epoch']} of it); this run has world size {world_size} (global batch "
+        f"{clips_per_rank_step * world_size}). Resumed with another number of processes the run would "
+        f"not see the rest of its epoch's samples nor keep its place in the lr schedule. Resume with world "
+        f"size {saved} (e.g. torchrun --nproc_per_node={saved} on one node), or start a new run folder "
+        f"from its weights: hydra.run.dir=NEW_FOLDER trainer.init_from={path}"
+    )

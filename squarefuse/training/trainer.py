@@ -289,6 +289,7 @@ class Trainer(TrainLoop):
         }
 
     def load_state_dict(self, state: dict[str, Any], *, path: str | Path = "the checkpoint") -> None:
+        resume.check_world_size(state, self.dist.world_size, self.micro_batch * self.accum, path)
         resume.check_classes(self.cfg, state, self.class_names, path)
         resume.load_model_weights(self.model, self.cfg, state, path)
         if self.ema is not None:
@@ -304,18 +305,7 @@ class Trainer(TrainLoop):
             path=path,
             is_main=self.dist.is_main,
         )
-        if int(state["world_size"]) == self.dist.world_size:
-            set_rng_state(state["rng"][self.dist.rank])
-        else:
-            # The epoch order changes with the world size anyway; resume at the next epoch start.
-            log.warning(
-                "resuming a world-size %d checkpoint with world size %d: continuing from the start of epoch %d",
-                state["world_size"],
-                self.dist.world_size,
-                self.state.epoch + (self.state.batch_in_epoch > 0),
-            )
-            if self.state.batch_in_epoch > 0:
-                self.state.epoch, self.state.batch_in_epoch = self.state.epoch + 1, 0
+        set_rng_state(state["rng"][self.dist.rank])
 
     def save(self, name: str) -> None:
         state = self.state_dict()  # a collective (RNG gather): every rank calls it

@@ -191,15 +191,23 @@ class PyAVBackend:
 
     def __init__(self, path: str, *, num_threads: int = 1, short_side: int | None = None) -> None:
         import av  # noqa: PLC0415
+        from av.video.reformatter import VideoReformatter  # noqa: PLC0415
 
         self._short_side = short_side
+        # This reader's own RGB converter, with `num_threads` scaling threads. `VideoFrame.to_ndarray`
+        # would use PyAV's per-thread one (PyAV 18), which keeps FFmpeg's scaling threads (one
+        # per core) alive for the life of the thread: a process that decoded a video in its main
+        # thread and then forked a DataLoader worker gave the worker a converter whose threads do
+        # not exist there, and the worker's first conversion waited for them forever.
+        self._num_threads = max(1, num_threads)
+        self._reformatter = VideoReformatter()
 
         self._container = av.open(path)
         if not self._container.streams.video:
             self._container.close()
             raise ValueError("the file has no video stream")
         self._stream = self._container.streams.video[0]
-        self._stream.codec_context.thread_count = max(1, num_threads)
+        self._stream.codec_context.thread_count = self._num_threads
         pts: list[int] = []
         key_pts: list[int] = []
         num_packets = 0
@@ -232,10 +240,8 @@ class PyAVBackend:
 
     def _to_rgb(self, frame) -> np.ndarray:
         size = decode_size(frame.height, frame.width, self._short_side)
-        if size is None:
-            rgb = frame.to_ndarray(format="rgb24")
-        else:
-            rgb = frame.reformat(width=size[1], height=size[0], format="rgb24", interpolation="BICUBIC").to_ndarray()
+        resize = {} if size is None else {"width": size[1], "height": size[0], "interpolation": "BICUBIC"}
+        rgb = self._reformatter.reformat(frame, format="rgb24", threads=self._num_threads, **resize).to_ndarray()
         turns = _quarter_turns(frame)
         return np.ascontiguousarray(np.rot90(rgb, k=turns)) if turns else rgb
 
