@@ -150,3 +150,15 @@ def test_export_script_onnx_classifies_a_real_clip_like_pytorch(default_ckpt, lo
     with torch.no_grad():
         expected = loaded.model(views)
     np.testing.assert_allclose(logits, expected.numpy(), atol=1e-4, rtol=0)
+
+
+def test_attentive_head_exports_to_onnx_and_to_torchscript_with_a_mask(tmp_path):
+    cfg = compose_config("train", ["head=attentive", "head.pos_embed=space_time", "fusion=temporal_attn"])
+    path, _ = make_checkpoint(tmp_path / "run" / "checkpoints" / "best.pt", cfg)
+    loaded = squarefuse.load_model(path)
+    shape = dict(num_frames=loaded.preprocess.num_frames, crop_size=loaded.preprocess.crop_size)
+    # export_model checks the file against PyTorch (batches of 1 and 3; random padding with a mask).
+    assert export_model(loaded.model, tmp_path / "model.onnx", fmt="onnx", **shape) <= 1e-4
+    ops = {node.op_type for node in onnx.load(str(tmp_path / "model.onnx")).graph.node}
+    assert "Softmax" in ops and "ATen" not in ops  # the probe's attention, in standard ops
+    assert export_model(loaded.model, tmp_path / "model.pt", fmt="torchscript", mask=True, **shape) <= 1e-4

@@ -400,3 +400,15 @@ def test_a_mean_head_on_a_cache_of_prefix_tokens_only_is_refused(ckpt, tmp_path)
         train(token_train_cfg(cache, None, "head=mean"), tmp_path / "run")
     assert not (tmp_path / "run" / "checkpoints").exists()
     check_train_config(token_train_cfg(cache, None, "head=cls"))
+
+
+def test_an_attentive_head_trains_and_evaluates_on_the_cache_and_reads_prefix_token_caches(ckpt, cache32, tmp_path):
+    attentive = ["head=attentive", "head.pos_embed=space_time", "trainer.epochs=1"]
+    summary = train(token_train_cfg(cache32, None, *attentive), tmp_path / "run")
+    assert summary["status"] == "finished" and all(np.isfinite(losses(tmp_path / "run")))
+    last = tmp_path / "run" / "checkpoints" / "last.pt"
+    cfg = compose_config("eval", [f"ckpt={last}", "num_workers=0", "device=cpu"])
+    assert run_eval(cfg, tmp_path / "eval").num_videos == 5
+    # It reads every token, prefix tokens included, so a cache of class tokens only is fine.
+    cls_cache = make_cache(ckpt, tmp_path / "cls_cache", "tokens=cls")
+    check_train_config(token_train_cfg(cls_cache, None, *attentive))

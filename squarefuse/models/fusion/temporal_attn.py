@@ -6,6 +6,16 @@ position embedding, then an MLP, both residual. ``tokens=cls`` attends over the 
 sequence only, the cheap late-fusion variant (ViViT's factorised encoder, Arnab et al. 2021).
 As in TimeSformer the output projections start at zero, so the layer is the identity at step 0
 and a pretrained image model is not disturbed.
+
+The temporal position embedding starts random (``pos_init=trunc_normal``, std 0.02 as in
+ViT/ViViT), not at zero as in TimeSformer (``pos_init=zeros``, kept as an option). With the
+output projection at zero, no gradient reaches the attention or the embedding at step 0 either
+way: the first steps learn through the output projection, whose gradient is computed from the
+attention's output. With a zero embedding that output is blind to frame order (attention is
+permutation-equivariant), so under an order-blind head (a mean over frames) every step-0
+gradient is the same for a clip and its time reversal: order can enter only at second order,
+from a saddle where both the embedding and the projection's order-dependent part are zero. A
+random embedding makes the attention output order-dependent, and its gradient too, from step 0.
 """
 
 from __future__ import annotations
@@ -61,6 +71,8 @@ class TemporalAttention(nn.Module):
             class token; the other tokens pass through).
         mlp_ratio: Hidden width of the MLPs over ``D``.
         max_frames: Length of the learned temporal position embedding (frames per clip at most).
+        pos_init: ``trunc_normal`` (std 0.02, the default: order-dependent from step 0) or
+            ``zeros`` (TimeSformer's). Only the initial values differ; the state dict is the same.
 
     Raises:
         ArgumentError: (a ValueError) naming the ``fusion.*`` key of an invalid value.
@@ -74,6 +86,7 @@ class TemporalAttention(nn.Module):
         tokens: str = "all",
         mlp_ratio: float = 4.0,
         max_frames: int = 64,
+        pos_init: str = "trunc_normal",
     ) -> None:
         super().__init__()
         self.d_model = check_int(d_model, "d_model", minimum=1)
@@ -85,13 +98,19 @@ class TemporalAttention(nn.Module):
         if isinstance(mlp_ratio, bool) or not isinstance(mlp_ratio, numbers.Real) or mlp_ratio <= 0:
             raise ArgumentError("fusion.mlp_ratio", f"must be a number > 0, got {mlp_ratio!r}")
         self.max_frames = check_int(max_frames, "fusion.max_frames", minimum=1)
+        self.pos_init = check_choice(pos_init, "fusion.pos_init", ("trunc_normal", "zeros"))
         self.heads = heads
-        # TimeSformer starts its temporal embedding at zero too.
         self.pos_embed = nn.Parameter(torch.zeros(max_frames, d_model))
+        if self.pos_init == "trunc_normal":
+            # Bounds are absolute in torch; truncate at 2 std.
+            nn.init.trunc_normal_(self.pos_embed, std=0.02, a=-0.04, b=0.04)
         self.blocks = nn.ModuleList(_TimeBlock(d_model, heads, float(mlp_ratio)) for _ in range(depth))
 
     def extra_repr(self) -> str:
-        return f"d_model={self.d_model}, heads={self.heads}, tokens={self.tokens}, max_frames={self.max_frames}"
+        return (
+            f"d_model={self.d_model}, heads={self.heads}, tokens={self.tokens}, max_frames={self.max_frames}, "
+            f"pos_init={self.pos_init}"
+        )
 
     def no_weight_decay(self) -> set[str]:
         """Position embeddings get no weight decay (as timm's ``pos_embed``)."""
