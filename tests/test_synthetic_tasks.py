@@ -138,6 +138,12 @@ def test_event_time_is_the_time_of_the_flash():
             assert low <= when <= high, (c, s, when)
 
 
+def test_count_flashes_needs_8_frames(tmp_path):
+    small = dict(seed=0, train_per_class=1, val_per_class=1, test_per_class=1, num_frames=7, size=32, fps=8)
+    with pytest.raises(ValueError, match="num_frames=7: task 'count_flashes' needs at least 8 frames"):
+        ensure_synthetic(tmp_path, task="count_flashes", **small)
+
+
 def frame_features(task: str, seeds: range) -> tuple[torch.Tensor, torch.Tensor]:
     """Every frame of every clip on its own, with its clip's label: a coarse saliency map [N, 192]."""
     features, labels = [], []
@@ -172,7 +178,7 @@ def per_frame_classifier(task: str) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("task", ["direction", "path_shape", "event_order", "event_time"])
+@pytest.mark.parametrize("task", ["direction", "path_shape", "event_order", "event_time", "acceleration"])
 def test_single_frames_do_not_tell_twins_apart(task):
     pred, label = per_frame_classifier(task)
     twin = {a: b for pair in TWIN_PAIRS[task] for a, b in (pair, pair[::-1])}

@@ -16,7 +16,7 @@ from squarefuse.datasets.synthetic.render import (
     sample_clip_params,
     twin_of,
 )
-from squarefuse.datasets.synthetic.tasks import TASKS, TWIN_PAIRS, render_task_clip, task_scene
+from squarefuse.datasets.synthetic.tasks import TASKS, TWIN_PAIRS, frame_order, render_task_clip, task_scene
 
 __all__ = [
     "CLASS_NAMES",
@@ -28,6 +28,7 @@ __all__ = [
     "class_trajectory",
     "draw_frames",
     "ensure_synthetic",
+    "frame_order",
     "render_clip",
     "render_task_clip",
     "sample_clip_params",

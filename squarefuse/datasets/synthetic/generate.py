@@ -1,8 +1,8 @@
 """Built-in synthetic video dataset: files, lists and manifest of one task family, made on first use.
 
 ``task`` picks the task family (`tasks`: direction, path_shape, repetitions, speed, event_order,
-event_time, each isolating one temporal ability). The default, ``direction``, has eight classes
-in four pairs: ``move_left_to_right`` / ``move_right_to_left``,
+event_time, acceleration, count_flashes, each isolating one temporal ability). The default,
+``direction``, has eight classes in four pairs: ``move_left_to_right`` / ``move_right_to_left``,
 ``move_top_to_bottom`` / ``move_bottom_to_top``, ``grow`` / ``shrink``, ``turn_clockwise`` /
 ``turn_anticlockwise``. A shape (square, disc, triangle, arrow, L, disc with a dot; random colour
 in strong luminance contrast with a tinted background, a little noise) moves across the frame,
@@ -49,7 +49,7 @@ from pathlib import Path
 import numpy as np
 
 from squarefuse.datasets.synthetic.encoding import write_video
-from squarefuse.datasets.synthetic.tasks import TASKS, TWIN_PAIRS, check_task, render_task_clip
+from squarefuse.datasets.synthetic.tasks import TASKS, TWIN_PAIRS, check_num_frames, check_task, render_task_clip
 from squarefuse.runtime.process_pool import die_with_parent
 
 __all__ = ["GENERATOR_VERSION", "SyntheticSplits", "ensure_synthetic", "twins_text"]
@@ -58,8 +58,10 @@ log = logging.getLogger(__name__)
 
 # Bump whenever the rendered content or the layout changes: existing datasets are regenerated.
 # Version 6 added the task families, the test split and twins.txt; the direction videos of train
-# and val are those of version 5, byte for byte.
-GENERATOR_VERSION = 6
+# and val are those of version 5, byte for byte. Version 7 redrew event_time's flash (off the
+# distractor's track, in contrast with the lit background under it) and added acceleration and
+# count_flashes; the other tasks' videos are those of version 6, byte for byte.
+GENERATOR_VERSION = 7
 
 # Each split has its own random streams, so its videos are disjoint from the others'.
 _SPLIT_CODES = {"train": 0, "val": 1, "test": 2}
@@ -212,6 +214,7 @@ def _validate_params(params: dict) -> None:
     for key, low in minimum.items():
         if params[key] < low:
             raise ValueError(f"dataset.generate.{key} must be >= {low}, got {params[key]}")
+    check_num_frames(params["task"], params["num_frames"])
     if params["size"] % 2:
         raise ValueError(f"dataset.generate.size must be even (yuv420p), got {params['size']}")
 

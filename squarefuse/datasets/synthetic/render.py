@@ -16,6 +16,7 @@ __all__ = [
     "CLASS_NAMES",
     "ClipParams",
     "add_noise",
+    "class_motion",
     "class_trajectory",
     "draw_frames",
     "render_clip",
@@ -83,6 +84,12 @@ class ClipParams:
     gradient: tuple[float, float]
     start: tuple[float, float, float, float]
     end: tuple[float, float, float, float]
+
+
+def class_motion(class_index: int) -> str:
+    """The base motion of a class: ``move_x``, ``move_y``, ``scale`` or ``turn``."""
+    _check_class_index(class_index)
+    return _BASE_MOTIONS[class_index // 2]
 
 
 def twin_of(class_index: int) -> int:
@@ -298,7 +305,7 @@ def render_clip(class_index: int, *, rng: np.random.Generator, num_frames: int, 
     """
     _check_class_index(class_index)
     base_class = class_index & ~1
-    params = sample_clip_params(_BASE_MOTIONS[base_class // 2], rng=rng, size=size)
+    params = sample_clip_params(class_motion(base_class), rng=rng, size=size)
     clip_THW3 = add_noise(draw_frames(params, class_trajectory(base_class, params, num_frames), size=size), rng=rng)
     return clip_THW3[::-1].copy() if class_index % 2 else clip_THW3
 

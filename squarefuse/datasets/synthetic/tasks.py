@@ -29,12 +29,30 @@ degree P; neither counts repetitions; ``fusion=none`` averages frames and sees n
     Two brief flashes, one in the left half and one in the right half, one early and one late,
     a distractor shape moving out and back all along (random phase). The classes are each other's
     time reversal. Statistic: the sign of the linear trend (P1) of right-minus-left flash
-    brightness. Fails: ``none`` and quantiles.
+    contrast (each disc's absolute change of brightness: a flash may be lighter or darker than
+    what it covers, so the signed brightness is at chance). Fails: ``none`` and quantiles.
 ``event_time`` (``early``, ``middle``, ``late``)
-    One brief flash at a random place in the first third, the middle or the last third of the
-    clip, with the same distractor; ``late`` is the time reversal of ``early``. Statistic: the
-    flash's time (P1 of the flash brightness: negative, zero, positive). Fails: ``none`` and
-    quantiles (every class holds the same frames in distribution).
+    One brief flash at a random place off the distractor's track (the distractor as above), in
+    the first third, the middle or the last third of the clip; ``late`` is the time reversal of
+    ``early``. Its colour differs by >= 100 in luma from the lit background under it. Statistic:
+    P1 of the flash's contrast (negative, near zero, positive). Fails: ``none`` and quantiles
+    (every class holds the same frames in distribution).
+``acceleration`` (``accelerate``, ``decelerate``)
+    A shape on a straight track, either way along it, speeding up from rest (position ~ t^2) or
+    slowing down to rest; ``decelerate`` is the time reversal of ``accelerate``. Statistic: P1 of
+    the shape's speed (its displacement between consecutive frames). Beyond order-2 trends: with
+    either way equally likely, P0..P2 of the position, read linearly, are at chance (the class is
+    the sign of P1 x P2). Fails: ``none`` and quantiles; a trend of order <= 2 of what frames show,
+    read linearly.
+``count_flashes`` (``one_flash``, ``two_flashes``, ``three_flashes``)
+    A disc off the distractor's track (as in ``event_time``) lit during 3 of 8 equal slots of the
+    clip (a slot is one segment of 8-frame segment sampling), in 1, 2 or 3 runs with one dark slot
+    between runs, at a random slot. Statistic: the number of flash onsets. Beyond order-2 trends:
+    every class is lit equally long within a similar span, so P0..P2 of the flash's contrast, read
+    linearly, are at chance. Fails: ``none``, quantiles, a trend of order <= 2; counting is needed.
+
+Each statistic, measured on the frames evaluation samples, separates its classes with a linear
+model (tests/test_task_statistics.py).
 
 `TWIN_PAIRS` lists the class pairs whose clips hold the same frames (a time reversal, or for
 ``path_shape`` a cyclic shift): ``fusion=none`` is at chance within each pair by construction, and
@@ -52,14 +70,15 @@ from squarefuse.datasets.synthetic.render import (
     SUPERSAMPLE,
     ClipParams,
     add_noise,
+    class_motion,
+    class_trajectory,
     contrasting_colour,
     draw_frames,
     pixel_coverage,
-    render_clip,
     sample_clip_params,
 )
 
-__all__ = ["TASKS", "TWIN_PAIRS", "Scene", "render_task_clip", "task_scene"]
+__all__ = ["MIN_NUM_FRAMES", "TASKS", "TWIN_PAIRS", "Scene", "frame_order", "render_task_clip", "task_scene"]
 
 TASKS: dict[str, tuple[str, ...]] = {
     "direction": CLASS_NAMES,
@@ -68,6 +87,8 @@ TASKS: dict[str, tuple[str, ...]] = {
     "speed": ("slow", "fast"),
     "event_order": ("left_then_right", "right_then_left"),
     "event_time": ("early", "middle", "late"),
+    "acceleration": ("accelerate", "decelerate"),
+    "count_flashes": ("one_flash", "two_flashes", "three_flashes"),
 }
 TWIN_PAIRS: dict[str, tuple[tuple[int, int], ...]] = {
     "direction": ((0, 1), (2, 3), (4, 5), (6, 7)),
@@ -76,8 +97,14 @@ TWIN_PAIRS: dict[str, tuple[tuple[int, int], ...]] = {
     "speed": (),
     "event_order": ((0, 1),),
     "event_time": ((0, 2),),
+    "acceleration": ((0, 1),),
+    "count_flashes": (),
 }
+# Frames a task's video needs: count_flashes lays its flashes on a grid of 8 slots.
+MIN_NUM_FRAMES = {"count_flashes": 8}
 _FLASH_RADIUS = 0.09  # of the frame size
+# How far a moving shape reaches from its centre, in radii: the L's corners (render._shape_masks).
+_SHAPE_REACH = 1.11
 
 
 @dataclass(frozen=True)
@@ -147,19 +174,78 @@ def _flash(
     )
 
 
+def _off_track_place(rng: np.random.Generator, params: ClipParams, *, size: int) -> tuple[float, float]:
+    """A flash centre outside the strip the shape sweeps along its track, so the shape never covers it.
+
+    Across the track: on a side of the strip with room for it (either, at random, when both have),
+    uniform there; along the track: 0.15..0.85 of the frame.
+    """
+    radius = _FLASH_RADIUS * size
+    horizontal = params.start[1] == params.end[1]  # move_x: the track runs along x
+    across = params.start[1] if horizontal else params.start[0]
+    reach = _SHAPE_REACH * params.start[2]
+    # The strip is at most 2 * 1.11 * 0.26 = 0.58 of the frame wide, so the wider side has at least
+    # 0.21 of it: room for a flash (0.18 across).
+    sides = ((radius, across - reach - radius), (across + reach + radius, size - radius))
+    fitting = [side for side in sides if side[0] <= side[1]]
+    low, high = fitting[int(rng.integers(0, len(fitting)))]
+    across_flash, along_flash = rng.uniform(low, high), rng.uniform(0.15, 0.85) * size
+    return (along_flash, across_flash) if horizontal else (across_flash, along_flash)
+
+
+def _off_track_flashes(
+    rng: np.random.Generator, params: ClipParams, *, size: int, times: tuple[tuple[int, int], ...]
+) -> tuple[Flash, ...]:
+    """Flashes at one place off the shape's track, one per (start, frames) of `times`, in one colour.
+
+    The colour differs by >= 100 in luma from the lit background where the flash is (the flash is
+    drawn unlit, over the lighting): so every flash changes its disc by 100..255, and the size of
+    the change says nothing about the class.
+    """
+    x, y = _off_track_place(rng, params, size=size)
+    empty = np.asarray([[0.0, 0.0, 1e-3, 0.0]])  # the shape shrunk to nothing: the lit background alone
+    lit = draw_frames(params, empty, size=size)[0, int(y), int(x)]
+    colour = contrasting_colour(rng, against=lit, min_luma_difference=100.0)
+    return tuple(
+        Flash(x=x, y=y, radius=_FLASH_RADIUS * size, colour=tuple(float(c) for c in colour), start=t, frames=n)
+        for t, n in times
+    )
+
+
 def flash_frames(num_frames: int) -> int:
     """How long a flash lasts: long enough that segment sampling of half the frames sees it."""
     return max(2, num_frames // 8 + 1)
 
 
+# count_flashes: which of 8 slots are lit. Every class lights 3 slots, in 1, 2 or 3 runs, each run
+# an off slot from the next: the lit time is the same and so is the span of the pattern, roughly.
+_FLASH_PATTERNS = (
+    ((1, 1, 1),),
+    ((1, 1, 0, 1), (1, 0, 1, 1)),
+    ((1, 0, 1, 0, 1),),
+)
+_SLOTS = 8
+
+
+def check_num_frames(task: str, num_frames: int) -> None:
+    minimum = MIN_NUM_FRAMES.get(task, 2)
+    if num_frames < minimum:
+        raise ValueError(f"dataset.generate.num_frames={num_frames}: task {task!r} needs at least {minimum} frames")
+
+
 def task_scene(task: str, class_index: int, *, rng: np.random.Generator, num_frames: int, size: int) -> Scene:
-    """Draws the scene of one clip of a base class of `task` (not ``direction``).
+    """Draws the scene of one clip of a base class of `task`, in its own time order.
 
     A twin class (the second of a `TWIN_PAIRS` pair) is drawn as its partner; `render_task_clip`
-    then reverses (or, for ``path_shape``, cyclically shifts) the rendered frames.
+    then shows its frames in the order `frame_order` gives (reversed, or for ``path_shape``
+    cyclically shifted).
     """
     check_task(task, class_index)
+    check_num_frames(task, num_frames)
     T = num_frames
+    if task == "direction":  # as render.render_clip draws it
+        params = sample_clip_params(class_motion(class_index), rng=rng, size=size)
+        return Scene(params, class_trajectory(class_index & ~1, params, T))
     if task in ("path_shape", "repetitions"):
         times = 1 if task == "path_shape" else class_index + 1
         params = _track(rng, size, random_way=task == "repetitions")
@@ -170,6 +256,9 @@ def task_scene(task: str, class_index: int, *, rng: np.random.Generator, num_fra
         t_T = np.linspace(0.0, 1.0, T)
         profile = t_T if class_index == 0 else np.clip(2.0 * t_T - 0.5, 0.0, 1.0)
         return Scene(params, _along(params, profile))
+    if task == "acceleration":  # decelerate is drawn as accelerate and reversed
+        params = _track(rng, size, random_way=True)
+        return Scene(params, _along(params, np.linspace(0.0, 1.0, T) ** 2))
     # Event tasks: a distractor moving out and back all along, from a random phase, so that its
     # position at any frame says nothing about the time.
     params = _track(rng, size, random_way=True)
@@ -182,12 +271,22 @@ def task_scene(task: str, class_index: int, *, rng: np.random.Generator, num_fra
             _flash(rng, params, size=size, x_range=(0.15, 0.3), start=first, frames=length),
             _flash(rng, params, size=size, x_range=(0.7, 0.85), start=second, frames=length),
         )
-    else:  # event_time; late is drawn as early and reversed
+    elif task == "event_time":  # late is drawn as early and reversed
         if class_index == 1:  # centred: either middle start when there are two
             start = (T - length) // 2 + int(rng.integers(0, 2)) * ((T - length) % 2)
         else:
             start = int(rng.integers(0, max(0, T // 3 - length) + 1))
-        flashes = (_flash(rng, params, size=size, x_range=(0.15, 0.85), start=start, frames=length),)
+        flashes = _off_track_flashes(rng, params, size=size, times=((start, length),))
+    else:  # count_flashes: the pattern at a random slot; a slot is a segment of 8-frame segment sampling
+        patterns = _FLASH_PATTERNS[class_index]
+        pattern = patterns[int(rng.integers(0, len(patterns)))]
+        slot = T // _SLOTS
+        first = int(rng.integers(0, _SLOTS - len(pattern) + 1))
+        lit = [first + i for i, on in enumerate(pattern) if on]
+        runs = [(i, 1) for i in lit if i - 1 not in lit]
+        runs = [(i, n) for i, _ in runs for n in [next(k for k in range(1, 4) if i + k not in lit)]]
+        times = tuple((slot * i, slot * n) for i, n in runs)
+        flashes = _off_track_flashes(rng, params, size=size, times=times)
     return Scene(params, distractor, flashes)
 
 
@@ -203,24 +302,29 @@ def _draw_scene(scene: Scene, *, size: int) -> np.ndarray:
     return frames
 
 
+def frame_order(task: str, class_index: int, num_frames: int) -> np.ndarray:
+    """Which frame of its base scene (`task_scene`) each frame of a clip of the class shows: int [T].
+
+    The identity for a base class; for the twin of a `TWIN_PAIRS` pair its partner's frames
+    reversed, or for ``path_shape`` cyclically shifted by half the clip.
+    """
+    check_task(task, class_index)
+    order_T = np.arange(num_frames)
+    if class_index not in {b for _, b in TWIN_PAIRS[task]}:
+        return order_T
+    return np.roll(order_T, num_frames // 2) if task == "path_shape" else order_T[::-1].copy()
+
+
 def render_task_clip(
     task: str, class_index: int, *, rng: np.random.Generator, num_frames: int, size: int
 ) -> np.ndarray:
     """Renders one clip of a class of `task` (before encoding): uint8 [num_frames, size, size, 3].
 
-    ``direction`` is `render.render_clip`. For the others, the twin class of a `TWIN_PAIRS` pair
-    renders its partner from the same random state and reorders the frames: so both classes of a
-    pair hold exactly the same frames.
+    The twin class of a `TWIN_PAIRS` pair renders its partner's scene from the same random state,
+    noise included, and reorders the frames (`frame_order`): so both classes of a pair hold exactly
+    the same frames. ``direction`` is `render.render_clip`, byte for byte.
     """
-    check_task(task, class_index)
-    if task == "direction":
-        return render_clip(class_index, rng=rng, num_frames=num_frames, size=size)
-    twin_of = {b: a for a, b in TWIN_PAIRS[task]}
-    base = twin_of.get(class_index, class_index)
-    scene = task_scene(task, base, rng=rng, num_frames=num_frames, size=size)
+    twin_of = {b: a for a, b in TWIN_PAIRS[task]} if task in TWIN_PAIRS else {}
+    scene = task_scene(task, twin_of.get(class_index, class_index), rng=rng, num_frames=num_frames, size=size)
     clip_THW3 = add_noise(_draw_scene(scene, size=size), rng=rng)
-    if base == class_index:
-        return clip_THW3
-    if task == "path_shape":
-        return np.roll(clip_THW3, num_frames // 2, axis=0)
-    return clip_THW3[::-1].copy()
+    return clip_THW3[frame_order(task, class_index, num_frames)]
