@@ -17,7 +17,7 @@ degree P; neither counts repetitions; ``fusion=none`` averages frames and sees n
     along the track (a peak or a valley). Fails: ``none`` and quantiles. A trend of order 1 should
     fail too, but does not on the sampled input: 8 of the 16 rendered frames (every other one)
     break the half-clip shift's symmetry, and P1 of the position alone separates the classes
-    (100 % with a linear model, tests/test_task_statistics.py's measurement, 2026-12-07).
+    (100 % held out with a linear model on P1, measured 2026-12-07 as in tests/test_task_statistics.py).
 ``repetitions`` (``once``, ``twice``, ``three_times``)
     The same out-and-back motion done 1, 2 or 3 times in the clip (the same positions visited,
     uniformly). Statistic: the number of reversals of the motion (the dominant frequency of the
