@@ -311,3 +311,31 @@ def test_sigterm_saves_and_rerun_resumes(data_root, tmp_path):
     assert "resumed from" in done.stdout + done.stderr
     steps = [r["step"] for r in read_metrics(run) if r["split"] == "train"]
     assert steps == list(range(1, 6 * 4 + 1))  # every step logged exactly once across both processes
+
+
+def test_patience_stops_when_val_stops_improving_and_best_pt_is_chosen_on_val(data_root, tmp_path, monkeypatch):
+    """trainer.patience=2: validations at 50, 60, 55, 58 top-1 end the run after epoch 4 of 10 (two
+    in a row without a better one); best.pt is epoch 2's, chosen by val alone; a resume stays stopped."""
+    scores = iter([50.0, 60.0, 55.0, 58.0, 99.0, 99.0])
+    real = loop_mod.evaluate
+
+    def scripted(*args, **kwargs):
+        result = real(*args, **kwargs)
+        result.top1 = next(scores)
+        return result
+
+    monkeypatch.setattr(loop_mod, "evaluate", scripted)
+    run = tmp_path / "run"
+    summary = Trainer(tiny_train_config(data_root, "trainer.epochs=10", "trainer.patience=2"), run).fit()
+    assert summary["status"] == "finished" and summary["epoch"] == 4 and summary["best_val_clip_top1"] == 60.0
+    vals = [r["top1"] for r in read_metrics(run) if r["split"] == "val_clip"]
+    assert vals == [50.0, 60.0, 55.0, 58.0]
+    (end,) = [r for r in read_metrics(run) if r["split"] == "end"]
+    assert end["stopped_early"] is True and end["epoch"] == 4
+    best, last = load_checkpoint(run / "checkpoints" / "best.pt"), load_checkpoint(run / "checkpoints" / "last.pt")
+    assert best["epoch"] == 2 and best["best_top1"] == 60.0 and last["validations_since_best"] == 2
+    # Run again in its folder: it resumes, finds the patience spent, and trains no further.
+    again = Trainer(tiny_train_config(data_root, "trainer.epochs=10", "trainer.patience=2"), run).fit()
+    assert again["epoch"] == 4 and next(scores) == 99.0  # no validation ran
+    with pytest.raises(ValueError, match="trainer.patience"):
+        check_trainer_cfg(compose_config("train", ["trainer.patience=0"]).trainer)

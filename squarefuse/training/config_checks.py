@@ -26,6 +26,7 @@ def check_trainer_cfg(tcfg: DictConfig) -> None:
     need(int(tcfg.batch_size) >= 1, "batch_size", ">= 1")
     need(int(tcfg.prefetch_factor) >= 1, "prefetch_factor", ">= 1")
     need(int(tcfg.accum_steps) >= 1, "accum_steps", ">= 1")
+    need(tcfg.get("patience") is None or int(tcfg.patience) >= 1, "patience", "null or >= 1")
     need(tcfg.nonfinite in ("stop", "skip"), "nonfinite", "stop or skip")
     need(int(tcfg.max_consecutive_skips) >= 1, "max_consecutive_skips", ">= 1")
     need(isinstance(tcfg.allow_config_change, bool), "allow_config_change", "true or false")

@@ -72,7 +72,7 @@ class TrainLoop:
         try:
             if self.state.epoch > 0 and self.state.batch_in_epoch == 0 and self._validation_due():
                 self._validate_and_save()  # resumed from an epoch end whose validation did not finish
-            while self.state.step < self.total_steps and self._stop_signal is None:
+            while self.state.step < self.total_steps and self._stop_signal is None and not self._out_of_patience():
                 self.train_epoch()
                 if self._stop_signal is not None:
                     break
@@ -99,6 +99,16 @@ class TrainLoop:
                     handler(self._stop_signal, None)
             else:
                 self.save("last.pt")
+                if self._out_of_patience() and self.dist.is_main:
+                    log.info(
+                        "stopped early at epoch %d step %d: no better clip-level val top-1 in %d validations "
+                        "(trainer.patience); best %.2f at epoch %s",
+                        self.state.epoch,
+                        self.state.step,
+                        self.state.validations_since_best,
+                        self.state.best_top1,
+                        self.state.best_epoch,
+                    )
                 if self.val_set is not None and self.state.last_val_step != self.state.step:
                     self._validate_and_save()  # training ended mid-epoch (max_steps): validate the final weights
                 status = "finished"
@@ -112,6 +122,7 @@ class TrainLoop:
             for s, handler in previous.items():
                 signal.signal(s, handler)
             end = {"step": self.state.step, "epoch": self.state.epoch, "split": "end", "status": status}
+            end |= {"stopped_early": True} if status == "finished" and self._out_of_patience() else {}
             self.logger.log({**end, "wall_s": time.perf_counter() - started, **({"error": error} if error else {})})
             self.logger.close()
             self.close()
@@ -150,6 +161,12 @@ class TrainLoop:
             and self.state.last_val_step != self.state.step
             and (self.state.epoch % val_every == 0 or self.state.step >= self.total_steps)
         )
+
+    def _out_of_patience(self) -> bool:
+        """Whether `trainer.patience` validations in a row brought no better val top-1 (the rule that
+        ends every run of a study alike when it has converged; null: train to the end)."""
+        patience = self.cfg.trainer.get("patience")
+        return patience is not None and self.state.validations_since_best >= int(patience)
 
     def _validate_and_save(self) -> None:
         self.validate()
@@ -424,9 +441,12 @@ class TrainLoop:
                     self.state.step,
                     result.loss,
                 )
-        elif result.top1 > self.state.best_top1:
+        if math.isfinite(result.loss) and result.top1 > self.state.best_top1:
             self.state.best_top1, self.state.best_epoch = result.top1, self.state.epoch
+            self.state.validations_since_best = 0
             self.save("best.pt")
+        else:
+            self.state.validations_since_best += 1
         self.logger.summary({"best_val_clip_top1": self.state.best_top1})
         return record
 

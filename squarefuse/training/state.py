@@ -34,6 +34,7 @@ class TrainState:
     num_replaced: int = 0  # videos that failed to decode and were replaced by another
     num_skipped: int = 0  # steps skipped for a non-finite loss (trainer.nonfinite=skip)
     consecutive_skips: int = 0
+    validations_since_best: int = 0  # trainer.patience: validations in a row without a new best top-1
 
     def state_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
