@@ -13,6 +13,12 @@ Per task (videos under --data-dir/<task>, default data/temporal_benchmark/<task>
   2. per fusion, the lr with the best mean final clip-level val top-1 (ties: the smaller lr)
   3. final: that lr, seeds --seeds (default 1 2 3: not the grid's seed 0) -> OUT/final/<task>/<fusion>;
      each best.pt (chosen on val) evaluated on test with the twin confusion; test is read only here
+Two positive controls go through 1-3 with the same lr grid, seeds and selection (not with --no-controls):
+the token control `fusion=joint_mlp` (an MLP over all the tokens of a clip) among the fusions, and the
+pixel control `backbone=pixels fusion=joint_mlp` trained on the videos themselves, each frame averaged down
+to 8 x 8 pixels (OUT/grid_pixels/<task>, OUT/final/<task>/pixels+joint_mlp), with the frozen runs'
+trainer settings and, in place of the cached eval views, train views of their zoom. A task is informative
+only where the token control reaches 90 % test top-1 (squarefuse/report/matrix.py).
   4. `scripts/report.py OUT/final --matrix --out OUT/report` and OUT/report/lr_grid.md (every grid
      point, the chosen rates, the fusion parameters)
 `--train` is the training command prefix (default: this Python with train.py). Wall times of each
@@ -36,6 +42,7 @@ from squarefuse.config.compose_config import compose_app_config, override
 from squarefuse.config.output_dirs import default_eval_dir
 from squarefuse.report.app import make_report
 from squarefuse.report.lr_grid import choose_lrs, grid_markdown, params_note
+from squarefuse.report.matrix import PIXEL_CONTROL, TOKEN_CONTROL
 from squarefuse.report.runs import load_runs
 
 REPO = Path(__file__).resolve().parents[1]
@@ -54,6 +61,14 @@ FUSIONS = (
 TASKS = ("direction", "path_shape", "repetitions", "speed", "event_order", "event_time")
 QUICK_TASKS = ("path_shape", "event_order")
 CACHED_SPLITS = ("train", "val", "test")
+# TOKEN_CONTROL: the fusion (configs/fusion/joint_mlp.yaml) an MLP over all the tokens of a clip;
+# PIXEL_CONTROL: the report's column of its run on the pixels (squarefuse/report/groups.py:fusion_option).
+PIXEL_MODEL = ["backbone=pixels", f"fusion={TOKEN_CONTROL}"]
+# The frozen runs train on the cached eval views: a centre crop of crop_size / eval_short_side = 224 / 256 of
+# the frame's side (64 / 73 at 64 px). The pixel control, on the videos, trains on crops of that zoom
+# (area (224 / 256)^2 = 0.77, square) at a random place: the same picture scale in train and test, no
+# other augmentation (the synthetic dataset has no flip, RandAugment or erasing).
+EVAL_ZOOM_VIEWS = ["dataset.scale=[0.77,0.77]", "dataset.ratio=[1.0,1.0]"]
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -62,6 +77,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help=f"tasks {' '.join(QUICK_TASKS)}, seeds 1 2")
     parser.add_argument("--tasks", nargs="+", choices=TASKS, help="default: all (--quick: two)")
     parser.add_argument("--fusions", nargs="+", default=list(FUSIONS), help="fusion options (configs/fusion/)")
+    parser.add_argument(
+        "--no-controls",
+        action="store_true",
+        help=f"skip the token ({TOKEN_CONTROL}) and pixel ({PIXEL_CONTROL}) controls: then no task is informative",
+    )
     parser.add_argument("--lrs", nargs="+", type=float, default=[1e-3, 3e-3, 1e-2], help="the lr grid")
     parser.add_argument("--grid-seeds", nargs="+", type=int, default=[0], help="seeds of every grid point")
     parser.add_argument("--seeds", nargs="+", type=int, help="seeds at the chosen lr (default 1 2 3; --quick 1 2)")
@@ -82,8 +102,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     split = argv.index("--") if "--" in argv else len(argv)
     args = parser.parse_args(argv[:split])
     args.overrides = argv[split + 1 :]
+    args.train_prefix = shlex.split(args.train)
     args.tasks = args.tasks or list(QUICK_TASKS if args.quick else TASKS)
     args.seeds = args.seeds or ([1, 2] if args.quick else [1, 2, 3])
+    args.controls = not args.no_controls
+    if args.controls and TOKEN_CONTROL not in args.fusions:
+        args.fusions = [*args.fusions, TOKEN_CONTROL]
     if args.out.exists():
         parser.error(f"{args.out} exists; give a new benchmark folder (runs are never overwritten)")
     return args
@@ -100,6 +124,49 @@ def run(command: list[str]) -> None:
 
 def joined(values: list) -> str:
     return ",".join(str(v) for v in values)
+
+
+def sweep(train: list[str], settings: list[str], data: list[str], sweep_dir: Path, overrides: list[str]) -> list[str]:
+    """`train.py -m SETTINGS DATA hydra.sweep.dir=SWEEP_DIR OVERRIDES`."""
+    return [*train, "-m", *settings, *data, override("hydra.sweep.dir", sweep_dir), *overrides]
+
+
+def pixel_control_data(video_data: list[str], end_to_end: bool) -> list[str]:
+    """The pixel control's model and data: the videos, and the trainer settings the other runs have."""
+    if end_to_end:
+        return [*video_data, *PIXEL_MODEL]  # the default recipe, as every end-to-end run
+    # The frozen runs' experiment (epochs, batch, threads) with the videos in place of the token cache.
+    return ["experiment=temporal_frozen", "dataset=synthetic", *video_data, *EVAL_ZOOM_VIEWS, *PIXEL_MODEL]
+
+
+def grid_commands(args: argparse.Namespace, data: list[str], video_data: list[str], out: Path, task: str):
+    """{sweep folder: the command of its grid}: every fusion on `data`, and the pixel control on the videos."""
+    points = [f"optim.lr={joined(args.lrs)}", f"trainer.seed={joined(args.grid_seeds)}"]
+    fusions = [f"fusion={joined(args.fusions)}"]
+    grid_dir = out / "grid" / task
+    commands = {grid_dir: sweep(args.train_prefix, fusions + points, data, grid_dir, args.overrides)}
+    if args.controls:
+        pixels = pixel_control_data(video_data, args.end_to_end)
+        pixel_dir = out / "grid_pixels" / task
+        commands[pixel_dir] = sweep(args.train_prefix, points, pixels, pixel_dir, args.overrides)
+    return commands
+
+
+def final_commands(
+    args: argparse.Namespace, data: list[str], video_data: list[str], out: Path, task: str, chosen: dict
+) -> list[list[str]]:
+    """Each option at its chosen lr (`chosen[(task, option)]`) with the final seeds, the pixel control last."""
+    seeds = f"trainer.seed={joined(args.seeds)}"
+    commands = []
+    for fusion in args.fusions:
+        settings = [f"fusion={fusion}", f"optim.lr={chosen[(task, fusion)]}", seeds]
+        commands.append(sweep(args.train_prefix, settings, data, out / "final" / task / fusion, args.overrides))
+    if args.controls:
+        pixels = pixel_control_data(video_data, args.end_to_end)
+        settings = [f"optim.lr={chosen[(task, PIXEL_CONTROL)]}", seeds]
+        final_dir = out / "final" / task / PIXEL_CONTROL
+        commands.append(sweep(args.train_prefix, settings, pixels, final_dir, args.overrides))
+    return commands
 
 
 def cache_tokens(video_data: list[str], cache: Path) -> None:
@@ -128,7 +195,6 @@ def main(argv: list[str]) -> int:
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
     args = parse_args(argv)
     out = args.out.resolve()
-    train = shlex.split(args.train)
     times: dict[str, float] = {}
     start = time.perf_counter()
     for task in args.tasks:
@@ -143,31 +209,15 @@ def main(argv: list[str]) -> int:
             times[f"{task}: token cache"] = time.perf_counter() - task_start
             data = ["experiment=temporal_frozen", override("dataset.root", cache)]
         grid_start = time.perf_counter()
-        grid_dir = out / "grid" / task
-        sweep = [
-            f"fusion={joined(args.fusions)}",
-            f"optim.lr={joined(args.lrs)}",
-            f"trainer.seed={joined(args.grid_seeds)}",
-        ]
-        run([*train, "-m", *sweep, *data, override("hydra.sweep.dir", grid_dir), *args.overrides])
-        chosen, _ = choose_lrs(load_runs([grid_dir]))
+        grids = grid_commands(args, data, video_data, out, task)
+        for command in grids.values():
+            run(command)
+        chosen, _ = choose_lrs(load_runs(list(grids)))
         times[f"{task}: grid"] = time.perf_counter() - grid_start
 
         final_start = time.perf_counter()
-        for fusion in args.fusions:
-            final_dir = out / "final" / task / fusion
-            run(
-                [
-                    *train,
-                    "-m",
-                    f"fusion={fusion}",
-                    f"optim.lr={chosen[(task, fusion)]}",
-                    f"trainer.seed={joined(args.seeds)}",
-                    *data,
-                    override("hydra.sweep.dir", final_dir),
-                    *args.overrides,
-                ]
-            )
+        for command in final_commands(args, data, video_data, out, task, chosen):
+            run(command)
         times[f"{task}: final runs"] = time.perf_counter() - final_start
         eval_start = time.perf_counter()
         for ckpt in sorted((out / "final" / task).glob("*/*/checkpoints/best.pt")):
@@ -175,7 +225,7 @@ def main(argv: list[str]) -> int:
         times[f"{task}: test evaluations"] = time.perf_counter() - eval_start
 
     report = make_report([out / "final"], out / "report", matrix=True)
-    grid_runs = load_runs([out / "grid"])
+    grid_runs = load_runs([folder for folder in (out / "grid", out / "grid_pixels") if folder.is_dir()])
     chosen, points = choose_lrs(grid_runs)
     (report.out_dir / "lr_grid.md").write_text(grid_markdown(chosen, points) + "\n" + params_note(grid_runs))
     times["total"] = time.perf_counter() - start

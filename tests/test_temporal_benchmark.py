@@ -50,18 +50,24 @@ def test_the_benchmark_caches_tunes_on_val_and_reports_other_seeds_on_test(tmp_p
     for split, videos in (("train", 8), ("val", 4), ("test", 6)):
         index = json.loads((out / "cache" / "path_shape" / split / "index.json").read_text())
         assert len(index["videos"]) == videos, split
-    # 1-2. Every grid point ran on the cache at grid seed 0; the chosen lr is the one lr_grid.md marks.
+    # 1-2. Every grid point ran on the cache at grid seed 0 (the token control joint_mlp among the
+    # fusions), the pixel control's on the videos; the chosen lr is the one lr_grid.md marks.
     grid_runs = sorted((out / "grid" / "path_shape").glob("*_*"))
     grid = [yaml.safe_load((p / ".hydra" / "config.yaml").read_text()) for p in grid_runs]
     swept = [yaml.safe_load((p / ".hydra" / "overrides.yaml").read_text())[:2] for p in grid_runs]
-    points = [[f"fusion={f}", f"optim.lr={lr}"] for f in ("none", "square") for lr in (0.001, 0.01)]
+    points = [[f"fusion={f}", f"optim.lr={lr}"] for f in ("none", "square", "joint_mlp") for lr in (0.001, 0.01)]
     assert sorted(swept) == sorted(points)
     assert {c["trainer"]["seed"] for c in grid} == {0} and {c["dataset"]["name"] for c in grid} == {"tokens"}
+    pixel_runs = sorted((out / "grid_pixels" / "path_shape").glob("*_*"))
+    pixel_grid = [yaml.safe_load((p / ".hydra" / "config.yaml").read_text()) for p in pixel_runs]
+    assert sorted(c["optim"]["lr"] for c in pixel_grid) == [0.001, 0.01]
+    assert {c["dataset"]["name"] for c in pixel_grid} == {"synthetic"}
+    assert {c["backbone"]["_target_"] for c in pixel_grid} == {"squarefuse.models.PixelFrames"}
     lr_grid = (out / "report" / "lr_grid.md").read_text()
     chosen = {
         line.split("|")[2].strip(): float(line.split("|")[3]) for line in lr_grid.splitlines() if "| yes |" in line
     }
-    assert set(chosen) == {"none", "square"}
+    assert set(chosen) == {"none", "square", "joint_mlp", "pixels+joint_mlp"}
     # 3. The final runs: the other seeds at the chosen lr, each best.pt evaluated on test (twin confusion too).
     for fusion, lr in chosen.items():
         runs = sorted((out / "final" / "path_shape" / fusion).glob("*_*"))
@@ -72,8 +78,10 @@ def test_the_benchmark_caches_tunes_on_val_and_reports_other_seeds_on_test(tmp_p
             (result,) = [json.loads(p.read_text()) for p in run.glob("eval/*_test/results.json")]
             assert result["split"] == "test" and result["num_videos"] == 6
             assert "twin_confusion" in result
-    # 4. The verdict and the wall time of every phase.
-    assert "path_shape" in (out / "report" / "matrix.md").read_text()
+    # 4. The verdict, each task marked informative or not by its token control, and the wall time of every phase.
+    matrix = (out / "report" / "matrix.md").read_text()
+    assert "| none | square | joint_mlp | pixels+joint_mlp | informative |" in matrix
+    assert "| path_shape |" in matrix and "token control" in matrix
     assert (out / "report" / "temporal_matrix.png").is_file()
     wall = json.loads((out / "benchmark.json").read_text())["wall_s"]
     assert {"path_shape: token cache", "path_shape: grid", "path_shape: final runs", "total"} <= set(wall)

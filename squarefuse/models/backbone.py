@@ -252,6 +252,11 @@ class VideoBackbone(nn.Module):
         return self
 
     @property
+    def num_tokens(self) -> int:
+        """Tokens N per frame: the prefix tokens and the patch tokens at ``img_size``."""
+        return self.num_prefix_tokens + int(self.model.patch_embed.num_patches)
+
+    @property
     def num_blocks(self) -> int | None:
         """Number of transformer blocks a layer can be inserted after; None if not supported.
 

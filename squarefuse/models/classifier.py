@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from squarefuse.models.backbone import VideoBackbone, prefix_group_matcher
 from squarefuse.models.cached_tokens import CachedTokens
 from squarefuse.models.fusion import NoFusion
+from squarefuse.models.pixels import PixelFrames
 
 __all__ = ["VideoClassifier", "build_classifier", "split_fusion_config"]
 
@@ -32,7 +33,8 @@ class VideoClassifier(nn.Module):
     Args:
         backbone: The per-frame backbone.
         fusion: A fusion module, or a factory called as ``fusion(d_model=embed_dim)`` (a Hydra
-            partial). It maps ``(x [B,T,N,D], valid_mask=[B,T]|None)`` to ``(h, aux)``.
+            partial; a layer whose class sets ``takes_num_tokens`` also gets the backbone's token
+            count ``num_tokens``). It maps ``(x [B,T,N,D], valid_mask=[B,T]|None)`` to ``(h, aux)``.
         head: A head module, or a factory called with ``embed_dim, num_classes,
             num_prefix_tokens, has_class_token`` (a Hydra partial).
         num_classes: Number of output classes.
@@ -44,7 +46,7 @@ class VideoClassifier(nn.Module):
 
     def __init__(
         self,
-        backbone: VideoBackbone | CachedTokens,
+        backbone: VideoBackbone | CachedTokens | PixelFrames,
         fusion: Callable[..., nn.Module] | nn.Module,
         head: Callable[..., nn.Module] | nn.Module,
         num_classes: int,
@@ -63,13 +65,12 @@ class VideoClassifier(nn.Module):
             )
         if after_blocks and isinstance(fusion, nn.Module):
             raise ValueError("fusion after blocks needs a fusion factory (one layer per block), got a module")
-        d_model = backbone.embed_dim
         if not fusion_after_backbone:
-            self.fusion = NoFusion(d_model=d_model)
+            self.fusion = NoFusion(d_model=backbone.embed_dim)
         else:
-            self.fusion = fusion if isinstance(fusion, nn.Module) else fusion(d_model=d_model)
+            self.fusion = fusion if isinstance(fusion, nn.Module) else _build_layer(fusion, backbone)
         # Keys are block indices as strings (ModuleDict keys must be); an empty dict adds no state.
-        self.block_fusions = nn.ModuleDict({str(index): fusion(d_model=d_model) for index in after_blocks})
+        self.block_fusions = nn.ModuleDict({str(index): _build_layer(fusion, backbone) for index in after_blocks})
         for layer in (self.fusion, *self.block_fusions.values()):
             if getattr(layer, "tokens", None) == "cls" and not backbone.has_class_token:
                 raise ValueError(
@@ -176,6 +177,14 @@ class VideoClassifier(nn.Module):
         return names
 
 
+def _build_layer(factory: Callable[..., nn.Module], backbone: nn.Module) -> nn.Module:
+    """A fusion layer from its factory: ``d_model``, and the token count for a layer laid out per position."""
+    # A Hydra partial is a functools.partial of the layer's class (`func`); a plain factory is its own target.
+    if getattr(getattr(factory, "func", factory), "takes_num_tokens", False):
+        return factory(d_model=backbone.embed_dim, num_tokens=backbone.num_tokens)
+    return factory(d_model=backbone.embed_dim)
+
+
 def _check_after_blocks(after_blocks: Sequence[int], backbone: VideoBackbone) -> list[int]:
     """Sorted block indices, after checking them against the backbone (ValueError naming the key)."""
     key = "fusion.after_blocks"
@@ -218,9 +227,10 @@ def build_classifier(
         The classifier (on CPU, fp32).
     """
     backbone = hydra.utils.instantiate(backbone_cfg, _convert_="all")
-    if not isinstance(backbone, (VideoBackbone, CachedTokens)):
+    if not isinstance(backbone, (VideoBackbone, CachedTokens, PixelFrames)):
         raise ValueError(
-            f"backbone._target_={backbone_cfg.get('_target_')!r} must build a VideoBackbone (or CachedTokens)"
+            f"backbone._target_={backbone_cfg.get('_target_')!r} must build a VideoBackbone (or CachedTokens, "
+            "PixelFrames)"
         )
     layer_cfg, placement = split_fusion_config(fusion_cfg)
     fusion = hydra.utils.instantiate(layer_cfg, _convert_="all")
@@ -243,7 +253,10 @@ def split_fusion_config(fusion_cfg: Mapping[str, Any]) -> tuple[dict[str, Any], 
         without the placement keys; ``placement`` holds ``after_backbone`` and ``after_blocks``,
         defaulting to the single layer after the backbone for runs saved before these keys existed.
     """
-    layer_cfg = OmegaConf.to_container(fusion_cfg) if isinstance(fusion_cfg, DictConfig) else dict(fusion_cfg)
+    # Resolved: a layer may take a value from elsewhere in the config (joint_mlp: dataset.num_frames).
+    layer_cfg = (
+        OmegaConf.to_container(fusion_cfg, resolve=True) if isinstance(fusion_cfg, DictConfig) else dict(fusion_cfg)
+    )
     placement = {
         "after_backbone": layer_cfg.pop("after_backbone", True),
         "after_blocks": layer_cfg.pop("after_blocks", []),

@@ -53,6 +53,14 @@ def group_choice(run: Run, group: str) -> str | None:
     return str(target).rsplit(".", 1)[-1] if target is not None else None
 
 
+def fusion_option(run: Run) -> str:
+    """The run's option in the temporal benchmark: the fusion's choice (`group_choice`), `pixels+<fusion>`
+    for a run on the pixel backbone (`PixelFrames`, the pixel control), a model of another input."""
+    fusion = str(group_choice(run, "fusion"))
+    pixels = str(flatten(run.config).get("backbone._target_", "")).endswith(".PixelFrames")
+    return f"pixels+{fusion}" if pixels else fusion
+
+
 @dataclass
 class Group:
     """Runs that differ only by seed (and paths)."""

@@ -1,7 +1,8 @@
 """The temporal benchmark's learning-rate choice: per task and fusion, the rate with the best mean
 clip-level val top-1 over the grid's seeds (never the test split), and every grid point for the report.
 
-Runs are keyed by `dataset.task` (absent: ``direction``), the fusion's Hydra choice and `optim.lr`;
+Runs are keyed by `dataset.task` (absent: ``direction``), the option (the fusion's Hydra choice,
+`pixels+<fusion>` for the pixel control: `groups.fusion_option`) and `optim.lr`;
 a run that did not finish counts as missing, never as zero.
 """
 
@@ -11,7 +12,7 @@ import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from squarefuse.report.groups import flatten, group_choice
+from squarefuse.report.groups import flatten, fusion_option
 from squarefuse.report.runs import FINISHED, Run
 
 __all__ = ["GridPoint", "choose_lrs", "grid_markdown", "params_note"]
@@ -36,7 +37,7 @@ def _grid(runs: Sequence[Run]) -> dict[tuple[str, str], dict[float, GridPoint]]:
         flat = flatten(run.config)
         task, fusion, lr = (
             str(flat.get("dataset.task", "direction")),
-            str(group_choice(run, "fusion")),
+            fusion_option(run),
             flat["optim.lr"],
         )
         point = grid.setdefault((task, fusion), {}).setdefault(float(lr), GridPoint(task, fusion, float(lr), [], 0))
@@ -84,7 +85,7 @@ def params_note(runs: Sequence[Run], reference: str = "square") -> str:
     """The fusion parameters of each option (model_info.json) and which have > 10 % more than `reference`."""
     params: dict[str, float] = {}
     for run in runs:
-        fusion = str(group_choice(run, "fusion"))
+        fusion = fusion_option(run)
         counts = (run.model_info or {}).get("params") or {}
         if fusion not in params and counts.get("fusion") is not None:
             params[fusion] = float(counts["fusion"]) + float(counts.get("block_fusions") or 0)

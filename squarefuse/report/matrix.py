@@ -12,6 +12,13 @@ unit: the difference of mean top-1, a 95 % bootstrap interval over seeds and tes
 t-test over the per-seed top-1, Holm's correction over every comparison of the matrix. A comparison
 reads `better`/`worse` (for the other option) only below `alpha` after Holm, and `tie` only when the
 interval lies inside +-`margin` points (an equivalence test); anything else is `inconclusive`.
+
+Two columns are positive controls, not options (DESIGN.md section 9): the token control `joint_mlp`
+(an MLP over all the cached tokens of a clip) and the pixel control `pixels+joint_mlp` (the same on
+the downsampled frames, `groups.fusion_option`). They are not compared with the reference and are
+not in Holm's family. A task is **informative** only where its token control reaches a mean test
+top-1 of `INFORMATIVE_TOP1` (with several heads: in at least one); elsewhere nothing shows that the
+tokens carry the answer, the row is marked, and no fusion verdict is read from it.
 """
 
 from __future__ import annotations
@@ -24,7 +31,7 @@ from pathlib import Path
 from matplotlib.figure import Figure
 
 from squarefuse.report.aggregate import Stat
-from squarefuse.report.groups import flatten, group_choice
+from squarefuse.report.groups import flatten, fusion_option, group_choice
 from squarefuse.report.runs import FINISHED, EvalRun, Run, read_predictions
 from squarefuse.report.significance import PairingError, SeedComparison, compare_over_seeds, holm
 from squarefuse.runtime.safe_text import csv_value, plot_text
@@ -34,6 +41,9 @@ __all__ = ["Cell", "Matrix", "plot_matrix", "task_fusion_matrix", "write_matrix_
 DEFAULT_TASK = "direction"
 REFERENCE = "square"
 MARGIN = 2.0  # points of top-1: a tie is claimed only when the difference's interval lies inside +-MARGIN
+TOKEN_CONTROL = "joint_mlp"  # the fusion whose run on the tokens is the token control
+PIXEL_CONTROL = f"pixels+{TOKEN_CONTROL}"  # its run on the downsampled frames (backbone=pixels)
+INFORMATIVE_TOP1 = 90.0  # % mean test top-1 of the token control for a task to be informative
 
 
 @dataclass
@@ -47,10 +57,13 @@ class Cell:
     is_reference: bool = False
     versus_reference: SeedComparison | None = None  # this option minus the reference
     refused: str | None = None  # why the cell could not be compared with the reference
+    control: str | None = None  # "token control" or "pixel control": a positive control, never compared
 
     def verdict(self, alpha: float, margin: float = MARGIN) -> str:
         if self.is_reference:
             return "reference"
+        if self.control is not None:
+            return "control"
         return self.versus_reference.verdict(alpha, margin) if self.versus_reference is not None else "-"
 
 
@@ -64,6 +77,24 @@ class Matrix:
     reference: str = REFERENCE
     margin: float = MARGIN
     skipped: list[str] = field(default_factory=list)  # runs left out, with the reason
+
+    def token_control_top1(self, task: str) -> float | None:
+        """The task's token-control mean test top-1 (with several heads, the highest); None without one."""
+        means = [c.top1.mean for (t, _), c in self.cells.items() if t == task and c.control == "token control"]
+        return max(means) if means else None
+
+    def informative(self, task: str) -> bool:
+        """Whether the task's token control reaches `INFORMATIVE_TOP1`: only then is a fusion verdict read."""
+        top1 = self.token_control_top1(task)
+        return top1 is not None and top1 >= INFORMATIVE_TOP1
+
+    def informative_text(self, task: str) -> str:
+        top1 = self.token_control_top1(task)
+        if top1 is None:
+            return "no: no token control ran"
+        if top1 < INFORMATIVE_TOP1:
+            return f"no: token control {top1:.1f} < {INFORMATIVE_TOP1:g}"
+        return f"yes: token control {top1:.1f}"
 
     def shows_twin_confusion(self, task: str) -> bool:
         """Whether the task's twin confusion says more than its top-1: not where, in every run, it is
@@ -87,8 +118,14 @@ def split_eval(run: Run, split: str) -> EvalRun | None:
 
 
 def _option(run: Run, heads: set[str]) -> str:
-    fusion = str(group_choice(run, "fusion"))
+    fusion = fusion_option(run)
     return f"{fusion}/{group_choice(run, 'head')}" if len(heads) > 1 else fusion
+
+
+def _control(option: str) -> str | None:
+    """The kind of a control column (any head): "token control" or "pixel control"; None for an option compared."""
+    fusion = option.split("/", 1)[0]
+    return {TOKEN_CONTROL: "token control", PIXEL_CONTROL: "pixel control"}.get(fusion)
 
 
 def _reference_of(option: str, reference: str) -> str:
@@ -136,10 +173,18 @@ def task_fusion_matrix(
         evals = [e for _, e in members]
         top1 = [float(e.results["top1"]) for e in evals]
         twins = [float(e.results["twin_confusion"]["confusion"]) for e in evals if _has_twin_confusion(e)]
-        cells[key] = Cell(runs=[run for run, _ in members], evals=evals, top1=Stat(top1), twin_confusion=Stat(twins))
+        cells[key] = Cell(
+            runs=[run for run, _ in members],
+            evals=evals,
+            top1=Stat(top1),
+            twin_confusion=Stat(twins),
+            control=_control(key[1]),
+        )
     compared = []
     for (task, option), cell in cells.items():
         ref = cells.get((task, _reference_of(option, reference)))
+        if cell.control is not None:
+            continue  # a positive control: it gates the task, it is not an option compared (nor in Holm's family)
         if ref is cell:
             cell.is_reference = True
         elif ref is None:
@@ -151,7 +196,8 @@ def task_fusion_matrix(
     for cell, p_holm in zip(tested, holm([c.versus_reference.p_value for c in tested]), strict=True):
         cell.versus_reference.p_holm = p_holm
     tasks = sorted({task for task, _ in cells})
-    fusions = sorted({option for _, option in cells})
+    # The controls last: they frame the options, they are not among them.
+    fusions = sorted({option for _, option in cells}, key=lambda option: (_control(option) is not None, option))
     return Matrix(tasks, fusions, cells, split, alpha, reference=reference, skipped=skipped)
 
 
@@ -166,6 +212,8 @@ def _cell_text(cell: Cell | None, matrix: Matrix) -> str:
     text = f"{cell.top1.text(1)} (n={cell.top1.n})"
     if cell.is_reference:
         return f"**{text}** ref"
+    if cell.control is not None:
+        return f"{text} {cell.control}"
     c = cell.versus_reference
     if c is None:
         return f"{text} not compared"
@@ -186,12 +234,20 @@ def matrix_markdown(matrix: Matrix) -> str:
         f"comparison of the matrix; better/worse: p_Holm < {matrix.alpha}; tie: the interval inside "
         f"±{matrix.margin:g} points; else inconclusive. No cell is chosen on the {matrix.split} split.",
         "",
-        "| task | " + " | ".join(matrix.fusions) + " |",
-        "|---|" + "---|" * len(matrix.fusions),
+        f"Positive controls, not compared (nor in Holm's family): `{TOKEN_CONTROL}` (token control: an MLP "
+        f"over all the cached tokens of a clip) and `{PIXEL_CONTROL}` (pixel control: the same on each frame's "
+        "pixels averaged down to a small grid, backbone=pixels). A task is informative only where its token "
+        f"control reaches {INFORMATIVE_TOP1:g} % mean {matrix.split} top-1 (last column); in the rows marked "
+        "**no** nothing shows that the tokens carry the answer, and **no fusion verdict is read from them**.",
+        "",
+        "| task | " + " | ".join(matrix.fusions) + " | informative |",
+        "|---|" + "---|" * (len(matrix.fusions) + 1),
     ]
     for task in matrix.tasks:
         cells = [_cell_text(matrix.cells.get((task, f)), matrix) for f in matrix.fusions]
-        lines.append(f"| {task} | " + " | ".join(cells) + " |")
+        gate = matrix.informative_text(task)
+        gate = gate if matrix.informative(task) else f"**{gate}**"
+        lines.append(f"| {task} | " + " | ".join(cells) + f" | {gate} |")
     twin_tasks = [task for task in matrix.tasks if matrix.shows_twin_confusion(task)]
     if twin_tasks:
         lines += ["", "Twin confusion (%): the share of a twin pair's videos predicted as the other class", ""]
@@ -212,7 +268,7 @@ def matrix_markdown(matrix: Matrix) -> str:
 def write_matrix_csv(matrix: Matrix, path: Path) -> None:
     rows = [
         ["task", "option", "n", "top1_mean", "top1_std", "diff_vs_reference", "ci_low", "ci_high"]
-        + ["p_welch", "p_holm", "verdict", "twin_confusion"]
+        + ["p_welch", "p_holm", "verdict", "twin_confusion", "task_informative"]
     ]
     for (task, option), cell in sorted(matrix.cells.items()):
         c = cell.versus_reference
@@ -230,6 +286,7 @@ def write_matrix_csv(matrix: Matrix, path: Path) -> None:
             + [
                 cell.verdict(matrix.alpha, matrix.margin),
                 cell.twin_confusion.mean if matrix.shows_twin_confusion(task) else "",
+                matrix.informative_text(task),
             ]
         )
     with open(path, "w", newline="") as f:
@@ -251,11 +308,21 @@ def plot_matrix(matrix: Matrix, path: Path) -> None:
             if cell is None:
                 continue
             verdict = cell.verdict(matrix.alpha, matrix.margin)
-            mark = {"reference": "\nref", "better": "\n+", "worse": "\n-", "tie": "\n="}.get(verdict, "")
+            marks = {"reference": "\nref", "better": "\n+", "worse": "\n-", "tie": "\n=", "control": "\ncontrol"}
+            mark = marks.get(verdict, "")
             colour = "white" if cell.top1.mean < 60 else "black"
             ax.text(j, i, f"{cell.top1.mean:.1f}{mark}", ha="center", va="center", color=colour, fontsize=8)
     ax.set_xticks(range(len(matrix.fusions)), [plot_text(f) for f in matrix.fusions], rotation=30, ha="right")
-    ax.set_yticks(range(len(matrix.tasks)), [plot_text(t) for t in matrix.tasks])
-    ax.set_title(f"{matrix.split} top-1 (%), mean over seeds; vs {matrix.reference}: + better, - worse, = tie")
+    # A task whose token control stays below INFORMATIVE_TOP1: its row is labelled and hatched over.
+    labels = [plot_text(t) if matrix.informative(t) else f"{plot_text(t)}\nNOT INFORMATIVE" for t in matrix.tasks]
+    ax.set_yticks(range(len(matrix.tasks)), labels)
+    for i, task in enumerate(matrix.tasks):
+        if not matrix.informative(task):
+            ax.get_yticklabels()[i].set_color("red")
+            ax.axhspan(i - 0.5, i + 0.5, fill=False, hatch="//", edgecolor="red", linewidth=0)
+    ax.set_title(
+        f"{matrix.split} top-1 (%), mean over seeds; vs {matrix.reference}: + better, - worse, = tie\n"
+        f"NOT INFORMATIVE: token control ({TOKEN_CONTROL}) < {INFORMATIVE_TOP1:g} %, no fusion verdict read"
+    )
     fig.colorbar(image, ax=ax, label="top-1 (%)")
     fig.savefig(path)
