@@ -9,18 +9,25 @@ Per task (videos under --data-dir/<task>, default data/temporal_benchmark/<task>
      tokens of the tiny ViT that `python train.py dataset.task=<task>` starts from, never trained
      (`scripts/cache_tokens.py train_config=[...]`); runs train on it with `experiment=temporal_frozen`.
      With --end-to-end the runs train the whole model on the videos instead (the default recipe).
-  1. grid: `train.py -m fusion=<all> optim.lr=<grid> trainer.seed=<grid seeds>` -> OUT/grid/<task>
-  2. per fusion, the lr with the best mean final clip-level val top-1 (ties: the smaller lr)
-  3. final: that lr, seeds --seeds (default 1 2 3: not the grid's seed 0) -> OUT/final/<task>/<fusion>;
+Every run trains until val stops improving: `trainer.patience` (--patience, default 3 validations in a
+row without a better clip-level val top-1) within the cap `trainer.epochs` (--max-epochs, default 96),
+every option alike. Each step runs once per head (--heads, default mean and attentive):
+  1. grid: `train.py -m fusion=<all> optim.lr=<grid> trainer.seed=<grid seeds> head=<head>`
+     -> OUT/grid/<task>/<head> (default lrs 1e-4 3e-4 1e-3 3e-3 1e-2, grid seeds 0 1)
+  2. every grid run's best.pt evaluated on val over all its views; per option, the lr with the best mean
+     of that val top-1 (ties: the smaller lr; squarefuse/report/lr_grid.py)
+  3. final: that lr, seeds --seeds (default 2 3 4 5 6: not the grid's) -> OUT/final/<task>/<head>/<option>;
      each best.pt (chosen on val) evaluated on test with the twin confusion; test is read only here
 Two positive controls go through 1-3 with the same lr grid, seeds and selection (not with --no-controls):
 the token control `fusion=joint_mlp` (an MLP over all the tokens of a clip) among the fusions, and the
 pixel control `backbone=pixels fusion=joint_mlp` trained on the videos themselves, each frame averaged down
-to 8 x 8 pixels (OUT/grid_pixels/<task>, OUT/final/<task>/pixels+joint_mlp), with the frozen runs'
-trainer settings and, in place of the cached eval views, train views of their zoom. A task is informative
-only where the token control reaches 90 % test top-1 (squarefuse/report/matrix.py).
-  4. `scripts/report.py OUT/final --matrix --out OUT/report` and OUT/report/lr_grid.md (every grid
-     point, the chosen rates, the fusion parameters)
+to 8 x 8 pixels (OUT/grid_pixels/<task>/<head>, OUT/final/<task>/<head>/pixels+joint_mlp), with the frozen
+runs' trainer settings and, in place of the cached eval views, train views of their zoom. A task is
+informative only where the token control reaches 90 % test top-1 (squarefuse/report/matrix.py).
+  4. `scripts/report.py OUT/final --matrix --out OUT/report` (the matrix: squarefuse/report/matrix.py),
+     OUT/report/lr_grid.md (every grid point, the chosen rates, the fusion parameters), budget.md and
+     budget_<task>.png (val top-1 within the earlier protocol's 96 steps and converged; val curves
+     against optimiser steps: squarefuse/report/budget.py)
 `--train` is the training command prefix (default: this Python with train.py). Wall times of each
 phase go to OUT/benchmark.json.
 """
@@ -41,6 +48,7 @@ from squarefuse.apps.evaluate import run_eval
 from squarefuse.config.compose_config import compose_app_config, override
 from squarefuse.config.output_dirs import default_eval_dir
 from squarefuse.report.app import make_report
+from squarefuse.report.budget import budget_markdown, plot_budget_curves
 from squarefuse.report.lr_grid import choose_lrs, grid_markdown, params_note
 from squarefuse.report.matrix import PIXEL_CONTROL, TOKEN_CONTROL
 from squarefuse.report.runs import load_runs
@@ -53,12 +61,23 @@ FUSIONS = (
     "square_quantiles_only",
     "square_trend_only",
     "square_light",
-    "square_fixed_sigma",
     "temporal_attn",
     "temporal_shift",
     "temporal_conv",
 )
-TASKS = ("direction", "path_shape", "repetitions", "speed", "event_order", "event_time")
+TASKS = (
+    "direction",
+    "path_shape",
+    "repetitions",
+    "speed",
+    "event_order",
+    "event_time",
+    "acceleration",
+    "count_flashes",
+)
+# Every option is read out both ways: a mean over tokens (cannot compare positions) and an attentive
+# probe (V-JEPA's: a learned query over all tokens), configs/head/.
+HEADS = ("mean", "attentive")
 QUICK_TASKS = ("path_shape", "event_order")
 CACHED_SPLITS = ("train", "val", "test")
 # TOKEN_CONTROL: the fusion (configs/fusion/joint_mlp.yaml) an MLP over all the tokens of a clip;
@@ -74,7 +93,7 @@ EVAL_ZOOM_VIEWS = ["dataset.scale=[0.77,0.77]", "dataset.ratio=[1.0,1.0]"]
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("out", type=Path, help="the benchmark folder (must not exist)")
-    parser.add_argument("--quick", action="store_true", help=f"tasks {' '.join(QUICK_TASKS)}, seeds 1 2")
+    parser.add_argument("--quick", action="store_true", help=f"tasks {' '.join(QUICK_TASKS)}, seeds 2 3 4")
     parser.add_argument("--tasks", nargs="+", choices=TASKS, help="default: all (--quick: two)")
     parser.add_argument("--fusions", nargs="+", default=list(FUSIONS), help="fusion options (configs/fusion/)")
     parser.add_argument(
@@ -82,9 +101,21 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         action="store_true",
         help=f"skip the token ({TOKEN_CONTROL}) and pixel ({PIXEL_CONTROL}) controls: then no task is informative",
     )
-    parser.add_argument("--lrs", nargs="+", type=float, default=[1e-3, 3e-3, 1e-2], help="the lr grid")
-    parser.add_argument("--grid-seeds", nargs="+", type=int, default=[0], help="seeds of every grid point")
-    parser.add_argument("--seeds", nargs="+", type=int, help="seeds at the chosen lr (default 1 2 3; --quick 1 2)")
+    parser.add_argument("--heads", nargs="+", default=list(HEADS), help="heads every option runs with (configs/head/)")
+    parser.add_argument(
+        "--lrs", nargs="+", type=float, default=[1e-4, 3e-4, 1e-3, 3e-3, 1e-2], help="the lr grid, every option"
+    )
+    parser.add_argument("--grid-seeds", nargs="+", type=int, default=[0, 1], help="seeds of every grid point")
+    parser.add_argument(
+        "--seeds", nargs="+", type=int, help="seeds at the chosen lr (default 2 3 4 5 6; --quick 2 3 4)"
+    )
+    parser.add_argument("--max-epochs", type=int, default=96, help="the cap of every run (trainer.epochs)")
+    parser.add_argument(
+        "--patience",
+        type=int,
+        default=3,
+        help="validations in a row without a better val top-1 that end a run (trainer.patience), every option alike",
+    )
     parser.add_argument(
         "--end-to-end", action="store_true", help="train the whole model on the videos, not on the frozen cache"
     )
@@ -104,7 +135,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     args.overrides = argv[split + 1 :]
     args.train_prefix = shlex.split(args.train)
     args.tasks = args.tasks or list(QUICK_TASKS if args.quick else TASKS)
-    args.seeds = args.seeds or ([1, 2] if args.quick else [1, 2, 3])
+    args.seeds = args.seeds or ([2, 3, 4] if args.quick else [2, 3, 4, 5, 6])
+    # Until val stops improving, within the cap; the user's overrides after "--" still win.
+    args.overrides = [f"trainer.epochs={args.max_epochs}", f"trainer.patience={args.patience}", *args.overrides]
     args.controls = not args.no_controls
     if args.controls and TOKEN_CONTROL not in args.fusions:
         args.fusions = [*args.fusions, TOKEN_CONTROL]
@@ -139,32 +172,37 @@ def pixel_control_data(video_data: list[str], end_to_end: bool) -> list[str]:
     return ["experiment=temporal_frozen", "dataset=synthetic", *video_data, *EVAL_ZOOM_VIEWS, *PIXEL_MODEL]
 
 
-def grid_commands(args: argparse.Namespace, data: list[str], video_data: list[str], out: Path, task: str):
-    """{sweep folder: the command of its grid}: every fusion on `data`, and the pixel control on the videos."""
-    points = [f"optim.lr={joined(args.lrs)}", f"trainer.seed={joined(args.grid_seeds)}"]
+def grid_commands(
+    args: argparse.Namespace, data: list[str], video_data: list[str], out: Path, task: str, head: str
+) -> dict[Path, list[str]]:
+    """{sweep folder: the command of its grid}: every fusion on `data`, and the pixel control on the
+    videos, each with `head`."""
+    points = [f"optim.lr={joined(args.lrs)}", f"trainer.seed={joined(args.grid_seeds)}", f"head={head}"]
     fusions = [f"fusion={joined(args.fusions)}"]
-    grid_dir = out / "grid" / task
+    grid_dir = out / "grid" / task / head
     commands = {grid_dir: sweep(args.train_prefix, fusions + points, data, grid_dir, args.overrides)}
     if args.controls:
         pixels = pixel_control_data(video_data, args.end_to_end)
-        pixel_dir = out / "grid_pixels" / task
+        pixel_dir = out / "grid_pixels" / task / head
         commands[pixel_dir] = sweep(args.train_prefix, points, pixels, pixel_dir, args.overrides)
     return commands
 
 
 def final_commands(
-    args: argparse.Namespace, data: list[str], video_data: list[str], out: Path, task: str, chosen: dict
+    args: argparse.Namespace, data: list[str], video_data: list[str], out: Path, task: str, head: str, chosen: dict
 ) -> list[list[str]]:
-    """Each option at its chosen lr (`chosen[(task, option)]`) with the final seeds, the pixel control last."""
-    seeds = f"trainer.seed={joined(args.seeds)}"
+    """Each option with `head` at its chosen lr (`chosen[(task, option)]`) with the final seeds, the
+    pixel control last."""
+    seeds = [f"trainer.seed={joined(args.seeds)}", f"head={head}"]
     commands = []
     for fusion in args.fusions:
-        settings = [f"fusion={fusion}", f"optim.lr={chosen[(task, fusion)]}", seeds]
-        commands.append(sweep(args.train_prefix, settings, data, out / "final" / task / fusion, args.overrides))
+        settings = [f"fusion={fusion}", f"optim.lr={chosen[(task, fusion)]}", *seeds]
+        final_dir = out / "final" / task / head / fusion
+        commands.append(sweep(args.train_prefix, settings, data, final_dir, args.overrides))
     if args.controls:
         pixels = pixel_control_data(video_data, args.end_to_end)
-        settings = [f"optim.lr={chosen[(task, PIXEL_CONTROL)]}", seeds]
-        final_dir = out / "final" / task / PIXEL_CONTROL
+        settings = [f"optim.lr={chosen[(task, PIXEL_CONTROL)]}", *seeds]
+        final_dir = out / "final" / task / head / PIXEL_CONTROL
         commands.append(sweep(args.train_prefix, settings, pixels, final_dir, args.overrides))
     return commands
 
@@ -183,12 +221,13 @@ def cache_tokens(video_data: list[str], cache: Path) -> None:
         run_cache_tokens(compose_app_config("cache_tokens", overrides))
 
 
-def evaluate_on_test(ckpt: Path, twins: Path) -> None:
-    """`eval.py ckpt=... split=test twin_pairs=...`, in this process (an eval.py start-up costs ~15 s)."""
-    overrides = [override("ckpt", ckpt), "split=test", override("twin_pairs", twins), "progress=false"]
+def evaluate(ckpt: Path, split: str, *extra: str) -> None:
+    """`eval.py ckpt=... split=SPLIT ...`, in this process (an eval.py start-up costs ~15 s): every view
+    of every video (for a cache, all its cached views)."""
+    overrides = [override("ckpt", ckpt), f"split={split}", *extra, "progress=false"]
     print("+ eval", shlex.join(overrides), flush=True)
     cfg = compose_app_config("eval", overrides)
-    run_eval(cfg, default_eval_dir(str(ckpt), suffix="_test"))
+    run_eval(cfg, default_eval_dir(str(ckpt), suffix=f"_{split}"))
 
 
 def main(argv: list[str]) -> int:
@@ -208,30 +247,42 @@ def main(argv: list[str]) -> int:
             cache_tokens(video_data, cache)
             times[f"{task}: token cache"] = time.perf_counter() - task_start
             data = ["experiment=temporal_frozen", override("dataset.root", cache)]
-        grid_start = time.perf_counter()
-        grids = grid_commands(args, data, video_data, out, task)
-        for command in grids.values():
-            run(command)
-        chosen, _ = choose_lrs(load_runs(list(grids)))
-        times[f"{task}: grid"] = time.perf_counter() - grid_start
+        for head in args.heads:
+            grid_start = time.perf_counter()
+            grids = grid_commands(args, data, video_data, out, task, head)
+            for command in grids.values():
+                run(command)
+            # The rate is chosen on val by the rule that picks best.pt, read over every view of val.
+            for ckpt in sorted(p for grid in grids for p in grid.glob("*/checkpoints/best.pt")):
+                evaluate(ckpt, "val")
+            chosen, _ = choose_lrs(load_runs(list(grids)))
+            times[f"{task}, head {head}: grid"] = time.perf_counter() - grid_start
 
-        final_start = time.perf_counter()
-        for command in final_commands(args, data, video_data, out, task, chosen):
-            run(command)
-        times[f"{task}: final runs"] = time.perf_counter() - final_start
+            final_start = time.perf_counter()
+            for command in final_commands(args, data, video_data, out, task, head, chosen):
+                run(command)
+            times[f"{task}, head {head}: final runs"] = time.perf_counter() - final_start
         eval_start = time.perf_counter()
-        for ckpt in sorted((out / "final" / task).glob("*/*/checkpoints/best.pt")):
-            evaluate_on_test(ckpt, videos / "twins.txt")
+        for ckpt in sorted((out / "final" / task).glob("*/*/*/checkpoints/best.pt")):
+            evaluate(ckpt, "test", override("twin_pairs", videos / "twins.txt"))
         times[f"{task}: test evaluations"] = time.perf_counter() - eval_start
 
     report = make_report([out / "final"], out / "report", matrix=True)
-    grid_runs = load_runs([folder for folder in (out / "grid", out / "grid_pixels") if folder.is_dir()])
-    chosen, points = choose_lrs(grid_runs)
-    (report.out_dir / "lr_grid.md").write_text(grid_markdown(chosen, points) + "\n" + params_note(grid_runs))
+    grids = []
+    for head in args.heads:
+        folders = [out / kind / task / head for kind in ("grid", "grid_pixels") for task in args.tasks]
+        head_runs = load_runs([folder for folder in folders if folder.is_dir()])
+        chosen, points = choose_lrs(head_runs)
+        grids.append(f"### head={head}\n\n" + grid_markdown(chosen, points) + "\n" + params_note(head_runs))
+    (report.out_dir / "lr_grid.md").write_text("\n".join(grids))
+    final_runs = load_runs([out / "final"])
+    (report.out_dir / "budget.md").write_text(budget_markdown(final_runs))
+    plot_budget_curves(final_runs, report.out_dir)
     times["total"] = time.perf_counter() - start
     (out / "benchmark.json").write_text(json.dumps({"args": argv, "wall_s": times}, indent=2) + "\n")
     print((report.out_dir / "matrix.md").read_text())
     print((report.out_dir / "lr_grid.md").read_text())
+    print((report.out_dir / "budget.md").read_text())
     print("wall time: " + ", ".join(f"{k} {v / 60:.1f} min" for k, v in times.items()))
     return 0
 

@@ -257,21 +257,23 @@ def test_the_benchmark_runs_both_controls_with_the_same_protocol(tmp_path):
     out, videos, cache = tmp_path / "bench", tmp_path / "videos", tmp_path / "cache"
     video_data = ["dataset.task=speed", f"dataset.root={videos}"]
     data = ["experiment=temporal_frozen", f"dataset.root={cache}"]
-    grids = bench.grid_commands(args, data, video_data, out, "speed")
-    assert list(grids) == [out / "grid" / "speed", out / "grid_pixels" / "speed"]
+    grids = bench.grid_commands(args, data, video_data, out, "speed", "attentive")
+    assert list(grids) == [out / "grid" / "speed" / "attentive", out / "grid_pixels" / "speed" / "attentive"]
     tokens_grid, pixels_grid = grids.values()
     assert "fusion=none,square,joint_mlp" in tokens_grid  # the token control among the fusions, on the cache
     assert "backbone=pixels" in pixels_grid and "fusion=joint_mlp" in pixels_grid and "-m" in pixels_grid
-    for point in ("optim.lr=0.001,0.01", "trainer.seed=0", "trainer.epochs=1"):  # the same grid and overrides
+    same = ("optim.lr=0.001,0.01", "trainer.seed=0,1", "head=attentive", "trainer.patience=3", "trainer.epochs=1")
+    for point in same:  # the same grid, head, patience and overrides
         assert point in tokens_grid and point in pixels_grid
     assert f"dataset.root={videos}" in pixels_grid and f"dataset.root={cache}" not in pixels_grid
 
     chosen = {("speed", "none"): 1e-3, ("speed", "square"): 1e-2, ("speed", "joint_mlp"): 1e-2}
     chosen[("speed", "pixels+joint_mlp")] = 1e-3
-    finals = bench.final_commands(args, data, video_data, out, "speed", chosen)
-    assert [c[-2] for c in finals] == [  # the sweep folder, before the overrides after "--"
-        f"hydra.sweep.dir={out / 'final' / 'speed' / option}" for option in ("none", "square", "joint_mlp")
-    ] + [f"hydra.sweep.dir={out / 'final' / 'speed' / 'pixels+joint_mlp'}"]
+    finals = bench.final_commands(args, data, video_data, out, "speed", "attentive", chosen)
+    options = ("none", "square", "joint_mlp", "pixels+joint_mlp")
+    assert [c[c.index("trainer.epochs=96") - 1] for c in finals] == [  # the sweep folder, before the overrides
+        f"hydra.sweep.dir={out / 'final' / 'speed' / 'attentive' / option}" for option in options
+    ]
     token_control, pixel_control = compose_command(finals[2]), compose_command(finals[3])
     assert token_control.dataset.name == "tokens" and token_control.fusion._target_.endswith("JointMLP")
     assert pixel_control.dataset.name == "synthetic" and pixel_control.dataset.task == "speed"
@@ -291,7 +293,8 @@ def test_the_benchmark_runs_both_controls_with_the_same_protocol(tmp_path):
 
 def test_the_benchmark_without_controls_runs_only_the_fusions(tmp_path):
     bench, args = bench_args(tmp_path, "--no-controls")
-    grids = bench.grid_commands(args, ["experiment=temporal_frozen"], ["dataset.task=speed"], tmp_path, "speed")
-    assert list(grids) == [tmp_path / "grid" / "speed"] and "fusion=none,square" in grids[tmp_path / "grid" / "speed"]
+    grids = bench.grid_commands(args, ["experiment=temporal_frozen"], ["dataset.task=speed"], tmp_path, "speed", "mean")
+    folder = tmp_path / "grid" / "speed" / "mean"
+    assert list(grids) == [folder] and "fusion=none,square" in grids[folder]
     chosen = {("speed", "none"): 1e-3, ("speed", "square"): 1e-2}
-    assert len(bench.final_commands(args, [], [], tmp_path, "speed", chosen)) == 2
+    assert len(bench.final_commands(args, [], [], tmp_path, "speed", "mean", chosen)) == 2

@@ -28,6 +28,10 @@ def test_the_benchmark_caches_tunes_on_val_and_reports_other_seeds_on_test(tmp_p
         "--seeds",
         "1",
         "2",
+        "--grid-seeds",
+        "0",
+        "--heads",
+        "mean",
         "--data-dir",
         str(tmp_path / "data"),
         "--data",
@@ -52,13 +56,21 @@ def test_the_benchmark_caches_tunes_on_val_and_reports_other_seeds_on_test(tmp_p
         assert len(index["videos"]) == videos, split
     # 1-2. Every grid point ran on the cache at grid seed 0 (the token control joint_mlp among the
     # fusions), the pixel control's on the videos; the chosen lr is the one lr_grid.md marks.
-    grid_runs = sorted((out / "grid" / "path_shape").glob("*_*"))
+    grid_runs = sorted((out / "grid" / "path_shape" / "mean").glob("*_*"))
     grid = [yaml.safe_load((p / ".hydra" / "config.yaml").read_text()) for p in grid_runs]
     swept = [yaml.safe_load((p / ".hydra" / "overrides.yaml").read_text())[:2] for p in grid_runs]
     points = [[f"fusion={f}", f"optim.lr={lr}"] for f in ("none", "square", "joint_mlp") for lr in (0.001, 0.01)]
     assert sorted(swept) == sorted(points)
     assert {c["trainer"]["seed"] for c in grid} == {0} and {c["dataset"]["name"] for c in grid} == {"tokens"}
-    pixel_runs = sorted((out / "grid_pixels" / "path_shape").glob("*_*"))
+    # Every run of every option: until val stops improving (the user's trainer.epochs=1 wins over the cap).
+    assert {(c["trainer"]["patience"], c["trainer"]["epochs"], c["head"]["_target_"]) for c in grid} == {
+        (3, 1, "squarefuse.models.heads.MeanHead")
+    }
+    # The rate is chosen on val over all the views of each grid run's best.pt.
+    for run in grid_runs:
+        (val,) = [json.loads(p.read_text()) for p in run.glob("eval/*_val/results.json")]
+        assert val["split"] == "val" and val["num_videos"] == 4
+    pixel_runs = sorted((out / "grid_pixels" / "path_shape" / "mean").glob("*_*"))
     pixel_grid = [yaml.safe_load((p / ".hydra" / "config.yaml").read_text()) for p in pixel_runs]
     assert sorted(c["optim"]["lr"] for c in pixel_grid) == [0.001, 0.01]
     assert {c["dataset"]["name"] for c in pixel_grid} == {"synthetic"}
@@ -70,7 +82,7 @@ def test_the_benchmark_caches_tunes_on_val_and_reports_other_seeds_on_test(tmp_p
     assert set(chosen) == {"none", "square", "joint_mlp", "pixels+joint_mlp"}
     # 3. The final runs: the other seeds at the chosen lr, each best.pt evaluated on test (twin confusion too).
     for fusion, lr in chosen.items():
-        runs = sorted((out / "final" / "path_shape" / fusion).glob("*_*"))
+        runs = sorted((out / "final" / "path_shape" / "mean" / fusion).glob("*_*"))
         configs = [yaml.safe_load((r / ".hydra" / "config.yaml").read_text()) for r in runs]
         assert sorted(c["trainer"]["seed"] for c in configs) == [1, 2]
         assert {c["optim"]["lr"] for c in configs} == {lr}
@@ -84,4 +96,7 @@ def test_the_benchmark_caches_tunes_on_val_and_reports_other_seeds_on_test(tmp_p
     assert "| path_shape |" in matrix and "token control" in matrix
     assert (out / "report" / "temporal_matrix.png").is_file()
     wall = json.loads((out / "benchmark.json").read_text())["wall_s"]
-    assert {"path_shape: token cache", "path_shape: grid", "path_shape: final runs", "total"} <= set(wall)
+    assert {"path_shape: token cache", "path_shape, head mean: grid", "path_shape, head mean: final runs"} <= set(wall)
+    budget = (out / "report" / "budget.md").read_text()
+    assert "within 96 optimiser steps" in budget and "| path_shape | square |" in budget
+    assert (out / "report" / "budget_path_shape.png").is_file()

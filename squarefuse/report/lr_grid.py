@@ -1,5 +1,10 @@
 """The temporal benchmark's learning-rate choice: per task and fusion, the rate with the best mean
-clip-level val top-1 over the grid's seeds (never the test split), and every grid point for the report.
+val score over the grid's seeds (never the test split), and every grid point for the report.
+
+A run's val score is the rule that picks its `best.pt`, read the best way the run has: the top-1 of
+its multi-view evaluation of `best.pt` on val (`eval.py ckpt=.../best.pt split=val`, which the
+benchmark makes for every grid run: all the cached views of each val video), else its best
+clip-level val top-1 (the number `best.pt` was chosen by).
 
 Runs are keyed by `dataset.task` (absent: ``direction``), the option (the fusion's Hydra choice,
 `pixels+<fusion>` for the pixel control: `groups.fusion_option`) and `optim.lr`;
@@ -23,12 +28,18 @@ class GridPoint:
     task: str
     fusion: str
     lr: float
-    val_top1: list[float]  # final clip-level val top-1 of each finished run
+    val_top1: list[float]  # the val score of each finished run (`val_score`)
     unfinished: int
 
     @property
     def mean(self) -> float | None:
         return statistics.fmean(self.val_top1) if self.val_top1 else None
+
+
+def val_score(run: Run) -> float | None:
+    """The top-1 of the run's multi-view val evaluation (frames in order), else its best clip-level val top-1."""
+    evaluations = [e for e in run.evals if e.frame_order == "normal" and e.results.get("split") == "val"]
+    return float(evaluations[-1].results["top1"]) if evaluations else run.best_top1
 
 
 def _grid(runs: Sequence[Run]) -> dict[tuple[str, str], dict[float, GridPoint]]:
@@ -41,8 +52,9 @@ def _grid(runs: Sequence[Run]) -> dict[tuple[str, str], dict[float, GridPoint]]:
             flat["optim.lr"],
         )
         point = grid.setdefault((task, fusion), {}).setdefault(float(lr), GridPoint(task, fusion, float(lr), [], 0))
-        if run.status == FINISHED and run.final_top1 is not None:
-            point.val_top1.append(run.final_top1)
+        score = val_score(run)
+        if run.status == FINISHED and score is not None:
+            point.val_top1.append(score)
         else:
             point.unfinished += 1
     return grid
@@ -68,7 +80,7 @@ def choose_lrs(runs: Sequence[Run]) -> tuple[dict[tuple[str, str], float], list[
 def grid_markdown(chosen: dict[tuple[str, str], float], points: Sequence[GridPoint]) -> str:
     """Every grid point's mean val top-1 (seeds), the chosen rate marked."""
     lines = [
-        "## Learning-rate grid: final clip-level val top-1 (%), mean over the grid seeds",
+        "## Learning-rate grid: val top-1 (%) of best.pt (multi-view where evaluated), mean over the grid seeds",
         "",
         "| task | fusion | lr | val top-1 | seeds | chosen |",
         "|---|---|---|---|---|---|",

@@ -59,6 +59,7 @@ class Run:
     status: str = UNFINISHED
     problem: str | None = None  # why the run is not finished, in words
     val_curve: list[tuple[int, float]] = field(default_factory=list)  # (epoch, clip-level val top-1)
+    val_steps: list[tuple[int, float]] = field(default_factory=list)  # (optimiser step, clip-level val top-1)
     train_curve: list[tuple[int, float]] = field(default_factory=list)  # (step, train loss), skipped windows out
     clips_per_s: float | None = None
     wall_s: float | None = None
@@ -219,6 +220,7 @@ def load_run(run_dir: str | Path) -> Run:
         return run
     records, bad_lines = _read_metrics(metrics_path)
     run.val_curve = [(int(r["epoch"]), float(r["top1"])) for r in records if r.get("split") == "val_clip"]
+    run.val_steps = [(int(r["step"]), float(r["top1"])) for r in records if r.get("split") == "val_clip"]
     run.train_curve = [
         (int(r["step"]), float(r["loss"])) for r in records if r.get("split") == "train" and r.get("loss") is not None
     ]
