@@ -23,6 +23,7 @@ from squarefuse.datasets.annotations import (
     read_label_map,
 )
 from squarefuse.datasets.formats import find_format
+from squarefuse.datasets.inputs import find_videos
 
 BOM = "\ufeff"
 K400_HEADER = "label,youtube_id,time_start,time_end,split\n"
@@ -96,3 +97,11 @@ def test_a_video_listed_twice_is_refused(tmp_path):
     val_json = _write(tmp_path / "val.json", json.dumps(entries))
     with pytest.raises(ValueError, match=re.escape(f"{val_json}: id 7 is listed twice (entries 0 and 2)")):
         load_ssv2(labels_file=labels, annotation_file=val_json, video_dir=tmp_path, video_ext="webm")
+
+
+def test_predict_input_lists_read_a_byte_order_mark_and_name_a_bad_byte(tmp_path):
+    videos = find_videos(_write(tmp_path / "mine.txt", BOM + "v0.mp4\nv1.mp4 1\n"))
+    assert [r.path for r in videos] == [str(tmp_path / "v0.mp4"), str(tmp_path / "v1.mp4")]
+    bad = _write(tmp_path / "bad.txt", "v0.mp4\ncaf\u00e9.mp4\n", encoding="latin-1")
+    with pytest.raises(ValueError, match=re.escape(f"{bad}:2: byte 0xe9 is not UTF-8")):
+        find_videos(bad)

@@ -31,6 +31,7 @@ __all__ = [
     "load_ssv2",
     "read_k400_csv",
     "read_label_map",
+    "read_utf8",
     "split_missing",
 ]
 
@@ -73,9 +74,10 @@ def _require(path: str | Path, key: str) -> Path:
     return path
 
 
-def _read_text(path: Path) -> str:
+def read_utf8(path: str | Path) -> str:
     """The file decoded as UTF-8, with or without a byte-order mark; a ValueError naming the file
     and line of the first byte that is not UTF-8 (a file saved as latin-1 or cp1252)."""
+    path = Path(path)
     data = path.read_bytes()
     try:
         return data.decode("utf-8-sig")
@@ -94,7 +96,7 @@ def _twice(path: Path, what: str, first: object, again: object) -> ValueError:
 
 def _load_json(path: Path):
     try:
-        return json.loads(_read_text(path))
+        return json.loads(read_utf8(path))
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}") from e
 
@@ -107,7 +109,7 @@ def read_label_map(path: str | Path, *, key: str = "dataset.label_map") -> list[
         key: the config key it came from, for error messages.
     """
     path = _require(path, key)
-    names = [line.strip() for line in _read_text(path).splitlines() if line.strip()]
+    names = [line.strip() for line in read_utf8(path).splitlines() if line.strip()]
     if not names:
         raise ValueError(f"{path}: no class names")
     if len(names) > MAX_CLASSES:
@@ -216,7 +218,7 @@ def read_k400_csv(path: str | Path) -> tuple[list[str], list[K400Row]]:
     (finite) number is a ValueError naming the file and line.
     """
     path = Path(path)
-    with io.StringIO(_read_text(path), newline="") as f:
+    with io.StringIO(read_utf8(path), newline="") as f:
         reader = csv.reader(f)
         header = next(reader, None)
         if header is None:
@@ -328,7 +330,7 @@ def load_k400(
 def _read_list(path: Path) -> list[tuple[int, str, int]]:
     entries = []
     line_of_video: dict[str, int] = {}
-    for number, raw in enumerate(_read_text(path).splitlines(), start=1):
+    for number, raw in enumerate(read_utf8(path).splitlines(), start=1):
         line = raw.strip()
         if not line or line.startswith("#"):
             continue
