@@ -89,8 +89,11 @@ def test_a_video_listed_twice_is_refused(tmp_path):
         load_list(list_file=train, video_dir=None, class_names=["a", "b"])
 
     csv_file = _write(tmp_path / "val.csv", K400_HEADER + "abseiling,aaa,1,11,val\nabseiling,aaa,1.0,11.0,val\n")
-    with pytest.raises(ValueError, match=re.escape(f"{csv_file}: clip aaa_000001_000011 is listed twice (lines 2 and 3)")):
-        load_k400(annotation_file=csv_file, class_names=["abseiling"], video_dir=tmp_path, video_ext="mp4", layout="flat")
+    twice = f"{csv_file}: clip aaa_000001_000011 is listed twice (lines 2 and 3)"
+    with pytest.raises(ValueError, match=re.escape(twice)):
+        load_k400(
+            annotation_file=csv_file, class_names=["abseiling"], video_dir=tmp_path, video_ext="mp4", layout="flat"
+        )
 
     labels = _write(tmp_path / "labels.json", json.dumps({"Holding something": "0"}))
     entries = [{"id": i, "template": "Holding [something]"} for i in ("7", "8", "7")]

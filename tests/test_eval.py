@@ -312,11 +312,11 @@ def test_eval_py_end_to_end(tmp_path, moved_checkpoint, data_root):
 def test_eval_py_names_a_missing_checkpoint_and_a_missing_ckpt_key(tmp_path):
     missing = tmp_path / "runs" / "typo" / "checkpoints" / "best.pt"
     done = run_script("eval.py", f"ckpt={missing}", cwd=tmp_path)
-    assert done.returncode != 0 and str(missing) in done.stderr
+    assert done.returncode == 2 and str(missing) in done.stderr  # 2: a user mistake (README), not 1, a crash
     assert not (tmp_path / "runs").exists()  # no stray run folder for a mistyped path
 
     done = run_script("eval.py", cwd=tmp_path)
-    assert done.returncode != 0 and "ckpt is required" in done.stderr
+    assert done.returncode == 2 and done.stderr.startswith("error: ckpt is required")
 
 
 def test_a_checkpoint_that_predates_a_dataset_key_gets_its_default(train_cfg):
