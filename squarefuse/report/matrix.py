@@ -22,7 +22,7 @@ from squarefuse.report.aggregate import Stat
 from squarefuse.report.groups import flatten, group_choice
 from squarefuse.report.runs import FINISHED, EvalRun, Run, read_predictions
 from squarefuse.report.significance import PairedTest, PairingError, paired_test
-from squarefuse.runtime.safe_text import csv_value, plot_text
+from squarefuse.runtime.safe_text import csv_value, markdown_text, plot_text
 
 __all__ = ["Cell", "Matrix", "plot_matrix", "task_fusion_matrix", "write_matrix_csv", "matrix_markdown"]
 
@@ -132,6 +132,11 @@ def _cell_text(cell: Cell | None, alpha: float) -> str:
     return f"{text}{mark} p={cell.versus_best.p_value:.2g}"
 
 
+def _md_cell(text: str) -> str:
+    """A task or fusion name (from the runs' configs) as a table cell: shown as written (`markdown_text`)."""
+    return markdown_text(text).replace("|", "\\|")
+
+
 def matrix_markdown(matrix: Matrix) -> str:
     """The matrix as markdown: top-1 per cell, the best per task in bold, ~best: not significantly different."""
     lines = [
@@ -141,24 +146,28 @@ def matrix_markdown(matrix: Matrix) -> str:
         f"different from it (exact McNemar on the {matrix.split} videos, pooled over the seeds both have, "
         f"p >= {matrix.alpha}); p: that test's p-value.",
         "",
-        "| task | " + " | ".join(matrix.fusions) + " |",
+        "| task | " + " | ".join(map(_md_cell, matrix.fusions)) + " |",
         "|---|" + "---|" * len(matrix.fusions),
     ]
     for task in matrix.tasks:
         cells = [_cell_text(matrix.cells.get((task, f)), matrix.alpha) for f in matrix.fusions]
-        lines.append(f"| {task} | " + " | ".join(cells) + " |")
+        lines.append(f"| {_md_cell(task)} | " + " | ".join(cells) + " |")
     if any(c.twin_confusion.n for c in matrix.cells.values()):
         lines += ["", "Twin confusion (%): the share of a twin pair's videos predicted as the other class.", ""]
-        lines += ["| task | " + " | ".join(matrix.fusions) + " |", "|---|" + "---|" * len(matrix.fusions)]
+        header = "| task | " + " | ".join(map(_md_cell, matrix.fusions)) + " |"
+        lines += [header, "|---|" + "---|" * len(matrix.fusions)]
         for task in matrix.tasks:
             cells = [matrix.cells.get((task, f)) for f in matrix.fusions]
             texts = [c.twin_confusion.text(1) if c is not None else "-" for c in cells]
-            lines.append(f"| {task} | " + " | ".join(texts) + " |")
+            lines.append(f"| {_md_cell(task)} | " + " | ".join(texts) + " |")
     refused = [(k, c.refused) for k, c in matrix.cells.items() if c.refused]
     if refused or matrix.skipped:
         lines += ["", "Left out:"]
-        lines += [f"- task {task}, fusion {fusion}: not paired with the best: {why}" for (task, fusion), why in refused]
-        lines += [f"- {line}" for line in matrix.skipped]
+        lines += [
+            markdown_text(f"- task {task}, fusion {fusion}: not paired with the best: {why}")
+            for (task, fusion), why in refused
+        ]
+        lines += [f"- {markdown_text(line)}" for line in matrix.skipped]
     return "\n".join(lines) + "\n"
 
 
