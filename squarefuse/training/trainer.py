@@ -72,6 +72,27 @@ DATA_BOUND_SHARE = 0.3
 SCHEDULE_KEYS = ("t_initial", "warmup_t", "lr_min", "warmup_lr_init", "base_values")
 
 
+def data_bound_warning(dataset_name: str, wait_share: float, clips_per_s: float, num_workers: int) -> str:
+    """The warning when the step waits for data (`DATA_BOUND_SHARE`), with the remedies of the dataset's kind:
+    a token cache is read, not decoded, so the video scripts are no help there."""
+    if dataset_name == "tokens":
+        remedies = (
+            "Raise trainer.num_workers, keep the cache on a local disk with free RAM for its shards (it is read "
+            "memory-mapped), or cache fewer tokens per frame (scripts/cache_tokens.py tokens=cls or pooled)."
+        )
+    elif dataset_name == "synthetic":
+        remedies = "Raise trainer.num_workers, or use dataset.repeated_aug to reuse decoded clips."
+    else:
+        remedies = (
+            "Raise trainer.num_workers, decode smaller videos (scripts/prepare_k400.py, re-encode SSv2 with "
+            "scripts/prepare_ssv2.py), or use dataset.repeated_aug to reuse decoded clips."
+        )
+    return (
+        f"data loading is the bottleneck: {100 * wait_share:.0f}% of step time is spent waiting for data "
+        f"({clips_per_s:.1f} clips/s with {num_workers} workers per rank). {remedies}"
+    )
+
+
 def check_trainer_cfg(tcfg: DictConfig) -> None:
     """Reject values that would fail late or silently misbehave; messages name the key."""
 
@@ -888,15 +909,7 @@ class Trainer:
         ):
             self._data_bound_reported = True
             if self.dist.is_main:
-                log.warning(
-                    "data loading is the bottleneck: %.0f%% of step time is spent waiting for data "
-                    "(%.1f clips/s with %d workers per rank). Raise trainer.num_workers, decode smaller "
-                    "videos (scripts/prepare_k400.py, re-encode SSv2 with scripts/prepare_ssv2.py), or use "
-                    "dataset.repeated_aug to reuse decoded clips.",
-                    100 * wait_share,
-                    clips_per_s,
-                    self.num_workers,
-                )
+                log.warning(data_bound_warning(str(self.cfg.dataset.name), wait_share, clips_per_s, self.num_workers))
 
     @torch.no_grad()
     def validate(self) -> dict[str, float]:
