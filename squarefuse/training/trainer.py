@@ -55,7 +55,7 @@ from squarefuse.runtime.workers import (
 from squarefuse.training.init_from import apply_init_from, backbone_cfg_for_run, check_init_file
 from squarefuse.training.metrics_log import MetricsLogger
 from squarefuse.training.optim import build_optimizer, build_scheduler, check_optim_cfg, scaled_lr
-from squarefuse.training.resume_checks import config_changes, is_harmless
+from squarefuse.training.resume_checks import config_changes, is_harmless, training_list
 from squarefuse.training.run_lock import RunLock
 from squarefuse.training.sample_order import ResumableSampler, SeededDataset
 
@@ -253,6 +253,7 @@ class Trainer:
         self.val_set = build_dataset(cfg.dataset, "val", views=False, report_dir=report_dir) if tcfg.val_every else None
         self.num_classes = self.train_set.num_classes
         self.class_names = list(self.train_set.class_names)
+        self.training_list = training_list(self.train_set.records)  # compared on resume
         self.micro_batch = int(tcfg.batch_size)
         self.accum = int(tcfg.accum_steps)
         self.sampler = ResumableSampler(
@@ -503,6 +504,7 @@ class Trainer:
             "rng": rng,
             "config": OmegaConf.to_container(self.cfg, resolve=True),
             "class_names": self.class_names,
+            "training_list": self.training_list,
         }
 
     def load_state_dict(self, state: dict[str, Any], *, path: str | Path = "the checkpoint") -> None:
@@ -513,6 +515,15 @@ class Trainer:
                 f"{path} was trained on other classes (or another class order) than the dataset of this config "
                 f"({self.cfg.dataset.name} at {self.cfg.dataset.root}); point dataset.* at the checkpoint's data, "
                 f"or pass trainer.allow_config_change=true to continue with these classes"
+            )
+        saved_list = state.get("training_list")  # absent from checkpoints saved before it was recorded
+        if saved_list is not None and saved_list != self.training_list and not self.cfg.trainer.allow_config_change:
+            raise ValueError(
+                f"{path} was trained on another training list than this run's ({saved_list['videos']} videos "
+                f"then, {self.training_list['videos']} now; sha256 of the (video, label) pairs "
+                f"{saved_list['sha256'][:12]} -> {self.training_list['sha256'][:12]}): dataset.train_file "
+                "(or the videos found) changed since the checkpoint, videos added, removed or relabelled. Restore "
+                "it, start a new run folder (hydra.run.dir=...), or pass trainer.allow_config_change=true"
             )
         self._load_model_weights(state, path)
         if self.ema is not None:
@@ -556,8 +567,8 @@ class Trainer:
             old_lr = max(saved.get("base_values") or [math.nan])
             log.warning(
                 "%s was saved with an lr schedule of %d steps (%d warmup) peaking at lr %.2e; this run has %d "
-                "steps (%d warmup) at lr %.2e (the run length, world size, batch or optim settings changed): "
-                "the schedule is rebuilt for this run's length and lr",
+                "steps (%d warmup) at lr %.2e (the run length, training list, world size, batch or optim settings "
+                "changed): the schedule is rebuilt for this run's length and lr",
                 path,
                 old_steps,
                 int(saved.get("warmup_t", 0)),
