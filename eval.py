@@ -4,17 +4,14 @@ Also under torchrun (`torchrun --nproc_per_node=8 eval.py ckpt=...`): the videos
 ranks without padding and only rank 0 writes the result files.
 """
 
-import sys
-
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from squarefuse.apps.checkpoint_dir import register_checkpoint_dir_resolver
 from squarefuse.apps.evaluate import run_eval
-from squarefuse.apps.user_errors import user_errors
-from squarefuse.config.command_line import exit_on_unreadable_overrides
-from squarefuse.config.override_types import check_override_types
+from squarefuse.apps.user_errors import hydra_errors, user_errors
+from squarefuse.config.override_types import check_added_keys, check_override_types
 from squarefuse.config.resolvers import register_resolvers
 
 # Before @hydra.main composes the config: configs/eval.yaml names the output folder with them.
@@ -27,9 +24,10 @@ def main(cfg: DictConfig) -> None:
     run_dir = HydraConfig.get().runtime.output_dir
     with user_errors(run_dir):
         check_override_types(cfg, "eval")
+        check_added_keys("eval", app="eval.py")
         run_eval(cfg, run_dir)
 
 
 if __name__ == "__main__":
-    exit_on_unreadable_overrides(sys.argv[1:])  # before Hydra's grammar message
-    main()
+    with hydra_errors():
+        main()

@@ -9,8 +9,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from squarefuse.apps.user_errors import user_errors
-from squarefuse.config.command_line import exit_on_unreadable_overrides
+from squarefuse.apps.user_errors import hydra_errors, user_errors
 from squarefuse.config.override_types import check_override_types
 from squarefuse.config.resolvers import register_resolvers
 from squarefuse.training.trainer import check_train_config, train
@@ -31,5 +30,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    exit_on_unreadable_overrides(sys.argv[1:])  # before Hydra's grammar message
-    main()
+    with hydra_errors():
+        main()

@@ -11,8 +11,7 @@ import hydra
 from omegaconf import DictConfig
 
 from squarefuse.apps.cache_tokens import run_cache_tokens
-from squarefuse.apps.user_errors import EXIT_CODE
-from squarefuse.config.command_line import exit_on_unreadable_overrides
+from squarefuse.apps.user_errors import EXIT_CODE, hydra_errors
 from squarefuse.config.resolvers import register_resolvers
 
 register_resolvers()
@@ -28,5 +27,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    exit_on_unreadable_overrides(sys.argv[1:])  # before Hydra's grammar message
-    main()
+    with hydra_errors():
+        main()

@@ -4,16 +4,13 @@ Also under torchrun (`torchrun --nproc_per_node=8 scripts/extract.py ckpt=...`):
 extracted once by one rank, rank 0 writes features.npy + videos.csv. Options in configs/extract.yaml.
 """
 
-import sys
-
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from squarefuse.apps.checkpoint_dir import register_checkpoint_dir_resolver
 from squarefuse.apps.extract import run_extract
-from squarefuse.apps.user_errors import user_errors
-from squarefuse.config.command_line import exit_on_unreadable_overrides
+from squarefuse.apps.user_errors import hydra_errors, user_errors
 from squarefuse.config.resolvers import register_resolvers
 
 register_resolvers()
@@ -28,5 +25,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    exit_on_unreadable_overrides(sys.argv[1:])  # before Hydra's grammar message
-    main()
+    with hydra_errors():
+        main()

@@ -4,16 +4,14 @@ Options in configs/predict.yaml (`views=1x1` for speed, `topk=3`, `device=cuda`.
 <run>/predict/<stamp>/predictions.csv and predictions.json (or hydra.run.dir=...).
 """
 
-import sys
-
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from squarefuse.apps.checkpoint_dir import register_checkpoint_dir_resolver
 from squarefuse.apps.predict import run_predict
-from squarefuse.apps.user_errors import user_errors
-from squarefuse.config.command_line import exit_on_unreadable_overrides
+from squarefuse.apps.user_errors import hydra_errors, user_errors
+from squarefuse.config.override_types import check_added_keys
 from squarefuse.config.resolvers import register_resolvers
 
 register_resolvers()
@@ -24,9 +22,10 @@ register_checkpoint_dir_resolver("python scripts/predict.py ckpt=PATH input=VIDE
 def main(cfg: DictConfig) -> None:
     run_dir = HydraConfig.get().runtime.output_dir
     with user_errors(run_dir):
+        check_added_keys("predict", app="predict.py")
         run_predict(cfg, run_dir)
 
 
 if __name__ == "__main__":
-    exit_on_unreadable_overrides(sys.argv[1:])  # before Hydra's grammar message
-    main()
+    with hydra_errors():
+        main()

@@ -205,6 +205,22 @@ def test_confusion_matrix_plot_for_400_classes(tmp_path):
     assert (tmp_path / "cm.png").stat().st_size > 1000
 
 
+def test_long_class_names_leave_the_matrix_and_its_title_in_the_figure(tmp_path, monkeypatch):
+    figures = []
+    monkeypatch.setattr(Figure, "savefig", lambda fig, *args, **kwargs: figures.append(fig))
+    names = [f"Pushing something from left to right so that it almost falls off but does not {i}" for i in range(3)]
+    confmat = torch.tensor([[3, 1, 0], [0, 2, 1], [1, 0, 4]])
+    plot_confusion_matrix(confmat, names, tmp_path / "cm.png", conditions=["split test", "frames reversed"])
+    (fig,) = figures
+    fig.draw_without_rendering()  # the constrained layout, as savefig does it
+    ax = fig.axes[0]
+    title = ax.title.get_window_extent()
+    assert fig.bbox.x0 <= title.x0 and title.x1 <= fig.bbox.x1, (title, fig.bbox)  # before: clipped at the right
+    assert ax.get_window_extent().width > 0.25 * fig.bbox.width  # before: a sliver beside the names
+    labels = [t.get_text() for t in ax.get_yticklabels()]
+    assert len(set(labels)) == 3 and all(len(label) <= 40 and label.endswith(str(i)) for i, label in enumerate(labels))
+
+
 # ------------------------------------------------------------------------------------ the app
 
 
@@ -312,11 +328,11 @@ def test_eval_py_end_to_end(tmp_path, moved_checkpoint, data_root):
 def test_eval_py_names_a_missing_checkpoint_and_a_missing_ckpt_key(tmp_path):
     missing = tmp_path / "runs" / "typo" / "checkpoints" / "best.pt"
     done = run_script("eval.py", f"ckpt={missing}", cwd=tmp_path)
-    assert done.returncode != 0 and str(missing) in done.stderr
+    assert done.returncode == 2 and str(missing) in done.stderr  # 2: a user mistake (README), not 1, a crash
     assert not (tmp_path / "runs").exists()  # no stray run folder for a mistyped path
 
     done = run_script("eval.py", cwd=tmp_path)
-    assert done.returncode != 0 and "ckpt is required" in done.stderr
+    assert done.returncode == 2 and done.stderr.startswith("error: ckpt is required")
 
 
 def test_a_checkpoint_that_predates_a_dataset_key_gets_its_default(train_cfg):
@@ -335,7 +351,7 @@ def test_confusion_matrix_title_says_what_was_evaluated(tmp_path, model, train_c
     real_savefig = Figure.savefig
 
     def savefig(fig, *args, **kwargs):
-        titles.append(fig.axes[0].get_title())
+        titles.append(fig.axes[0].get_title().replace("\n", " "))  # a long title wraps to the matrix's width
         return real_savefig(fig, *args, **kwargs)
 
     monkeypatch.setattr(Figure, "savefig", savefig)

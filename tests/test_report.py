@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import csv
 import json
+import re
+import subprocess
 from pathlib import Path
 
 import pytest
 import yaml
 from helpers.scripts import run_script
 
+from squarefuse.config.compose_config import compose_app_config
 from squarefuse.evaluation.eval_files import RESULT_FILES
 from squarefuse.report.app import make_report
 from squarefuse.report.groups import group_runs, run_matches
@@ -202,9 +205,9 @@ def test_report_means_stds_and_p_value(sweep, tmp_path):
     md = (tmp_path / "out" / "report.md").read_text()
     assert "80.00 ± 10.00" in md and "0.0703 (b=1, c=7)" in md and "3/5" in md
     # Nothing dropped silently: the crashed, the unfinished and the un-evaluated runs are named.
-    assert f"{sweep / '6'} (fusion=square): crashed, crashed at step 4: RuntimeError: boom" in md
-    assert f"{sweep / '7'} (fusion=square): unfinished" in md
-    assert f"{sweep / '8'} (fusion=none): no eval" in md
+    assert f"`{sweep / '6'}` (fusion=square): crashed, crashed at step 4: RuntimeError: boom" in md
+    assert f"`{sweep / '7'}` (fusion=square): unfinished" in md
+    assert f"`{sweep / '8'}` (fusion=none): no eval" in md
     for name in ("training_curves.png", "accuracy_vs_fusion_flops.png", "per_class_gain.png"):
         assert (tmp_path / "out" / name).stat().st_size > 1000, name
         assert f"![{name}]({name})" in md
@@ -341,6 +344,27 @@ def test_sweep_folders_named_by_their_overrides_are_found_and_grouped(tmp_path):
     assert [p.name for p in find_run_dirs([root])] == names  # 10 after 1, as jobs were numbered
     report = make_report([root], tmp_path / "out")
     assert [(s.label, len(s.finished)) for s in report.summaries] == [("fusion=square", 2), ("fusion=none", 1)]
+
+
+def test_run_folder_names_are_shown_not_rendered_and_the_eval_command_runs(tmp_path):
+    root = tmp_path / "sweep"
+    html, newline = "<img src=x onerror=alert(1)>", "a\nb"
+    write_run(root, html, fusion="square", seed=0, val=[50.0], end=FINISHED)
+    write_run(root, newline, fusion="none", seed=0, val=[50.0], end=FINISHED)
+    md = (make_report([root], tmp_path / "out").out_dir / "report.md").read_text()
+    # Each path in a code span; no raw HTML tag anywhere (before: `- .../<img src=x onerror=alert(1)> (fusion=...`).
+    assert f"- `{root / html}` (fusion=square): no eval" in md
+    assert "<img" not in md.replace(f"`{root / html}`", "").replace(f"{root / html}/checkpoints", "")
+    assert "ckpt=\\<run\\>/checkpoints/best.pt" in md  # a note's placeholder, escaped (was an invisible tag)
+    # The suggested command, run by bash, names the folder (before: a literal backslash-n).
+    commands = re.findall(r"run `(python eval\.py .*)`$", md, flags=re.MULTILINE)
+    checkpoints = set()
+    for command in commands:
+        word = subprocess.run(
+            ["bash", "-c", "printf %s " + command.removeprefix("python eval.py ")], capture_output=True, text=True
+        ).stdout
+        checkpoints.add(compose_app_config("eval", [word]).ckpt)
+    assert checkpoints == {str(root / folder / "checkpoints" / "best.pt") for folder in (html, newline)}
 
 
 def test_multirun_discovery_and_missing_jobs(sweep, tmp_path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,7 @@ from scipy.stats import ttest_ind
 from test_report import FINISHED, write_eval, write_run
 
 from squarefuse.report.app import make_report
-from squarefuse.report.matrix import matrix_markdown, task_fusion_matrix
+from squarefuse.report.matrix import Matrix, matrix_markdown, task_fusion_matrix
 from squarefuse.report.runs import load_run
 from squarefuse.report.significance import holm
 
@@ -142,3 +143,18 @@ def test_the_lr_is_chosen_by_mean_val_top1_and_every_grid_point_is_listed(tmp_pa
     text = grid_markdown(chosen, points)
     assert "| speed | square | 0.001 | 65.0 | 2 | yes |" in text
     assert "| speed | square | 0.004 | 65.0 | 1 (+1 unfinished) |  |" in text
+
+
+def test_matrix_names_and_skipped_runs_are_shown_not_rendered():
+    matrix = Matrix(
+        tasks=["<b>direction</b>"],
+        fusions=["a|b"],
+        cells={},
+        split="test",
+        alpha=0.05,
+        skipped=["runs/<img src=x>: no eval"],
+    )
+    text = matrix_markdown(matrix)
+    assert "| \\<b\\>direction\\</b\\> |" in text and "| task | a\\|b |" in text
+    assert "- runs/\\<img src=x\\>: no eval" in text
+    assert re.search(r"(?<!\\)<", text) is None  # no `<` a renderer would read as the start of a tag

@@ -16,7 +16,8 @@ from helpers.scripts import run_script
 
 from squarefuse.apps.user_errors import user_errors
 from squarefuse.checkpoint import check_checkpoint_file, load_checkpoint
-from squarefuse.config.override_types import check_override_types
+from squarefuse.config.override_types import check_added_keys, check_override_types
+from squarefuse.datasets.decoding.backends import describe_error
 from squarefuse.training.trainer import Trainer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -54,7 +55,7 @@ def test_unreadable_checkpoints_name_the_file_and_the_reason(bad_checkpoints, ki
 
 def test_eval_of_a_text_file_fails_without_making_an_eval_folder(bad_checkpoints):
     result = _run("eval.py", f"ckpt={bad_checkpoints['text']}")
-    assert result.returncode != 0
+    assert result.returncode == 2
     assert "is not a PyTorch checkpoint" in result.stderr and str(bad_checkpoints["text"]) in result.stderr
     assert not (bad_checkpoints["text"].parent / "eval").exists()
 
@@ -134,6 +135,66 @@ def test_a_bad_eval_option_leaves_no_eval_folder(tmp_path):
     assert result.returncode == 2 and result.stderr.strip().startswith("error: frame_order must be one of")
     assert "Traceback" not in result.stderr
     assert list((tmp_path / "run" / "eval").iterdir()) == []  # before: eval/<stamp>/ with an empty log
+
+
+@pytest.mark.parametrize("script", ["eval.py", "scripts/predict.py"])
+@pytest.mark.parametrize("kind", ["missing", "text"])
+def test_a_missing_or_non_pytorch_checkpoint_exits_2(bad_checkpoints, script, kind):
+    ckpt = bad_checkpoints["text"].parent / "missing.pt" if kind == "missing" else bad_checkpoints["text"]
+    result = _run(script, f"ckpt={ckpt}", *(["input=video.mp4"] if "predict" in script else []))
+    assert result.returncode == 2, result.stderr  # before: 1, the code of a crash
+    assert result.stderr.strip().startswith("error: ") and str(ckpt) in result.stderr
+
+
+def test_a_model_key_on_the_eval_command_line_is_refused(tmp_path):
+    ckpt, _ = make_checkpoint(tmp_path / "run" / "checkpoints" / "best.pt", tiny_train_config(tmp_path / "data"))
+    for script, args in (("eval.py", []), ("scripts/predict.py", [f"input={tmp_path}"])):
+        for added in ("+fusion.K=4", "+backbone.img_size=64", "+fusion=square"):
+            result = _run(script, f"ckpt={ckpt}", added, *args)
+            assert result.returncode == 2, (script, added, result.stderr)  # before: evaluated the stored model
+            refusal = f"error: `{added}`: {Path(script).name} builds the model from the config stored in the checkpoint"
+            assert refusal in result.stderr
+    assert list((tmp_path / "run" / "eval").iterdir()) == [] and list((tmp_path / "run" / "predict").iterdir()) == []
+
+
+def test_a_dataset_key_may_still_be_added_on_the_eval_command_line(tmp_path):
+    with as_hydra_app("eval", ["ckpt=x.pt", f"+dataset.test_file={tmp_path}/test.txt", "++hydra.job.chdir=false"]):
+        check_added_keys("eval", app="eval.py")
+    with as_hydra_app("eval", ["ckpt=x.pt", "+trainer.epochs=3"]):
+        with pytest.raises(ValueError, match=re.escape("`+trainer.epochs=3`: eval.py builds the model")):
+            check_added_keys("eval", app="eval.py")
+
+
+@pytest.mark.parametrize(
+    "script, args, message",
+    [
+        ("train.py", ["fusion=nosuch"], "error: In 'train': Could not find 'fusion/nosuch'"),
+        ("train.py", ["trainer.epoch=3"], "error: Could not override 'trainer.epoch'."),
+        ("eval.py", ["ckpt=x.pt", "fusion.K=4"], "error: Could not override 'fusion.K'."),
+        (
+            "eval.py",
+            ["ckpt=x.pt", "frame_order=["],
+            "error: the value of 'frame_order' holds characters of Hydra's override grammar",
+        ),
+    ],
+)
+def test_a_command_line_hydra_refuses_exits_2_with_one_error_line(tmp_path, script, args, message):
+    result = run_script(script, *args, cwd=tmp_path)
+    assert result.returncode == 2, result.stderr  # before: 1, the code of a crash
+    assert result.stderr.startswith(message) and "HYDRA_FULL_ERROR" not in result.stderr
+    assert list(tmp_path.iterdir()) == []  # Hydra made no run folder
+
+
+def test_a_library_that_did_not_fit_in_memory_is_explained(tmp_path, monkeypatch, capsys):
+    # What PyAV's first decode raised under `ulimit -v 3500000`: every eval video "could not be
+    # decoded", and the run ended with "check dataset.root and dataset.decoder".
+    message = "libavcodec-6f073685.so.62.28.103: failed to map segment from shared object"
+    explained = f"ImportError: {message} (out of memory: the process's memory limit (ulimit -v"
+    assert describe_error(ImportError(message)).startswith(explained)
+    assert describe_error(ImportError("No module named 'av'")) == "ImportError: No module named 'av'"
+    with pytest.raises(SystemExit), user_errors(tmp_path / "run"):
+        raise ImportError(message)  # a late import in the app itself
+    assert capsys.readouterr().err.startswith(f"error: {message} (out of memory")
 
 
 def _hydra_run_dir(folder: Path) -> logging.FileHandler:

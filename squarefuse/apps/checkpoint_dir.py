@@ -14,6 +14,7 @@ import sys
 
 from omegaconf import OmegaConf
 
+from squarefuse.apps.user_errors import EXIT_CODE
 from squarefuse.checkpoint import check_checkpoint_file
 from squarefuse.config.output_dirs import default_eval_dir, eval_suffix
 
@@ -26,14 +27,18 @@ def register_checkpoint_dir_resolver(usage: str) -> None:
     interpolation traceback: a missing or absent `ckpt` exits with the message (and `usage`).
     """
 
+    def fail(message: str) -> None:
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(EXIT_CODE)  # the code of every user mistake (apps.user_errors), not sys.exit(message)'s 1
+
     def resolve(ckpt: str | None, subdir: str, suffix: str = "") -> str:
         if ckpt is None:
-            sys.exit(f"error: ckpt is required: {usage}")
+            fail(f"ckpt is required: {usage}")
         try:
             check_checkpoint_file(ckpt)  # before Hydra makes a folder next to a file that is no checkpoint
             return default_eval_dir(str(ckpt), str(subdir), str(suffix))
         except (FileNotFoundError, ValueError) as e:
-            sys.exit(f"error: {e}")
+            fail(str(e))
 
     # Cached: the stamp is read once, so every use of hydra.run.dir names the same folder.
     OmegaConf.register_new_resolver("checkpoint_dir", resolve, use_cache=True, replace=True)

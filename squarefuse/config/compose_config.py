@@ -55,9 +55,29 @@ def override(key: str, value: str | Path) -> str:
     return f"{key}='{text}'"
 
 
+def _ansi_c_quoted(word: str) -> str:
+    """`word` as bash's `$'...'`, in which a newline or another character that does not print is an
+    escape (`\\n`, `\\x1b`, `\\u2028`): the command stays on one line and still names the path."""
+    named = {"\n": "\\n", "\t": "\\t", "\r": "\\r", "\\": "\\\\", "'": "\\'"}
+    parts = []
+    for c in word:
+        if c in named:
+            parts.append(named[c])
+        elif c.isprintable():
+            parts.append(c)
+        elif ord(c) < 0x80:
+            parts.append(f"\\x{ord(c):02x}")
+        else:  # a code point, not a byte: bash writes it in UTF-8
+            parts.append(f"\\u{ord(c):04x}" if ord(c) <= 0xFFFF else f"\\U{ord(c):08x}")
+    return "$'" + "".join(parts) + "'"
+
+
 def shell_override(key: str, value: str | Path) -> str:
-    """`override(key, value)` as one shell word, for the commands a log line suggests."""
+    """`override(key, value)` as one shell word, for the commands a log line suggests (bash's `$'...'`
+    when the value holds a newline or another character that does not print)."""
     word = override(key, value)
+    if not word.isprintable():
+        return _ansi_c_quoted(word)
     if word == f"{key}={value}" or re.search(r"[\"$`\\!]", word):
         return shlex.quote(word)
     return f'"{word}"'  # easier to read than shlex's '"'"' for the single quotes inside

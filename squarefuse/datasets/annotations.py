@@ -1,13 +1,17 @@
 """Read annotation files into video records: SSv2 json, Kinetics csv, "path label" lists.
 
 Every reader returns `Annotations` (records + class names) and fails with a ValueError naming the
-file and the line or entry for malformed input. Whether the videos exist is checked afterwards,
-in one pass over directory listings (`split_missing`), not here.
+file and the line or entry for malformed input: a byte that is not UTF-8, a video listed twice
+(it would count twice in an evaluation), a class id or a time too large to be one. A UTF-8
+byte-order mark (which Windows editors write) is read as such, not as part of the first name.
+Whether the videos exist is checked afterwards, in one pass over directory listings
+(`split_missing`), not here.
 """
 
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 from collections.abc import Iterable
@@ -15,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 __all__ = [
+    "MAX_CLASSES",
     "Annotations",
     "K400Row",
     "VideoRecord",
@@ -26,11 +31,16 @@ __all__ = [
     "load_ssv2",
     "read_k400_csv",
     "read_label_map",
+    "read_utf8",
     "split_missing",
 ]
 
 K400_COLUMNS = ("label", "youtube_id", "time_start", "time_end")
 K400_LAYOUTS = ("auto", "flat", "per_class")
+# The most classes a dataset may have. Without a label map a list's class count is 1 + its largest
+# label, and one mistyped label (99999999999) would build that many class names and a head of that
+# size: the job was killed for memory, without a message. The largest video datasets have ~4k.
+MAX_CLASSES = 100_000
 
 
 @dataclass(frozen=True)
@@ -64,10 +74,29 @@ def _require(path: str | Path, key: str) -> Path:
     return path
 
 
+def read_utf8(path: str | Path) -> str:
+    """The file decoded as UTF-8, with or without a byte-order mark; a ValueError naming the file
+    and line of the first byte that is not UTF-8 (a file saved as latin-1 or cp1252)."""
+    path = Path(path)
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise ValueError(
+            f"{path}:{line}: byte {data[e.start]:#04x} is not UTF-8: save the file as UTF-8 "
+            f"(e.g. `iconv -f latin1 -t utf-8 {path.name} > fixed.txt`)"
+        ) from None
+
+
+def _twice(path: Path, what: str, first: object, again: object) -> ValueError:
+    """The error for a video listed twice: an evaluation would count it twice."""
+    return ValueError(f"{path}: {what} is listed twice ({first} and {again}): remove one of them")
+
+
 def _load_json(path: Path):
     try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
+        return json.loads(read_utf8(path))
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}") from e
 
@@ -80,9 +109,11 @@ def read_label_map(path: str | Path, *, key: str = "dataset.label_map") -> list[
         key: the config key it came from, for error messages.
     """
     path = _require(path, key)
-    names = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    names = [line.strip() for line in read_utf8(path).splitlines() if line.strip()]
     if not names:
         raise ValueError(f"{path}: no class names")
+    if len(names) > MAX_CLASSES:
+        raise ValueError(f"{path}: {len(names)} class names, more than {MAX_CLASSES}: is it a label map?")
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
         raise ValueError(f"{path}: class names listed twice: {duplicates[:5]}")
@@ -127,6 +158,7 @@ def load_ssv2(
     if not isinstance(entries, list):
         raise ValueError(f"{path}: expected a list of samples")
     records = []
+    entry_of_id: dict[str, int] = {}
     for i, entry in enumerate(entries):
         if not isinstance(entry, dict) or "id" not in entry or "template" not in entry:
             raise ValueError(f"{path}: entry {i} lacks 'id' or 'template': {str(entry)[:120]}")
@@ -134,6 +166,9 @@ def load_ssv2(
         if name not in name_to_id:
             raise ValueError(f"{path}: entry {i} (id {entry['id']}): template {name!r} is not a class of {labels_path}")
         video_id = str(entry["id"])
+        if video_id in entry_of_id:
+            raise _twice(path, f"id {video_id}", f"entries {entry_of_id[video_id]}", i)
+        entry_of_id[video_id] = i
         records.append(VideoRecord(str(Path(video_dir) / f"{video_id}.{video_ext}"), name_to_id[name], video_id))
     return Annotations(records, list(class_names), path)
 
@@ -180,10 +215,10 @@ def read_k400_csv(path: str | Path) -> tuple[list[str], list[K400Row]]:
     """The header and the rows of an official Kinetics csv (``label,youtube_id,time_start,time_end[,split]``).
 
     Blank lines are skipped; a missing column, a row of the wrong length or a time that is not a
-    number is a ValueError naming the file and line.
+    (finite) number is a ValueError naming the file and line.
     """
     path = Path(path)
-    with open(path, newline="", encoding="utf-8") as f:
+    with io.StringIO(read_utf8(path), newline="") as f:
         reader = csv.reader(f)
         header = next(reader, None)
         if header is None:
@@ -202,7 +237,7 @@ def read_k400_csv(path: str | Path) -> tuple[list[str], list[K400Row]]:
             cells = dict(zip(header, (c.strip() for c in row), strict=True))
             try:
                 start, end = int(float(cells["time_start"])), int(float(cells["time_end"]))
-            except ValueError:
+            except (ValueError, OverflowError):  # OverflowError: "inf", "1e999"
                 raise ValueError(
                     f"{where}: time_start/time_end must be numbers, got {cells['time_start']!r}, {cells['time_end']!r}"
                 ) from None
@@ -263,11 +298,15 @@ def load_k400(
     video_dir = str(Path(video_dir).expanduser())
     listing = _Listings()
     records = []
+    line_of_clip: dict[str, int] = {}
     for row in read_k400_csv(path)[1]:
         label = row.label
         if label not in name_to_id:
             raise ValueError(f"{path}:{row.line}: label {label!r} is not one of the {len(class_names)} classes")
         clip_id = row.clip_id
+        if clip_id in line_of_clip:
+            raise _twice(path, f"clip {clip_id}", f"lines {line_of_clip[clip_id]}", row.line)
+        line_of_clip[clip_id] = row.line
         name = f"{clip_id}.{video_ext}"
         flat = os.path.join(video_dir, name)
         per_class = os.path.join(video_dir, _class_folder(label), name)
@@ -290,7 +329,8 @@ def load_k400(
 
 def _read_list(path: Path) -> list[tuple[int, str, int]]:
     entries = []
-    for number, raw in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    line_of_video: dict[str, int] = {}
+    for number, raw in enumerate(read_utf8(path).splitlines(), start=1):
         line = raw.strip()
         if not line or line.startswith("#"):
             continue
@@ -303,7 +343,16 @@ def _read_list(path: Path) -> list[tuple[int, str, int]]:
             raise ValueError(f"{path}:{number}: the label {parts[1]!r} is not an integer") from None
         if label < 0:
             raise ValueError(f"{path}:{number}: negative label {label}")
-        entries.append((number, parts[0], label))
+        if label >= MAX_CLASSES:
+            raise ValueError(
+                f"{path}:{number}: label {label} is not a class id (at most {MAX_CLASSES - 1}): a typo, "
+                "or a column other than the class?"
+            )
+        video = parts[0]
+        if video in line_of_video:
+            raise _twice(path, video, f"lines {line_of_video[video]}", number)
+        line_of_video[video] = number
+        entries.append((number, video, label))
     return entries
 
 

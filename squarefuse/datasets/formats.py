@@ -15,6 +15,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from squarefuse.datasets.annotations import (
+    MAX_CLASSES,
     Annotations,
     k400_class_names,
     list_num_classes,
@@ -115,7 +116,10 @@ class PathLabelList(DatasetFormat):
 
     def load(self, cfg: Mapping[str, Any], split: str) -> Annotations:
         def numbered() -> list[str]:
-            count = optional(cfg, "num_classes") or list_num_classes(split_file(cfg, "train"))
+            given = optional(cfg, "num_classes")
+            if given is not None and not 0 < int(given) <= MAX_CLASSES:
+                raise ValueError(f"dataset.num_classes={given}: must be 1 to {MAX_CLASSES} (or null: from train_file)")
+            count = given or list_num_classes(split_file(cfg, "train"))
             return [str(i) for i in range(int(count))]
 
         return load_list(

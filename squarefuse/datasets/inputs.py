@@ -12,7 +12,7 @@ import stat
 from collections.abc import Sequence
 from pathlib import Path
 
-from squarefuse.datasets.annotations import VideoRecord
+from squarefuse.datasets.annotations import VideoRecord, read_utf8
 
 __all__ = ["LIST_EXTENSIONS", "NO_LABEL", "VIDEO_EXTENSIONS", "find_videos", "parse_views"]
 
@@ -42,7 +42,7 @@ def parse_views(views: str | Sequence[int]) -> tuple[int, int]:
 def _read_video_list(list_file: Path) -> list[VideoRecord]:
     """`path label` or plain `path` lines; relative paths are relative to the list's folder."""
     records = []
-    for raw in list_file.read_text(encoding="utf-8").splitlines():
+    for raw in read_utf8(list_file).splitlines():
         line = raw.strip()
         if not line or line.startswith("#"):
             continue

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import math
+import textwrap
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any
@@ -34,6 +35,21 @@ from squarefuse.runtime.safe_text import csv_writer, plot_text
 
 _MAX_TICK_LABELS = 40  # beyond this, names overlap into an unreadable block
 _MAX_CELL_TEXT = 15  # per-cell numbers only while the cells are big enough to hold them
+# Tick labels longer than this are shortened in the middle, where long names of one dataset tend to
+# agree (the full names are in per_class.csv): an SSv2 class name of 100 characters took the whole
+# figure, leaving the matrix a sliver and its title clipped.
+_MAX_TICK_CHARS = 40
+# Title characters a line per inch of the matrix's side (12 pt text is ~14 an inch; the tick labels
+# and the colour bar take part of the figure's width): a longer title wraps, centred over the matrix.
+_TITLE_CHARS_PER_INCH = 8
+
+
+def _tick_label(name: str) -> str:
+    """`name`, or its start and end around "..." when it is longer than `_MAX_TICK_CHARS`."""
+    if len(name) <= _MAX_TICK_CHARS:
+        return name
+    keep = (_MAX_TICK_CHARS - 3) // 2
+    return f"{name[:keep].rstrip()}...{name[-keep:].lstrip()}"
 
 
 def _finite_or_none(x: float) -> float | None:
@@ -189,7 +205,8 @@ def plot_confusion_matrix(
     `conditions` (e.g. "frames reversed") are added to the title.
 
     Uses a bare `Figure` (Agg canvas) rather than pyplot: no global state, no display needed.
-    Class names are drawn as plain text (`plot_text`): a `$` in a name is not math.
+    Class names are drawn as plain text (`plot_text`): a `$` in a name is not math; long ones are
+    shortened to `_MAX_TICK_CHARS` characters, and a long title wraps to the matrix's width.
     """
     num_classes = confmat.shape[0]
     support = confmat.sum(dim=1, keepdim=True).clamp_min(1)
@@ -202,9 +219,10 @@ def plot_confusion_matrix(
     ax.set_xlabel("predicted class")
     ax.set_ylabel("true class")
     details = [f"{int(confmat.sum())} videos, {num_classes} classes", *conditions]
-    ax.set_title(plot_text(f"confusion matrix ({'; '.join(details)})"))
+    title = textwrap.fill(f"confusion matrix ({'; '.join(details)})", int(side * _TITLE_CHARS_PER_INCH))
+    ax.set_title(plot_text(title))
     if num_classes <= _MAX_TICK_LABELS:
-        names = [plot_text(name) for name in class_names]
+        names = [plot_text(_tick_label(str(name))) for name in class_names]
         ax.set_xticks(range(num_classes), labels=names, rotation=90, fontsize=8)
         ax.set_yticks(range(num_classes), labels=names, fontsize=8)
     else:

@@ -34,7 +34,7 @@ from squarefuse.report.aggregate import Stat
 from squarefuse.report.groups import flatten, fusion_option, group_choice
 from squarefuse.report.runs import FINISHED, EvalRun, Run, read_predictions
 from squarefuse.report.significance import PairingError, SeedComparison, compare_over_seeds, holm
-from squarefuse.runtime.safe_text import csv_value, plot_text
+from squarefuse.runtime.safe_text import csv_value, markdown_text, plot_text
 
 __all__ = ["Cell", "Matrix", "plot_matrix", "task_fusion_matrix", "write_matrix_csv", "matrix_markdown"]
 
@@ -223,6 +223,11 @@ def _cell_text(cell: Cell | None, matrix: Matrix) -> str:
     )
 
 
+def _md_cell(text: str) -> str:
+    """A task or fusion name (from the runs' configs) as a table cell: shown as written (`markdown_text`)."""
+    return markdown_text(text).replace("|", "\\|")
+
+
 def matrix_markdown(matrix: Matrix) -> str:
     """The matrix as markdown: top-1 per cell and each option's comparison with the reference."""
     lines = [
@@ -231,7 +236,7 @@ def matrix_markdown(matrix: Matrix) -> str:
         f"Mean ± std over seeds (n runs); **ref**: the reference `{matrix.reference}`, fixed in advance. "
         "Other cells: Δ = this option minus the reference (points), its 95 % bootstrap interval over seeds "
         "and test videos, Welch's t-test over the per-seed top-1 with Holm's correction over every "
-        f"comparison of the matrix; better/worse: p_Holm < {matrix.alpha}; tie: the interval inside "
+        f"comparison of the matrix; better/worse: p_Holm below {matrix.alpha}; tie: the interval inside "
         f"±{matrix.margin:g} points; else inconclusive. No cell is chosen on the {matrix.split} split.",
         "",
         f"Positive controls, not compared (nor in Holm's family): `{TOKEN_CONTROL}` (token control: an MLP "
@@ -240,28 +245,31 @@ def matrix_markdown(matrix: Matrix) -> str:
         f"control reaches {INFORMATIVE_TOP1:g} % mean {matrix.split} top-1 (last column); in the rows marked "
         "**no** nothing shows that the tokens carry the answer, and **no fusion verdict is read from them**.",
         "",
-        "| task | " + " | ".join(matrix.fusions) + " | informative |",
+        "| task | " + " | ".join(map(_md_cell, matrix.fusions)) + " | informative |",
         "|---|" + "---|" * (len(matrix.fusions) + 1),
     ]
     for task in matrix.tasks:
         cells = [_cell_text(matrix.cells.get((task, f)), matrix) for f in matrix.fusions]
         gate = matrix.informative_text(task)
         gate = gate if matrix.informative(task) else f"**{gate}**"
-        lines.append(f"| {task} | " + " | ".join(cells) + f" | {gate} |")
+        lines.append(f"| {_md_cell(task)} | " + " | ".join(cells) + f" | {gate} |")
     twin_tasks = [task for task in matrix.tasks if matrix.shows_twin_confusion(task)]
     if twin_tasks:
         lines += ["", "Twin confusion (%): the share of a twin pair's videos predicted as the other class", ""]
         lines[-2] += " (not shown where it is 100 - top-1: two-class tasks whose classes are the twins)."
-        lines += ["| task | " + " | ".join(matrix.fusions) + " |", "|---|" + "---|" * len(matrix.fusions)]
+        header = "| task | " + " | ".join(map(_md_cell, matrix.fusions)) + " |"
+        lines += [header, "|---|" + "---|" * len(matrix.fusions)]
         for task in twin_tasks:
             cells = [matrix.cells.get((task, f)) for f in matrix.fusions]
             texts = [c.twin_confusion.text(1) if c is not None else "-" for c in cells]
-            lines.append(f"| {task} | " + " | ".join(texts) + " |")
+            lines.append(f"| {_md_cell(task)} | " + " | ".join(texts) + " |")
     refused = [(k, c.refused) for k, c in matrix.cells.items() if c.refused]
     if refused or matrix.skipped:
         lines += ["", "Left out:"]
-        lines += [f"- task {task}, option {option}: not compared: {why}" for (task, option), why in refused]
-        lines += [f"- {line}" for line in matrix.skipped]
+        lines += [
+            markdown_text(f"- task {task}, option {option}: not compared: {why}") for (task, option), why in refused
+        ]
+        lines += [f"- {markdown_text(line)}" for line in matrix.skipped]
     return "\n".join(lines) + "\n"
 
 

@@ -1,4 +1,8 @@
-"""report.md (a markdown table readable in a terminal, and the runs left out of it) and report.csv."""
+"""report.md (a markdown table readable in a terminal, and the runs left out of it) and report.csv.
+
+Run folder names, group labels and notes come from the user's files: in report.md they are escaped
+(`markdown_text`) or code spans (`markdown_code`, paths and commands), never raw Markdown or HTML.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +11,7 @@ from pathlib import Path
 
 from squarefuse.config.compose_config import shell_override
 from squarefuse.report.aggregate import GroupSummary, Stat
-from squarefuse.runtime.safe_text import csv_writer, printable
+from squarefuse.runtime.safe_text import csv_writer, markdown_code, markdown_text
 
 
 def human_count(value: float | None) -> str:
@@ -82,7 +86,7 @@ def table_row(s: GroupSummary) -> list[str]:
 def _markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
     # Padded columns: the table reads as well in a terminal as rendered; a newline in a name (a path
     # in a group's label) would end the row.
-    cells = [list(header)] + [[printable(c).replace("|", "\\|") for c in row] for row in rows]
+    cells = [list(header)] + [[markdown_text(c).replace("|", "\\|") for c in row] for row in rows]
     widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
 
     def line(row: Sequence[str]) -> str:
@@ -103,7 +107,7 @@ def write_markdown(
     lines = [
         "# Fusion comparison report",
         "",
-        f"Runs from: {', '.join(map(printable, sources))}",
+        f"Runs from: {', '.join(map(markdown_code, sources))}",
         "",
         *_markdown_table(COLUMNS, [table_row(s) for s in summaries]),
         "",
@@ -115,18 +119,19 @@ def write_markdown(
         "pooled over the seeds both groups evaluated; b = videos only the baseline gets right, "
         "c = videos only this group gets right.",
         "",
-        printable(baseline_note),
+        markdown_text(baseline_note),
         "",
     ]
     refused = [s for s in summaries if s.comparison is not None and s.comparison.refused]
     if refused:
         lines += ["## Pairing refused", ""]
-        lines += [printable(f"- {s.label}: {s.comparison.refused}") for s in refused] + [""]
+        lines += [f"- {markdown_text(s.label)}: {markdown_text(s.comparison.refused)}" for s in refused] + [""]
     left_out = [(s, r) for s in summaries for r in s.not_counted]
     if left_out:
         lines += ["## Runs not in the means", ""]
         lines += [
-            printable(f"- {r.path} ({s.label}): {r.status}" + (f", {r.problem}" if r.problem else ""))
+            f"- {markdown_code(r.path)} ({markdown_text(s.label)}): "
+            + markdown_text(r.status + (f", {r.problem}" if r.problem else ""))
             for s, r in left_out
         ]
         lines += [""]
@@ -134,26 +139,24 @@ def write_markdown(
     if incomplete:
         lines += ["## Incomplete evaluations (not used)", ""]
         lines += [
-            printable(
-                f"- {e} ({s.label}): no results.json or a result file missing: the eval failed part-way "
-                "or is still running; see its eval.log, rerun it"
-            )
+            f"- {markdown_code(e)} ({markdown_text(s.label)}): no results.json or a result file missing: the eval "
+            "failed part-way or is still running; see its eval.log, rerun it"
             for s, e in incomplete
         ]
         lines += [""]
     unevaluated = [(s, r) for s in summaries for r in s.finished if r.eval_for("normal") is None]
     if unevaluated:
         lines += ["## Finished runs without an evaluation", ""]
+        # The command as a code span of its own: copied from the rendered report or the file, it runs
+        # as it reads (bash's $'...' for a folder name with a newline, `shell_override`).
         lines += [
-            printable(
-                f"- {r.path} ({s.label}): no eval/*/results.json with frame_order=normal; "
-                f"run `python eval.py {shell_override('ckpt', r.path / 'checkpoints' / 'best.pt')}`"
-            )
+            f"- {markdown_code(r.path)} ({markdown_text(s.label)}): no eval/*/results.json with frame_order=normal; "
+            f"run {markdown_code('python eval.py ' + shell_override('ckpt', r.path / 'checkpoints' / 'best.pt'))}"
             for s, r in unevaluated
         ]
         lines += [""]
     if notes:
-        lines += ["## Notes", ""] + [f"- {printable(n)}" for n in notes] + [""]
+        lines += ["## Notes", ""] + [f"- {markdown_text(n)}" for n in notes] + [""]
     if plots:
         lines += ["## Plots", ""] + [f"![{p}]({p})" for p in plots] + [""]
     path.write_text("\n".join(lines))

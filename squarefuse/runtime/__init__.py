@@ -7,4 +7,5 @@ workers       DataLoader worker counts, CPU threads, stop signals and shutdown o
 atomic_file   `atomic_write`: a crash mid-write leaves the old file, never half a file
 process_pool  the data scripts' process pool; `die_with_parent`: helper processes end with their parent
 safe_text     user text (class names, paths) made safe for CSV files, log lines and plots
+memory_limit  `explain_memory_limit`: "failed to map segment" (a library that did not fit) said as out of memory
 """

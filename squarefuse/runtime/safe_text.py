@@ -9,6 +9,9 @@
   file name cannot break a table row or fake a log line.
 - matplotlib text: `plot_text` escapes `$`, so a name is drawn as written, never parsed as math
   (an unknown `$\\command$` in a class name used to make the whole plot, and the eval, fail).
+- Markdown (report.md): `markdown_text` backslash-escapes what a renderer reads as HTML, a link or
+  a code span, so a run folder named `<img src=x onerror=...>` is shown, not rendered;
+  `markdown_code` makes a code span (a path, a command) that holds any text as written.
 """
 
 from __future__ import annotations
@@ -18,12 +21,14 @@ import re
 from collections.abc import Iterable
 from typing import IO, Any
 
-__all__ = ["csv_value", "csv_writer", "plot_text", "printable", "spreadsheet_cell"]
+__all__ = ["csv_value", "csv_writer", "markdown_code", "markdown_text", "plot_text", "printable", "spreadsheet_cell"]
 
 # What a spreadsheet reads as the start of a formula (OWASP), and our guard character itself, so
 # that every guarded cell starts with exactly one `'` that `csv_value` can take off again.
 _FORMULA_START = ("=", "+", "-", "@", "\t", "\r", "'")
 _NUMBER = re.compile(r"[-+]?(\d+(\.\d*)?|\.\d+)([eE][-+]?\d+)?")
+# What Markdown reads as raw HTML (`<`, `&`), a link or image (`[`, `]`), a code span, an escape.
+_MARKDOWN_SPECIAL = re.compile(r"([\\`<>&\[\]])")
 
 
 def spreadsheet_cell(value: Any) -> Any:
@@ -76,3 +81,18 @@ def printable(value: Any) -> str:
 def plot_text(value: Any) -> str:
     """`str(value)` for matplotlib: drawn as plain text, `$` included, never as math."""
     return str(value).replace("$", r"\$")
+
+
+def markdown_text(value: Any) -> str:
+    """`printable(value)` with the characters that Markdown reads as HTML, a link or a code span
+    backslash-escaped: shown as written in a rendered report and still readable in a terminal."""
+    return _MARKDOWN_SPECIAL.sub(r"\\\1", printable(value))
+
+
+def markdown_code(value: Any) -> str:
+    """`printable(value)` as a Markdown code span: shown as written, HTML included (the backtick fence is
+    longer than any run of backticks inside, as CommonMark allows)."""
+    text = printable(value)
+    fence = "`" * (1 + max((len(run) for run in re.findall(r"`+", text)), default=0))
+    pad = " " if text.startswith("`") or text.endswith("`") else ""
+    return f"{fence}{pad}{text}{pad}{fence}"

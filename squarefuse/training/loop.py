@@ -49,6 +49,27 @@ def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Ten
     return torch.sum(-targets * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
 
 
+def data_bound_warning(dataset_name: str, wait_share: float, clips_per_s: float, num_workers: int) -> str:
+    """The warning when the step waits for data (`DATA_BOUND_SHARE`), with the remedies of the dataset's kind:
+    a token cache is read, not decoded, so the video scripts are no help there."""
+    if dataset_name == "tokens":
+        remedies = (
+            "Raise trainer.num_workers, keep the cache on a local disk with free RAM for its shards (it is read "
+            "memory-mapped), or cache fewer tokens per frame (scripts/cache_tokens.py tokens=cls or pooled)."
+        )
+    elif dataset_name == "synthetic":
+        remedies = "Raise trainer.num_workers, or use dataset.repeated_aug to reuse decoded clips."
+    else:
+        remedies = (
+            "Raise trainer.num_workers, decode smaller videos (scripts/prepare_k400.py, re-encode SSv2 with "
+            "scripts/prepare_ssv2.py), or use dataset.repeated_aug to reuse decoded clips."
+        )
+    return (
+        f"data loading is the bottleneck: {100 * wait_share:.0f}% of step time is spent waiting for data "
+        f"({clips_per_s:.1f} clips/s with {num_workers} workers per rank). {remedies}"
+    )
+
+
 class TrainLoop:
     """The loop of a `Trainer` (see the module's docstring for what the trainer provides)."""
 
@@ -388,15 +409,7 @@ class TrainLoop:
         ):
             self._data_bound_reported = True
             if self.dist.is_main:
-                log.warning(
-                    "data loading is the bottleneck: %.0f%% of step time is spent waiting for data "
-                    "(%.1f clips/s with %d workers per rank). Raise trainer.num_workers, decode smaller "
-                    "videos (scripts/prepare_k400.py, re-encode SSv2 with scripts/prepare_ssv2.py), or use "
-                    "dataset.repeated_aug to reuse decoded clips.",
-                    100 * wait_share,
-                    clips_per_s,
-                    self.num_workers,
-                )
+                log.warning(data_bound_warning(str(self.cfg.dataset.name), wait_share, clips_per_s, self.num_workers))
 
     @torch.no_grad()
     def validate(self) -> dict[str, float]:

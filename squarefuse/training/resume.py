@@ -199,7 +199,7 @@ def restore_schedule(
     elif is_main:
         log.warning(
             "%s was saved with an lr schedule of %d steps (%d warmup) peaking at lr %.2e; this run has %d "
-            "steps (%d warmup) at lr %.2e (the run length, batch or optim/schedule settings "
+            "steps (%d warmup) at lr %.2e (the run length, batch, training list or optim/schedule settings "
             "changed): the schedule is rebuilt for this run's length and lr",
             path,
             old["total_steps"],
@@ -235,4 +235,19 @@ def check_world_size(state: dict[str, Any], world_size: int, clips_per_rank_step
         f"not see the rest of its epoch's samples nor keep its place in the lr schedule. Resume with world "
         f"size {saved} (e.g. torchrun --nproc_per_node={saved} on one node), or start a new run folder "
         f"from its weights: hydra.run.dir=NEW_FOLDER trainer.init_from={path}"
+    )
+
+
+def check_training_list(cfg: DictConfig, state: dict[str, Any], current: dict[str, Any], path: str | Path) -> None:
+    """Refuse a checkpoint trained on another training list (videos added, removed or relabelled since),
+    unless `trainer.allow_config_change`; checkpoints saved before the list was recorded pass."""
+    saved = state.get("training_list")
+    if saved is None or saved == current or cfg.trainer.allow_config_change:
+        return
+    raise ValueError(
+        f"{path} was trained on another training list than this run's ({saved['videos']} videos "
+        f"then, {current['videos']} now; sha256 of the (video, label) pairs "
+        f"{saved['sha256'][:12]} -> {current['sha256'][:12]}): dataset.train_file "
+        "(or the videos found) changed since the checkpoint, videos added, removed or relabelled. Restore "
+        "it, start a new run folder (hydra.run.dir=...), or pass trainer.allow_config_change=true"
     )

@@ -6,10 +6,16 @@ is refused unless the user says so with `trainer.allow_config_change=true`. Keys
 where things are or how the job runs (paths, workers, logging, device, run length) may change
 freely; they are reported in the log. A new run length (`trainer.epochs`, `trainer.max_steps`)
 is not a free change for the lr schedule: the trainer rebuilds the schedule for it and says so.
+
+The training list itself is compared too (`training_list`: the count and a digest of its
+(video, label) pairs, stored in the checkpoint): a `train.txt` edited between the kill and the
+resume, videos added, removed or relabelled, has the same config but other data.
 """
 
 from __future__ import annotations
 
+import hashlib
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -104,3 +110,13 @@ def is_harmless(change: Change) -> bool:
     if any(key == k or key.startswith(k + ".") for k in HARMLESS_KEYS):
         return True
     return key.startswith("dataset.") and key.endswith(HARMLESS_DATASET_SUFFIXES)
+
+
+def training_list(records: Iterable[Any]) -> dict[str, Any]:
+    """The training videos as a checkpoint records them: their count and the sha256 of their
+    (id, label) pairs in order. Ids, not paths: a copy of the data under another root is the same list."""
+    digest, count = hashlib.sha256(), 0
+    for record in records:
+        digest.update(f"{record.id}\t{record.label}\n".encode())
+        count += 1
+    return {"videos": count, "sha256": digest.hexdigest()}

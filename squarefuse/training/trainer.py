@@ -44,15 +44,24 @@ from squarefuse.runtime.workers import (
 from squarefuse.training import resume
 from squarefuse.training.config_checks import check_train_config, check_trainer_cfg
 from squarefuse.training.init_from import apply_init_from, backbone_cfg_for_run, check_init_file
-from squarefuse.training.loop import TrainLoop
+from squarefuse.training.loop import TrainLoop, data_bound_warning
 from squarefuse.training.metrics_log import MetricsLogger
 from squarefuse.training.optim import build_optimizer, scaled_lr
+from squarefuse.training.resume_checks import training_list
 from squarefuse.training.run_lock import RunLock
 from squarefuse.training.sample_order import ResumableSampler, SeededDataset
 from squarefuse.training.schedule import build_scheduler, schedule_spec
 from squarefuse.training.state import TrainState, rng_state, set_rng_state
 
-__all__ = ["Trainer", "check_train_config", "check_trainer_cfg", "describe_params", "describe_recipe", "train"]
+__all__ = [
+    "Trainer",
+    "check_train_config",
+    "check_trainer_cfg",
+    "data_bound_warning",
+    "describe_params",
+    "describe_recipe",
+    "train",
+]
 
 log = logging.getLogger("squarefuse")
 
@@ -175,6 +184,7 @@ class Trainer(TrainLoop):
             self.train_set = build_dataset(cfg.dataset, "train", report_dir=None)
         self.val_set = build_dataset(cfg.dataset, "val", views=False, report_dir=report_dir) if tcfg.val_every else None
         self.num_classes = self.train_set.num_classes
+        self.training_list = training_list(self.train_set.records)  # compared on resume
         self.class_names = list(self.train_set.class_names)
         self.micro_batch = int(tcfg.batch_size)
         self.accum = int(tcfg.accum_steps)
@@ -286,11 +296,13 @@ class Trainer(TrainLoop):
             "rng": rng,
             "config": OmegaConf.to_container(self.cfg, resolve=True),
             "class_names": self.class_names,
+            "training_list": self.training_list,
         }
 
     def load_state_dict(self, state: dict[str, Any], *, path: str | Path = "the checkpoint") -> None:
         resume.check_world_size(state, self.dist.world_size, self.micro_batch * self.accum, path)
         resume.check_classes(self.cfg, state, self.class_names, path)
+        resume.check_training_list(self.cfg, state, self.training_list, path)
         resume.load_model_weights(self.model, self.cfg, state, path)
         if self.ema is not None:
             self.ema.module.load_state_dict(state["ema"] if state.get("ema") is not None else state["model"])

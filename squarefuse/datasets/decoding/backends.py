@@ -30,6 +30,8 @@ from typing import Protocol
 
 import numpy as np
 
+from squarefuse.runtime.memory_limit import explain_memory_limit
+
 __all__ = [
     "BACKENDS",
     "RESIZE_MIN_RATIO",
@@ -372,4 +374,4 @@ def open_backend(path: str, decoder: str, *, num_threads: int = 1, short_side: i
 def describe_error(e: BaseException) -> str:
     """One line for a decoder exception (decord's messages carry a C++ stack trace below it)."""
     lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-    return f"{type(e).__name__}: {lines[0][:300] if lines else ''}"
+    return f"{type(e).__name__}: {explain_memory_limit(lines[0][:300]) if lines else ''}"
