@@ -134,7 +134,7 @@ def test_report_leaves_out_and_lists_incomplete_evals(tmp_path):
     assert summary.eval_top1.values == [60.0]  # the complete eval, not the later broken one
     md = (tmp_path / "out" / "report.md").read_text()
     assert "## Incomplete evaluations (not used)" in md
-    assert f"- {broken} " in md and f"- {run / 'eval' / '2026-12-02_11-00-00'} " in md
+    assert f"- `{broken}` " in md and f"- `{run / 'eval' / '2026-12-02_11-00-00'}` " in md
 
 
 # ------------------------------------------------------------------ item 9: inert user text
