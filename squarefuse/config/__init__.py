@@ -3,6 +3,7 @@
 resolvers          `${launch_stamp:}` and `${if_rank_zero:A,B}`: the same run folder on every rank
 override_types     command-line values of the wrong type fail at start-up, naming the key
 dataset_overrides  a checkpoint's stored dataset config with an app's overrides applied
+stored_config      a config read from a file as OmegaConf, refused if it holds an interpolation
 output_dirs        `<run>/<app>/<stamp>` next to a checkpoint's run, where the apps write
 defaults/          config files the package reads and ships (dataset/base.yaml)
 """
