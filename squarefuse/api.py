@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from squarefuse.checkpoint import build_model_from_checkpoint, load_checkpoint, select_weights
 from squarefuse.config.dataset_overrides import merge_dataset_overrides
 from squarefuse.datasets.preprocess import EvalPreprocess
+from squarefuse.models import CachedTokens
 from squarefuse.runtime.distributed import resolve_device
 from squarefuse.runtime.launch_env import DistInfo
 from squarefuse.runtime.precision import autocast, resolve_precision
@@ -77,8 +78,9 @@ def load_model(
 
     Raises:
         FileNotFoundError: no such checkpoint.
-        ValueError: the file is not a squarefuse trainer checkpoint, or an override names a key
-            the stored dataset config lacks.
+        ValueError: the file is not a squarefuse trainer checkpoint, the model was trained on a
+            token cache (it takes cached tokens, not videos), or an override names a key the stored
+            dataset config lacks.
     """
     state = load_checkpoint(ckpt)
     for key in ("config", "class_names"):
@@ -87,11 +89,26 @@ def load_model(
     device = resolve_device(str(device), DistInfo())
     weights, weights_name = select_weights(state, use_ema)
     model = build_model_from_checkpoint(state, weights).to(device).eval()
+    if isinstance(model.backbone, CachedTokens):
+        raise ValueError(_token_model_message(ckpt, state["config"], model.backbone))
     class_names = list(state["class_names"])
     dataset_cfg = merge_dataset_overrides(state["config"]["dataset"], dataset)
     preprocess = EvalPreprocess(dataset_cfg, class_names=class_names, mean=model.mean, std=model.std, device=device)
     info = {"step": state.get("step"), "epoch": state.get("epoch"), "config": state["config"]}
     return LoadedModel(model, class_names, preprocess, weights_name, str(ckpt), info)
+
+
+def _token_model_message(ckpt: str | Path, config: Mapping[str, Any], backbone: CachedTokens) -> str:
+    """Why a model trained on a token cache cannot take videos, and what it takes instead."""
+    root = (config.get("dataset") or {}).get("root")
+    n, d = backbone.token_shape
+    return (
+        f"{ckpt} was trained on cached tokens (the output of the frozen backbone {backbone.name} that "
+        f"scripts/cache_tokens.py stored in the token cache {root}), not on videos: it has no backbone and takes "
+        f"those tokens, [frames, {n}, {d}] per view, not video files (which scripts/predict.py, extract.py, "
+        f"export.py and cache_tokens.py give a model). Evaluate it on its cache (python eval.py ckpt={ckpt}), "
+        "or train the same fusion on the videos with the backbone frozen for a model that takes videos."
+    )
 
 
 def predict_probs(

@@ -5,13 +5,17 @@ Files are written atomically, verified against the CRC-32s in their zip archive 
 of tensors, numbers, strings, lists and dicts (the config is stored with `OmegaConf.to_container`),
 so the safe unpickler can read every file we write and refuses anything else. The trainer's
 checkpoints also hold "config" and "class_names", from which `build_model_from_checkpoint` rebuilds
-the `VideoClassifier` without touching the hub or the pretrained file.
+the `VideoClassifier` without touching the hub or the pretrained file. A checkpoint may come from
+anyone: an interpolation in its stored config is refused, never resolved (`literal_config`: no
+resolver runs), and the model is built only from the classes of `squarefuse.models`, never from whatever
+callable a ``_target_`` in the file names.
 """
 
 from __future__ import annotations
 
 import logging
 import pickle
+import sys
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -21,6 +25,8 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
+from squarefuse import models
+from squarefuse.config.stored_config import literal_config
 from squarefuse.models import build_classifier
 from squarefuse.runtime.atomic_file import atomic_write
 
@@ -73,6 +79,27 @@ def check_checkpoint_file(path: str | Path, *, require_zip: bool = True) -> Path
     return path
 
 
+def find_damaged_member(path: Path) -> str | None:
+    """The first member of the zip archive `path` whose bytes differ from the CRC-32 stored for them (None: none).
+
+    Raises:
+        Exception: the archive itself cannot be read (`zipfile.BadZipFile`, OSError...).
+    """
+    with zipfile.ZipFile(path) as archive:
+        for info in archive.infolist():
+            # torch.save under `torch.serialization.set_crc32_options(False)` stores 0 for every
+            # member: nothing to check (a real CRC-32 of 0 has a chance of 1 in 4 billion).
+            if info.CRC == 0:
+                continue
+            try:
+                with archive.open(info) as member:
+                    while member.read(1 << 24):  # zipfile compares the CRC-32 at the end
+                        pass
+            except zipfile.BadZipFile:
+                return info.filename
+    return None
+
+
 def verify_checkpoint(path: str | Path, *, require_zip: bool = True) -> Path:
     """Check that every byte of ``path`` is what was saved; the one integrity check of every checkpoint read.
 
@@ -88,21 +115,8 @@ def verify_checkpoint(path: str | Path, *, require_zip: bool = True) -> Path:
     path = check_checkpoint_file(path, require_zip=require_zip)
     if not zipfile.is_zipfile(path):
         return path  # a legacy (non-zip) file that require_zip=False lets through: it has no CRCs
-    bad = None
     try:
-        with zipfile.ZipFile(path) as archive:
-            for info in archive.infolist():
-                # torch.save under `torch.serialization.set_crc32_options(False)` stores 0 for every
-                # member: nothing to check (a real CRC-32 of 0 has a chance of 1 in 4 billion).
-                if info.CRC == 0:
-                    continue
-                try:
-                    with archive.open(info) as member:
-                        while member.read(1 << 24):  # zipfile compares the CRC-32 at the end
-                            pass
-                except zipfile.BadZipFile:
-                    bad = info.filename
-                    break
+        bad = find_damaged_member(path)
     except Exception as e:  # noqa: BLE001 - a damaged directory raises many kinds; all mean the same
         reason = str(e).strip() or type(e).__name__
         raise ValueError(f"checkpoint {path} is damaged: its zip archive cannot be read ({reason})") from e
@@ -168,11 +182,66 @@ def select_weights(state: Mapping[str, Any], use_ema: bool) -> tuple[dict[str, t
     return weights, name
 
 
+def _model_targets(node: Any, key: str) -> list[tuple[str, Any]]:
+    """Every (config key, ``_target_`` value) under `node`."""
+    found = []
+    if isinstance(node, Mapping):
+        for name, value in node.items():
+            if name == "_target_":
+                found.append((f"{key}._target_", value))
+            else:
+                found += _model_targets(value, f"{key}.{name}")
+    elif isinstance(node, list):
+        for i, value in enumerate(node):
+            found += _model_targets(value, f"{key}[{i}]")
+    return found
+
+
+def _model_class_paths() -> set[str]:
+    """Every dotted path under `squarefuse.models` that names one of its public classes (or `square_fuse`)."""
+    allowed = [getattr(models, name) for name in models.__all__]
+    return {
+        f"{module_name}.{attr}"
+        for module_name, module in list(sys.modules.items())
+        if module_name == "squarefuse.models" or module_name.startswith("squarefuse.models.")
+        for attr, value in vars(module).items()
+        if any(value is obj for obj in allowed)
+    }
+
+
+def check_model_targets(config: Mapping[str, Any]) -> None:
+    """Refuse a stored config whose backbone, fusion or head names anything but a `squarefuse.models` class.
+
+    Hydra calls whatever a ``_target_`` names (``os.remove``, ``subprocess.run``...), with the
+    arguments beside it: from a checkpoint's file, only the model classes the configs use may be
+    built. The value is compared with the paths of those classes, nothing is imported for it.
+
+    Raises:
+        ValueError: naming the key and the value.
+    """
+    paths = _model_class_paths()
+    for part in ("backbone", "fusion", "head"):
+        for key, target in _model_targets(config.get(part), part):
+            if not (isinstance(target, str) and target in paths):
+                raise ValueError(
+                    f"the checkpoint's config has {key}={str(target)[:200]!r}, which is not a squarefuse model class: "
+                    "refusing to build it (a checkpoint's config may only name the classes of squarefuse.models). "
+                    "Use a checkpoint written by the squarefuse trainer."
+                )
+
+
 def build_model_from_checkpoint(state: Mapping[str, Any], weights: Mapping[str, torch.Tensor]) -> nn.Module:
-    """Rebuild the `VideoClassifier` from the stored config and load `weights` (strict)."""
-    cfg = OmegaConf.create(state["config"])
-    backbone_cfg = OmegaConf.merge(cfg.backbone, {"pretrained": False, "pretrained_path": None})
+    """Rebuild the `VideoClassifier` from the stored config and load `weights` (strict).
+
+    The stored config may hold no interpolation (`literal_config`) and its ``_target_``s must be
+    squarefuse model classes (`check_model_targets`).
+    """
+    check_model_targets(state["config"])
+    backbone, fusion, head = (
+        literal_config(state["config"][part], prefix=part) for part in ("backbone", "fusion", "head")
+    )
     # Every weight comes from the checkpoint: never touch the hub or the pretrained file again.
-    model = build_classifier(backbone_cfg, cfg.fusion, cfg.head, num_classes=len(state["class_names"]))
+    backbone = OmegaConf.merge(backbone, {"pretrained": False, "pretrained_path": None})
+    model = build_classifier(backbone, fusion, head, num_classes=len(state["class_names"]))
     model.load_state_dict(weights, strict=True)
     return model

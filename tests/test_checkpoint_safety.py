@@ -1,25 +1,39 @@
 """Checkpoint files on bad disks: a flipped bit is found and named, a full disk is named as such (and
-the previous file stays), temporary files of killed writers are found, an unwritable folder is named."""
+the previous file stays), temporary files of killed writers are found, an unwritable folder is named.
+Checkpoints from elsewhere: their stored config is never resolved, builds only squarefuse models, and
+the files it names are never echoed."""
 
 from __future__ import annotations
 
 import errno
+import json
 import os
 import tempfile
 
 import numpy as np
 import pytest
 import torch
-from helpers.checkpoints import eval_cfg, flip_bit, make_checkpoint, tiny_train_cfg, unwritable
+from helpers.checkpoints import (
+    LABELS,
+    eval_cfg,
+    flip_bit,
+    make_checkpoint,
+    make_list_dataset,
+    tiny_train_cfg,
+    unwritable,
+)
+from helpers.scripts import run_script
 
 import squarefuse.runtime.atomic_file as atomic_file
 from squarefuse.api import load_model
 from squarefuse.apps.evaluate import run_eval
 from squarefuse.apps.export import export_model
 from squarefuse.checkpoint import load_checkpoint, save_checkpoint, verify_checkpoint
+from squarefuse.datasets.annotations import load_list, load_ssv2, read_k400_csv, read_label_map
 from squarefuse.datasets.synthetic.encoding import write_video
+from squarefuse.models import build_classifier
 from squarefuse.runtime.atomic_file import atomic_write, check_writable, remove_stale_temp_files
-from squarefuse.training.init_from import read_init_weights
+from squarefuse.training.init_from import init_from, read_init_weights
 
 
 @pytest.fixture
@@ -162,3 +176,110 @@ def test_written_files_respect_the_umask(tmp_path, umask, expected):
         os.umask(previous)
     for name in ("best.pt", "results.json", "clip.mp4", "model.pt"):
         assert (tmp_path / name).stat().st_mode & 0o777 == expected, name
+
+
+# ------------------------------------------------------------------ untrusted stored configs
+
+SECRET = "sk-squarefuse-test-0123456789"  # what must never be printed
+
+
+@pytest.fixture(scope="module")
+def list_data(tmp_path_factory):
+    return make_list_dataset(tmp_path_factory.mktemp("list_data"), LABELS)
+
+
+def changed_checkpoint(path, data, **blocks):
+    """A trainer checkpoint whose stored config was edited afterwards: `block={key: value}` per config block."""
+    ckpt, _ = make_checkpoint(path, tiny_train_cfg(data))
+    state = torch.load(ckpt, weights_only=True)
+    for block, values in blocks.items():
+        state["config"][block] = values if "_target_" in values else {**state["config"][block], **values}
+    return save_checkpoint(state, ckpt)
+
+
+def secret_file(tmp_path):
+    """Not an annotation file: a credentials file a checkpoint's dataset config points at."""
+    path = tmp_path / "credentials"
+    path.write_text(f"password={SECRET}\n")
+    return str(path)
+
+
+ENV = "${oc.env:SQF_TEST_SECRET}"  # resolved, the secret; "SECRET_FILE" stands for `secret_file`
+# case: (script, config block, key, the value written there, what the error names)
+HOSTILE = {
+    "eval-env-in-val_file": ("eval.py", "dataset", "val_file", ENV, "dataset.val_file"),
+    "eval-val_file-is-a-secret-file": ("eval.py", "dataset", "val_file", "SECRET_FILE", "credentials:1"),
+    "predict-env-in-backbone": ("scripts/predict.py", "backbone", "name", ENV, "backbone.name"),
+    "extract-val_file-is-a-secret-file": ("scripts/extract.py", "dataset", "val_file", "SECRET_FILE", "credentials:1"),
+    "extract-env-in-val_file": ("scripts/extract.py", "dataset", "val_file", ENV, "dataset.val_file"),
+    "export-env-in-fusion": ("scripts/export.py", "fusion", "K", ENV, "fusion.K"),
+}
+
+
+@pytest.mark.parametrize("case", list(HOSTILE))
+def test_a_checkpoints_config_is_never_resolved_and_files_it_names_are_never_echoed(case, list_data, tmp_path):
+    script, block, key, value, named = HOSTILE[case]
+    value = secret_file(tmp_path) if value == "SECRET_FILE" else value
+    ckpt = changed_checkpoint(tmp_path / "run" / "checkpoints" / "best.pt", list_data, **{block: {key: value}})
+    args = [f"input={list_data / 'v0.mp4'}"] if "predict" in script else []
+    args += ["device=cpu", "num_workers=0"] if "export" not in script else []
+    done = run_script(script, f"ckpt={ckpt}", *args, cwd=tmp_path, env={"SQF_TEST_SECRET": SECRET})
+    logs = "".join(p.read_text(errors="replace") for p in tmp_path.rglob("*.log"))
+    assert SECRET not in done.stdout + done.stderr + logs
+    assert done.returncode == 2 and named in done.stderr, done.stderr[-3000:]
+    assert "Traceback" not in done.stderr
+
+
+def test_a_checkpoints_config_may_build_only_squarefuse_models(list_data, tmp_path):
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep me\n")
+    # Hydra blocklists os.remove and the like, but builtins.open(path, "w") empties any file.
+    head = {"_target_": "builtins.open", "_args_": [str(victim), "w"]}
+    ckpt = changed_checkpoint(tmp_path / "run" / "checkpoints" / "best.pt", list_data, head=head)
+    with pytest.raises(ValueError, match=r"head\._target_='builtins.open', which is not a squarefuse model class"):
+        load_model(ckpt)
+    with pytest.raises(ValueError, match=r"head\._target_='builtins.open'"):
+        run_eval(eval_cfg(ckpt), tmp_path / "eval_out")
+    assert victim.read_text() == "keep me\n"
+    # A path that starts right but reaches elsewhere through a module's imports.
+    backbone = {"_target_": "squarefuse.models.backbone.torch.save", "_args_": [0, str(victim)]}
+    ckpt = changed_checkpoint(tmp_path / "run2" / "checkpoints" / "best.pt", list_data, backbone=backbone)
+    with pytest.raises(ValueError, match=r"backbone\._target_='squarefuse.models.backbone.torch.save'"):
+        load_model(ckpt)
+    assert victim.read_text() == "keep me\n"
+
+
+def test_init_from_reads_only_the_weights_of_a_changed_checkpoint(list_data, tmp_path, monkeypatch):
+    # trainer.init_from takes the weights and never the stored config: nothing there to resolve.
+    monkeypatch.setenv("SQF_TEST_SECRET", SECRET)
+    ckpt = changed_checkpoint(
+        tmp_path / "run" / "checkpoints" / "best.pt", list_data, backbone={"name": "${oc.env:SQF_TEST_SECRET}"}
+    )
+    cfg = tiny_train_cfg(list_data)
+    model = build_classifier(cfg.backbone, cfg.fusion, cfg.head, num_classes=3)
+    assert init_from(model, ckpt).loaded
+
+
+@pytest.mark.parametrize("reader", ["list", "kinetics_csv", "label_map", "ssv2_labels", "ssv2_entries"])
+def test_annotation_errors_name_the_line_of_a_file_that_is_not_one_never_its_text(reader, tmp_path):
+    path = tmp_path / "secret_file"
+    if reader == "list":
+        path.write_text(f"machine host login me password {SECRET}\n")  # the last field is no label
+        read = lambda: load_list(list_file=path, video_dir=None, class_names=["a"])  # noqa: E731
+    elif reader == "kinetics_csv":
+        path.write_text(f"token,{SECRET}\n")
+        read = lambda: read_k400_csv(path)  # noqa: E731
+    elif reader == "label_map":
+        path.write_text(f"{SECRET}\nother\n{SECRET}\n")
+        read = lambda: read_label_map(path)  # noqa: E731
+    elif reader == "ssv2_labels":
+        path.write_text(json.dumps({"api_key": SECRET}))
+        read = lambda: load_ssv2(labels_file=path, annotation_file=path, video_dir=tmp_path, video_ext="mp4")  # noqa: E731
+    else:
+        labels = tmp_path / "labels.json"
+        labels.write_text(json.dumps({"a": "0"}))
+        path.write_text(json.dumps([{"token": SECRET}]))
+        read = lambda: load_ssv2(labels_file=labels, annotation_file=path, video_dir=tmp_path, video_ext="mp4")  # noqa: E731
+    with pytest.raises(ValueError) as error:
+        read()
+    assert str(path) in str(error.value) and SECRET not in str(error.value)

@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import re
 import runpy
+import shutil
+import struct
 import sys
+import zipfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from helpers.checkpoints import eval_cfg, tiny_train_cfg
+from helpers.scripts import run_script
 from helpers.videos import write_video
 from omegaconf import OmegaConf
 
@@ -127,13 +133,10 @@ def test_evaluations_of_other_videos_or_classes_are_refused(evals, tmp_path):
     with pytest.raises(ValueError, match=r"video 'v2\.mp4' of .*/a is not in .*a_test"):
         run_ensemble([evals["a_test"], evals["a"]], out_dir=tmp_path / "x")
 
-    renamed = tmp_path / "renamed"
-    renamed.mkdir()
-    for name in ("predictions.csv", "results.json"):
-        (renamed / name).write_text((evals["a"] / name).read_text())
-    saved = torch.load(evals["a"] / "probs.pt", weights_only=True)
-    saved["class_names"] = ["push", "pull", "turn"]
-    torch.save(saved, renamed / "probs.pt")
+    def rename_class(saved):
+        saved["class_names"] = ["push", "pull", "turn"]
+
+    renamed = changed_copy(evals["a"], tmp_path / "renamed", rename_class)
     with pytest.raises(ValueError, match=r"differ in class 2: 'turn' vs 'spin'"):
         run_ensemble([evals["a"], renamed], out_dir=tmp_path / "x")
     with pytest.raises(ValueError, match="2 weights for 3"):
@@ -141,3 +144,86 @@ def test_evaluations_of_other_videos_or_classes_are_refused(evals, tmp_path):
     with pytest.raises(FileNotFoundError, match="probs.pt"):
         run_ensemble([evals["a"], tmp_path], out_dir=tmp_path / "x")
     assert not (tmp_path / "x").exists()
+
+
+# ----------------------------------------------------------------------------- damaged files
+
+
+def changed_copy(folder: Path, to: Path, change, *, record_sha256: bool = True) -> Path:
+    """A copy of an eval folder whose probs.pt is changed by `change(saved)`; its results.json records the
+    new file's sha256, as eval.py would have, or none (`record_sha256=False`: a folder of an older version)."""
+    shutil.copytree(folder, to)
+    saved = torch.load(to / "probs.pt", weights_only=True)
+    change(saved)
+    torch.save(saved, to / "probs.pt")
+    summary = json.loads((to / "results.json").read_text())
+    summary["probs_sha256"] = hashlib.sha256((to / "probs.pt").read_bytes()).hexdigest()
+    if not record_sha256:
+        del summary["probs_sha256"]
+    (to / "results.json").write_text(json.dumps(summary))
+    return to
+
+
+def flip_exponent_bit(path: Path) -> None:
+    """Flip a bit of the first probability's exponent: what a bad disk or copy does; the zip stays valid."""
+    with zipfile.ZipFile(path) as archive:
+        info = max((i for i in archive.infolist() if "/data/" in i.filename), key=lambda i: i.file_size)  # probs
+    data = bytearray(path.read_bytes())
+    name_len, extra_len = struct.unpack("<HH", data[info.header_offset + 26 : info.header_offset + 30])
+    data[info.header_offset + 30 + name_len + extra_len + 3] ^= (
+        0x01  # float32, little-endian: byte 3 holds the exponent
+    )
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("record_sha256", [True, False], ids=["sha256", "older-folder"])
+def test_a_damaged_probs_file_is_refused_naming_it(evals, tmp_path, record_sha256):
+    redo = "evaluate the checkpoint again into a new folder (eval.py)"
+    kept = changed_copy(evals["a"], tmp_path / "kept", lambda saved: None, record_sha256=record_sha256)
+    assert torch.equal(read_eval_dir(kept).probs, read_eval_dir(evals["a"]).probs)
+
+    flipped = changed_copy(evals["a"], tmp_path / "flipped", lambda saved: None, record_sha256=record_sha256)
+    flip_exponent_bit(flipped / "probs.pt")
+    # What made the check necessary: the flipped file loads without a word, a probability above 1.
+    assert torch.load(flipped / "probs.pt", weights_only=True)["probs"].max() > 1
+    found = "its sha256 differs" if record_sha256 else "is damaged: .*/data/2 does not match the CRC-32"
+    with pytest.raises(ValueError, match=rf"{flipped}/probs.pt .*{found}.*{re.escape(redo)}"):
+        run_ensemble([evals["a"], flipped], out_dir=tmp_path / "x")
+
+    whole = (evals["a"] / "probs.pt").read_bytes()
+    for name, data in (("truncated", whole[: len(whole) // 2]), ("empty", b"")):
+        damaged = changed_copy(evals["a"], tmp_path / name, lambda saved: None, record_sha256=record_sha256)
+        (damaged / "probs.pt").write_bytes(data)
+        found = "its sha256 differs" if record_sha256 else f"is empty or truncated \\({len(data)} bytes"
+        with pytest.raises(ValueError, match=rf"{damaged}/probs.pt .*{found}.*{re.escape(redo)}"):
+            run_ensemble([evals["a"], damaged], out_dir=tmp_path / "x")
+    assert not (tmp_path / "x").exists()
+
+
+def test_probabilities_that_are_not_a_distribution_are_refused_naming_the_video(evals, tmp_path):
+    # Files whose sha256 matches (rewritten with results.json, or from an older version): their values decide.
+    def scale_first_row(saved):
+        saved["probs"][0] *= 5
+
+    scaled = changed_copy(evals["a"], tmp_path / "scaled", scale_first_row)
+    with pytest.raises(ValueError, match=r"probabilities of video 'v0.mp4' are not a distribution .* sum 5"):
+        run_ensemble([evals["a"], scaled], out_dir=tmp_path / "x")
+
+    def nan_row(saved):
+        saved["probs"][2] = float("nan")  # what an eval.py before the NaN check wrote (without a sha256)
+
+    nan = changed_copy(evals["a"], tmp_path / "nan", nan_row, record_sha256=False)
+    with pytest.raises(ValueError, match=r"the probabilities of 1 videos are NaN or infinite \('v2.mp4'\)"):
+        run_ensemble([evals["a"], nan], out_dir=tmp_path / "x")
+
+    def other_label(saved):
+        saved["labels"][1] = 0
+
+    relabelled = changed_copy(evals["a"], tmp_path / "relabelled", other_label)
+    with pytest.raises(ValueError, match=r"the label of video 'v1.mp4' differs from predictions.csv"):
+        run_ensemble([evals["a"], relabelled], out_dir=tmp_path / "x")
+    assert not (tmp_path / "x").exists()
+
+    done = run_script("scripts/ensemble.py", str(evals["a"]), str(nan), "--out", str(tmp_path / "y"), cwd=tmp_path)
+    assert done.returncode != 0 and "error: " in done.stderr and "NaN or infinite" in done.stderr
+    assert "Traceback" not in done.stderr and not (tmp_path / "y").exists()

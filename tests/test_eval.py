@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import subprocess
 import sys
@@ -28,6 +29,7 @@ from matplotlib.figure import Figure
 from omegaconf import OmegaConf
 
 from squarefuse.apps.evaluate import run_eval
+from squarefuse.checkpoint import save_checkpoint
 from squarefuse.config.dataset_overrides import merge_dataset_overrides
 from squarefuse.config.output_dirs import default_eval_dir
 from squarefuse.datasets import build_dataset
@@ -219,6 +221,45 @@ def test_long_class_names_leave_the_matrix_and_its_title_in_the_figure(tmp_path,
     assert ax.get_window_extent().width > 0.25 * fig.bbox.width  # before: a sliver beside the names
     labels = [t.get_text() for t in ax.get_yticklabels()]
     assert len(set(labels)) == 3 and all(len(label) <= 40 and label.endswith(str(i)) for i, label in enumerate(labels))
+
+
+def test_result_files_refuse_non_finite_values_and_results_json_is_strict_json(tmp_path):
+    labels = torch.tensor([0, 1, 2])
+    probs = torch.tensor([[0.7, 0.2, 0.1], [float("nan")] * 3, [0.1, 0.3, 0.6]])
+    part = {"indices": torch.arange(3), "labels": labels, "probs": probs, "failed": []}
+    result = merge_shards([part], num_items=3, views=(1, 1))
+    with pytest.raises(ValueError, match=r"NaN or infinite probabilities for 1 videos \(dataset indices \[1\]"):
+        write_results(result, tmp_path / "nan", CLASS_NAMES)
+    assert not (tmp_path / "nan").exists()  # refused before anything is written
+
+    part["probs"] = probs.nan_to_num(1 / 3)
+    result = merge_shards([part], num_items=3, views=(1, 1))
+    with pytest.raises(ValueError, match=r"results.json: model_info.flops is nan, which JSON cannot hold"):
+        write_results(result, tmp_path / "meta", CLASS_NAMES, meta={"model_info": {"flops": float("nan")}})
+    write_results(result, tmp_path / "ok", CLASS_NAMES)
+
+    def no_constants(name):
+        raise ValueError(f"{name} is not JSON")
+
+    summary = json.loads((tmp_path / "ok" / "results.json").read_text(), parse_constant=no_constants)
+    assert summary["probs_sha256"] == hashlib.sha256((tmp_path / "ok" / "probs.pt").read_bytes()).hexdigest()
+
+
+def test_eval_stops_on_non_finite_outputs_naming_the_videos_and_the_cause(tmp_path, data_root, train_cfg):
+    ckpt, _ = make_checkpoint(tmp_path / "run" / "checkpoints" / "best.pt", train_cfg)
+    state = torch.load(ckpt, weights_only=True)
+    state["ema"] = {
+        k: torch.full_like(v, float("nan")) if k.startswith("head.") else v for k, v in state["ema"].items()
+    }
+    save_checkpoint(state, ckpt)
+    with pytest.raises(ValueError) as error:
+        run_eval(eval_cfg(ckpt), tmp_path / "out")
+    message = str(error.value)
+    assert message.startswith(f"the model's outputs are NaN or infinite for {len(LABELS)} of {len(LABELS)} videos: ")
+    assert f"{data_root}/v0.mp4 (index 0)" in message and "and 2 more" in message
+    assert "They are not scored" in message and "The model's weights hold NaN or infinite values (head." in message
+    assert not (tmp_path / "out" / "results.json").exists()
+    assert run_eval(eval_cfg(ckpt, "use_ema=false"), tmp_path / "model").num_videos == len(LABELS)
 
 
 # ------------------------------------------------------------------------------------ the app

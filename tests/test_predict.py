@@ -215,3 +215,35 @@ def test_missing_ema_weights_warn_only_when_the_run_had_ema(caplog, ema_cfg, war
         weights, name = select_weights(state, use_ema=True)
     assert name == "model" and weights.keys() == {"w"}
     assert ("has no EMA weights" in caplog.text) == warned
+
+
+def token_cache_checkpoint(path: Path) -> Path:
+    """A checkpoint of a fusion trained on a token cache (`dataset=tokens`): its backbone is `CachedTokens`."""
+    cfg = compose_config(
+        "train",
+        [
+            "dataset=tokens",
+            f"dataset.root={path.parent / 'cache'}",
+            "recipe=frozen_tokens",
+            "fusion=temporal_conv",
+            "backbone.name=vit_tiny_patch16_224",
+            "backbone.img_size=32",
+            "backbone.model_kwargs.embed_dim=48",
+            "backbone.model_kwargs.num_prefix_tokens=1",
+            "backbone.model_kwargs.has_class_token=true",
+            "backbone.model_kwargs.num_tokens=5",
+        ],
+    )
+    return make_checkpoint(path, cfg)[0]
+
+
+@pytest.mark.parametrize("script", ["scripts/predict.py", "scripts/extract.py", "scripts/export.py"])
+def test_a_token_cache_checkpoint_given_videos_says_what_it_takes(videos, tmp_path, script):
+    ckpt = token_cache_checkpoint(tmp_path / "tokens_run" / "checkpoints" / "best.pt")
+    with pytest.raises(ValueError, match=r"was trained on cached tokens .* takes those tokens, \[frames, 5, 48\]"):
+        squarefuse.load_model(ckpt)
+    args = [f"input={videos / 'v0.mp4'}", "device=cpu", "num_workers=0"] if "export" not in script else []
+    done = run_script(script, f"ckpt={ckpt}", *args, cwd=tmp_path)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert f"error: {ckpt} was trained on cached tokens" in done.stderr
+    assert "python eval.py ckpt=" in done.stderr and "Traceback" not in done.stderr

@@ -263,7 +263,7 @@ def test_wandb_offline_run_writes_its_files(data_root, tmp_path, monkeypatch):
 
 
 def test_a_stop_signal_is_acted_on_at_a_step_every_rank_agreed_on(data_root, tmp_path, monkeypatch):
-    # The signal arrives just after step 3's all-reduce of the (non-finite, stop) flags, so the
+    # The signal arrives just after step 3's all-reduce of the (non-finite, stop, bad input) flags, so the
     # other ranks have not seen it. Stopping alone would make this rank save (collectives) while
     # the others step, and all of them would hang until torchrun kills them (as seen under load).
     # The stop must wait for the next step's all-reduce, which carries it to every rank.
@@ -273,7 +273,7 @@ def test_a_stop_signal_is_acted_on_at_a_step_every_rank_agreed_on(data_root, tmp
 
     def all_reduce_then_signal(tensor):
         out = real_all_reduce_sum(tensor)
-        if tensor.numel() == 2:  # the step's flags
+        if tensor.numel() == 3:  # the step's flags (non-finite, stop, non-finite inputs)
             flag_reductions.append(trainer.state.step)
             if len(flag_reductions) == 3:
                 trainer._on_signal(signal.SIGTERM, None)

@@ -19,7 +19,7 @@ from squarefuse.config.dataset_overrides import merge_dataset_overrides
 from squarefuse.datasets import build_dataset
 from squarefuse.datasets.preprocess import input_normalizer
 from squarefuse.evaluation.class_subsets import class_subset_metrics, read_class_subset, read_twin_pairs
-from squarefuse.evaluation.evaluator import evaluate
+from squarefuse.evaluation.evaluator import check_finite, evaluate
 from squarefuse.evaluation.frame_order import check_frame_order
 from squarefuse.evaluation.metrics import EvalResult
 from squarefuse.evaluation.results import summary_lines, write_results
@@ -90,6 +90,7 @@ def run_eval(cfg: DictConfig, run_dir: str | Path) -> EvalResult:
         settings = batch_settings(cfg, device, normalizer, frame_order=frame_order, frame_order_seed=frame_order_seed)
         precision = settings.precision
         result = evaluate(model, dataset, settings, dist_info=dist_info, progress=bool(cfg.progress))
+        check_finite(result, dataset, model)  # every rank: the same result, the same error
         if dist_info.is_main:
             meta = {
                 "checkpoint": str(Path(ckpt).resolve()),

@@ -15,6 +15,8 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from squarefuse.config.stored_config import literal_config
+
 log = logging.getLogger(__name__)
 
 
@@ -46,7 +48,8 @@ def merge_dataset_overrides(
 ) -> DictConfig:
     """The checkpoint's dataset config with the non-null eval overrides applied.
 
-    The stored config is resolved, so paths the training config derived from `root`
+    The stored config is resolved (an interpolation in it is refused, never resolved:
+    `literal_config`), so paths the training config derived from `root`
     (`${dataset.root}/val.txt`...) hold the old root: when `root` is overridden, every top-level
     string that lies under the old root is moved under the new one (an explicit override of such
     a key still wins).
@@ -61,9 +64,10 @@ def merge_dataset_overrides(
     the log says so, so that older checkpoints keep working.
 
     Raises:
-        ValueError: an override names a key the stored dataset config does not have.
+        ValueError: an override names a key the stored dataset config does not have, or a stored
+            value is an interpolation.
     """
-    merged = OmegaConf.create(dict(stored))
+    merged = literal_config(dict(stored), prefix="dataset")
     added = _keys_added_since(merged)
     if added:
         log.info("the checkpoint's dataset config predates %s: using the defaults %s", sorted(added), added)

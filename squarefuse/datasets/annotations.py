@@ -4,6 +4,9 @@ Every reader returns `Annotations` (records + class names) and fails with a Valu
 file and the line or entry for malformed input: a byte that is not UTF-8, a video listed twice
 (it would count twice in an evaluation), a class id or a time too large to be one. A UTF-8
 byte-order mark (which Windows editors write) is read as such, not as part of the first name.
+A path may come from a checkpoint someone sent (`dataset.val_file=/etc/passwd`): until a file is
+recognised as the expected kind (a Kinetics csv by its header; an SSv2 entry by its id and template),
+messages name the line, never show its text.
 Whether the videos exist is checked afterwards, in one pass over directory listings
 (`split_missing`), not here.
 """
@@ -109,15 +112,16 @@ def read_label_map(path: str | Path, *, key: str = "dataset.label_map") -> list[
         key: the config key it came from, for error messages.
     """
     path = _require(path, key)
-    names = [line.strip() for line in read_utf8(path).splitlines() if line.strip()]
-    if not names:
+    first_line: dict[str, int] = {}  # name -> its line; a name twice is named by line numbers, not text
+    for number, line in enumerate(read_utf8(path).splitlines(), start=1):
+        name = line.strip()
+        if name and first_line.setdefault(name, number) != number:
+            raise ValueError(f"{path}:{number}: the class name of line {first_line[name]} again (each name once)")
+        if len(first_line) > MAX_CLASSES:
+            raise ValueError(f"{path}: more than {MAX_CLASSES} class names: is it a label map?")
+    if not first_line:
         raise ValueError(f"{path}: no class names")
-    if len(names) > MAX_CLASSES:
-        raise ValueError(f"{path}: {len(names)} class names, more than {MAX_CLASSES}: is it a label map?")
-    duplicates = sorted({n for n in names if names.count(n) > 1})
-    if duplicates:
-        raise ValueError(f"{path}: class names listed twice: {duplicates[:5]}")
-    return names
+    return list(first_line)
 
 
 # --- Something-Something V2 ------------------------------------------------------------------
@@ -143,13 +147,13 @@ def load_ssv2(
     if not isinstance(labels, dict):
         raise ValueError(f"{labels_path}: expected an object mapping class names to ids")
     class_names: list[str | None] = [None] * len(labels)
-    for name, value in labels.items():
+    for entry, (name, value) in enumerate(labels.items()):
         try:
             class_id = int(value)
         except (TypeError, ValueError):
-            raise ValueError(f"{labels_path}: class {name!r} has a non-integer id {value!r}") from None
+            raise ValueError(f"{labels_path}: entry {entry} does not map a class name to an integer id") from None
         if not 0 <= class_id < len(labels) or class_names[class_id] is not None:
-            raise ValueError(f"{labels_path}: ids must be 0..{len(labels) - 1}, each once; {name!r} has {value!r}")
+            raise ValueError(f"{labels_path}: ids must be 0..{len(labels) - 1}, each once; entry {entry} is not")
         class_names[class_id] = name
     name_to_id = {name: i for i, name in enumerate(class_names)}
 
@@ -161,7 +165,7 @@ def load_ssv2(
     entry_of_id: dict[str, int] = {}
     for i, entry in enumerate(entries):
         if not isinstance(entry, dict) or "id" not in entry or "template" not in entry:
-            raise ValueError(f"{path}: entry {i} lacks 'id' or 'template': {str(entry)[:120]}")
+            raise ValueError(f"{path}: entry {i} is not an SSv2 sample (an object with 'id' and 'template')")
         name = entry["template"].replace("[", "").replace("]", "")
         if name not in name_to_id:
             raise ValueError(f"{path}: entry {i} (id {entry['id']}): template {name!r} is not a class of {labels_path}")
@@ -226,7 +230,10 @@ def read_k400_csv(path: str | Path) -> tuple[list[str], list[K400Row]]:
         header = [h.strip() for h in header]
         absent = [c for c in K400_COLUMNS if c not in header]
         if absent:
-            raise ValueError(f"{path}:1: header {header} lacks the columns {absent}")
+            raise ValueError(
+                f"{path}:1: not the header of a Kinetics csv (label,youtube_id,time_start,time_end[,split]): "
+                f"no column {', '.join(absent)}"
+            )
         rows = []
         for row in reader:
             if not row or not any(cell.strip() for cell in row):
@@ -336,11 +343,14 @@ def _read_list(path: Path) -> list[tuple[int, str, int]]:
             continue
         parts = line.rsplit(maxsplit=1)
         if len(parts) != 2:
-            raise ValueError(f"{path}:{number}: expected 'path label', got {line!r}")
+            raise ValueError(f"{path}:{number}: expected 'path label' (a video path, a space, a class id): one field")
         try:
             label = int(parts[1])
         except ValueError:
-            raise ValueError(f"{path}:{number}: the label {parts[1]!r} is not an integer") from None
+            # Not its text: the file may be anything a config named; the line number finds it.
+            raise ValueError(
+                f"{path}:{number}: expected 'path label': the last field is not an integer class id"
+            ) from None
         if label < 0:
             raise ValueError(f"{path}:{number}: negative label {label}")
         if label >= MAX_CLASSES:

@@ -11,8 +11,10 @@ the first video or class that differs. The ensemble is written with eval's own r
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import logging
+import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,9 +23,10 @@ from typing import Any
 
 import torch
 
+from squarefuse.checkpoint import find_damaged_member, load_weights_only
 from squarefuse.config.resolvers import launch_dir
-from squarefuse.evaluation.evaluator import merge_shards
-from squarefuse.evaluation.metrics import EvalResult
+from squarefuse.evaluation.evaluator import merge_shards, name_videos
+from squarefuse.evaluation.metrics import EvalResult, non_finite_rows
 from squarefuse.evaluation.results import summary_lines, write_results
 from squarefuse.runtime.safe_text import csv_value
 
@@ -53,21 +56,37 @@ class EvalOutput:
 def read_eval_dir(folder: str | Path) -> EvalOutput:
     """Reads the probs.pt, predictions.csv and results.json of one `eval.py` output folder.
 
+    probs.pt is checked before it is used: against the sha256 results.json recorded when it was
+    written or, in folders of older versions, the CRC-32 of each member of its zip archive (the
+    check of every checkpoint read, `squarefuse.checkpoint.find_damaged_member`), and its values:
+    one row of C finite probabilities summing to 1 for each video of predictions.csv, with the same
+    labels.
+
     Raises:
         FileNotFoundError: a file is missing (named).
-        ValueError: the files do not agree with each other.
+        ValueError: a file is damaged, or the files do not agree with each other (the file and
+            the first video named).
     """
     folder = Path(folder)
     for name in ("probs.pt", "predictions.csv", "results.json"):
         if not (folder / name).is_file():
             raise FileNotFoundError(f"{folder}: no {name}; pass folders written by eval.py")
-    saved = torch.load(folder / "probs.pt", map_location="cpu", weights_only=True)
+    redo = "evaluate the checkpoint again into a new folder (eval.py), or copy the folder again from where it was made"
+    try:
+        summary = json.loads((folder / "results.json").read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{folder / 'results.json'} is damaged, not JSON ({e}): {redo}") from None
+    path = folder / "probs.pt"
+    _check_probs_file(path, summary.get("probs_sha256"), redo)
+    saved = load_weights_only(path, named=str(path))
     with open(folder / "predictions.csv", newline="") as f:
         rows = list(csv.DictReader(f))
+    if not isinstance(saved, dict) or not {"indices", "labels", "probs", "class_names"} <= saved.keys():
+        raise ValueError(f"{path} lacks the entries eval.py writes (indices, labels, probs, class_names); {redo}")
     indices = saved["indices"].long()
     if [int(r["index"]) for r in rows] != indices.tolist():
         raise ValueError(f"{folder}: predictions.csv and probs.pt list different videos")
-    return EvalOutput(
+    output = EvalOutput(
         folder=folder,
         indices=indices,
         labels=saved["labels"].long(),
@@ -75,8 +94,63 @@ def read_eval_dir(folder: str | Path) -> EvalOutput:
         class_names=[str(c) for c in saved["class_names"]],
         ids=[csv_value(r["id"]) for r in rows],
         paths=[csv_value(r["path"]) for r in rows],
-        summary=json.loads((folder / "results.json").read_text()),
+        summary=summary,
     )
+    _check_probs(output, [int(r["label"]) for r in rows], redo)
+    return output
+
+
+def _check_probs_file(path: Path, sha256: str | None, redo: str) -> None:
+    """probs.pt is the file eval.py wrote: its sha256 is the one results.json recorded or, in folders
+    of older versions (no sha256 recorded), each member of its zip archive matches its CRC-32."""
+    if sha256 is not None:
+        if hashlib.sha256(path.read_bytes()).hexdigest() != sha256:
+            raise ValueError(
+                f"{path} is not the file eval.py wrote with the results.json beside it (its sha256 differs from the "
+                f"one recorded there): damaged (a flipped bit, an interrupted copy) or replaced since; {redo}"
+            )
+        return
+    size = path.stat().st_size
+    if not zipfile.is_zipfile(path):
+        raise ValueError(f"{path} is empty or truncated ({size} bytes, not the zip archive torch.save writes); {redo}")
+    try:
+        bad = find_damaged_member(path)
+    except Exception as e:  # noqa: BLE001 - a damaged directory raises many kinds; all mean the same
+        bad = f"its zip directory ({e})"
+    if bad is not None:
+        raise ValueError(f"{path} is damaged: {bad} does not match the CRC-32 stored when it was written; {redo}")
+
+
+def _check_probs(output: EvalOutput, csv_labels: list[int], redo: str) -> None:
+    """One row of finite probabilities summing to 1 per video, and the labels of predictions.csv."""
+    path = output.folder / "probs.pt"
+    num_classes = len(output.class_names)
+    num_videos = len(output.indices)
+    if tuple(output.probs.shape) != (num_videos, num_classes) or tuple(output.labels.shape) != (num_videos,):
+        raise ValueError(
+            f"{path}: probs has shape {tuple(output.probs.shape)} and labels {tuple(output.labels.shape)}, not "
+            f"[videos, classes] = [{num_videos}, {num_classes}] and [{num_videos}]; {redo}"
+        )
+    if output.labels.tolist() != csv_labels:
+        row = next(i for i, (a, b) in enumerate(zip(output.labels.tolist(), csv_labels, strict=True)) if a != b)
+        raise ValueError(f"{path}: the label of video {output.key(row)!r} differs from predictions.csv; {redo}")
+    bad = non_finite_rows(output.probs)
+    if bad:
+        raise ValueError(
+            f"{path}: the probabilities of {len(bad)} videos are NaN or infinite "
+            f"({name_videos([repr(output.key(row)) for row in bad])}): they cannot be ensembled (a NaN would be "
+            "scored by its argmax). Evaluate the checkpoint again (eval.py now stops on such outputs and names "
+            "their cause)"
+        )
+    sums = output.probs.double().sum(dim=1)
+    off = ((output.probs < 0) | (output.probs > 1)).any(dim=1) | ((sums - 1).abs() > 1e-3)
+    if off.any():
+        row = int(off.nonzero()[0])
+        raise ValueError(
+            f"{path}: the probabilities of video {output.key(row)!r} are not a distribution (values in [0, 1] "
+            f"summing to 1; here min {float(output.probs[row].min()):.4g}, max {float(output.probs[row].max()):.4g}, "
+            f"sum {float(sums[row]):.4g}; {int(off.sum())} such videos): the file was damaged or changed; {redo}"
+        )
 
 
 def _check_same_videos(first: EvalOutput, other: EvalOutput) -> list[int]:

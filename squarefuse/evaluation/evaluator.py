@@ -7,16 +7,24 @@ Exactness: the eval indices are split across ranks without padding (unlike `Dist
 which repeats videos to even out the shards), each rank returns (index, probs, label) for the
 videos it decoded and the indices of those it could not, everything is gathered to every rank and
 checked to cover each index exactly once. A video that fails to decode is counted, never replaced.
+
+Non-finite outputs: a NaN probability row still has an argmax, so it would count as a prediction of
+one class. `check_finite` stops an evaluation with such rows, naming the videos and the likely
+cause. It stops rather than counting them as failed videos: those did not decode, while a NaN comes
+from damaged inputs (a token cache shard), non-finite weights or an overflow, and a top-1 over the
+videos that happened to stay finite would not be comparable with any other evaluation of the split.
+(`evaluate` itself does not stop: the trainer's validation keeps such a model from best.pt instead.)
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
-from squarefuse.evaluation.metrics import EvalResult, compute_metrics
+from squarefuse.evaluation.metrics import EvalResult, compute_metrics, non_finite_rows
 from squarefuse.evaluation.video_batches import BatchSettings, run_batches
 from squarefuse.runtime.distributed import all_gather_objects
 from squarefuse.runtime.launch_env import DistInfo
@@ -137,4 +145,50 @@ def merge_shards(parts: list[dict[str, Any]], *, num_items: int, views: tuple[in
         labels=labels,
         probs=probs,
         failed_indices=failed,
+    )
+
+
+def name_videos(names: Sequence[str], *, first: int = 5) -> str:
+    """ "a, b, c" or "a, b, c, d, e and 7 more": the first videos of a list, for a message."""
+    more = f" and {len(names) - first} more" if len(names) > first else ""
+    return ", ".join(names[:first]) + more
+
+
+def check_finite(result: EvalResult, dataset: Any, model: nn.Module) -> None:
+    """Raise when some videos' probabilities are NaN or infinite: they cannot be scored (see the module docstring).
+
+    The message names the first videos and what made their outputs non-finite: inputs holding NaN
+    (checked for a model on cached tokens; video pixels are uint8), weights holding NaN, or else
+    an overflow in the forward.
+
+    Raises:
+        ValueError: some rows of `result.probs` are not finite.
+    """
+    rows = non_finite_rows(result.probs)
+    if not rows:
+        return
+    indices = [int(result.indices[row]) for row in rows]
+    records = getattr(dataset, "records", None)
+    names = [f"{records[i].path} (index {i})" if records is not None else f"index {i}" for i in indices]
+    on_tokens = getattr(_unwrap(model), "mean", 0) is None  # a model on cached tokens has no pixel mean
+    bad_inputs = [
+        name
+        for i, name in zip(indices[:5], names, strict=False)
+        if on_tokens and not torch.isfinite(dataset[i]["video"].float()).all()
+    ]
+    weights = model.state_dict().items()
+    bad_weight = next((k for k, v in weights if v.is_floating_point() and not v.isfinite().all()), None)
+    if bad_inputs:
+        cause = (
+            f"The inputs of {name_videos(bad_inputs)} hold NaN or infinite values: the data is damaged, not the "
+            "model (a token cache: make the cache of this split again with scripts/cache_tokens.py)."
+        )
+    elif bad_weight is not None:
+        cause = f"The model's weights hold NaN or infinite values ({bad_weight}): evaluate another checkpoint."
+    else:
+        cause = "Inputs and weights are finite: the forward overflowed; evaluate with precision=fp32 (or bf16)."
+    raise ValueError(
+        f"the model's outputs are NaN or infinite for {len(rows)} of {result.num_videos} videos: "
+        f"{name_videos(names)}. They are not scored (a NaN still has an argmax, which would count as a prediction). "
+        + cause
     )

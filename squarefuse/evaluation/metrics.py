@@ -49,6 +49,11 @@ class EvalResult:
         return min(TOPK, self.probs.shape[1])
 
 
+def non_finite_rows(probs: torch.Tensor) -> list[int]:
+    """The rows of `probs` [N, C] that hold a NaN or an infinity."""
+    return (~torch.isfinite(probs).all(dim=1)).nonzero().flatten().tolist()
+
+
 def confusion_matrix(labels: torch.Tensor, preds: torch.Tensor, num_classes: int) -> torch.Tensor:
     """[C, C] int64 counts; row = true class, column = predicted class."""
     if labels.numel() == 0:

@@ -6,22 +6,26 @@ per_class.csv          class_id, class, support, correct, top1, top5
 predictions.csv        one row per evaluated video: index, id, path, label, pred, prob, top5, top5_probs
                        (`top5` is top-k with k = min(5, classes) everywhere; results.json's `topk` is k)
 probs.pt               indices, labels, averaged probs [N, C] and class names (for ensembling;
-                       `torch.load(weights_only=True)` reads it)
+                       `torch.load(weights_only=True)` reads it); results.json's `probs_sha256` is
+                       its sha256, which the ensemble checks before trusting it
 confusion_matrix.png   row-normalised; class names on the axes up to 40 classes
 
 Every file is written atomically (`atomic_write`) and results.json last, after results.json of an
 earlier evaluation into the same folder is removed: an evaluation that fails part-way (a full
 disk...) leaves no results.json, so nothing reads its folder as complete (`eval_files.is_complete`;
 scripts/report.py lists such folders). CSV cells from user data (class names, ids, paths) are
-guarded against spreadsheet formulas (`squarefuse.runtime.safe_text`).
+guarded against spreadsheet formulas (`squarefuse.runtime.safe_text`). Probabilities that are not
+finite are refused (they would be scored by their argmax), and results.json is strict JSON (no NaN).
 """
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import math
 import textwrap
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any
 
@@ -29,7 +33,7 @@ import torch
 from matplotlib.figure import Figure
 
 from squarefuse.evaluation.eval_files import RESULTS_FILE
-from squarefuse.evaluation.metrics import EvalResult, confusion_matrix, top5_name
+from squarefuse.evaluation.metrics import EvalResult, confusion_matrix, non_finite_rows, top5_name
 from squarefuse.runtime.atomic_file import atomic_write
 from squarefuse.runtime.safe_text import csv_writer, plot_text
 
@@ -84,8 +88,19 @@ def write_results(
         missing: paths found missing at start-up (only their number goes into results.json; the
             dataset writes the full list).
         meta: extra entries for results.json (checkpoint, step, weights, split...).
+
+    Raises:
+        ValueError: some probabilities are NaN or infinite, or another value of results.json is
+            (`evaluator.check_finite` names the videos first).
     """
     out_dir = Path(out_dir)
+    bad_rows = non_finite_rows(result.probs)
+    if bad_rows:
+        first = [int(result.indices[row]) for row in bad_rows[:5]]
+        raise ValueError(
+            f"{out_dir}: not writing results with NaN or infinite probabilities for {len(bad_rows)} videos "
+            f"(dataset indices {first}...): they would be scored by their argmax"
+        )
     out_dir.mkdir(parents=True, exist_ok=True)
     # An earlier evaluation's results.json would make this folder look complete while it is rewritten.
     (out_dir / RESULTS_FILE).unlink(missing_ok=True)
@@ -114,6 +129,15 @@ def write_results(
         ],
     }
     summary.update(meta or {})
+    # Before the first file is written: the probabilities' bytes, their digest (the ensemble's check
+    # that probs.pt is the file written with this results.json) and results.json as strict JSON.
+    probs_file = io.BytesIO()
+    torch.save(
+        {"indices": result.indices, "labels": result.labels, "probs": result.probs, "class_names": list(class_names)},
+        probs_file,
+    )
+    summary["probs_sha256"] = hashlib.sha256(probs_file.getvalue()).hexdigest()
+    results_text = _strict_json(summary)
 
     support = confmat.sum(dim=1)
     top5_hits = (topk_ids == result.labels[:, None]).any(dim=1).long()
@@ -167,19 +191,31 @@ def write_results(
             )
 
     with atomic_write(out_dir / "probs.pt", "wb") as f:
-        torch.save(
-            {
-                "indices": result.indices,
-                "labels": result.labels,
-                "probs": result.probs,
-                "class_names": list(class_names),
-            },
-            f,
-        )
+        f.write(probs_file.getvalue())
     with atomic_write(out_dir / "confusion_matrix.png", "wb") as f:
         plot_confusion_matrix(confmat, class_names, f, conditions=_conditions(summary))
     with atomic_write(out_dir / RESULTS_FILE) as f:
-        json.dump(summary, f, indent=2)
+        f.write(results_text)
+
+
+def _strict_json(summary: Mapping[str, Any]) -> str:
+    """results.json's text; a NaN or infinity (`json` would write the non-JSON `NaN`) is an error naming its key."""
+    bad = next(_non_finite_values(summary, ""), None)
+    if bad is not None:
+        raise ValueError(f"results.json: {bad[0]} is {bad[1]}, which JSON cannot hold")
+    return json.dumps(summary, indent=2, allow_nan=False)  # allow_nan=False: the guard behind the check
+
+
+def _non_finite_values(value: Any, key: str) -> Iterator[tuple[str, float]]:
+    """(key, value) of every NaN or infinity in a nest of dicts and lists."""
+    if isinstance(value, float) and not math.isfinite(value):
+        yield key, value
+    elif isinstance(value, Mapping):
+        for name, item in value.items():
+            yield from _non_finite_values(item, f"{key}.{name}" if key else str(name))
+    elif isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            yield from _non_finite_values(item, f"{key}[{i}]")
 
 
 def _conditions(summary: Mapping[str, Any]) -> list[str]:

@@ -29,7 +29,7 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from squarefuse.config.compose_config import shell_override
-from squarefuse.evaluation.evaluator import evaluate
+from squarefuse.evaluation.evaluator import evaluate, name_videos
 from squarefuse.evaluation.metrics import top5_name
 from squarefuse.evaluation.video_batches import BatchSettings
 from squarefuse.runtime import distributed
@@ -251,11 +251,14 @@ class TrainLoop:
         tcfg = self.cfg.trainer
         wait = 0.0
         loss_sum = torch.zeros((), device=self.device)
+        finite_inputs: list[tuple[torch.Tensor, torch.Tensor]] = []  # (dataset indices, finite per video)
         for micro in range(self.accum):
             t0 = time.perf_counter()
             batch = next(batches)
             wait += time.perf_counter() - t0
             video, mask, target = self._prepare(batch)
+            if batch.get("video") is not None and batch["video"].is_floating_point():  # cached tokens (pixels: uint8)
+                finite_inputs.append((batch["index"], video.isfinite().reshape(len(batch["index"]), -1).all(dim=1)))
             last_micro = micro == self.accum - 1
             no_sync = (
                 self.train_model.no_sync()
@@ -271,15 +274,24 @@ class TrainLoop:
             self.state.batch_in_epoch += 1
         loss_mean = loss_sum / self.accum
 
-        # Every rank must take the same decision: one tiny all-reduce of (non-finite, stop) flags.
+        # Every rank must take the same decision: one tiny all-reduce of (non-finite, stop, non-finite
+        # inputs) flags. Non-finite inputs (a damaged token cache) make a step non-finite even when the
+        # loss is not: their gradients would turn the weights NaN and the next, clean batch would be
+        # blamed. MixUp is refused on cached tokens, so a flagged input is the video itself.
+        bad_inputs = [int(i) for index, ok in finite_inputs for i in index[~ok.cpu()]]
         flags = torch.tensor(
-            [float(not torch.isfinite(loss_mean)), float(self._signal_received is not None)], device=self.device
+            [
+                float(bool(bad_inputs) or not torch.isfinite(loss_mean)),
+                float(self._signal_received is not None),
+                float(bool(bad_inputs)),
+            ],
+            device=self.device,
         )
         flags = distributed.all_reduce_sum(flags)
         if flags[1] > 0 and self._stop_signal is None:
             self._stop_signal = self._signal_received or signal.SIGTERM
         if flags[0] > 0:
-            self._skip_nonfinite_step()
+            self._skip_nonfinite_step(bad_inputs if flags[2] > 0 else None)
             return None, wait
         self.state.consecutive_skips = 0
 
@@ -295,16 +307,26 @@ class TrainLoop:
             self.ema.update(self.model, step=self.state.step)
         return loss_mean, wait
 
-    def _skip_nonfinite_step(self) -> None:
-        """A non-finite loss on some rank: stop (trainer.nonfinite=stop), or drop the gradients and count
+    def _skip_nonfinite_step(self, bad_inputs: list[int] | None) -> None:
+        """A non-finite loss (or, `bad_inputs` not None, non-finite inputs: these dataset indices here,
+        or on another rank) on some rank: stop (trainer.nonfinite=stop), or drop the gradients and count
         the step (skip), stopping after more than `max_consecutive_skips` in a row."""
         tcfg = self.cfg.trainer
         self.optimizer.zero_grad(set_to_none=True)
+        what = "loss"
+        advice = "Lower optim.lr, set trainer.clip_grad, use trainer.precision=bf16/fp32, or trainer.nonfinite=skip"
+        if bad_inputs is not None:  # the data, not the optimiser: say which videos
+            what = "inputs"
+            records = getattr(self.train_set, "records", None)
+            names = [records[i].path if records is not None else f"index {i}" for i in bad_inputs]
+            advice = (
+                f"The batch's inputs hold NaN or infinite values ({name_videos(names) or 'on another rank'}): "
+                "the data is damaged, not the learning rate; make the token cache again (scripts/cache_tokens.py)"
+            )
         if tcfg.nonfinite == "stop":
             raise FloatingPointError(
-                f"non-finite loss at step {self.state.step + 1} (epoch {self.state.epoch}); the weights were not "
-                f"updated and {self.ckpt_dir / 'last.pt'} is the last good checkpoint. Lower optim.lr, "
-                f"set trainer.clip_grad, use trainer.precision=bf16/fp32, or trainer.nonfinite=skip"
+                f"non-finite {what} at step {self.state.step + 1} (epoch {self.state.epoch}); the weights were not "
+                f"updated and {self.ckpt_dir / 'last.pt'} is the last good checkpoint. {advice}"
             )
         # A skipped step still counts: the schedule, max_steps and the epochs end as planned.
         self.state.step += 1
@@ -322,10 +344,12 @@ class TrainLoop:
             )
         if self.dist.is_main:
             log.warning(
-                "non-finite loss at step %d: step skipped (%d so far, %d in a row)",
+                "non-finite %s at step %d: step skipped (%d so far, %d in a row)%s",
+                what,
                 self.state.step,
                 self.state.num_skipped,
                 self.state.consecutive_skips,
+                f". {advice}" if bad_inputs is not None else "",
             )
 
     def _prepare(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
