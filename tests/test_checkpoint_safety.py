@@ -28,7 +28,7 @@ import squarefuse.runtime.atomic_file as atomic_file
 from squarefuse.api import load_model
 from squarefuse.apps.evaluate import run_eval
 from squarefuse.apps.export import export_model
-from squarefuse.checkpoint import load_checkpoint, save_checkpoint, verify_checkpoint
+from squarefuse.checkpoint import check_model_targets, load_checkpoint, save_checkpoint, verify_checkpoint
 from squarefuse.datasets.annotations import load_list, load_ssv2, read_k400_csv, read_label_map
 from squarefuse.datasets.synthetic.encoding import write_video
 from squarefuse.models import build_classifier
@@ -283,3 +283,17 @@ def test_annotation_errors_name_the_line_of_a_file_that_is_not_one_never_its_tex
     with pytest.raises(ValueError) as error:
         read()
     assert str(path) in str(error.value) and SECRET not in str(error.value)
+
+
+@pytest.mark.parametrize("group", ["backbone", "fusion", "head"])
+def test_every_model_the_configs_can_build_may_be_rebuilt_from_a_checkpoint(group):
+    """A class a config group selects but `squarefuse.models` does not export would train, then be
+    refused by eval, predict, extract and export (`check_model_targets`)."""
+    from helpers.configs import CONFIG_DIR  # noqa: PLC0415 - the one configs/ location
+    from omegaconf import OmegaConf  # noqa: PLC0415
+
+    options = sorted((CONFIG_DIR / group).glob("*.yaml"))
+    targets = {str(OmegaConf.load(p).get("_target_")) for p in options if OmegaConf.load(p).get("_target_")}
+    assert targets
+    for target in targets:
+        check_model_targets({group: {"_target_": target}})

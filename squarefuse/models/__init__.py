@@ -16,7 +16,7 @@ from squarefuse.models.fusion import (
     TemporalShift,
     square_fuse,
 )
-from squarefuse.models.heads import ClsHead, MeanHead
+from squarefuse.models.heads import AttentiveHead, ClsHead, MeanHead
 from squarefuse.models.pixels import PixelFrames
 
 __all__ = [
@@ -25,6 +25,7 @@ __all__ = [
     "PixelFrames",
     "ClsHead",
     "MeanHead",
+    "AttentiveHead",
     "VideoClassifier",
     "build_classifier",
     "SQuaReFuse",
