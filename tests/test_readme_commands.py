@@ -10,6 +10,7 @@ glob expanded, `$ckpt` put in, each `python SCRIPT ARGS` of its body run as the 
 from __future__ import annotations
 
 import re
+import runpy
 import shlex
 import shutil
 from pathlib import Path
@@ -146,3 +147,64 @@ def test_a_path_hydra_cannot_read_unquoted_gets_how_to_quote_it(sweep):
     assert not (odd.parent / "eval").exists()  # nothing was made
     out = run_script("eval.py", *shlex.split(suggested), cwd=cwd)  # and the suggestion works
     assert out.returncode == 0, out.stderr[-2000:]
+
+
+# The apps whose arguments are Hydra overrides; every other documented script takes argparse flags.
+HYDRA_APPS = {"train.py", "eval.py", *(f"scripts/{s}.py" for s in ("predict", "extract", "export", "cache_tokens"))}
+COMMAND = re.compile(
+    r"(?:^|&&|;|\bdo\b)\s*(?:[A-Z_]+=\S+\s+)*(?:python|torchrun(?:\s+--\S+)*)\s+(\S+\.py)\b(.*?)(?=&&|;|$)"
+)
+
+
+def documented_commands() -> list[tuple[str, list[str]]]:
+    """(script, arguments) of every `python SCRIPT ...` / `torchrun ... SCRIPT ...` in the docs' code
+    blocks, shell variables the blocks set (`E=...`, `D="..."`) put in, as the shell would split them."""
+    code = documented_code()
+    variables = dict(re.findall(r"(?:^|;\s*)([A-Z])=([^\s;'\"]+|'[^']*'|\"[^\"]*\")(?=;|\s*$)", code, re.M))
+    variables = {name: " ".join(shlex.split(value)) for name, value in variables.items()} | {"ckpt": "x/best.pt"}
+    commands = []
+    for line in code.splitlines():
+        line = line.split(" #", 1)[0]
+        for name, value in variables.items():  # "$B" stays one word, $D splits
+            line = line.replace(f'"${name}"', shlex.quote(value)).replace(f"${name}", value)
+        line = re.sub(r"<(\w+)>", r"\1", line)  # placeholders: runs/<date>/<time> -> runs/date/time
+        for match in COMMAND.finditer(line):
+            commands.append((match.group(1), shlex.split(match.group(2))))
+    return commands
+
+
+class _Parsed(Exception):
+    """Raised once a script's argparse parser accepted its arguments: nothing else runs."""
+
+
+def test_every_documented_command_parses(monkeypatch, tmp_path):
+    """Hydra overrides parse (and train.py's compose); argparse scripts accept their flags."""
+    import argparse  # noqa: PLC0415 - only this test patches it
+
+    from helpers.configs import compose_config  # noqa: PLC0415
+
+    commands = documented_commands()
+    scripts = {script for script, _ in commands}
+    assert {"train.py", "eval.py", "scripts/report.py", "scripts/temporal_benchmark.py"} <= scripts, scripts
+    parse_known_args = argparse.ArgumentParser.parse_known_args
+
+    def parse_then_stop(self, args=None, namespace=None):
+        parse_known_args(self, args, namespace)  # exits 2 on a flag it does not know
+        raise _Parsed
+
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_known_args", parse_then_stop)
+    parser = OverridesParser.create()
+    for script, args in commands:
+        where = f"{script} {shlex.join(args)}"
+        assert (REPO / script).is_file(), where
+        if script in HYDRA_APPS:
+            overrides = [a for a in args if not a.startswith("-")]
+            parsed = parser.parse_overrides(overrides)
+            if script == "train.py" and "-m" not in args:
+                compose_config("train", [o.input_line for o in parsed if not o.key_or_group.startswith("hydra")])
+            continue
+        monkeypatch.setattr("sys.argv", [script, *args])
+        monkeypatch.syspath_prepend(str((REPO / script).parent))  # as `python scripts/x.py` puts scripts/ first
+        monkeypatch.chdir(tmp_path)
+        with pytest.raises(_Parsed):
+            runpy.run_path(str(REPO / script), run_name="__main__")
