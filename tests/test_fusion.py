@@ -46,11 +46,11 @@ def test_shapes_and_dtypes(K: int) -> None:
     assert not torch.equal(h, x)  # beta_init=0.5: the layer does change the tokens
 
 
-def test_state_dict_keys_are_the_seeds() -> None:
+def test_state_dict_keys_are_the_seeds_with_its_mlp_named_mlp() -> None:
     ours = _module(K=4).state_dict()
     seed = SeedSQuaReFuse(D, num_dirs=4).state_dict()
-    assert list(ours) == list(seed)
-    assert all(ours[k].shape == seed[k].shape for k in ours)
+    assert list(ours) == [k.replace("head.", "mlp.", 1) for k in seed]
+    assert all(ours[k].shape == seed[k.replace("mlp.", "head.", 1)].shape for k in ours)
 
 
 def test_gradients_reach_input_and_every_parameter() -> None:
@@ -305,3 +305,19 @@ def test_no_fusion_is_identity() -> None:
     assert h is x and aux == {}
     m = instantiate(split_fusion_config(fusion_config("none"))[0])(d_model=D)
     assert isinstance(m, NoFusion)
+
+
+def test_a_state_dict_with_the_fusions_mlp_named_head_loads_as_mlp():
+    """Checkpoints written before the rename (and the seed's sketch) call the MLP `head`; inside a
+    classifier that was `fusion.head.*`, beside the classifier's `head.*`. Both load strictly."""
+    torch.manual_seed(0)
+    layer = SQuaReFuse(D, num_dirs=4)
+    old = {k.replace("mlp.", "head.", 1): v.clone() for k, v in layer.state_dict().items()}
+    assert any(k.startswith("head.") for k in old) and not any(k.startswith("mlp.") for k in old)
+    fresh = SQuaReFuse(D, num_dirs=4)
+    fresh.load_state_dict(old, strict=True)
+    x = torch.randn(2, 5, 3, D)
+    torch.testing.assert_close(fresh(x)[0], layer(x)[0], rtol=0, atol=0)
+    wrapped = torch.nn.ModuleDict({"fusion": SQuaReFuse(D, num_dirs=4)})
+    wrapped.load_state_dict({f"fusion.{k}": v for k, v in old.items()}, strict=True)
+    assert set(wrapped.state_dict()) == {f"fusion.{k}" for k in layer.state_dict()}

@@ -296,7 +296,7 @@ def test_square_keeps_the_seed_keywords_and_the_config_symbols():
     b = square_fuse(d_model=D, K=4, quantiles=None, P=1)
     assert a.state_dict().keys() == b.state_dict().keys() == SQuaReFuse(D, 4).state_dict().keys()
     assert all(torch.equal(a.state_dict()[k], b.state_dict()[k]) for k in a.state_dict())
-    assert a.head[1].in_features == 4 * 2  # K x (P + 1) trend features, no quantiles
+    assert a.mlp[1].in_features == 4 * 2  # K x (P + 1) trend features, no quantiles
     with pytest.raises(ValueError, match="num_dirs"):
         SQuaReFuse(d_model=D, num_dirs=0)
 

@@ -338,7 +338,7 @@ def test_layer_decay_param_groups_through_wrapper():
         "head.fc.bias",
     ]:
         assert decay[name] == 0.0, name
-    for name in ["backbone.model.blocks.0.attn.qkv.weight", "head.fc.weight", "fusion.head.1.weight"]:
+    for name in ["backbone.model.blocks.0.attn.qkv.weight", "head.fc.weight", "fusion.mlp.1.weight"]:
         assert decay[name] == 0.05, name
 
 

@@ -10,8 +10,10 @@ Invalid frames (``valid_mask``) are ignored as if the clip consisted of its vali
 statistics depend on the number of valid frames ``L`` of each sequence, through tables
 precomputed for every ``L`` in ``0..T`` so that a batch of varying lengths costs one gather.
 
-State-dict keys are those of the seed design's sketch (``proj.weight``, ``head.{0,1,3}.*``,
-``beta``), so its checkpoints load with ``strict=True`` and give the same outputs.
+State-dict keys are ``proj.weight``, ``mlp.{0,1,3}.*`` and ``beta``. The seed design's sketch called
+the MLP ``head``, a name that sat beside the classifier's own ``head.*`` in a model's state dict; its
+state dicts (and squarefuse checkpoints written before the rename) still load with ``strict=True``
+and give the same outputs: ``head.*`` keys are read as ``mlp.*`` (`_load_from_state_dict`).
 """
 
 from __future__ import annotations
@@ -151,7 +153,7 @@ class SQuaReFuse(nn.Module):
         nn.init.kaiming_uniform_(self.proj.weight, a=math.sqrt(5))
         num_trend = 0 if self.poly_order is None else self.poly_order + 1
         num_feats = num_dirs * (len(self.quantiles) + num_trend)
-        self.head = nn.Sequential(
+        self.mlp = nn.Sequential(
             nn.LayerNorm(num_feats),
             nn.Linear(num_feats, 4 * d_model),
             nn.GELU(),
@@ -163,6 +165,12 @@ class SQuaReFuse(nn.Module):
         # (T, device) -> tables of _get_tables. A plain cache, not buffers: T is only known at
         # run time and seed checkpoints must load with strict=True.
         self._tables: dict[tuple[int, torch.device], tuple[Tensor, Tensor]] = {}
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # The seed's (and older checkpoints') name for the MLP: `head.*` -> `mlp.*`.
+        for key in [k for k in state_dict if k.startswith(prefix + "head.")]:
+            state_dict[prefix + "mlp." + key[len(prefix + "head.") :]] = state_dict.pop(key)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def extra_repr(self) -> str:
         return (
@@ -286,7 +294,7 @@ class SQuaReFuse(nn.Module):
         quantiles_BNKQ, trend_BNKP = self.statistics(x, valid_BTN)
         feats_BNF = torch.cat([quantiles_BNKQ, trend_BNKP], dim=-1).flatten(2)
         # The MLP follows the parameter dtype and autocast like any other layer.
-        y_BND = self.head(feats_BNF.to(self.head[0].weight.dtype))
+        y_BND = self.mlp(feats_BNF.to(self.mlp[0].weight.dtype))
         update_B1ND = (self.beta * y_BND).to(x.dtype)[:, None]
         if valid_BTN is None:
             h_BTND = x + update_B1ND
