@@ -89,7 +89,7 @@ def test_an_eval_ensembled_with_itself_equals_it(evals, tmp_path):
         assert (tmp_path / "self" / name).read_text() == (evals["a"] / name).read_text(), name
     mine = json.loads((tmp_path / "self" / "results.json").read_text())
     theirs = json.loads((evals["a"] / "results.json").read_text())
-    for key in ("top1", "top5", "mean_class_acc", "loss", "num_videos", "num_failed", "failed_videos", "views"):
+    for key in ("top1", "topk_acc", "mean_class_acc", "loss", "num_videos", "num_failed", "failed_videos", "views"):
         assert mine[key] == theirs[key], key
     assert theirs["num_failed"] == 1 and theirs["failed_videos"][0]["id"] == f"v{CORRUPT}.mp4"
     assert [m["weight"] for m in mine["ensemble"]] == [1.0, 1.0]

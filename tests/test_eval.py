@@ -78,7 +78,7 @@ def test_metrics_are_percent_and_match_a_hand_computation():
     part = {"indices": torch.arange(4), "labels": labels, "probs": probs, "failed": []}
     result = merge_shards([part], num_items=4, views=(2, 3))
     assert result.top1 == pytest.approx(50.0)  # videos 0 and 2 right: percent, not a fraction
-    assert result.topk == 3 and result.top5 == pytest.approx(100.0)  # 3 classes: top-3
+    assert result.topk == 3 and result.topk_acc == pytest.approx(100.0)  # 3 classes: top-3
     # Class 2 has no video but is predicted once: it is left out of the mean (0.5 + 0.5) / 2.
     assert result.mean_class_acc == pytest.approx(50.0)
     assert result.loss == pytest.approx(-np.log([0.7, 0.2, 0.6, 0.3]).mean(), rel=1e-6)
@@ -168,7 +168,7 @@ def test_result_files_agree_with_a_hand_computation(tmp_path, model, train_cfg):
     write_results(result, tmp_path, CLASS_NAMES, dataset.records, missing=["gone.mp4"], meta={"step": 7})
 
     summary = json.loads((tmp_path / "results.json").read_text())
-    for key in ("top1", "top5", "mean_class_acc", "loss", "num_videos", "num_failed", "num_missing", "views"):
+    for key in ("top1", "topk_acc", "mean_class_acc", "loss", "num_videos", "num_failed", "num_missing", "views"):
         assert key in summary, key
     assert summary["views"] == {"clips": 1, "crops": 1} and summary["num_missing"] == 1 and summary["step"] == 7
 
@@ -189,15 +189,15 @@ def test_result_files_agree_with_a_hand_computation(tmp_path, model, train_cfg):
     assert [int(r["index"]) for r in rows] == list(range(len(LABELS)))
     assert [int(r["pred"]) for r in rows] == saved["probs"].argmax(1).tolist()
     assert rows[3]["path"].endswith("v3.mp4") and rows[3]["label_name"] == CLASS_NAMES[LABELS[3]]
-    # 3 classes: `top5` is top-3, under the one name every file and log uses, with k stated.
-    assert summary["topk"] == 3 and all(len(r["top5"].split()) == len(r["top5_probs"].split()) == 3 for r in rows)
+    # 3 classes: the top-k accuracy is top-3, k stated in results.json; 3 classes in each row.
+    assert summary["topk"] == 3 and all(len(r["topk_ids"].split()) == len(r["topk_probs"].split()) == 3 for r in rows)
 
     with open(tmp_path / "per_class.csv") as f:
         per_class = list(csv.DictReader(f))
     assert [r["class"] for r in per_class] == CLASS_NAMES
     assert sum(int(r["support"]) for r in per_class) == len(LABELS)
     assert [float(r["top1"]) for r in per_class] == pytest.approx(per_class_hand, abs=0.01)
-    assert all(float(r["top5"]) == 100.0 for r in per_class)  # top-3 of 3 classes
+    assert all(float(r["topk_acc"]) == 100.0 for r in per_class)  # top-3 of 3 classes
     assert (tmp_path / "confusion_matrix.png").stat().st_size > 1000
 
 
@@ -362,7 +362,7 @@ def test_eval_py_end_to_end(tmp_path, moved_checkpoint, data_root):
     summary = json.loads(outputs[0].read_text())
     assert summary["num_videos"] == len(LABELS) and summary["weights"] == "ema"
     log = done.stdout + done.stderr
-    assert "top1: " in log and "top5 (k=3: 3 classes): 100.00%" in log and "weights: ema" in log
+    assert "top-1: " in log and "top-3: 100.00%" in log and "weights: ema" in log
     assert f"videos: {len(LABELS)} evaluated, 0 failed" in log
 
 

@@ -321,7 +321,7 @@ def test_patience_stops_when_val_stops_improving_and_best_pt_is_chosen_on_val(da
 
     def scripted(*args, **kwargs):
         result = real(*args, **kwargs)
-        result.top1 = next(scores)
+        result.metrics["top1"] = next(scores)
         return result
 
     monkeypatch.setattr(loop_mod, "evaluate", scripted)

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from squarefuse.evaluation.metrics import EvalResult, compute_metrics, non_finite_rows
+from squarefuse.evaluation.metrics import EvalResult, non_finite_rows
 from squarefuse.evaluation.video_batches import BatchSettings, run_batches
 from squarefuse.runtime.distributed import all_gather_objects
 from squarefuse.runtime.launch_env import DistInfo
@@ -137,7 +137,6 @@ def merge_shards(parts: list[dict[str, Any]], *, num_items: int, views: tuple[in
             "check dataset.root and dataset.decoder"
         )
     return EvalResult(
-        **compute_metrics(labels, probs),
         num_videos=indices.numel(),
         num_failed=len(failed),
         views=(int(views[0]), int(views[1])),

@@ -1,10 +1,11 @@
 """Result files of an evaluation: the numbers, per-class table, per-video predictions, a plot.
 
-results.json           metrics (percent), counts of evaluated / failed / missing videos, views,
-                       the failed videos, and whatever `meta` the caller adds (checkpoint...)
-per_class.csv          class_id, class, support, correct, top1, top5
-predictions.csv        one row per evaluated video: index, id, path, label, pred, prob, top5, top5_probs
-                       (`top5` is top-k with k = min(5, classes) everywhere; results.json's `topk` is k)
+results.json           every metric of `metrics.METRICS` by name (accuracies in percent; top-k's k
+                       in `topk`), counts of evaluated / failed / missing videos, views, the
+                       failed videos, and whatever `meta` the caller adds (checkpoint...)
+per_class.csv          class_id, class, support, correct, top1, topk_acc
+predictions.csv        one row per evaluated video: index, id, path, label, pred, prob, topk_ids,
+                       topk_probs (k = min(5, classes), results.json's `topk`)
 probs.pt               indices, labels, averaged probs [N, C] and class names (for ensembling;
                        `torch.load(weights_only=True)` reads it); results.json's `probs_sha256` is
                        its sha256, which the ensemble checks before trusting it
@@ -33,7 +34,7 @@ import torch
 from matplotlib.figure import Figure
 
 from squarefuse.evaluation.eval_files import RESULTS_FILE
-from squarefuse.evaluation.metrics import EvalResult, confusion_matrix, non_finite_rows, top5_name
+from squarefuse.evaluation.metrics import EvalResult, non_finite_rows
 from squarefuse.runtime.atomic_file import atomic_write
 from squarefuse.runtime.safe_text import csv_writer, plot_text
 
@@ -79,6 +80,8 @@ def write_results(
 ) -> None:
     """Write results.json, per_class.csv, predictions.csv, probs.pt and confusion_matrix.png.
 
+    Every number comes from `result` (its `metrics` and `scores`, computed once in metrics.py).
+
     Args:
         result: what `evaluate` returned.
         out_dir: folder to write into (created if needed).
@@ -94,41 +97,11 @@ def write_results(
             (`evaluator.check_finite` names the videos first).
     """
     out_dir = Path(out_dir)
-    bad_rows = non_finite_rows(result.probs)
-    if bad_rows:
-        first = [int(result.indices[row]) for row in bad_rows[:5]]
-        raise ValueError(
-            f"{out_dir}: not writing results with NaN or infinite probabilities for {len(bad_rows)} videos "
-            f"(dataset indices {first}...): they would be scored by their argmax"
-        )
+    _check_writable(result, out_dir, class_names)
     out_dir.mkdir(parents=True, exist_ok=True)
     # An earlier evaluation's results.json would make this folder look complete while it is rewritten.
     (out_dir / RESULTS_FILE).unlink(missing_ok=True)
-    num_classes = result.probs.shape[1]
-    if len(class_names) != num_classes:
-        raise ValueError(f"{len(class_names)} class names for a result over {num_classes} classes")
-    k = result.topk
-    topk_probs, topk_ids = result.probs.topk(k, dim=1)
-    preds = topk_ids[:, 0]
-    confmat = confusion_matrix(result.labels, preds, num_classes)
-
-    summary: dict[str, Any] = {
-        "top1": result.top1,
-        "top5": result.top5,
-        "topk": k,
-        "mean_class_acc": _finite_or_none(result.mean_class_acc),
-        "loss": result.loss,
-        "num_videos": result.num_videos,
-        "num_failed": result.num_failed,
-        "num_missing": len(missing) if missing is not None else None,
-        "views": {"clips": result.views[0], "crops": result.views[1]},
-        "num_classes": num_classes,
-        "failed_videos": [
-            {"index": i, "id": _record_fields(records, i)[0], "path": _record_fields(records, i)[1]}
-            for i in result.failed_indices
-        ],
-    }
-    summary.update(meta or {})
+    summary = _results_summary(result, records, missing=missing, meta=meta)
     # Before the first file is written: the probabilities' bytes, their digest (the ensemble's check
     # that probs.pt is the file written with this results.json) and results.json as strict JSON.
     probs_file = io.BytesIO()
@@ -139,63 +112,117 @@ def write_results(
     summary["probs_sha256"] = hashlib.sha256(probs_file.getvalue()).hexdigest()
     results_text = _strict_json(summary)
 
-    support = confmat.sum(dim=1)
-    top5_hits = (topk_ids == result.labels[:, None]).any(dim=1).long()
-    top5_correct = torch.zeros(num_classes, dtype=torch.long).index_add_(0, result.labels, top5_hits)
     with atomic_write(out_dir / "per_class.csv") as f:
-        writer = csv_writer(f)
-        writer.writerow(["class_id", "class", "support", "correct", "top1", "top5"])
-        for c in range(num_classes):
-            n = int(support[c])
-            correct = int(confmat[c, c])
-            top1 = f"{100.0 * correct / n:.2f}" if n else ""
-            topk = f"{100.0 * int(top5_correct[c]) / n:.2f}" if n else ""
-            writer.writerow([c, class_names[c], n, correct, top1, topk])
-
+        _write_per_class(f, result, class_names)
     with atomic_write(out_dir / "predictions.csv") as f:
-        writer = csv_writer(f)
-        writer.writerow(
-            [
-                "index",
-                "id",
-                "path",
-                "label",
-                "label_name",
-                "pred",
-                "pred_name",
-                "prob",
-                "correct",
-                "top5",
-                "top5_probs",
-            ]
-        )
-        for row in range(result.num_videos):
-            index = int(result.indices[row])
-            label = int(result.labels[row])
-            pred = int(preds[row])
-            video_id, path = _record_fields(records, index)
-            writer.writerow(
-                [
-                    index,
-                    video_id,
-                    path,
-                    label,
-                    class_names[label],
-                    pred,
-                    class_names[pred],
-                    f"{float(topk_probs[row, 0]):.6f}",
-                    int(pred == label),
-                    " ".join(str(int(c)) for c in topk_ids[row]),
-                    " ".join(f"{float(p):.6f}" for p in topk_probs[row]),
-                ]
-            )
-
+        _write_predictions(f, result, class_names, records)
     with atomic_write(out_dir / "probs.pt", "wb") as f:
         f.write(probs_file.getvalue())
     with atomic_write(out_dir / "confusion_matrix.png", "wb") as f:
-        plot_confusion_matrix(confmat, class_names, f, conditions=_conditions(summary))
+        plot_confusion_matrix(result.scores.confmat, class_names, f, conditions=_conditions(summary))
     with atomic_write(out_dir / RESULTS_FILE) as f:
         f.write(results_text)
+
+
+def _check_writable(result: EvalResult, out_dir: Path, class_names: Sequence[str]) -> None:
+    """Finite probabilities (a NaN row would be scored by its argmax) and one name per class."""
+    bad_rows = non_finite_rows(result.probs)
+    if bad_rows:
+        first = [int(result.indices[row]) for row in bad_rows[:5]]
+        raise ValueError(
+            f"{out_dir}: not writing results with NaN or infinite probabilities for {len(bad_rows)} videos "
+            f"(dataset indices {first}...): they would be scored by their argmax"
+        )
+    num_classes = result.probs.shape[1]
+    if len(class_names) != num_classes:
+        raise ValueError(f"{len(class_names)} class names for a result over {num_classes} classes")
+
+
+def _results_summary(
+    result: EvalResult,
+    records: Sequence[Any] | None = None,
+    *,
+    missing: Sequence[str] | None = None,
+    meta: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """results.json's entries (less `probs_sha256`): every registered metric by name, `topk` (its k),
+    the counts, views and failed videos, then `meta`."""
+    summary: dict[str, Any] = {name: _finite_or_none(value) for name, value in result.metrics.items()}
+    summary.update(
+        {
+            "topk": result.topk,
+            "num_videos": result.num_videos,
+            "num_failed": result.num_failed,
+            "num_missing": len(missing) if missing is not None else None,
+            "views": {"clips": result.views[0], "crops": result.views[1]},
+            "num_classes": result.probs.shape[1],
+            "failed_videos": [
+                {"index": i, "id": _record_fields(records, i)[0], "path": _record_fields(records, i)[1]}
+                for i in result.failed_indices
+            ],
+        }
+    )
+    summary.update(meta or {})
+    return summary
+
+
+def _write_per_class(f: IO[str], result: EvalResult, class_names: Sequence[str]) -> None:
+    """per_class.csv: support, correct, top-1 and top-k accuracy (percent) of each class."""
+    s = result.scores
+    support = s.confmat.sum(dim=1)
+    topk_correct = torch.zeros(len(class_names), dtype=torch.long).index_add_(0, s.labels, s.topk_hits.long())
+    writer = csv_writer(f)
+    writer.writerow(["class_id", "class", "support", "correct", "top1", "topk_acc"])
+    for c, name in enumerate(class_names):
+        n = int(support[c])
+        correct = int(s.confmat[c, c])
+        top1 = f"{100.0 * correct / n:.2f}" if n else ""
+        topk = f"{100.0 * int(topk_correct[c]) / n:.2f}" if n else ""
+        writer.writerow([c, name, n, correct, top1, topk])
+
+
+PREDICTION_COLUMNS = (
+    "index",
+    "id",
+    "path",
+    "label",
+    "label_name",
+    "pred",
+    "pred_name",
+    "prob",
+    "correct",
+    "topk_ids",
+    "topk_probs",
+)
+
+
+def _write_predictions(
+    f: IO[str], result: EvalResult, class_names: Sequence[str], records: Sequence[Any] | None
+) -> None:
+    """predictions.csv: one row per evaluated video, with its top-k classes and their probabilities."""
+    s = result.scores
+    writer = csv_writer(f)
+    writer.writerow(PREDICTION_COLUMNS)
+    for row in range(result.num_videos):
+        index = int(result.indices[row])
+        label = int(s.labels[row])
+        pred = int(s.preds[row])
+        video_id, path = _record_fields(records, index)
+        writer.writerow(
+            [
+                index,
+                video_id,
+                path,
+                label,
+                class_names[label],
+                pred,
+                class_names[pred],
+                f"{float(s.topk_probs[row, 0]):.6f}",
+                int(pred == label),
+                " ".join(str(int(c)) for c in s.topk_ids[row]),
+                " ".join(f"{float(p):.6f}" for p in s.topk_probs[row]),
+            ]
+        )
 
 
 def _strict_json(summary: Mapping[str, Any]) -> str:
@@ -289,7 +316,6 @@ def summary_lines(result: EvalResult, *, weights: str, ckpt: str | None = None, 
         f"split: {split}" if split else None,
         f"views: {clips} clips x {crops} crops",
         f"videos: {result.num_videos} evaluated, {result.num_failed} failed to decode",
-        f"top1: {result.top1:.2f}%  {top5_name(result.topk)}: {result.top5:.2f}%  "
-        f"mean-class: {result.mean_class_acc:.2f}%  loss: {result.loss:.4f}",
+        result.metrics_text(),
     ]
     return [line for line in lines if line is not None]

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from squarefuse.evaluation.metrics import METRICS, Metric
 from squarefuse.report.groups import Group
 from squarefuse.report.runs import FINISHED, Prediction, Run, read_predictions
 from squarefuse.report.significance import PairedTest, PairingError, paired_test
@@ -85,9 +86,7 @@ class GroupSummary:
     evaluated: list[Run]
     final_top1: Stat
     best_top1: Stat
-    eval_top1: Stat
-    eval_top5: Stat
-    eval_mean_class: Stat
+    evals: dict[str, Stat]  # metric name (`metrics.METRICS`) -> its eval values over `evaluated`
     reversal_drop: Stat
     clips_per_s: Stat
     wall_s: Stat
@@ -103,13 +102,17 @@ class GroupSummary:
     def label(self) -> str:
         return self.group.label
 
+    @property
+    def eval_top1(self) -> Stat:
+        return self.evals["top1"]
+
 
 def summarise(group: Group) -> GroupSummary:
     finished = [r for r in group.runs if r.status == FINISHED]
     evaluated = [r for r in finished if r.eval_for("normal") is not None]
 
-    def eval_stat(key: str) -> Stat:
-        return _stat([r.eval_for("normal").results.get(key) for r in evaluated])
+    def eval_stat(metric: Metric) -> Stat:
+        return _stat([metric.read(r.eval_for("normal").results) for r in evaluated])
 
     return GroupSummary(
         group=group,
@@ -117,9 +120,7 @@ def summarise(group: Group) -> GroupSummary:
         evaluated=evaluated,
         final_top1=_stat([r.final_top1 for r in finished]),
         best_top1=_stat([r.best_top1 for r in finished]),
-        eval_top1=eval_stat("top1"),
-        eval_top5=eval_stat("top5"),
-        eval_mean_class=eval_stat("mean_class_acc"),
+        evals={name: eval_stat(metric) for name, metric in METRICS.items()},
         reversal_drop=_stat([reversal_drop(r) for r in finished]),
         clips_per_s=_stat([r.clips_per_s for r in finished]),
         wall_s=_stat([r.wall_s for r in finished]),

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from squarefuse.config.compose_config import shell_override
+from squarefuse.evaluation.metrics import METRICS
 from squarefuse.report.aggregate import GroupSummary, Stat
 from squarefuse.runtime.safe_text import csv_writer, markdown_code, markdown_text
 
@@ -46,34 +47,34 @@ def _p_text(summary: GroupSummary) -> str:
     return f"{test.p_value:.3g} (b={test.b}, c={test.c})"
 
 
-COLUMNS = (
-    "group",
-    "runs (finished/all)",
-    "final val top-1",
-    "best val top-1",
-    "eval top-1",
-    "eval top-5",
-    "eval mean-class",
-    "reversal drop",
-    "fusion params",
-    "fusion FLOPs/clip",
-    "train clips/s",
-    "wall time",
-    "McNemar p vs baseline",
-)
+def columns() -> list[str]:
+    """report.md's header: an "eval <title>" column per registered metric (`metrics.METRICS`)."""
+    return [
+        "group",
+        "runs (finished/all)",
+        "final val top-1",
+        "best val top-1",
+        *(f"eval {metric.label()}" for metric in METRICS.values()),
+        "reversal drop",
+        "fusion params",
+        "fusion FLOPs/clip",
+        "train clips/s",
+        "wall time",
+        "McNemar p vs baseline",
+    ]
 
 
 def table_row(s: GroupSummary) -> list[str]:
     eval_n = f" (n={s.eval_top1.n})" if s.eval_top1.n and s.eval_top1.n != len(s.finished) else ""
     drop_n = f" (n={s.reversal_drop.n})" if s.reversal_drop.n and s.reversal_drop.n != s.eval_top1.n else ""
+    evals = [s.evals[name].text(metric.digits) for name, metric in METRICS.items()]
     return [
         s.label,
         f"{len(s.finished)}/{len(s.group.runs)}",
         s.final_top1.text(),
         s.best_top1.text(),
-        s.eval_top1.text() + eval_n,
-        s.eval_top5.text(),
-        s.eval_mean_class.text(),
+        evals[0] + eval_n,  # the evaluated runs, counted once (every eval column has them)
+        *evals[1:],
         s.reversal_drop.text() + drop_n,
         human_count(s.fusion_params),
         human_count(s.fusion_flops),
@@ -109,12 +110,12 @@ def write_markdown(
         "",
         f"Runs from: {', '.join(map(markdown_code, sources))}",
         "",
-        *_markdown_table(COLUMNS, [table_row(s) for s in summaries]),
+        *_markdown_table(columns(), [table_row(s) for s in summaries]),
         "",
         "Accuracies in percent, mean ± sample std over the finished runs of each group (seeds); "
         "val = clip-level validation during training (final = last epoch), eval = `eval.py` multi-view "
-        "top-1 (latest normal-order evaluation of each run). Reversal drop = eval top-1 with the frames "
-        "in order minus with `frame_order=reversed` (percentage points). Params and FLOPs from "
+        f"test (latest normal-order evaluation of each run); {_direction_note()}. Reversal drop = eval "
+        "top-1 with the frames in order minus with `frame_order=reversed` (percentage points). Params and FLOPs from "
         "`model_info.json` ('-': not recorded). McNemar: exact two-sided test on per-video correctness, "
         "pooled over the seeds both groups evaluated; b = videos only the baseline gets right, "
         "c = videos only this group gets right.",
@@ -162,22 +163,20 @@ def write_markdown(
     path.write_text("\n".join(lines))
 
 
+def _direction_note() -> str:
+    """Which eval columns are better when lower (a loss), from the registry."""
+    lower = [f"eval {m.label()}" for m in METRICS.values() if not m.higher_is_better]
+    return f"lower is better for {', '.join(lower)}, higher for the others" if lower else "higher is better"
+
+
 def _stat_cells(stat: Stat) -> list[object]:
     return [stat.n, "" if stat.mean is None else f"{stat.mean:.4f}", "" if stat.std is None else f"{stat.std:.4f}"]
 
 
 def write_csv(summaries: Sequence[GroupSummary], path: Path) -> None:
     """One row per group; means and stds in separate columns, empty when undefined."""
-    stats = (
-        "final_top1",
-        "best_top1",
-        "eval_top1",
-        "eval_top5",
-        "eval_mean_class",
-        "reversal_drop",
-        "clips_per_s",
-        "wall_s",
-    )
+    evals = {f"eval_{name}": name for name in METRICS}  # report.csv name -> metric name
+    stats = ["final_top1", "best_top1", *evals, "reversal_drop", "clips_per_s", "wall_s"]
     header = ["group", "num_runs", "num_finished"]
     for name in stats:
         header += [f"{name}_n", f"{name}_mean", f"{name}_std"]
@@ -199,7 +198,7 @@ def write_csv(summaries: Sequence[GroupSummary], path: Path) -> None:
         for s in summaries:
             row: list[object] = [s.label, len(s.group.runs), len(s.finished)]
             for name in stats:
-                row += _stat_cells(getattr(s, name))
+                row += _stat_cells(s.evals[evals[name]] if name in evals else getattr(s, name))
             comparison = s.comparison
             test = comparison.test if comparison else None
             row += [

@@ -30,7 +30,6 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from squarefuse.config.compose_config import shell_override
 from squarefuse.evaluation.evaluator import evaluate, name_videos
-from squarefuse.evaluation.metrics import top5_name
 from squarefuse.evaluation.video_batches import BatchSettings
 from squarefuse.runtime import distributed
 from squarefuse.runtime.precision import autocast
@@ -447,11 +446,8 @@ class TrainLoop:
             "step": self.state.step,
             "epoch": self.state.epoch,
             "split": "val_clip",
-            "loss": result.loss,
-            "top1": result.top1,
-            "top5": result.top5,
+            **result.metrics,  # every registered metric (`metrics.METRICS`), by name
             "topk": result.topk,
-            "mean_class_acc": result.mean_class_acc,
             "num_videos": result.num_videos,
             "num_failed": result.num_failed,
             "weights": "ema" if model is not self.model else "model",
@@ -460,12 +456,10 @@ class TrainLoop:
         self.state.last_val_step, self.state.last_val_top1 = self.state.step, result.top1
         if self.dist.is_main:
             log.info(
-                "epoch %d step %d | clip-level val top1 %.2f %s %.2f (%d videos, %d failed)",
+                "epoch %d step %d | clip-level val %s (%d videos, %d failed)",
                 self.state.epoch,
                 self.state.step,
-                result.top1,
-                top5_name(result.topk),
-                result.top5,
+                result.metrics_text(),
                 result.num_videos,
                 result.num_failed,
             )
