@@ -176,7 +176,7 @@ def test_start_up_log_names_the_recipe_before_the_data_is_read(tmp_path, caplog)
 
 @pytest.mark.slow
 def test_the_readme_cpu_list_example_trains(tmp_path, make_video):
-    """README, Training: `dataset=list ... recipe=tiny_scratch trainer.batch_size=2` on 6 videos."""
+    """docs/training.md: `dataset=list ... recipe=tiny_scratch trainer.batch_size=2` on 6 videos."""
     root = tmp_path / "my_list"
     lines = []
     for i in range(6):
@@ -185,9 +185,9 @@ def test_the_readme_cpu_list_example_trains(tmp_path, make_video):
     (root / "train.txt").write_text("\n".join(lines) + "\n")
     (root / "val.txt").write_text("\n".join(lines[:2]) + "\n")
     run = tmp_path / "run"
-    readme = (REPO / "README.md").read_text()
+    docs = (REPO / "docs" / "training.md").read_text()
     command = "dataset=list dataset.root=data/my_list recipe=tiny_scratch trainer.batch_size=2"
-    assert command in readme
+    assert command in docs
     overrides = command.replace("data/my_list", str(root)).split()
     # Shorter than the README's run: one epoch, no loader workers, one validation.
     quick = ["trainer.epochs=1", "trainer.val_every=1", "trainer.num_workers=0", f"hydra.run.dir={run}"]
