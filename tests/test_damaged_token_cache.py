@@ -21,7 +21,7 @@ from helpers.videos import write_video
 from squarefuse.apps.cache_tokens import run_cache_tokens
 from squarefuse.apps.evaluate import run_eval
 from squarefuse.datasets.token_cache import file_checksum
-from squarefuse.training.trainer import check_train_config, train
+from squarefuse.training.trainer import run_config, train
 
 LABELS = [0, 1, 2, 0, 1, 2]
 FRAMES = 4
@@ -70,8 +70,7 @@ def token_run_cfg(cache: Path, *extra: str):
 
 
 def test_eval_on_a_damaged_cache_stops_naming_the_videos_and_their_inputs(cache, tmp_path):
-    cfg = token_run_cfg(cache)
-    check_train_config(cfg)  # fills in the backbone's token layout from the cache
+    cfg = run_config(token_run_cfg(cache))  # the backbone's token layout, from the cache
     ckpt, _ = make_checkpoint(tmp_path / "run" / "checkpoints" / "best.pt", cfg)
     damaged = damaged_copy(cache, tmp_path / "damaged", "val", rows=[1])
     eval_cfg = ["num_workers=0", "device=cpu", "progress=false", f"dataset.root={damaged}"]

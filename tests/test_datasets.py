@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from pathlib import Path
 
@@ -386,14 +387,32 @@ def test_dataset_configs_compose(name, backbone, hflip, sampling):
     assert cfg.dataset.decoder == "decord"
 
 
-@pytest.mark.parametrize("name", ["ssv2", "k400", "list", "synthetic"])
+@pytest.mark.parametrize("name", ["ssv2", "k400", "list", "synthetic", "tokens"])
 def test_each_format_is_found_by_the_name_its_config_gives(name):
     dataset_format = find_format(compose_dataset(name).dataset.name)
     assert dataset_format is FORMATS[name] and dataset_format.name == name
+    assert dataset_format.decodes_videos is (name != "tokens")  # the token cache is the format of no videos
     with pytest.raises(
-        ValueError, match=r"dataset.name='ucf101': choose one of \['ssv2', 'k400', 'list', 'synthetic'\]"
+        ValueError, match=r"dataset.name='ucf101': choose one of \['ssv2', 'k400', 'list', 'synthetic', 'tokens'\]"
     ):
         find_format("ucf101")
+
+
+def test_no_code_outside_the_token_cache_format_compares_a_dataset_name_with_tokens():
+    # What the rest of the code needs to know of a token cache it asks its format (`decodes_videos`,
+    # `run_settings`, `open_split`): a new format that is not videos then needs no change elsewhere.
+    repo = Path(__file__).resolve().parents[1]
+    allowed = {repo / "squarefuse" / "datasets" / "formats.py", repo / "squarefuse" / "datasets" / "token_cache.py"}
+    compared = re.compile(r"""[!=]=\s*["']tokens["']|["']tokens["']\s*[!=]=|\bin\s*[(\[{][^)\]}]*["']tokens["']""")
+    files = [*(repo / "squarefuse").rglob("*.py"), *(repo / "scripts").rglob("*.py"), *repo.glob("*.py")]
+    found = [
+        f"{path.relative_to(repo)}:{number}: {line.strip()}"
+        for path in files
+        if path not in allowed
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1)
+        if compared.search(line)
+    ]
+    assert len(files) > 100 and found == []
 
 
 def test_keys_come_from_the_config_not_from_code_defaults(tmp_path):

@@ -11,8 +11,8 @@ import timm
 import timm.optim
 import torch
 from helpers.clips import among_padding
-from helpers.configs import backbone_config, fusion_config
-from omegaconf import OmegaConf
+from helpers.configs import backbone_config, compose_config, fusion_config
+from omegaconf import OmegaConf, open_dict
 
 from squarefuse.models import (
     ClsHead,
@@ -23,6 +23,7 @@ from squarefuse.models import (
     build_classifier,
     square_fuse,
 )
+from squarefuse.training.config_checks import check_train_config
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 NUM_CLASSES = 7
@@ -340,6 +341,38 @@ def test_layer_decay_param_groups_through_wrapper():
         assert decay[name] == 0.0, name
     for name in ["backbone.model.blocks.0.attn.qkv.weight", "head.fc.weight", "fusion.mlp.1.weight"]:
         assert decay[name] == 0.05, name
+
+
+class ScaledMeanHead(torch.nn.Module):
+    """A head with an argument of its own (`scale`) that takes only two of the classifier's inputs."""
+
+    reads_patch_tokens = True
+
+    def __init__(self, embed_dim: int, num_classes: int, scale: float) -> None:
+        super().__init__()
+        self.scale = scale
+        self.fc = torch.nn.Linear(embed_dim, num_classes)
+
+    def forward(self, h_BTND: torch.Tensor, mask_BT: torch.Tensor | None = None) -> torch.Tensor:
+        return self.fc(self.scale * h_BTND.mean(dim=(1, 2)))
+
+
+def test_a_head_with_arguments_of_its_own_needs_only_its_config(tmp_path):
+    # Named by `_target_` in a command-line override: no change to the classifier, and the head is
+    # given only the inputs its signature names (no num_prefix_tokens nor has_class_token here).
+    target = f"{__name__}.ScaledMeanHead"
+    overrides = ["backbone=tiny", "head=mean", f"head._target_={target}", "~head.dropout", "+head.scale=3.0"]
+    cfg = compose_config("train", [f"dataset.root={tmp_path}", *overrides, f"backbone.img_size={IMG}"])
+    with open_dict(cfg):
+        cfg.backbone.model_kwargs = dict(TINY_KWARGS)
+    check_train_config(cfg)
+    model = build_classifier(cfg.backbone, cfg.fusion, cfg.head, num_classes=NUM_CLASSES)
+    assert isinstance(model.head, ScaledMeanHead) and model.head.scale == 3.0
+    assert model.head.fc.weight.shape == (NUM_CLASSES, TINY_KWARGS["embed_dim"])
+    assert model(clip()).shape == (2, NUM_CLASSES)
+    # Its config alone (`_target_` and its arguments, no `_partial_`) builds it too.
+    plain = build_classifier(cfg.backbone, cfg.fusion, {"_target_": target, "scale": 2.0}, num_classes=3)
+    assert plain.head.scale == 2.0 and plain(clip()).shape == (2, 3)
 
 
 def test_build_classifier_from_yaml_configs():

@@ -22,11 +22,12 @@ from helpers.checkpoints import CLASS_NAMES, make_checkpoint, tiny_list_override
 from helpers.configs import compose_config, tiny_trainer_overrides
 from helpers.scripts import run_script, torchrun
 from helpers.videos import write_video
+from omegaconf import OmegaConf
 
 from squarefuse.apps.cache_tokens import run_cache_tokens
 from squarefuse.apps.evaluate import run_eval
 from squarefuse.datasets.token_cache import TokenDataset, pool_tokens
-from squarefuse.training.trainer import Trainer, check_train_config, train
+from squarefuse.training.trainer import Trainer, check_train_config, run_config, train
 
 REPO = Path(__file__).resolve().parents[1]
 LABELS = [0, 1, 2, 0, 1, 2, 0, 1]
@@ -115,14 +116,21 @@ def token_train_cfg(cache: Path, ckpt: Path | None, *extra: str):
     return compose_config("train", ["dataset=tokens", f"dataset.root={cache}", *TRAIN, *init, *extra])
 
 
-def test_the_first_check_of_train_py_completes_a_token_run_from_its_cache(cache32):
+def test_checks_leave_the_config_as_it_is_and_the_run_config_is_completed_from_the_cache(cache32):
     # train.py checks the composed config before the trainer exists: the backbone's token layout is
-    # still null there and must come from the cache, or `dataset=tokens` could not start at all.
+    # still null there and comes from the cache, into a copy (the run's config), never into `cfg`.
     cfg = token_train_cfg(cache32, None)
-    assert cfg.backbone.model_kwargs.embed_dim is None
+    composed = OmegaConf.to_container(cfg)
     check_train_config(cfg)
-    assert cfg.backbone.model_kwargs.embed_dim == 48 and cfg.backbone.name is not None
-    check_train_config(cfg)  # again, as the trainer does: the filled-in values match the cache
+    assert OmegaConf.to_container(cfg) == composed and cfg.backbone.model_kwargs.embed_dim is None
+    completed = run_config(cfg)
+    assert OmegaConf.to_container(cfg) == composed
+    info = json.loads((cache32 / "cache.json").read_text())
+    assert completed.backbone.model_kwargs.embed_dim == info["embed_dim"] == 48
+    assert completed.backbone.name == info["backbone_name"] and completed.backbone.img_size == info["img_size"]
+    assert completed.dataset.weights_hash == info["weights_hash"] and completed.dataset.num_frames == FRAMES
+    check_train_config(completed)  # again, as the trainer does: the filled-in values match the cache
+    assert run_config(completed) == completed
 
 
 @pytest.mark.slow
@@ -396,16 +404,24 @@ def test_a_missing_shard_is_refused_naming_it(cache32, tmp_path):
 
 def test_a_mean_head_on_a_cache_of_prefix_tokens_only_is_refused(ckpt, tmp_path):
     cache = make_cache(ckpt, tmp_path / "cls_cache", "tokens=cls")
-    with pytest.raises(ValueError, match=r"head=mean averages the patch tokens.*dataset.tokens=cls.*use head=cls"):
+    with pytest.raises(ValueError, match=r"head MeanHead averages the patch tokens.*dataset.tokens=cls.*use head=cls"):
         train(token_train_cfg(cache, None, "head=mean"), tmp_path / "run")
     assert not (tmp_path / "run" / "checkpoints").exists()
     check_train_config(token_train_cfg(cache, None, "head=cls"))
+    # Asked of the head (its `reads_patch_tokens`), not of its class name.
+    scaled = ["head._target_=test_model.ScaledMeanHead", "~head.dropout", "+head.scale=2.0"]
+    with pytest.raises(ValueError, match=r"head ScaledMeanHead averages the patch tokens.*dataset.tokens=cls"):
+        check_train_config(token_train_cfg(cache, None, "head=mean", *scaled))
 
 
 def test_an_attentive_head_trains_and_evaluates_on_the_cache_and_reads_prefix_token_caches(ckpt, cache32, tmp_path):
     attentive = ["head=attentive", "head.pos_embed=space_time", "trainer.epochs=1"]
     summary = train(token_train_cfg(cache32, None, *attentive), tmp_path / "run")
     assert summary["status"] == "finished" and all(np.isfinite(losses(tmp_path / "run")))
+    # The run's stored config is the completed one: it says which cache the run was trained on.
+    saved, info = OmegaConf.load(tmp_path / "run" / "config.yaml"), json.loads((cache32 / "cache.json").read_text())
+    assert saved.backbone.model_kwargs.num_tokens == info["num_tokens"]
+    assert saved.dataset.weights_hash == info["weights_hash"] and saved.backbone.name == info["backbone_name"]
     last = tmp_path / "run" / "checkpoints" / "last.pt"
     cfg = compose_config("eval", [f"ckpt={last}", "num_workers=0", "device=cpu"])
     assert run_eval(cfg, tmp_path / "eval").num_videos == 5

@@ -20,8 +20,8 @@ from helpers.scripts import run_script
 from test_token_cache import REPO, cache_cfg, make_cache, token_train_cfg
 
 from squarefuse.apps.cache_tokens import run_cache_tokens
-from squarefuse.datasets.token_cache import TokenDataset, apply_cache_to_config
-from squarefuse.training.trainer import train
+from squarefuse.datasets.token_cache import TokenDataset
+from squarefuse.training.trainer import check_train_config, train
 
 # test_token_cache.py's fixtures (built again for this module): its videos and the checkpoint cached.
 videos, ckpt = test_token_cache.videos, test_token_cache.ckpt
@@ -170,7 +170,7 @@ def test_a_damaged_cache_is_refused_when_opened_naming_the_file_and_what_to_do(c
 def test_a_cache_json_without_a_key_is_named_before_training_starts(copy):
     edit_json(copy / "cache.json", lambda info: info.pop("weights_hash"))
     with pytest.raises(ValueError, match=r"copy/cache.json lacks the key\(s\) \['weights_hash'\]"):
-        apply_cache_to_config(token_train_cfg(copy, None))
+        check_train_config(token_train_cfg(copy, None))
 
 
 # ------------------------------------------------------------------------------- overwrite=true

@@ -39,6 +39,7 @@ from squarefuse.config.compose_config import compose_app_config
 from squarefuse.datasets import build_dataset
 from squarefuse.datasets.annotations import split_missing
 from squarefuse.datasets.build import load_annotations
+from squarefuse.datasets.formats import find_format
 from squarefuse.datasets.preprocess import EvalPreprocess
 from squarefuse.datasets.token_cache import (
     CACHE_FILE,
@@ -146,9 +147,11 @@ def initial_model(overrides: list[str], device: torch.device, *, is_main: bool =
         ValueError: an override names no key or option, or the train config fails its checks.
     """
     train_cfg = compose_app_config("train", overrides)
+    if not find_format(train_cfg.dataset.name).decodes_videos:
+        raise ValueError(
+            f"train_config={overrides}: dataset={train_cfg.dataset.name} holds tokens already; give the video dataset"
+        )
     check_train_config(train_cfg)
-    if train_cfg.dataset.name == "tokens":
-        raise ValueError(f"train_config={overrides}: dataset=tokens holds tokens already; give the video dataset")
     if is_main:
         class_names = build_dataset(train_cfg.dataset, "train", report_dir=None).class_names
     barrier()

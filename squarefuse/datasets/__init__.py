@@ -5,7 +5,8 @@
 an item holds.
 
 annotations     annotation files (SSv2 json, Kinetics csv, "path label" lists) -> video records
-formats         `dataset.name`: which keys a format reads and which reader it calls
+formats         `dataset.name`: which keys a format reads, which reader it calls, and what the rest of
+                the code asks of its data (decoded videos or not, the settings a run takes from it)
 frame_sampling  which frames make a clip: segment (TSN) and dense-stride sampling
 transforms      uint8 train augmentation (CPU; the photometric steps also on the device), eval views
 video_dataset   `VideoDataset`: record -> sampled frames -> decoded, augmented clip(s)

@@ -19,12 +19,13 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from torch.utils.data import Dataset
+
 from squarefuse.datasets.annotations import Annotations, split_missing
 from squarefuse.datasets.decoding.gpu import GpuClipDecoder, check_decode_device
 from squarefuse.datasets.decoding.video_reader import resolve_decoder
 from squarefuse.datasets.formats import FORMATS, find_format, optional, required
 from squarefuse.datasets.frame_sampling import FrameSampler
-from squarefuse.datasets.token_cache import TokenDataset
 from squarefuse.datasets.transforms import DeviceAugment, TrainTransform, default_eval_short_side
 from squarefuse.datasets.video_dataset import VideoDataset
 
@@ -106,8 +107,8 @@ def build_gpu_decoder(train_set: VideoDataset, device: Any) -> GpuClipDecoder | 
 def build_device_augment(dataset_cfg: Mapping[str, Any]) -> DeviceAugment | None:
     """The photometric train augmentation to run on the device, when `dataset.augment_on_device`."""
     cfg = dataset_cfg
-    if required(cfg, "name") == "tokens" or not required(cfg, "augment_on_device"):
-        return None  # cached tokens have no pixels to augment
+    if not find_format(required(cfg, "name")).decodes_videos or not required(cfg, "augment_on_device"):
+        return None  # items without pixels (cached tokens) have nothing to augment
     randaug_n, erasing = int(required(cfg, "randaug_n")), float(required(cfg, "random_erasing"))
     if randaug_n == 0 and erasing == 0:
         return None
@@ -191,7 +192,7 @@ def check_run_dir(dataset_cfg: Mapping[str, Any], run_dir: str | Path) -> None:
     The generator owns that folder: it refuses one holding files it did not write (the run's
     config, lock and checkpoints), with a message about foreign files that does not say why.
     """
-    if required(dataset_cfg, "name") == "tokens" or find_format(required(dataset_cfg, "name")).name != "synthetic":
+    if find_format(required(dataset_cfg, "name")).name != "synthetic":
         return
     root = Path(str(required(dataset_cfg, "root"))).expanduser().resolve()
     run = Path(run_dir).expanduser().resolve()
@@ -205,7 +206,7 @@ def check_run_dir(dataset_cfg: Mapping[str, Any], run_dir: str | Path) -> None:
 
 def build_dataset(
     dataset_cfg: Mapping[str, Any], split: str, *, views: bool = False, report_dir: str | Path | None = None
-) -> VideoDataset | TokenDataset:
+) -> VideoDataset | Dataset:
     """Build one split of the dataset a config describes.
 
     Args:
@@ -219,16 +220,17 @@ def build_dataset(
             files read) is written; None writes nothing (non-zero ranks).
 
     Returns:
-        The `VideoDataset`.
+        The `VideoDataset` (a token cache: its `TokenDataset`).
 
     Raises:
         ValueError: unknown name/decoder/sampling, malformed annotations, too many videos missing.
         FileNotFoundError: an annotation file does not exist.
     """
-    if required(dataset_cfg, "name") == "tokens":
-        # A token cache holds its own views: eval items give all of them, train items one.
-        return TokenDataset(dataset_cfg, split, views=views, report_dir=report_dir)
     dataset_format = find_format(required(dataset_cfg, "name"))
+    # A format that reads its own items (a token cache: eval items give all its cached views, train items one).
+    own = dataset_format.open_split(dataset_cfg, split, views=views, report_dir=report_dir)
+    if own is not None:
+        return own
     options = video_dataset_options(dataset_cfg, train=split == "train", views=views)
     annotations = dataset_format.load(dataset_cfg, split)
     records, missing = split_missing(annotations.records)

@@ -6,17 +6,25 @@ keys it needs (its docstring lists them) and turns them into the arguments of it
 hold the defaults), none is assumed here. A split's annotation file is the key ``{split}_file``
 and its video folder ``{split}_video_dir`` when the config has one, else ``video_dir``: split
 names are free, so these two are the only keys that may be absent.
+
+A format also answers what the rest of the code asks of the data: whether its items are decoded
+videos (`decodes_videos`: pixels to augment on the device and to mix with MixUp/CutMix), which
+config values the data decides (`run_settings`: a token cache fixes the frames, the frame size and
+the token layout the model is built for), and, for a format that reads its items itself, the
+split's dataset (`open_split`). The token cache (`dataset=tokens`) is the format that is not videos.
 """
 
 from __future__ import annotations
 
 import abc
 from collections.abc import Callable, Mapping
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from squarefuse.datasets.annotations import (
     MAX_CLASSES,
     Annotations,
+    VideoRecord,
     k400_class_names,
     list_num_classes,
     load_k400,
@@ -25,7 +33,10 @@ from squarefuse.datasets.annotations import (
     read_label_map,
 )
 
-__all__ = ["FORMATS", "DatasetFormat", "find_format", "optional", "required"]
+if TYPE_CHECKING:
+    from torch.utils.data import Dataset
+
+__all__ = ["FORMATS", "DatasetFormat", "TokenCache", "find_format", "optional", "required"]
 
 
 def optional(cfg: Mapping[str, Any], key: str) -> Any:
@@ -69,13 +80,30 @@ def _label_map_or(cfg: Mapping[str, Any], names_from_train: Callable[[], list[st
 
 
 class DatasetFormat(abc.ABC):
-    """One annotation format: `load(cfg, split)` reads the split's records and class names."""
+    """One dataset format: `load(cfg, split)` reads the split's records and class names."""
 
     name: str
+    # Items are decoded video frames: pixels, which device augmentation and MixUp/CutMix change.
+    decodes_videos = True
 
     @abc.abstractmethod
     def load(self, cfg: Mapping[str, Any], split: str) -> Annotations:
         """The records of `split` and the class names, from the keys of `cfg` this format owns."""
+
+    def describe(self, cfg: Mapping[str, Any]) -> str:
+        """The data, for a message."""
+        return f"dataset={self.name}"
+
+    def run_settings(self, cfg: Mapping[str, Any]) -> dict[str, Any]:
+        """The values a run's config takes from the data, as {dotted config key: value}; none for videos."""
+        return {}
+
+    def open_split(
+        self, cfg: Mapping[str, Any], split: str, *, views: bool, report_dir: str | Path | None
+    ) -> Dataset | None:
+        """The split's dataset when the format reads its items itself; None: `build_dataset` decodes
+        the videos of `load`'s records."""
+        return None
 
 
 class SSv2(DatasetFormat):
@@ -148,7 +176,45 @@ class Synthetic(DatasetFormat):
         return load_list(list_file=splits.list_file(split), video_dir=splits.root, class_names=list(splits.class_names))
 
 
-FORMATS: dict[str, DatasetFormat] = {f.name: f for f in (SSv2(), Kinetics(), PathLabelList(), Synthetic())}
+class TokenCache(DatasetFormat):
+    """A token cache made by scripts/cache_tokens.py: per-frame backbone tokens, not videos
+    (`squarefuse.datasets.token_cache`). Keys: root, and what the run expects of the cache (backbone,
+    weights_hash, num_frames, img_size, tokens, task; null: whatever the cache holds)."""
+
+    name = "tokens"
+    decodes_videos = False
+
+    def load(self, cfg: Mapping[str, Any], split: str) -> Annotations:
+        # Imported on use: the cache's reader needs torch and numpy, which the decoding process must not load.
+        from squarefuse.datasets.token_cache import read_cache_info, read_split_index  # noqa: PLC0415
+
+        info = read_cache_info(required(cfg, "root"))
+        index = read_split_index(required(cfg, "root"), split, num_classes=len(info["class_names"]))
+        records = [VideoRecord(v["path"], int(v["label"]), v["id"]) for v in index["videos"]]
+        return Annotations(records=records, class_names=list(info["class_names"]))
+
+    def describe(self, cfg: Mapping[str, Any]) -> str:
+        return f"the token cache {cfg.get('root')} (dataset.tokens={cfg.get('tokens')})"
+
+    def run_settings(self, cfg: Mapping[str, Any]) -> dict[str, Any]:
+        """The cache's frames, frame size, backbone and token layout (cache.json), after checking that
+        the ones the run names match (`token_cache.cache_run_settings`)."""
+        from squarefuse.datasets.token_cache import cache_run_settings  # noqa: PLC0415
+
+        return cache_run_settings(cfg)
+
+    def open_split(
+        self, cfg: Mapping[str, Any], split: str, *, views: bool, report_dir: str | Path | None
+    ) -> Dataset | None:
+        """The split of the cache; its eval items hold every cached view (`views`) or the first."""
+        from squarefuse.datasets.token_cache import TokenDataset  # noqa: PLC0415
+
+        return TokenDataset(cfg, split, views=views, report_dir=report_dir)
+
+
+FORMATS: dict[str, DatasetFormat] = {
+    f.name: f for f in (SSv2(), Kinetics(), PathLabelList(), Synthetic(), TokenCache())
+}
 
 
 def find_format(name: Any) -> DatasetFormat:

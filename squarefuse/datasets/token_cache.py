@@ -42,7 +42,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import Dataset
 
 from squarefuse.datasets.annotations import VideoRecord
@@ -55,7 +55,7 @@ __all__ = [
     "INDEX_FILE",
     "TOKEN_OPTIONS",
     "TokenDataset",
-    "apply_cache_to_config",
+    "cache_run_settings",
     "check_split_files",
     "file_checksum",
     "is_split_file",
@@ -395,26 +395,24 @@ def check_split_files(root: Path, split: str, index: Mapping[str, Any], info: Ma
     }
 
 
-def apply_cache_to_config(cfg: DictConfig) -> None:
-    """For `dataset=tokens`: check the run's expectations against the cache and fill in the rest.
+def cache_run_settings(dataset_cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """What a run on the cache in ``dataset.root`` takes from its cache.json, as {dotted config key: value}.
 
     The `dataset` keys of `EXPECTED_KEYS` that the run sets must equal the cache's values (ValueError
-    naming both); the ones left null, and the token layout the `backbone` (`CachedTokens`) needs,
-    are filled in from the cache, so that the run's stored config says which cache it was trained on
-    and an eval or a resume against another cache is refused. Other datasets are left alone.
+    naming both); all of them, and the backbone's name, frame size and token layout that
+    `CachedTokens` is built with, come from the cache, so that the run's stored config says which
+    cache it was trained on and an eval or a resume against another cache is refused. Nothing is
+    written: `squarefuse.training.config_checks.run_config` makes the run's config from these.
     """
-    if cfg.dataset.get("name") != "tokens":
-        return
-    root = Path(str(cfg.dataset.root))
+    root = Path(str(dataset_cfg["root"]))
     info = read_cache_info(root)
-    check_expected(cfg.dataset, info, root)
-    with open_dict(cfg):
-        for key, cache_key in EXPECTED_KEYS.items():
-            cfg.dataset[key] = info[cache_key]
-        for key in ("embed_dim", "num_prefix_tokens", "has_class_token", "num_tokens"):
-            cfg.backbone.model_kwargs[key] = info[key]
-        cfg.backbone.name = info["backbone_name"]
-        cfg.backbone.img_size = info["img_size"]
+    check_expected(dataset_cfg, info, root)
+    settings = {f"dataset.{key}": info[cache_key] for key, cache_key in EXPECTED_KEYS.items()}
+    settings |= {
+        f"backbone.model_kwargs.{key}": info[key]
+        for key in ("embed_dim", "num_prefix_tokens", "has_class_token", "num_tokens")
+    }
+    return settings | {"backbone.name": info["backbone_name"], "backbone.img_size": info["img_size"]}
 
 
 def check_expected(dataset_cfg: Mapping[str, Any], info: Mapping[str, Any], root: Path) -> None:

@@ -7,6 +7,7 @@ children are ``backbone``, ``fusion``, ``block_fusions`` and ``head``.
 
 from __future__ import annotations
 
+import inspect
 import numbers
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -21,7 +22,7 @@ from squarefuse.models.cached_tokens import CachedTokens
 from squarefuse.models.fusion import NoFusion
 from squarefuse.models.pixels import PixelFrames
 
-__all__ = ["VideoClassifier", "build_classifier", "split_fusion_config"]
+__all__ = ["HEAD_INPUTS", "VideoClassifier", "build_classifier", "split_fusion_config"]
 
 
 class VideoClassifier(nn.Module):
@@ -35,8 +36,9 @@ class VideoClassifier(nn.Module):
         fusion: A fusion module, or a factory called as ``fusion(d_model=embed_dim)`` (a Hydra
             partial; a layer whose class sets ``takes_num_tokens`` also gets the backbone's token
             count ``num_tokens``). It maps ``(x [B,T,N,D], valid_mask=[B,T]|None)`` to ``(h, aux)``.
-        head: A head module, or a factory called with ``embed_dim, num_classes,
-            num_prefix_tokens, has_class_token`` (a Hydra partial).
+        head: A head module, or a factory (a Hydra partial of the ``head`` config, which holds the
+            head's own arguments) called with those of ``embed_dim, num_classes, num_prefix_tokens,
+            has_class_token, num_tokens`` that its signature names (`HEAD_INPUTS`).
         num_classes: Number of output classes.
         fusion_after_backbone: Put a fusion layer on the backbone's output tokens (``fusion``);
             if False, ``fusion`` is a ``NoFusion`` and only ``fusion_after_blocks`` fuse.
@@ -80,12 +82,7 @@ class VideoClassifier(nn.Module):
             self.head = head
         else:
             try:
-                self.head = head(
-                    embed_dim=backbone.embed_dim,
-                    num_classes=num_classes,
-                    num_prefix_tokens=backbone.num_prefix_tokens,
-                    has_class_token=backbone.has_class_token,
-                )
+                self.head = _build_head(head, backbone, num_classes)
             except ValueError as e:
                 raise ValueError(f"backbone.name={backbone.name!r}: {e}") from e
         self.num_classes = num_classes
@@ -185,6 +182,29 @@ def _build_layer(factory: Callable[..., nn.Module], backbone: nn.Module) -> nn.M
     return factory(d_model=backbone.embed_dim)
 
 
+# What only the classifier knows of a head's input: the backbone's token layout and the class count.
+HEAD_INPUTS = ("embed_dim", "num_classes", "num_prefix_tokens", "has_class_token", "num_tokens")
+
+
+def _build_head(factory: Callable[..., nn.Module], backbone: nn.Module, num_classes: int) -> nn.Module:
+    """A head from its factory (its own arguments bound), given the `HEAD_INPUTS` its signature names.
+
+    A head that takes ``**kwargs`` gets them all; the others only the ones they declare, so a head
+    needs neither a change here nor arguments it does not use.
+    """
+    known = {
+        "embed_dim": backbone.embed_dim,
+        "num_classes": num_classes,
+        "num_prefix_tokens": backbone.num_prefix_tokens,
+        "has_class_token": backbone.has_class_token,
+        "num_tokens": backbone.num_tokens,
+    }
+    parameters = inspect.signature(factory).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+        return factory(**known)
+    return factory(**{name: value for name, value in known.items() if name in parameters})
+
+
 def _check_after_blocks(after_blocks: Sequence[int], backbone: VideoBackbone) -> list[int]:
     """Sorted block indices, after checking them against the backbone (ValueError naming the key)."""
     key = "fusion.after_blocks"
@@ -220,7 +240,8 @@ def build_classifier(
         backbone_cfg: Config with ``_target_`` (a VideoBackbone) and its arguments.
         fusion_cfg: Partial config (``_partial_: true``), completed with ``d_model``; its placement
             keys ``after_backbone`` and ``after_blocks`` go to the classifier, not the layer.
-        head_cfg: Partial config, completed with the backbone's token layout and num_classes.
+        head_cfg: The head's config: ``_target_`` and the head's own arguments (``_partial_`` is
+            implied), completed with the backbone's token layout and num_classes (`HEAD_INPUTS`).
         num_classes: Number of output classes.
 
     Returns:
@@ -234,7 +255,8 @@ def build_classifier(
         )
     layer_cfg, placement = split_fusion_config(fusion_cfg)
     fusion = hydra.utils.instantiate(layer_cfg, _convert_="all")
-    head = hydra.utils.instantiate(head_cfg, _convert_="all")
+    # A partial whatever the config says: the classifier adds what only it knows (`_build_head`).
+    head = hydra.utils.instantiate(head_cfg, _partial_=True, _convert_="all")
     return VideoClassifier(
         backbone=backbone,
         fusion=fusion,

@@ -48,7 +48,8 @@ def masked_mean_over_time(x_BTD: Tensor, mask_BT: Tensor | None) -> Tensor:
 class _LinearHead(nn.Module):
     """LayerNorm -> dropout -> linear classifier on a pooled feature ``[B,D]``.
 
-    Every head takes the same arguments, so that the classifier builds any of them from the config.
+    The classifier gives a head those of its input arguments (`classifier.HEAD_INPUTS`) that its
+    signature names; the others (dropout...) come from the head's config.
 
     Args:
         embed_dim: Token width D.
@@ -59,6 +60,9 @@ class _LinearHead(nn.Module):
     """
 
     reads_class_token = False
+    # Pools the patch tokens (those after the prefix tokens): a backbone must give some (asked by
+    # `check_train_config`, which names the data; a token cache of prefix tokens only has none).
+    reads_patch_tokens = False
 
     def __init__(
         self,
@@ -106,6 +110,8 @@ class ClsHead(_LinearHead):
 class MeanHead(_LinearHead):
     """Patch tokens (after the prefix tokens) averaged over valid frames and all positions -> linear classifier
     (arguments: `_LinearHead`)."""
+
+    reads_patch_tokens = True
 
     def forward(self, h_BTND: Tensor, mask_BT: Tensor | None = None, pre_logits: bool = False) -> Tensor:
         """Args: h_BTND fused tokens, mask_BT valid frames or None. Returns logits [B,C] (or

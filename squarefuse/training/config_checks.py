@@ -1,14 +1,18 @@
-"""The checks of a training config that need no data and no device: `check_train_config`.
+"""The checks of a training config that need no data and no device (`check_train_config`), and the
+run's config they check (`run_config`: the config completed with what the data decides).
 
-train.py (and scripts/cache_tokens.py) run them before anything is created; `Trainer` runs them again.
+train.py (and scripts/cache_tokens.py) run the checks before anything is created; `Trainer` makes the
+run's config once and checks it again.
 """
 
 from __future__ import annotations
 
-import torch
-from omegaconf import DictConfig, OmegaConf
+import copy
 
-from squarefuse.datasets.token_cache import apply_cache_to_config
+import torch
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from squarefuse.datasets.formats import find_format
 from squarefuse.models import build_classifier
 from squarefuse.training.optim import check_optim_cfg
 from squarefuse.training.schedule import check_schedule_cfg
@@ -41,6 +45,21 @@ def check_trainer_cfg(tcfg: DictConfig) -> None:
     need(0.0 < float(tcfg.ema.decay) < 1.0, "ema", "a mapping with decay in (0, 1)")
 
 
+def run_config(cfg: DictConfig) -> DictConfig:
+    """The config a run trains with: a copy of `cfg` completed with the values its data decides.
+
+    The dataset's format says which (`DatasetFormat.run_settings`): none for videos; for a token
+    cache (`dataset=tokens`), its frames, frame size, backbone and token layout from its cache.json,
+    after checking that the ones `cfg` names match (ValueError naming both). The trainer makes it
+    once per run and keeps it as the run's config (config.yaml, the checkpoints); `cfg` is left as it is.
+    """
+    completed = copy.deepcopy(cfg)
+    with open_dict(completed):
+        for key, value in find_format(cfg.dataset.name).run_settings(cfg.dataset).items():
+            OmegaConf.update(completed, key, value, merge=False)
+    return completed
+
+
 def check_train_config(cfg: DictConfig) -> None:
     """Every check that needs no data and no device, run before anything is created.
 
@@ -48,30 +67,30 @@ def check_train_config(cfg: DictConfig) -> None:
     meta device (no memory, no weights read), so each layer's own argument checks (`fusion.K=0`,
     `fusion.quantiles=[0.1,1.5]`...) run before the data is generated or a file is written.
 
-    With `dataset=tokens` it first reads the cache's `cache.json` and fills the run's config with the
-    cache's settings (`apply_cache_to_config`): the model is built from them. Calling it again is
-    harmless (the filled-in values equal the cache's).
+    The checks see the run's config (`run_config`: with `dataset=tokens`, completed from the cache's
+    `cache.json`, which the model is built from); `cfg` itself is not changed.
 
     Raises:
         ValueError: naming the key and its value.
     """
-    apply_cache_to_config(cfg)
+    cfg = run_config(cfg)
     tcfg = cfg.trainer
-    if cfg.dataset.name == "tokens" and (float(tcfg.mixup) > 0 or float(tcfg.cutmix) > 0):
+    dataset_format = find_format(cfg.dataset.name)
+    if not dataset_format.decodes_videos and (float(tcfg.mixup) > 0 or float(tcfg.cutmix) > 0):
         raise ValueError(
             f"trainer.mixup={tcfg.mixup}, trainer.cutmix={tcfg.cutmix}: MixUp/CutMix mix pixels, and a run on "
-            "cached tokens (dataset=tokens) has none; set both to 0"
+            f"dataset={dataset_format.name} has none; set both to 0"
         )
-    if cfg.dataset.name == "tokens" and str(cfg.head.get("_target_", "")).endswith(".MeanHead"):
-        patches = int(cfg.backbone.model_kwargs.num_tokens) - int(cfg.backbone.model_kwargs.num_prefix_tokens)
-        if patches < 1:
-            raise ValueError(
-                f"head=mean averages the patch tokens, and the token cache {cfg.dataset.root} holds none "
-                f"(dataset.tokens={cfg.dataset.tokens}: its prefix tokens only): use head=cls"
-            )
     check_trainer_cfg(tcfg)
     check_optim_cfg(cfg.optim)
     check_schedule_cfg(cfg.schedule)
     backbone_cfg = OmegaConf.merge(cfg.backbone, {"pretrained": False, "pretrained_path": None})
     with torch.device("meta"):
-        build_classifier(backbone_cfg, cfg.fusion, cfg.head, num_classes=2)  # any class count will do
+        model = build_classifier(backbone_cfg, cfg.fusion, cfg.head, num_classes=2)  # any class count will do
+    backbone = model.backbone
+    if getattr(model.head, "reads_patch_tokens", False) and backbone.num_tokens <= backbone.num_prefix_tokens:
+        raise ValueError(
+            f"head {type(model.head).__name__} averages the patch tokens, and the backbone's {backbone.num_tokens} "
+            f"tokens per frame are its prefix tokens only ({dataset_format.describe(cfg.dataset)}): use head=cls "
+            "(or head=attentive, which reads every token)"
+        )

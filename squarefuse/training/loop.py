@@ -29,6 +29,7 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from squarefuse.config.compose_config import shell_override
+from squarefuse.datasets.formats import find_format
 from squarefuse.evaluation.evaluator import evaluate, name_videos
 from squarefuse.evaluation.video_batches import BatchSettings
 from squarefuse.runtime import distributed
@@ -51,7 +52,7 @@ def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Ten
 def data_bound_warning(dataset_name: str, wait_share: float, clips_per_s: float, num_workers: int) -> str:
     """The warning when the step waits for data (`DATA_BOUND_SHARE`), with the remedies of the dataset's kind:
     a token cache is read, not decoded, so the video scripts are no help there."""
-    if dataset_name == "tokens":
+    if not find_format(dataset_name).decodes_videos:
         remedies = (
             "Raise trainer.num_workers, keep the cache on a local disk with free RAM for its shards (it is read "
             "memory-mapped), or cache fewer tokens per frame (scripts/cache_tokens.py tokens=cls or pooled)."

@@ -42,7 +42,7 @@ from squarefuse.runtime.workers import (
     shutdown_workers,
 )
 from squarefuse.training import resume
-from squarefuse.training.config_checks import check_train_config, check_trainer_cfg
+from squarefuse.training.config_checks import check_train_config, check_trainer_cfg, run_config
 from squarefuse.training.init_from import apply_init_from, backbone_cfg_for_run, check_init_file
 from squarefuse.training.loop import TrainLoop, data_bound_warning
 from squarefuse.training.metrics_log import MetricsLogger
@@ -60,6 +60,7 @@ __all__ = [
     "data_bound_warning",
     "describe_params",
     "describe_recipe",
+    "run_config",
     "train",
 ]
 
@@ -108,7 +109,9 @@ class Trainer(TrainLoop):
             raise
 
     def _build(self, cfg: DictConfig, run_dir: str | Path) -> None:
-        self.cfg = cfg
+        # The run's config: `cfg` completed with what the data decides (a token cache's layout), made
+        # once here; the model, config.yaml, the checkpoints and resume checks all read this one.
+        self.cfg = cfg = run_config(cfg)
         self.run_dir = Path(run_dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
         self._build_run()
