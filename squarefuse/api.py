@@ -11,7 +11,7 @@ sampler, decoder, views and normalisation, from the checkpoint's dataset config)
 here is eval's prediction for that video and those views.
 
 The apps (`scripts/predict.py`, `scripts/extract.py`) run many files (`datasets.inputs.find_videos`)
-through `video_batches.run_batches`, the batch loop of eval, over `EvalPreprocess.dataset(paths)`.
+through `inference_loop.run_batches`, the batch loop of eval, over `EvalPreprocess.dataset(paths)`.
 """
 
 from __future__ import annotations

@@ -31,8 +31,8 @@ ALLOWED: dict[str, set[str]] = {
     "squarefuse": {"api", "models"},  # squarefuse/__init__.py: the public names, imported lazily
 }
 # Single modules a part may import from a part it may not: the report reads eval folders, and which
-# files make one complete is said once, in a module free of torch.
-ALLOWED_MODULES: dict[str, set[str]] = {"report": {"squarefuse.evaluation.eval_files"}}
+# files make one complete, and which metrics there are, is said once, in modules free of torch.
+ALLOWED_MODULES: dict[str, set[str]] = {"report": {"squarefuse.evaluation.eval_files", "squarefuse.evaluation.metrics"}}
 
 
 def part_of(module: str) -> str:
@@ -129,3 +129,15 @@ def test_the_check_allows_the_table():
         == []
     )
     assert len(violations("from squarefuse.evaluation import results\n", "squarefuse.report.x", filename="x")) == 1
+
+
+def test_the_report_reads_run_folders_without_torch():
+    """`scripts/report.py` imports the metric registry (evaluation/metrics.py) but no torch: reading run
+    folders on a laptop should not load a deep-learning stack (ALLOWED_MODULES)."""
+    import subprocess  # noqa: PLC0415
+    import sys  # noqa: PLC0415
+
+    code = "import sys, squarefuse.report.app; print([m for m in ('torch', 'timm') if m in sys.modules])"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"

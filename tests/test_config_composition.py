@@ -93,7 +93,7 @@ def test_backbone_files_share_one_base():
 
 
 def test_checkpoint_apps_share_one_block():
-    shared = own_keys(CONFIG_DIR / "app" / "checkpoint.yaml") | own_keys(CONFIG_DIR / "app" / "video_batches.yaml")
+    shared = own_keys(CONFIG_DIR / "app" / "checkpoint.yaml") | own_keys(CONFIG_DIR / "app" / "inference_loop.yaml")
     for app in CHECKPOINT_APPS:
         assert not own_keys(CONFIG_DIR / f"{app}.yaml") & (shared - {"hydra"}), app
         with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
@@ -101,7 +101,7 @@ def test_checkpoint_apps_share_one_block():
         assert cfg.ckpt == "/runs/a/checkpoints/best.pt" and cfg.use_ema is True
         assert cfg.hydra.runtime.choices["hydra/job_logging"] == "rank_zero", app
         assert cfg.hydra.runtime.choices["hydra/hydra_logging"] == "rank_zero", app
-        assert cfg.hydra.job.chdir is False and "hydra" not in own_keys(CONFIG_DIR / "app" / "video_batches.yaml")
+        assert cfg.hydra.job.chdir is False and "hydra" not in own_keys(CONFIG_DIR / "app" / "inference_loop.yaml")
         assert ("progress" in cfg) == (app != "export"), app  # export runs no batches
     assert compose_config("eval", ["ckpt=x"]).progress is True
 

@@ -17,7 +17,7 @@ from omegaconf import OmegaConf
 from squarefuse.apps.batch_settings import batch_settings
 from squarefuse.datasets.decoding.video_reader import open_video
 from squarefuse.datasets.preprocess import VideoNormalizer
-from squarefuse.evaluation.video_batches import BatchSettings, run_batches
+from squarefuse.evaluation.inference_loop import BatchSettings, run_batches
 from squarefuse.runtime.workers import LoaderStalled
 
 CPU = torch.device("cpu")

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from squarefuse.datasets.preprocess import VideoNormalizer
-from squarefuse.evaluation.video_batches import DEFAULT_LOADER_TIMEOUT_S, BatchSettings
+from squarefuse.evaluation.inference_loop import DEFAULT_LOADER_TIMEOUT_S, BatchSettings
 from squarefuse.runtime.precision import resolve_precision
 from squarefuse.runtime.workers import resolve_num_workers
 

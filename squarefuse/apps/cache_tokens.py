@@ -55,7 +55,7 @@ from squarefuse.datasets.token_cache import (
     write_shard,
     write_split_index,
 )
-from squarefuse.evaluation.video_batches import run_batches
+from squarefuse.evaluation.inference_loop import run_batches
 from squarefuse.models import build_classifier
 from squarefuse.runtime.atomic_file import atomic_write
 from squarefuse.runtime.distributed import barrier, broadcast_object, distributed_session

@@ -37,7 +37,7 @@ from squarefuse.config.dataset_overrides import merge_dataset_overrides
 from squarefuse.datasets.inputs import find_videos
 from squarefuse.datasets.preprocess import EvalPreprocess
 from squarefuse.evaluation.evaluator import shard_indices
-from squarefuse.evaluation.video_batches import run_batches
+from squarefuse.evaluation.inference_loop import run_batches
 from squarefuse.runtime.atomic_file import atomic_write
 from squarefuse.runtime.distributed import all_gather_objects, broadcast_object, distributed_session
 from squarefuse.runtime.safe_text import csv_writer

@@ -24,7 +24,7 @@ from omegaconf import DictConfig
 from squarefuse.api import load_model
 from squarefuse.apps.batch_settings import batch_settings
 from squarefuse.datasets.inputs import find_videos
-from squarefuse.evaluation.video_batches import run_batches
+from squarefuse.evaluation.inference_loop import run_batches
 from squarefuse.runtime.atomic_file import atomic_write
 from squarefuse.runtime.safe_text import csv_writer, printable
 

@@ -24,8 +24,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from squarefuse.evaluation.inference_loop import BatchSettings, run_batches
 from squarefuse.evaluation.metrics import EvalResult, non_finite_rows
-from squarefuse.evaluation.video_batches import BatchSettings, run_batches
 from squarefuse.runtime.distributed import all_gather_objects
 from squarefuse.runtime.launch_env import DistInfo
 

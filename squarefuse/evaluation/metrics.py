@@ -14,9 +14,10 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-import torch
-import torch.nn.functional as F
+if TYPE_CHECKING:  # torch is imported where tensors are made: the report reads the registry without it
+    import torch
 
 TOPK = 5  # the k of the top-k accuracy (at most the number of classes)
 
@@ -97,13 +98,13 @@ class Metric:
 
 def non_finite_rows(probs: torch.Tensor) -> list[int]:
     """The rows of `probs` [N, C] that hold a NaN or an infinity."""
-    return (~torch.isfinite(probs).all(dim=1)).nonzero().flatten().tolist()
+    return (~probs.isfinite().all(dim=1)).nonzero().flatten().tolist()
 
 
 def confusion_matrix(labels: torch.Tensor, preds: torch.Tensor, num_classes: int) -> torch.Tensor:
     """[C, C] int64 counts; row = true class, column = predicted class."""
     if labels.numel() == 0:
-        return torch.zeros(num_classes, num_classes, dtype=torch.long)
+        return labels.new_zeros(num_classes, num_classes)
     # Lazy: importing torchmetrics loads all of its domains (audio's scipy.signal too), ~3.5 s on
     # 2 cores; a command that stops on a bad argument, or never evaluates, should not wait for it.
     from torchmetrics.functional.classification import multiclass_confusion_matrix  # noqa: PLC0415
@@ -131,6 +132,8 @@ def _percent(hits: torch.Tensor) -> float:
 
 def _nll(s: Scores) -> float:
     # The clamp keeps a probability of exactly 0 for the true class a large, finite loss.
+    import torch.nn.functional as F  # noqa: PLC0415 - lazy: see the note on TYPE_CHECKING above
+
     return F.nll_loss(s.probs.clamp_min(1e-12).log(), s.labels).item()
 
 

@@ -31,6 +31,7 @@ from typing import Any
 
 import torch
 from torch.utils.data import DataLoader
+from torch.utils.data._utils import signal_handling
 
 from squarefuse.runtime.process_pool import die_with_parent
 
@@ -148,6 +149,12 @@ def bounded_batches(loader: DataLoader, *, describe: Callable[[int], str], advic
 def _kill_workers(iterator: Any) -> None:
     # A stuck worker ignores the SIGTERM of the iterator's own shutdown (see ignore_stop_signals)
     # and would live on, stuck, until this process ends: SIGKILL it, then let the iterator clean up.
+    # Its pids leave PyTorch's SIGCHLD watch first: else the handler raises "worker ... is killed by
+    # signal" at whatever line this process is on when the child dies (seen under load, in place of
+    # LoaderStalled); the iterator's own shutdown would unregister them only after its joins.
+    if getattr(iterator, "_worker_pids_set", False):
+        signal_handling._remove_worker_pids(id(iterator))
+        iterator._worker_pids_set = False
     for worker in getattr(iterator, "_workers", []):
         if worker.is_alive():
             worker.kill()

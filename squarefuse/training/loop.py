@@ -31,7 +31,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from squarefuse.config.compose_config import shell_override
 from squarefuse.datasets.formats import find_format
 from squarefuse.evaluation.evaluator import evaluate, name_videos
-from squarefuse.evaluation.video_batches import BatchSettings
+from squarefuse.evaluation.inference_loop import BatchSettings
 from squarefuse.runtime import distributed
 from squarefuse.runtime.precision import autocast
 

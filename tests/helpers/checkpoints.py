@@ -21,7 +21,7 @@ from helpers.videos import write_video
 from squarefuse.checkpoint import save_checkpoint
 from squarefuse.datasets.preprocess import VideoNormalizer
 from squarefuse.evaluation.evaluator import evaluate
-from squarefuse.evaluation.video_batches import BatchSettings
+from squarefuse.evaluation.inference_loop import BatchSettings
 from squarefuse.models import build_classifier
 from squarefuse.runtime.launch_env import DistInfo
 
