@@ -30,7 +30,8 @@ def main(argv: list[str]) -> None:
     try:
         run_ensemble(args.eval_dirs, weights=args.weights, out_dir=args.out)
     except (ValueError, FileNotFoundError, FileExistsError) as e:
-        sys.exit(f"error: {e}")
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)  # a mistake the user can fix, as every app (squarefuse.apps.user_errors)
 
 
 if __name__ == "__main__":

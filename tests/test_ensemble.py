@@ -98,7 +98,7 @@ def test_an_eval_ensembled_with_itself_equals_it(evals, tmp_path):
     assert theirs["model_info"]["num_frames"] == 4 and theirs["model_info"]["flops_per_clip"]["total"] > 0
 
 
-def test_weighted_ensemble_through_the_script(evals, tmp_path, monkeypatch):
+def test_weighted_ensemble_through_the_script(evals, tmp_path, monkeypatch, capsys):
     out = tmp_path / "ab"
     script = REPO / "scripts" / "ensemble.py"
     argv = [str(script), str(evals["a"]), str(evals["b"]), "--weights", "2", "1", "--out", str(out)]
@@ -111,9 +111,10 @@ def test_weighted_ensemble_through_the_script(evals, tmp_path, monkeypatch):
     assert ab.summary["top1"] == pytest.approx(top1)
     assert [m["views"]["clips"] for m in ab.summary["ensemble"]] == [1, 2]
 
-    # Nothing is overwritten.
-    with pytest.raises(SystemExit, match="already holds results.json"):
+    # Nothing is overwritten: one error line, exit 2.
+    with pytest.raises(SystemExit) as stop:
         runpy.run_path(str(script), run_name="__main__")
+    assert stop.value.code == 2 and "already holds results.json" in capsys.readouterr().err
 
 
 def test_default_output_folders_are_unique_and_git_ignored(evals, tmp_path, monkeypatch):
