@@ -242,6 +242,33 @@ def _prepare_folder(out: Path, split: str, info: dict[str, Any], overwrite: bool
     return (split_dir / INDEX_FILE).is_file()
 
 
+def _load_cacheable_model(cfg: DictConfig, device: Any, *, is_main: bool) -> Any:
+    """The checkpoint's model (or the train config's initial model); refused if its backbone holds fusion layers."""
+    if cfg.get("ckpt") is not None:
+        model = load_model(str(cfg.ckpt), use_ema=bool(cfg.use_ema), device=device)
+    else:
+        model = initial_model(list(cfg.train_config), device, is_main=is_main)
+    if len(model.model.block_fusions):
+        raise ValueError(
+            f"{model.checkpoint}: its fusion layers sit inside the backbone (fusion.after_blocks), so the "
+            "backbone's tokens depend on trained layers and cannot be cached; "
+            "cache a model with fusion.after_blocks=[]"
+        )
+    return model
+
+
+def _log_plan(info: dict[str, Any], num_videos: int, split: str, num_shards: int, split_dir: Path) -> None:
+    """Rank 0: log what will be cached and its size on disk."""
+    per_video = int(np.prod([*info["views"], info["num_frames"], info["num_tokens"], info["embed_dim"]]))
+    size = num_videos * per_video * np.dtype(DTYPES[info["dtype"]]).itemsize
+    log.info(
+        f"caching {num_videos} {split} videos x {info['views'][0]}x{info['views'][1]} views x "
+        f"{info['num_frames']} frames x {info['num_tokens']} tokens x {info['embed_dim']} "
+        f"({info['tokens']}, {info['dtype']}): {size / 2**30:.2f} GiB on disk, "
+        f"in {num_shards} shards, into {split_dir}"
+    )
+
+
 def run_cache_tokens(cfg: DictConfig) -> dict[str, Any]:
     """Cache the backbone tokens of one split of the checkpoint's dataset into `cfg.out`.
 
@@ -254,16 +281,7 @@ def run_cache_tokens(cfg: DictConfig) -> dict[str, Any]:
     _check_options(cfg)
     out, split = Path(str(cfg.out)), str(cfg.split)
     with distributed_session(str(cfg.device)) as (dist_info, device):
-        if cfg.get("ckpt") is not None:
-            model = load_model(str(cfg.ckpt), use_ema=bool(cfg.use_ema), device=device)
-        else:
-            model = initial_model(list(cfg.train_config), device, is_main=dist_info.is_main)
-        if len(model.model.block_fusions):
-            raise ValueError(
-                f"{model.checkpoint}: its fusion layers sit inside the backbone (fusion.after_blocks), so the "
-                "backbone's tokens depend on trained layers and cannot be cached; "
-                "cache a model with fusion.after_blocks=[]"
-            )
+        model = _load_cacheable_model(cfg, device, is_main=dist_info.is_main)
         preprocess = checkpoint_preprocess(model, cfg, device)
         info = _cache_info(cfg, model, preprocess.dataset_cfg, preprocess)
         done = None
@@ -283,14 +301,7 @@ def run_cache_tokens(cfg: DictConfig) -> dict[str, Any]:
         shard_size = int(cfg.shard_size)
         num_shards = -(-len(records) // shard_size)
         if dist_info.is_main:
-            per_video = int(np.prod([*info["views"], info["num_frames"], info["num_tokens"], info["embed_dim"]]))
-            size = len(records) * per_video * np.dtype(DTYPES[info["dtype"]]).itemsize
-            log.info(
-                f"caching {len(records)} {split} videos x {info['views'][0]}x{info['views'][1]} views x "
-                f"{info['num_frames']} frames x {info['num_tokens']} tokens x {info['embed_dim']} "
-                f"({info['tokens']}, {info['dtype']}): {size / 2**30:.2f} GiB on disk, "
-                f"in {num_shards} shards, into {split_dir}"
-            )
+            _log_plan(info, len(records), split, num_shards, split_dir)
         backbone = model.model.backbone
 
         def tokens_of(video: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:

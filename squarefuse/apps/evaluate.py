@@ -40,6 +40,23 @@ def _check_class_files(
         read_twin_pairs(twin_file, class_names)
 
 
+def _log_summary(result: EvalResult, meta: dict, *, ckpt: str, num_missing: int, run_dir: Path) -> None:
+    """Log the results: the summary lines, the class subsets, twin confusion, frame order and missing videos."""
+    frame_order = meta["frame_order"]
+    for line in summary_lines(result, weights=meta["weights"], ckpt=ckpt, split=meta["split"]):
+        log.info(line)
+    for name, subset in meta.get("class_subsets", {}).items():
+        log.info(f"class subset {name}: top-1 {subset['top1']}% over {subset['num_videos']} videos")
+    if "twin_confusion" in meta:
+        twins = meta["twin_confusion"]
+        log.info(f"twin confusion: {twins['confusion']}% of {twins['num_videos']} videos predicted as the twin")
+    if frame_order != "normal":
+        log.info(f"frame order: {frame_order} (the frames of every view reordered before the model)")
+    if num_missing:
+        log.info(f"{num_missing} videos were missing at start-up and left out (see {run_dir})")
+    log.info(f"results written to {run_dir}")
+
+
 def run_eval(cfg: DictConfig, run_dir: str | Path) -> EvalResult:
     """The eval app: load `cfg.ckpt`, evaluate it on `cfg.split` with multi-view testing.
 
@@ -115,16 +132,5 @@ def run_eval(cfg: DictConfig, run_dir: str | Path) -> EvalResult:
                 ),
             }
             write_results(result, run_dir, class_names, dataset.records, missing=dataset.missing, meta=meta)
-            for line in summary_lines(result, weights=weights_name, ckpt=ckpt, split=split):
-                log.info(line)
-            for name, subset in meta.get("class_subsets", {}).items():
-                log.info(f"class subset {name}: top-1 {subset['top1']}% over {subset['num_videos']} videos")
-            if "twin_confusion" in meta:
-                twins = meta["twin_confusion"]
-                log.info(f"twin confusion: {twins['confusion']}% of {twins['num_videos']} videos predicted as the twin")
-            if frame_order != "normal":
-                log.info(f"frame order: {frame_order} (the frames of every view reordered before the model)")
-            if dataset.missing:
-                log.info(f"{len(dataset.missing)} videos were missing at start-up and left out (see {run_dir})")
-            log.info(f"results written to {run_dir}")
+            _log_summary(result, meta, ckpt=ckpt, num_missing=len(dataset.missing), run_dir=run_dir)
         return result

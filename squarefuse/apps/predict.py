@@ -96,6 +96,19 @@ def run_predict(cfg: DictConfig, run_dir: str | Path) -> list[dict[str, Any]]:
         "num_failed": sum(row["error"] is not None for row in rows),
         "videos": rows,
     }
+    _write_predictions(run_dir, summary, rows, k)
+
+    for line in format_table(rows[: int(cfg.show)], topk=min(k, 3)):
+        log.info(line)
+    if len(rows) > int(cfg.show):
+        log.info(f"... {len(rows) - int(cfg.show)} more")
+    failed = summary["num_failed"]
+    log.info(f"{len(rows)} videos, {failed} failed; predictions written to {run_dir}/predictions.csv and .json")
+    return rows
+
+
+def _write_predictions(run_dir: Path, summary: dict[str, Any], rows: list[dict[str, Any]], k: int) -> None:
+    """Write predictions.json (the summary) and predictions.csv (one row per video, `k` class/prob pairs)."""
     with atomic_write(run_dir / "predictions.json") as f:
         json.dump(summary, f, indent=1)
     with atomic_write(run_dir / "predictions.csv") as f:
@@ -106,14 +119,6 @@ def run_predict(cfg: DictConfig, run_dir: str | Path) -> list[dict[str, Any]]:
         for row in rows:
             top = [v for t in row["top"] for v in (t["class"], t["prob"])] or [""] * (2 * k)
             writer.writerow([row["path"], row["id"], row["label"], row["error"] or "", *top])
-
-    for line in format_table(rows[: int(cfg.show)], topk=min(k, 3)):
-        log.info(line)
-    if len(rows) > int(cfg.show):
-        log.info(f"... {len(rows) - int(cfg.show)} more")
-    failed = summary["num_failed"]
-    log.info(f"{len(rows)} videos, {failed} failed; predictions written to {run_dir}/predictions.csv and .json")
-    return rows
 
 
 def format_table(rows: list[dict[str, Any]], *, topk: int = 3, width: int = 40) -> list[str]:

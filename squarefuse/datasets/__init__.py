@@ -11,6 +11,7 @@ frame_sampling  which frames make a clip: segment (TSN) and dense-stride samplin
 transforms      uint8 train augmentation (CPU; the photometric steps also on the device), eval views
 video_dataset   `VideoDataset`: record -> sampled frames -> decoded, augmented clip(s)
 token_cache     the token cache's files and `TokenDataset` (cached tokens read memory-mapped, `dataset=tokens`)
+token_cache_files  a cache split's file names, checksums and integrity checks (`check_split_files`)
 build           `build_dataset`: a dataset config and a split -> `VideoDataset` (or `TokenDataset`)
 preprocess      `VideoNormalizer` (uint8 -> normalised on the device), `EvalPreprocess` (a file -> eval views)
 inputs          `find_videos`, `parse_views`: the videos and views an app's `input=` and `views=` name

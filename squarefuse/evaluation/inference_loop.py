@@ -97,17 +97,7 @@ def run_batches(
     """
     device = settings.device
     shard = list(shard)
-    loader = DataLoader(
-        dataset,
-        batch_size=settings.batch_size,
-        sampler=shard,  # a plain list of indices: no shuffling, no padding
-        num_workers=settings.num_workers,
-        timeout=settings.loader_timeout if settings.num_workers > 0 else 0,  # 0: what it must be without workers
-        pin_memory=device.type == "cuda",
-        drop_last=False,
-        worker_init_fn=ignore_stop_signals,
-        generator=private_generator(0),
-    )
+    loader = _shard_loader(dataset, shard, settings)
     indices: list[Tensor] = []
     labels: list[Tensor] = []
     outputs: dict[str, list[Tensor]] = {}
@@ -132,17 +122,7 @@ def run_batches(
                     f"the dataset gives {V} views per video but {num_views} were expected "
                     "(clips x crops): build it with matching test_clips/test_crops"
                 )
-            mask_BVT = batch["mask"][ok_B]
-            if settings.frame_order != "normal":
-                video_BVTCHW = reorder_frames(
-                    video_BVTCHW,
-                    mask_BVT,
-                    settings.frame_order,
-                    video_ids=batch["index"][ok_B],
-                    seed=settings.frame_order_seed,
-                )
-            video = settings.normalizer(video_BVTCHW.flatten(0, 1).to(device, non_blocking=True))
-            mask = mask_BVT.flatten(0, 1).to(device, non_blocking=True)
+            video, mask = _model_inputs(video_BVTCHW, batch["mask"][ok_B], batch["index"][ok_B], settings)
             with autocast(device, settings.precision):
                 out = fn(video, mask)
             for name, value in out.items():
@@ -157,6 +137,38 @@ def run_batches(
         "outputs": {name: torch.cat(parts) for name, parts in outputs.items()},
         "errors": errors,
     }
+
+
+def _shard_loader(dataset: Any, shard: list[int], settings: BatchSettings) -> DataLoader:
+    """A loader over the `shard` indices, in order, with `settings`' batch size, workers and timeout."""
+    return DataLoader(
+        dataset,
+        batch_size=settings.batch_size,
+        sampler=shard,  # a plain list of indices: no shuffling, no padding
+        num_workers=settings.num_workers,
+        timeout=settings.loader_timeout if settings.num_workers > 0 else 0,  # 0: what it must be without workers
+        pin_memory=settings.device.type == "cuda",
+        drop_last=False,
+        worker_init_fn=ignore_stop_signals,
+        generator=private_generator(0),
+    )
+
+
+def _model_inputs(
+    video_BVTCHW: Tensor, mask_BVT: Tensor, video_ids: Tensor, settings: BatchSettings
+) -> tuple[Tensor, Tensor]:
+    """The views as `fn` takes them: frames reordered (if asked), flattened to [B*V, ...], normalised, on the device."""
+    if settings.frame_order != "normal":
+        video_BVTCHW = reorder_frames(
+            video_BVTCHW,
+            mask_BVT,
+            settings.frame_order,
+            video_ids=video_ids,
+            seed=settings.frame_order_seed,
+        )
+    video = settings.normalizer(video_BVTCHW.flatten(0, 1).to(settings.device, non_blocking=True))
+    mask = mask_BVT.flatten(0, 1).to(settings.device, non_blocking=True)
+    return video, mask
 
 
 def _describe_videos(dataset: Any, indices: Sequence[int], shown: int = 4) -> str:

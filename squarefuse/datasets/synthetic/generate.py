@@ -350,6 +350,39 @@ def _remove_generated(root: Path, owned: set[str]) -> None:
         shutil.rmtree(staging, ignore_errors=True)
 
 
+def _regenerate(root: Path, owned: set[str], task: str, params: dict, expected: dict) -> None:
+    """With the lock held: remove the old generated files, generate into a staging folder, move it in place.
+
+    ``manifest.json`` is moved last, so that a crash never leaves a dataset that looks complete.
+    """
+    start = time.perf_counter()
+    _remove_generated(root, owned)
+    staging = Path(tempfile.mkdtemp(prefix=_STAGING_PREFIX, dir=root))
+    try:
+        counts = _generate_in_subprocess(staging, params)
+        files = _generated_files(staging)
+        manifest = json.dumps({**expected, "num_videos": counts, "files": ["manifest.json", *files]}, indent=2)
+        # Claim the files before they appear in root, so that a crash mid-move leaves them ours.
+        (staging / _PENDING_NAME).write_text(manifest + "\n")
+        os.replace(staging / _PENDING_NAME, root / _PENDING_NAME)
+        (staging / "manifest.json").write_text(manifest + "\n")
+        os.replace(staging / "videos", root / "videos")
+        for name in _LIST_NAMES:
+            os.replace(staging / name, root / name)
+        os.replace(staging / "manifest.json", root / "manifest.json")
+        (root / _PENDING_NAME).unlink()
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    log.info(
+        "Generated %d train + %d val + %d test synthetic videos (task %s) in %.1f s",
+        counts["train"],
+        counts["val"],
+        counts["test"],
+        task,
+        time.perf_counter() - start,
+    )
+
+
 def ensure_synthetic(
     root: str | Path,
     *,
@@ -419,32 +452,7 @@ def ensure_synthetic(
         foreign = _foreign_files(root, owned)
         if foreign:
             raise _not_a_synthetic_root(root, foreign)
-        start = time.perf_counter()
-        _remove_generated(root, owned)
-        staging = Path(tempfile.mkdtemp(prefix=_STAGING_PREFIX, dir=root))
-        try:
-            counts = _generate_in_subprocess(staging, params)
-            files = _generated_files(staging)
-            manifest = json.dumps({**expected, "num_videos": counts, "files": ["manifest.json", *files]}, indent=2)
-            # Claim the files before they appear in root, so that a crash mid-move leaves them ours.
-            (staging / _PENDING_NAME).write_text(manifest + "\n")
-            os.replace(staging / _PENDING_NAME, root / _PENDING_NAME)
-            (staging / "manifest.json").write_text(manifest + "\n")
-            os.replace(staging / "videos", root / "videos")
-            for name in _LIST_NAMES:
-                os.replace(staging / name, root / name)
-            os.replace(staging / "manifest.json", root / "manifest.json")
-            (root / _PENDING_NAME).unlink()
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
-        log.info(
-            "Generated %d train + %d val + %d test synthetic videos (task %s) in %.1f s",
-            counts["train"],
-            counts["val"],
-            counts["test"],
-            task,
-            time.perf_counter() - start,
-        )
+        _regenerate(root, owned, task, params, expected)
     return _splits(root, task)
 
 
