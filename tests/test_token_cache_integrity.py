@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 import shutil
 from pathlib import Path
 
@@ -171,6 +172,18 @@ def test_a_cache_json_without_a_key_is_named_before_training_starts(copy):
     edit_json(copy / "cache.json", lambda info: info.pop("weights_hash"))
     with pytest.raises(ValueError, match=r"copy/cache.json lacks the key\(s\) \['weights_hash'\]"):
         check_train_config(token_train_cfg(copy, None))
+
+
+def test_an_interpolation_in_cache_json_never_reaches_the_run_config(copy, monkeypatch):
+    monkeypatch.setenv("SQUAREFUSE_TEST_SECRET", "sk-SECRET-42")
+    edit_json(copy / "cache.json", lambda info: info.update(backbone_name="${oc.env:SQUAREFUSE_TEST_SECRET}"))
+    with pytest.raises(ValueError) as error:
+        check_train_config(token_train_cfg(copy, None))
+    message = str(error.value)
+    assert re.search(
+        r"copy/cache.json: the value for (dataset\.backbone|backbone\.name) holds an interpolation", message
+    )
+    assert "sk-SECRET-42" not in message
 
 
 # ------------------------------------------------------------------------------- overwrite=true

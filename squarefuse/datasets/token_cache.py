@@ -272,7 +272,17 @@ def cache_run_settings(dataset_cfg: Mapping[str, Any]) -> dict[str, Any]:
         f"backbone.model_kwargs.{key}": info[key]
         for key in ("embed_dim", "num_prefix_tokens", "has_class_token", "num_tokens")
     }
-    return settings | {"backbone.name": info["backbone_name"], "backbone.img_size": info["img_size"]}
+    settings |= {"backbone.name": info["backbone_name"], "backbone.img_size": info["img_size"]}
+    for key, value in settings.items():
+        # OmegaConf would resolve it in the run's config (`${oc.env:...}` reads the environment, into
+        # paths and messages): cache.json, like a checkpoint, holds values, never interpolations.
+        if isinstance(value, str) and "${" in value:
+            raise ValueError(
+                f"{root / CACHE_FILE}: the value for {key} holds an interpolation ('${{...}}'): the file was "
+                f"changed after caching; refusing to put it into the run's config. Make the cache again "
+                f"(scripts/cache_tokens.py out={root} overwrite=true, every split)"
+            )
+    return settings
 
 
 def check_expected(dataset_cfg: Mapping[str, Any], info: Mapping[str, Any], root: Path) -> None:
