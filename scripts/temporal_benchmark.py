@@ -8,6 +8,11 @@ Per task (videos under --data-dir/<task>, default data/temporal_benchmark/<task>
   0. (frozen, the default) the token cache OUT/cache/<task> of train, val and test: the per-frame
      tokens of the tiny ViT that `python train.py dataset.task=<task>` starts from, never trained
      (`scripts/cache_tokens.py train_config=[...]`); runs train on it with `experiment=temporal_frozen`.
+     With --backbone static the frozen backbone is instead the tiny ViT trained on the static task
+     `dataset.task=shape` (per-frame labels: the shape drawn; the analogue of an image-pretrained
+     backbone): first `train.py dataset.task=shape trainer.epochs=<--static-epochs, default 10>` (the
+     default recipe, videos under --data-dir/shape) -> OUT/backbone_static, then every task cached with
+     `ckpt=OUT/backbone_static/checkpoints/best.pt dataset.task=<task>`.
      With --end-to-end the runs train the whole model on the videos instead (the default recipe).
 Every run trains until val stops improving: `trainer.patience` (--patience, default 3 validations in a
 row without a better clip-level val top-1) within the cap `trainer.epochs` (--max-epochs, default 96),
@@ -79,6 +84,9 @@ TASKS = (
 # probe (V-JEPA's: a learned query over all tokens), configs/head/.
 HEADS = ("mean", "attentive")
 QUICK_TASKS = ("path_shape", "event_order")
+# init: the never-trained tiny ViT train.py starts from; static: that ViT trained on dataset.task=shape.
+BACKBONES = ("init", "static")
+STATIC_TASK = "shape"
 CACHED_SPLITS = ("train", "val", "test")
 # TOKEN_CONTROL: the fusion (configs/fusion/joint_mlp.yaml) an MLP over all the tokens of a clip;
 # PIXEL_CONTROL: the report's column of its run on the pixels (squarefuse/report/groups.py:fusion_option).
@@ -120,6 +128,15 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--end-to-end", action="store_true", help="train the whole model on the videos, not on the frozen cache"
     )
     parser.add_argument(
+        "--backbone",
+        choices=BACKBONES,
+        default="init",
+        help="the frozen backbone: init = never trained (train.py's start); static = trained on dataset.task=shape",
+    )
+    parser.add_argument(
+        "--static-epochs", type=int, default=10, help="--backbone static: trainer.epochs of the backbone's run"
+    )
+    parser.add_argument(
         "--data",
         nargs="+",
         default=["dataset.generate.val_per_class=32", "dataset.generate.test_per_class=64"],
@@ -139,6 +156,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     # Until val stops improving, within the cap; the user's overrides after "--" still win.
     args.overrides = [f"trainer.epochs={args.max_epochs}", f"trainer.patience={args.patience}", *args.overrides]
     args.controls = not args.no_controls
+    if args.backbone == "static" and args.end_to_end:
+        parser.error("--backbone static trains a frozen backbone: it does not go with --end-to-end")
     if args.controls and TOKEN_CONTROL not in args.fusions:
         args.fusions = [*args.fusions, TOKEN_CONTROL]
     if args.out.exists():
@@ -207,11 +226,33 @@ def final_commands(
     return commands
 
 
-def cache_tokens(video_data: list[str], cache: Path) -> None:
-    """Cache train, val and test of the videos with the never-trained tiny ViT `train.py` starts from."""
+def static_backbone_command(args: argparse.Namespace, out: Path) -> list[str]:
+    """`train.py` on the static task (the default recipe, --static-epochs) -> OUT/backbone_static."""
+    videos = data_root(args.data_dir.resolve(), STATIC_TASK)
+    return [
+        *args.train_prefix,
+        f"dataset.task={STATIC_TASK}",
+        override("dataset.root", videos),
+        *args.data,
+        f"trainer.epochs={args.static_epochs}",
+        override("hydra.run.dir", out / "backbone_static"),
+    ]
+
+
+def backbone_overrides(video_data: list[str], ckpt: Path | None) -> list[str]:
+    """cache_tokens' backbone on the task of `video_data`: the checkpoint's (its backbone, cached on that
+    task's videos), or without one the never-trained tiny ViT `train.py VIDEO_DATA` starts from."""
+    if ckpt is None:
+        return ["train_config=[" + ",".join(f'"{o}"' for o in video_data) + "]"]
+    task, root = video_data[:2]  # dataset.task=..., dataset.root=...
+    return [override("ckpt", ckpt), task, root]
+
+
+def cache_tokens(video_data: list[str], cache: Path, ckpt: Path | None = None) -> None:
+    """Cache train, val and test of the videos with the frozen backbone (`backbone_overrides`)."""
     for split in CACHED_SPLITS:
         overrides = [
-            "train_config=[" + ",".join(f'"{o}"' for o in video_data) + "]",
+            *backbone_overrides(video_data, ckpt),
             f"split={split}",
             override("out", cache),
             "num_workers=0",
@@ -236,6 +277,11 @@ def main(argv: list[str]) -> int:
     out = args.out.resolve()
     times: dict[str, float] = {}
     start = time.perf_counter()
+    backbone_ckpt = None  # the never-trained backbone
+    if args.backbone == "static":
+        run(static_backbone_command(args, out))
+        backbone_ckpt = out / "backbone_static" / "checkpoints" / "best.pt"
+        times["static backbone"] = time.perf_counter() - start
     for task in args.tasks:
         task_start = time.perf_counter()
         videos = data_root(args.data_dir.resolve(), task)
@@ -244,7 +290,7 @@ def main(argv: list[str]) -> int:
             data = video_data
         else:
             cache = out / "cache" / task
-            cache_tokens(video_data, cache)
+            cache_tokens(video_data, cache, backbone_ckpt)
             times[f"{task}: token cache"] = time.perf_counter() - task_start
             data = ["experiment=temporal_frozen", override("dataset.root", cache)]
         for head in args.heads:
@@ -279,7 +325,18 @@ def main(argv: list[str]) -> int:
     (report.out_dir / "budget.md").write_text(budget_markdown(final_runs))
     plot_budget_curves(final_runs, report.out_dir)
     times["total"] = time.perf_counter() - start
-    (out / "benchmark.json").write_text(json.dumps({"args": argv, "wall_s": times}, indent=2) + "\n")
+    (out / "benchmark.json").write_text(
+        json.dumps(
+            {
+                "args": argv,
+                "backbone": args.backbone,
+                "checkpoint": backbone_ckpt and str(backbone_ckpt),
+                "wall_s": times,
+            },
+            indent=2,
+        )
+        + "\n"
+    )
     print((report.out_dir / "matrix.md").read_text())
     print((report.out_dir / "lr_grid.md").read_text())
     print((report.out_dir / "budget.md").read_text())

@@ -127,6 +127,23 @@ def turn_angle(s: Sampled) -> np.ndarray:
     return np.unwrap(np.arctan2(offset[:, 1], offset[:, 0]))
 
 
+def outline(s: Sampled) -> np.ndarray:
+    """Rotation-invariant features of the shape in one frame (the view's middle one): how far its outline
+    reaches from the centroid around it (Fourier magnitudes of that profile), how much of the enclosing
+    disc it fills, and how much of its inside differs from its colour (the dot of dotted_disc)."""
+    frame, mask = s.frames[len(s.frames) // 2], s.shape_mask[len(s.frames) // 2]
+    cx, cy = XS[mask].mean(), YS[mask].mean()
+    distance, angle = np.hypot(XS - cx, YS - cy), np.arctan2(YS - cy, XS - cx)
+    reach = distance[mask].max()
+    bins = ((angle[mask] + np.pi) / (2 * np.pi) * 32).astype(int) % 32
+    profile = np.zeros(32)
+    np.maximum.at(profile, bins, distance[mask] / reach)
+    harmonics = np.abs(np.fft.rfft(profile))[1:7] / profile.sum()
+    inside = distance <= 0.6 * reach
+    odd = np.abs(frame[inside] - np.median(frame[mask], axis=0)).max(axis=-1) > 40
+    return np.r_[harmonics, mask.sum() / (np.pi * reach**2), odd.mean()]
+
+
 # Each task's documented statistic, as features of one sampled clip. `direction` is read per twin
 # pair, each pair's own quantity (which pair a clip is in shows in any single frame).
 P1 = range(1, 2)
@@ -142,6 +159,7 @@ STATISTICS = {
     ("event_time", None): lambda s: legendre(flash_contrast(s, s.flashes[0]), P1),
     ("acceleration", None): lambda s: legendre(np.abs(np.diff(position(s))), P1),
     ("count_flashes", None): lambda s: [onsets(flash_contrast(s, s.flashes[0]))],
+    ("shape", None): outline,  # static: a single frame tells the class
 }
 # The same signals' Legendre trend of order 0..2: what a linear read-out of an order-2 trend sees.
 TRENDS = {

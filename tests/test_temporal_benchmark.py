@@ -100,3 +100,35 @@ def test_the_benchmark_caches_tunes_on_val_and_reports_other_seeds_on_test(tmp_p
     budget = (out / "report" / "budget.md").read_text()
     assert "within 96 optimiser steps" in budget and "| path_shape | square |" in budget
     assert (out / "report" / "budget_path_shape.png").is_file()
+
+
+@pytest.mark.slow
+def test_the_static_backbone_is_trained_on_the_shape_task_and_every_task_is_cached_with_it(tmp_path):
+    out, data = tmp_path / "bench", tmp_path / "data"
+    args = [str(out), "--backbone", "static", "--static-epochs", "1", "--tasks", "path_shape", "--fusions", "none"]
+    args += ["--no-controls", "--lrs", "1e-3", "--seeds", "1", "--grid-seeds", "0", "--heads", "mean"]
+    args += ["--data-dir", str(data), "--data", "dataset.generate.train_per_class=4"]
+    args += ["dataset.generate.val_per_class=2", "dataset.generate.test_per_class=2"]
+    args += ["--", "trainer.epochs=1", "trainer.val_every=1", "trainer.batch_size=4"]
+    done = run_script("scripts/temporal_benchmark.py", *args, cwd=REPO, env={"OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+    # The backbone: one train.py run of the default recipe on the static task, its --static-epochs.
+    backbone = out / "backbone_static"
+    config = yaml.safe_load((backbone / ".hydra" / "config.yaml").read_text())
+    assert config["dataset"]["task"] == "shape" and config["dataset"]["root"] == str(data / "shape")
+    assert config["trainer"]["epochs"] == 1
+    best = backbone / "checkpoints" / "best.pt"
+    assert best.is_file()
+    # Every task cached with that checkpoint's backbone, on the task's own videos and labels.
+    cache = json.loads((out / "cache" / "path_shape" / "cache.json").read_text())
+    assert cache["checkpoint"] == str(best) and cache["train_config"] is None
+    assert cache["task"] == "path_shape" and cache["class_names"] == ["out_and_back", "back_and_out"]
+    assert cache["weights"] != "initial"
+    index = json.loads((out / "cache" / "path_shape" / "train" / "index.json").read_text())
+    assert sorted(v["label"] for v in index["videos"]) == [0] * 4 + [1] * 4
+    # The runs after it as with the never-trained backbone; benchmark.json says which backbone.
+    assert len(list((out / "final" / "path_shape" / "mean" / "none").glob("*/eval/*_test/results.json"))) == 1
+    bench = json.loads((out / "benchmark.json").read_text())
+    assert bench["backbone"] == "static" and bench["checkpoint"] == str(best)
+    assert "static backbone" in bench["wall_s"]

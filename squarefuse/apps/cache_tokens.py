@@ -101,8 +101,10 @@ def _check_options(cfg: DictConfig) -> None:
         raise ValueError(f"shard_size={cfg.shard_size}: must be >= 1")
 
 
-def _cache_info(cfg: DictConfig, model: Any, dataset_cfg: dict[str, Any], preprocess: EvalPreprocess) -> dict:
-    """What every split of the cache shares (cache.json)."""
+def _cache_info(
+    cfg: DictConfig, model: Any, dataset_cfg: dict[str, Any], preprocess: EvalPreprocess, class_names: list[str]
+) -> dict:
+    """What every split of the cache shares (cache.json); `class_names` are the cached dataset's (its labels')."""
     backbone = model.model.backbone
     tokens = str(cfg.tokens)
     patches = backbone.model.patch_embed.num_patches
@@ -131,7 +133,7 @@ def _cache_info(cfg: DictConfig, model: Any, dataset_cfg: dict[str, Any], prepro
         "num_prefix_tokens": backbone.num_prefix_tokens,
         "has_class_token": backbone.has_class_token,
         "num_tokens": num_tokens,
-        "class_names": list(model.class_names),
+        "class_names": list(class_names),
     }
 
 
@@ -283,7 +285,10 @@ def run_cache_tokens(cfg: DictConfig) -> dict[str, Any]:
     with distributed_session(str(cfg.device)) as (dist_info, device):
         model = _load_cacheable_model(cfg, device, is_main=dist_info.is_main)
         preprocess = checkpoint_preprocess(model, cfg, device)
-        info = _cache_info(cfg, model, preprocess.dataset_cfg, preprocess)
+        # The labels are the cached dataset's: a backbone may be cached on another task than it was
+        # trained on (dataset.task=..., e.g. the temporal benchmark's static backbone).
+        annotations = load_annotations(preprocess.dataset_cfg, split)
+        info = _cache_info(cfg, model, preprocess.dataset_cfg, preprocess, annotations.class_names)
         done = None
         if dist_info.is_main:
             done = _prepare_folder(out, split, info, bool(cfg.overwrite))
@@ -293,7 +298,6 @@ def run_cache_tokens(cfg: DictConfig) -> dict[str, Any]:
             log.info(f"{split_dir} already holds this split ({len(index['videos'])} videos): nothing to do")
             return index
 
-        annotations = load_annotations(preprocess.dataset_cfg, split)
         records, missing = split_missing(annotations.records)
         if missing:
             log.warning(f"{len(missing)} videos of {split} are missing and left out of the cache, e.g. {missing[:3]}")

@@ -1,7 +1,8 @@
 """Built-in synthetic video dataset: files, lists and manifest of one task family, made on first use.
 
 ``task`` picks the task family (`tasks`: direction, path_shape, repetitions, speed, event_order,
-event_time, acceleration, count_flashes, each isolating one temporal ability). The default,
+event_time, acceleration, count_flashes, each isolating one temporal ability; and shape, a static
+task whose single frames tell the class, for pretraining a backbone). The default,
 ``direction``, has eight classes in four pairs: ``move_left_to_right`` / ``move_right_to_left``,
 ``move_top_to_bottom`` / ``move_bottom_to_top``, ``grow`` / ``shrink``, ``turn_clockwise`` /
 ``turn_anticlockwise``. A shape (square, disc, triangle, arrow, L, disc with a dot; random colour
@@ -60,7 +61,8 @@ log = logging.getLogger(__name__)
 # Version 6 added the task families, the test split and twins.txt; the direction videos of train
 # and val are those of version 5, byte for byte. Version 7 redrew event_time's flash (off the
 # distractor's track, in contrast with the lit background under it) and added acceleration and
-# count_flashes; the other tasks' videos are those of version 6, byte for byte.
+# count_flashes; the other tasks' videos are those of version 6, byte for byte. The static task shape
+# came later without a bump: it changed no other task's videos.
 GENERATOR_VERSION = 7
 
 # Each split has its own random streams, so its videos are disjoint from the others'.

@@ -53,6 +53,13 @@ degree P; neither counts repetitions; ``fusion=none`` averages frames and sees n
     between runs, at a random slot. Statistic: the number of flash onsets. Beyond order-2 trends:
     every class is lit equally long within a similar span, so P0..P2 of the flash's contrast, read
     linearly, are at chance. Fails: ``none``, quantiles, a trend of order <= 2; counting is needed.
+``shape`` (the 6 shapes: ``square``, ``disc``, ``triangle``, ``arrow``, ``ell``, ``dotted_disc``)
+    Static, not temporal: the shape drawn, moving left/right, up/down or growing/shrinking (drawn
+    independently of the class, either way), so a single frame tells the class and time tells
+    nothing. Turning is left out: its sizes are made for the turning shapes, and the others would
+    leave the frame. Statistic: the shape's outline in one frame (rotation-invariant moments of
+    its mask). No fusion fails it in principle. It is for pretraining a backbone on per-frame
+    labels, the analogue of an image-pretrained one (scripts/temporal_benchmark.py --backbone static).
 
 Each statistic, measured on the frames evaluation samples, separates its classes with a linear
 model (tests/test_task_statistics.py).
@@ -69,6 +76,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from squarefuse.datasets.synthetic.render import (
+    _ALL_SHAPES,
     CLASS_NAMES,
     SUPERSAMPLE,
     ClipParams,
@@ -92,6 +100,7 @@ TASKS: dict[str, tuple[str, ...]] = {
     "event_time": ("early", "middle", "late"),
     "acceleration": ("accelerate", "decelerate"),
     "count_flashes": ("one_flash", "two_flashes", "three_flashes"),
+    "shape": _ALL_SHAPES,
 }
 TWIN_PAIRS: dict[str, tuple[tuple[int, int], ...]] = {
     "direction": ((0, 1), (2, 3), (4, 5), (6, 7)),
@@ -102,7 +111,10 @@ TWIN_PAIRS: dict[str, tuple[tuple[int, int], ...]] = {
     "event_time": ((0, 2),),
     "acceleration": ((0, 1),),
     "count_flashes": (),
+    "shape": (),
 }
+# shape: the motions whose sizes suit every shape (turn's are made for the turning shapes).
+_STATIC_MOTIONS = ("move_x", "move_y", "scale")
 # Frames a task's video needs: count_flashes lays its flashes on a grid of 8 slots.
 MIN_NUM_FRAMES = {"count_flashes": 8}
 _FLASH_RADIUS = 0.09  # of the frame size
@@ -249,6 +261,12 @@ def task_scene(task: str, class_index: int, *, rng: np.random.Generator, num_fra
     if task == "direction":  # as render.render_clip draws it
         params = sample_clip_params(class_motion(class_index), rng=rng, size=size)
         return Scene(params, class_trajectory(class_index & ~1, params, T))
+    if task == "shape":  # the class is the shape; the motion, drawn apart from it, carries nothing
+        params = sample_clip_params(str(rng.choice(_STATIC_MOTIONS)), rng=rng, size=size)
+        params = replace(params, shape=_ALL_SHAPES[class_index])
+        if rng.random() < 0.5:
+            params = replace(params, start=params.end, end=params.start)
+        return Scene(params, _along(params, np.linspace(0.0, 1.0, T)))
     if task in ("path_shape", "repetitions"):
         times = 1 if task == "path_shape" else class_index + 1
         params = _track(rng, size, random_way=task == "repetitions")
