@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from squarefuse.training.trainer import data_bound_warning
+from squarefuse.training.loop import data_bound_warning
 
 
 def test_a_token_cache_is_not_sent_to_the_video_scripts():

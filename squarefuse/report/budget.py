@@ -15,7 +15,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from squarefuse.report.aggregate import Stat
-from squarefuse.report.groups import flatten, fusion_option, group_choice
+from squarefuse.report.groups import benchmark_option, benchmark_task, group_choice
 from squarefuse.report.runs import FINISHED, Run
 from squarefuse.runtime.safe_text import plot_text
 
@@ -36,8 +36,7 @@ def _by_task_and_option(runs: Sequence[Run]) -> dict[tuple[str, str], list[Run]]
     for run in runs:
         if run.status != FINISHED:
             continue
-        option = fusion_option(run) + (f"/{group_choice(run, 'head')}" if len(heads) > 1 else "")
-        grouped.setdefault((str(flatten(run.config).get("dataset.task", "direction")), option), []).append(run)
+        grouped.setdefault((benchmark_task(run), benchmark_option(run, heads)), []).append(run)
     return grouped
 
 

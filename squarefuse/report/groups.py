@@ -18,6 +18,8 @@ import yaml
 from squarefuse.config.compose_config import CONFIG_DIR
 from squarefuse.report.runs import Run
 
+DEFAULT_TASK = "direction"  # the synthetic dataset's task when a run's config names none
+
 # Keys that say where things are or how a run logs, not what it trains.
 IGNORED_KEYS = {"trainer.seed", "trainer.log_every", "trainer.ckpt_every", "trainer.resume", "trainer.num_workers"}
 IGNORED_PREFIXES = ("logger", "hydra")  # the logger group and its keys; Hydra's own choices (hydra/launcher...)
@@ -59,6 +61,18 @@ def fusion_option(run: Run) -> str:
     fusion = str(group_choice(run, "fusion"))
     pixels = str(flatten(run.config).get("backbone._target_", "")).endswith(".PixelFrames")
     return f"pixels+{fusion}" if pixels else fusion
+
+
+def benchmark_task(run: Run) -> str:
+    """The run's synthetic task (`dataset.task`; a run without the key is the default ``direction``)."""
+    return str(flatten(run.config).get("dataset.task", DEFAULT_TASK))
+
+
+def benchmark_option(run: Run, heads: set[str]) -> str:
+    """The temporal benchmark's column of a run: `fusion_option`, with the head's choice
+    (`square/attentive`) when the runs compared use more than one of `heads`."""
+    fusion = fusion_option(run)
+    return f"{fusion}/{group_choice(run, 'head')}" if len(heads) > 1 else fusion
 
 
 @dataclass

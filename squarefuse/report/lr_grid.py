@@ -17,7 +17,7 @@ import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from squarefuse.report.groups import flatten, fusion_option
+from squarefuse.report.groups import benchmark_task, flatten, fusion_option
 from squarefuse.report.runs import FINISHED, Run
 
 __all__ = ["GridPoint", "choose_lrs", "grid_markdown", "params_note"]
@@ -38,19 +38,15 @@ class GridPoint:
 
 def val_score(run: Run) -> float | None:
     """The top-1 of the run's multi-view val evaluation (frames in order), else its best clip-level val top-1."""
-    evaluations = [e for e in run.evals if e.frame_order == "normal" and e.results.get("split") == "val"]
-    return float(evaluations[-1].results["top1"]) if evaluations else run.best_top1
+    evaluation = run.split_eval("val")
+    return float(evaluation.results["top1"]) if evaluation is not None else run.best_top1
 
 
 def _grid(runs: Sequence[Run]) -> dict[tuple[str, str], dict[float, GridPoint]]:
     grid: dict[tuple[str, str], dict[float, GridPoint]] = {}
     for run in runs:
         flat = flatten(run.config)
-        task, fusion, lr = (
-            str(flat.get("dataset.task", "direction")),
-            fusion_option(run),
-            flat["optim.lr"],
-        )
+        task, fusion, lr = benchmark_task(run), fusion_option(run), flat["optim.lr"]
         point = grid.setdefault((task, fusion), {}).setdefault(float(lr), GridPoint(task, fusion, float(lr), [], 0))
         score = val_score(run)
         if run.status == FINISHED and score is not None:

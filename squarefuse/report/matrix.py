@@ -31,14 +31,13 @@ from pathlib import Path
 from matplotlib.figure import Figure
 
 from squarefuse.report.aggregate import Stat
-from squarefuse.report.groups import flatten, fusion_option, group_choice
+from squarefuse.report.groups import benchmark_option, benchmark_task, group_choice
 from squarefuse.report.runs import FINISHED, EvalRun, Run, read_predictions
 from squarefuse.report.significance import PairingError, SeedComparison, compare_over_seeds, holm
 from squarefuse.runtime.safe_text import csv_value, markdown_text, plot_text
 
 __all__ = ["Cell", "Matrix", "plot_matrix", "task_fusion_matrix", "write_matrix_csv", "matrix_markdown"]
 
-DEFAULT_TASK = "direction"
 REFERENCE = "square"
 MARGIN = 2.0  # points of top-1: a tie is claimed only when the difference's interval lies inside +-MARGIN
 TOKEN_CONTROL = "joint_mlp"  # the fusion whose run on the tokens is the token control
@@ -107,21 +106,6 @@ class Matrix:
         )
 
 
-def _task(run: Run) -> str:
-    return str(flatten(run.config).get("dataset.task", DEFAULT_TASK))
-
-
-def split_eval(run: Run, split: str) -> EvalRun | None:
-    """The run's latest evaluation of `split` with the frames in order."""
-    matching = [e for e in run.evals if e.frame_order == "normal" and e.results.get("split") == split]
-    return matching[-1] if matching else None
-
-
-def _option(run: Run, heads: set[str]) -> str:
-    fusion = fusion_option(run)
-    return f"{fusion}/{group_choice(run, 'head')}" if len(heads) > 1 else fusion
-
-
 def _control(option: str) -> str | None:
     """The kind of a control column (any head): "token control" or "pixel control"; None for an option compared."""
     fusion = option.split("/", 1)[0]
@@ -155,7 +139,7 @@ def task_fusion_matrix(
     chosen: list[tuple[Run, EvalRun]] = []
     skipped = []
     for run in runs:
-        evaluation = split_eval(run, split)
+        evaluation = run.split_eval(split)
         if run.status != FINISHED or evaluation is None:
             why = run.problem or run.status if run.status != FINISHED else f"no evaluation of split {split}"
             skipped.append(f"{run.path}: {why}")
@@ -164,7 +148,7 @@ def task_fusion_matrix(
     heads = {str(group_choice(run, "head")) for run, _ in chosen}
     grouped: dict[tuple[str, str], list[tuple[Run, EvalRun]]] = {}
     for run, evaluation in chosen:
-        grouped.setdefault((_task(run), _option(run, heads)), []).append((run, evaluation))
+        grouped.setdefault((benchmark_task(run), benchmark_option(run, heads)), []).append((run, evaluation))
     cells = {}
     for key, members in grouped.items():
         seeds = [run.seed for run, _ in members]

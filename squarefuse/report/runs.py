@@ -85,6 +85,11 @@ class Run:
         matching = [e for e in self.evals if e.frame_order == frame_order]
         return matching[-1] if matching else None
 
+    def split_eval(self, split: str) -> EvalRun | None:
+        """The latest evaluation of `split` (results.json's `split`) with the frames in order."""
+        matching = [e for e in self.evals if e.frame_order == "normal" and e.results.get("split") == split]
+        return matching[-1] if matching else None
+
 
 def is_run_dir(path: Path) -> bool:
     return (path / "config.yaml").is_file() or (path / "metrics.jsonl").is_file() or (path / ".hydra").is_dir()

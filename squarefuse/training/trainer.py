@@ -44,7 +44,7 @@ from squarefuse.runtime.workers import (
 from squarefuse.training import resume
 from squarefuse.training.config_checks import check_train_config, check_trainer_cfg, run_config
 from squarefuse.training.init_from import apply_init_from, backbone_cfg_for_run, check_init_file
-from squarefuse.training.loop import TrainLoop, data_bound_warning
+from squarefuse.training.loop import TrainLoop
 from squarefuse.training.metrics_log import MetricsLogger
 from squarefuse.training.optim import build_optimizer, scaled_lr
 from squarefuse.training.resume_checks import training_list
@@ -57,7 +57,6 @@ __all__ = [
     "Trainer",
     "check_train_config",
     "check_trainer_cfg",
-    "data_bound_warning",
     "describe_params",
     "describe_recipe",
     "run_config",
