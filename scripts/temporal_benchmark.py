@@ -15,26 +15,29 @@ Per task (videos under --data-dir/<task>, default data/temporal_benchmark/<task>
      `ckpt=OUT/backbone_static/checkpoints/best.pt dataset.task=<task>`.
      With --end-to-end the runs train the whole model on the videos instead (the default recipe).
 Every run trains until val stops improving: `trainer.patience` (--patience, default 3 validations in a
-row without a better clip-level val top-1) within the cap `trainer.epochs` (--max-epochs, default 96),
-every option alike. Each step runs once per head (--heads, default mean and attentive):
-  1. grid: `train.py -m fusion=<all> optim.lr=<grid> trainer.seed=<grid seeds> head=<head>`
-     -> OUT/grid/<task>/<head> (default lrs 1e-4 3e-4 1e-3 3e-3 1e-2, grid seeds 0 1)
-  2. every grid run's best.pt evaluated on val over all its views; per option, the lr with the best mean
-     of that val top-1 (ties: the smaller lr; squarefuse/report/lr_grid.py)
+row without a better val top-1) within the cap `trainer.epochs` (--max-epochs, default 96), and
+validates over every view of each val video (`trainer.val_views=all`, as eval.py reads val), every
+option alike: best.pt and the lr choice go by that one number. Each step runs once per head (--heads,
+default mean and attentive):
+  1. grid: per option, `train.py -m fusion=<option> optim.lr=<grid> trainer.seed=<grid seeds> head=<head>`
+     -> OUT/grid/<task>/<head>/<option> (default lrs 1e-4 3e-4 1e-3 3e-3 1e-2, grid seeds 0 1)
+  2. per option, the lr with the best mean over the grid seeds of the val top-1 that picked best.pt
+     (ties: the smaller lr; squarefuse/report/lr_grid.py)
   3. final: that lr, seeds --seeds (default 2 3 4 5 6: not the grid's) -> OUT/final/<task>/<head>/<option>;
      each best.pt (chosen on val) evaluated on test with the twin confusion; test is read only here
 Two positive controls go through 1-3 with the same lr grid, seeds and selection (not with --no-controls):
 the token control `fusion=joint_mlp` (an MLP over all the tokens of a clip) among the fusions, and the
-pixel control `backbone=pixels fusion=joint_mlp` trained on the videos themselves, each frame averaged down
-to 8 x 8 pixels (OUT/grid_pixels/<task>/<head>, OUT/final/<task>/<head>/pixels+joint_mlp), with the frozen
-runs' trainer settings and, in place of the cached eval views, train views of their zoom. A task is
-informative only where the token control reaches 90 % test top-1 (squarefuse/report/matrix.py).
+pixel control `pixels+joint_mlp`: the same MLP on the raw frames, each frame averaged down to 8 x 8
+pixels (`backbone=pixels`, no weights), cached like the tokens from the same eval views of the same
+videos (OUT/cache_pixels/<task>) and trained like them. A task is informative only where the token
+control reaches 90 % test top-1 (squarefuse/report/matrix.py).
   4. `scripts/report.py OUT/final --matrix --out OUT/report` (the matrix: squarefuse/report/matrix.py),
      OUT/report/lr_grid.md (every grid point, the chosen rates, the fusion parameters), budget.md and
      budget_<task>.png (val top-1 within the earlier protocol's 96 steps and converged; val curves
      against optimiser steps: squarefuse/report/budget.py)
-`--train` is the training command prefix (default: this Python with train.py). Wall times of each
-phase go to OUT/benchmark.json.
+The training sweeps run --jobs at a time (default: the CPU count; each frozen run uses one thread),
+each one's output in OUT/logs/<sweep>.log. `--train` is the training command prefix (default: this
+Python with train.py). Wall times of each phase go to OUT/benchmark.json.
 """
 
 from __future__ import annotations
@@ -42,10 +45,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import shlex
 import subprocess
 import sys
 import time
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+from dataclasses import dataclass
 from pathlib import Path
 
 from squarefuse.apps.cache_tokens import run_cache_tokens
@@ -91,11 +97,6 @@ CACHED_SPLITS = ("train", "val", "test")
 # TOKEN_CONTROL: the fusion (configs/fusion/joint_mlp.yaml) an MLP over all the tokens of a clip;
 # PIXEL_CONTROL: the report's column of its run on the pixels (squarefuse/report/groups.py:fusion_option).
 PIXEL_MODEL = ["backbone=pixels", f"fusion={TOKEN_CONTROL}"]
-# The frozen runs train on the cached eval views: a centre crop of crop_size / eval_short_side = 224 / 256 of
-# the frame's side (64 / 73 at 64 px). The pixel control, on the videos, trains on crops of that zoom
-# (area (224 / 256)^2 = 0.77, square) at a random place: the same picture scale in train and test, no
-# other augmentation (the synthetic dataset has no flip, RandAugment or erasing).
-EVAL_ZOOM_VIEWS = ["dataset.scale=[0.77,0.77]", "dataset.ratio=[1.0,1.0]"]
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -145,6 +146,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument(
         "--data-dir", type=Path, default=REPO / "data" / "temporal_benchmark", help="where each task's videos go"
     )
+    parser.add_argument(
+        "--jobs",
+        type=int,
+        default=os.cpu_count() or 1,
+        help="training sweeps run at a time (default: the CPU count; a frozen run uses one thread)",
+    )
     parser.add_argument("--train", default=f"{shlex.quote(sys.executable)} train.py", help="training command prefix")
     # train.py overrides for every run come after "--"
     split = argv.index("--") if "--" in argv else len(argv)
@@ -153,13 +160,20 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     args.train_prefix = shlex.split(args.train)
     args.tasks = args.tasks or list(QUICK_TASKS if args.quick else TASKS)
     args.seeds = args.seeds or ([2, 3, 4] if args.quick else [2, 3, 4, 5, 6])
-    # Until val stops improving, within the cap; the user's overrides after "--" still win.
-    args.overrides = [f"trainer.epochs={args.max_epochs}", f"trainer.patience={args.patience}", *args.overrides]
+    # Until val (every view) stops improving, within the cap; the user's overrides after "--" still win.
+    args.overrides = [
+        f"trainer.epochs={args.max_epochs}",
+        f"trainer.patience={args.patience}",
+        "trainer.val_views=all",
+        *args.overrides,
+    ]
     args.controls = not args.no_controls
     if args.backbone == "static" and args.end_to_end:
         parser.error("--backbone static trains a frozen backbone: it does not go with --end-to-end")
     if args.controls and TOKEN_CONTROL not in args.fusions:
         args.fusions = [*args.fusions, TOKEN_CONTROL]
+    if args.jobs < 1:
+        parser.error(f"--jobs {args.jobs}: must be >= 1")
     if args.out.exists():
         parser.error(f"{args.out} exists; give a new benchmark folder (runs are never overwritten)")
     return args
@@ -169,61 +183,100 @@ def data_root(data_dir: Path, task: str) -> Path:
     return data_dir / task
 
 
+@dataclass(frozen=True)
+class Sweep:
+    """One `train.py -m` command: its sweep folder, and the log its output goes to."""
+
+    folder: Path
+    command: list[str]
+    log: Path
+
+
 def run(command: list[str]) -> None:
     print("+", shlex.join(command), flush=True)
     subprocess.run(command, cwd=REPO, check=True)
+
+
+def run_logged(sweep: Sweep) -> None:
+    """Run the sweep, its output into its log; a failure raises naming the log, with its last lines."""
+    sweep.log.parent.mkdir(parents=True, exist_ok=True)
+    print("+", shlex.join(sweep.command), ">", sweep.log, flush=True)
+    start = time.perf_counter()
+    with open(sweep.log, "w") as log:
+        code = subprocess.run(sweep.command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT).returncode
+    if code:
+        tail = "\n".join(sweep.log.read_text(errors="replace").splitlines()[-15:])
+        raise RuntimeError(f"the sweep {sweep.folder} failed (exit {code}); its log {sweep.log} ends:\n{tail}")
+    print(f"done {sweep.folder} in {time.perf_counter() - start:.0f} s", flush=True)
+
+
+def run_sweeps(sweeps: list[Sweep], jobs: int) -> None:
+    """Run the sweeps `jobs` at a time (each in a process of its own); the first failure cancels
+    those not started and is raised once the running ones end."""
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        futures = [pool.submit(run_logged, sweep) for sweep in sweeps]
+        done, _ = wait(futures, return_when=FIRST_EXCEPTION)
+        failed = [future.exception() for future in futures if future in done and future.exception()]
+        if failed:
+            for future in futures:
+                future.cancel()
+            raise failed[0]
 
 
 def joined(values: list) -> str:
     return ",".join(str(v) for v in values)
 
 
-def sweep(train: list[str], settings: list[str], data: list[str], sweep_dir: Path, overrides: list[str]) -> list[str]:
-    """`train.py -m SETTINGS DATA hydra.sweep.dir=SWEEP_DIR OVERRIDES`."""
-    return [*train, "-m", *settings, *data, override("hydra.sweep.dir", sweep_dir), *overrides]
-
-
-def pixel_control_data(video_data: list[str], end_to_end: bool) -> list[str]:
-    """The pixel control's model and data: the videos, and the trainer settings the other runs have."""
+def pixel_control_data(video_data: list[str], pixel_cache: Path, end_to_end: bool) -> list[str]:
+    """The pixel control's model and data: with --end-to-end the videos (the default recipe, as every
+    end-to-end run), else its cache of the videos' eval views, trained as the frozen runs are."""
     if end_to_end:
-        return [*video_data, *PIXEL_MODEL]  # the default recipe, as every end-to-end run
-    # The frozen runs' experiment (epochs, batch, threads) with the videos in place of the token cache.
-    return ["experiment=temporal_frozen", "dataset=synthetic", *video_data, *EVAL_ZOOM_VIEWS, *PIXEL_MODEL]
+        return [*video_data, *PIXEL_MODEL]
+    return ["experiment=temporal_frozen", override("dataset.root", pixel_cache), f"fusion={TOKEN_CONTROL}"]
+
+
+def options(args: argparse.Namespace, data: list[str], pixel_data: list[str]) -> list[tuple[str, list[str]]]:
+    """(option, its model and data overrides) of everything the benchmark trains: each fusion on
+    `data`, then the pixel control on `pixel_data`."""
+    trained = [(fusion, [f"fusion={fusion}", *data]) for fusion in args.fusions]
+    return [*trained, (PIXEL_CONTROL, pixel_data)] if args.controls else trained
+
+
+def option_sweep(
+    args: argparse.Namespace, out: Path, phase: str, task: str, head: str, option: str, settings: list[str]
+) -> Sweep:
+    """`train.py -m SETTINGS hydra.sweep.dir=OUT/PHASE/TASK/HEAD/OPTION OVERRIDES`."""
+    folder = out / phase / task / head / option
+    command = [*args.train_prefix, "-m", *settings, override("hydra.sweep.dir", folder), *args.overrides]
+    return Sweep(folder, command, out / "logs" / f"{phase}_{task}_{head}_{option}.log")
 
 
 def grid_commands(
-    args: argparse.Namespace, data: list[str], video_data: list[str], out: Path, task: str, head: str
-) -> dict[Path, list[str]]:
-    """{sweep folder: the command of its grid}: every fusion on `data`, and the pixel control on the
-    videos, each with `head`."""
+    args: argparse.Namespace, data: list[str], pixel_data: list[str], out: Path, task: str, head: str
+) -> list[Sweep]:
+    """Every option with `head` at every grid point: lrs x grid seeds, one sweep per option."""
     points = [f"optim.lr={joined(args.lrs)}", f"trainer.seed={joined(args.grid_seeds)}", f"head={head}"]
-    fusions = [f"fusion={joined(args.fusions)}"]
-    grid_dir = out / "grid" / task / head
-    commands = {grid_dir: sweep(args.train_prefix, fusions + points, data, grid_dir, args.overrides)}
-    if args.controls:
-        pixels = pixel_control_data(video_data, args.end_to_end)
-        pixel_dir = out / "grid_pixels" / task / head
-        commands[pixel_dir] = sweep(args.train_prefix, points, pixels, pixel_dir, args.overrides)
-    return commands
+    return [
+        option_sweep(args, out, "grid", task, head, option, [*settings, *points])
+        for option, settings in options(args, data, pixel_data)
+    ]
 
 
 def final_commands(
-    args: argparse.Namespace, data: list[str], video_data: list[str], out: Path, task: str, head: str, chosen: dict
-) -> list[list[str]]:
-    """Each option with `head` at its chosen lr (`chosen[(task, option)]`) with the final seeds, the
-    pixel control last."""
+    args: argparse.Namespace,
+    data: list[str],
+    pixel_data: list[str],
+    out: Path,
+    task: str,
+    head: str,
+    chosen: dict[tuple[str, str], float],
+) -> list[Sweep]:
+    """Every option with `head` at its chosen lr (`chosen[(task, option)]`) with the final seeds."""
     seeds = [f"trainer.seed={joined(args.seeds)}", f"head={head}"]
-    commands = []
-    for fusion in args.fusions:
-        settings = [f"fusion={fusion}", f"optim.lr={chosen[(task, fusion)]}", *seeds]
-        final_dir = out / "final" / task / head / fusion
-        commands.append(sweep(args.train_prefix, settings, data, final_dir, args.overrides))
-    if args.controls:
-        pixels = pixel_control_data(video_data, args.end_to_end)
-        settings = [f"optim.lr={chosen[(task, PIXEL_CONTROL)]}", *seeds]
-        final_dir = out / "final" / task / head / PIXEL_CONTROL
-        commands.append(sweep(args.train_prefix, settings, pixels, final_dir, args.overrides))
-    return commands
+    return [
+        option_sweep(args, out, "final", task, head, option, [*settings, f"optim.lr={chosen[(task, option)]}", *seeds])
+        for option, settings in options(args, data, pixel_data)
+    ]
 
 
 def static_backbone_command(args: argparse.Namespace, out: Path) -> list[str]:
@@ -282,45 +335,56 @@ def main(argv: list[str]) -> int:
         run(static_backbone_command(args, out))
         backbone_ckpt = out / "backbone_static" / "checkpoints" / "best.pt"
         times["static backbone"] = time.perf_counter() - start
+    # Each task's videos, and the model inputs of its runs (caches first: they are made in this process).
+    videos, data, pixel_data = {}, {}, {}
     for task in args.tasks:
         task_start = time.perf_counter()
-        videos = data_root(args.data_dir.resolve(), task)
-        video_data = [f"dataset.task={task}", override("dataset.root", videos), *args.data]
-        if args.end_to_end:
-            data = video_data
-        else:
-            cache = out / "cache" / task
-            cache_tokens(video_data, cache, backbone_ckpt)
+        videos[task] = data_root(args.data_dir.resolve(), task)
+        video_data = [f"dataset.task={task}", override("dataset.root", videos[task]), *args.data]
+        data[task] = (
+            video_data
+            if args.end_to_end
+            else ["experiment=temporal_frozen", override("dataset.root", out / "cache" / task)]
+        )
+        pixel_data[task] = pixel_control_data(video_data, out / "cache_pixels" / task, args.end_to_end)
+        if not args.end_to_end:
+            cache_tokens(video_data, out / "cache" / task, backbone_ckpt)
+            if args.controls:  # the pixel backbone has no weights: the same cache whatever the backbone
+                cache_tokens([*video_data, *PIXEL_MODEL], out / "cache_pixels" / task)
             times[f"{task}: token cache"] = time.perf_counter() - task_start
-            data = ["experiment=temporal_frozen", override("dataset.root", cache)]
-        for head in args.heads:
-            grid_start = time.perf_counter()
-            grids = grid_commands(args, data, video_data, out, task, head)
-            for command in grids.values():
-                run(command)
-            # The rate is chosen on val by the rule that picks best.pt, read over every view of val.
-            for ckpt in sorted(p for grid in grids for p in grid.glob("*/checkpoints/best.pt")):
-                evaluate(ckpt, "val")
-            chosen, _ = choose_lrs(load_runs(list(grids)))
-            times[f"{task}, head {head}: grid"] = time.perf_counter() - grid_start
 
-            final_start = time.perf_counter()
-            for command in final_commands(args, data, video_data, out, task, head, chosen):
-                run(command)
-            times[f"{task}, head {head}: final runs"] = time.perf_counter() - final_start
-        eval_start = time.perf_counter()
+    phase_start = time.perf_counter()
+    grids = {
+        (task, head): grid_commands(args, data[task], pixel_data[task], out, task, head)
+        for task in args.tasks
+        for head in args.heads
+    }
+    run_sweeps([sweep for sweeps in grids.values() for sweep in sweeps], args.jobs)
+    # The rate is chosen on val by the number that picked best.pt (over every view: trainer.val_views=all).
+    chosen = {key: choose_lrs(load_runs([sweep.folder for sweep in sweeps]))[0] for key, sweeps in grids.items()}
+    times["grid"] = time.perf_counter() - phase_start
+
+    phase_start = time.perf_counter()
+    finals = [
+        final_commands(args, data[task], pixel_data[task], out, task, head, chosen[(task, head)])
+        for task, head in grids
+    ]
+    run_sweeps([sweep for sweeps in finals for sweep in sweeps], args.jobs)
+    times["final runs"] = time.perf_counter() - phase_start
+
+    phase_start = time.perf_counter()
+    for task in args.tasks:
         for ckpt in sorted((out / "final" / task).glob("*/*/*/checkpoints/best.pt")):
-            evaluate(ckpt, "test", override("twin_pairs", videos / "twins.txt"))
-        times[f"{task}: test evaluations"] = time.perf_counter() - eval_start
+            evaluate(ckpt, "test", override("twin_pairs", videos[task] / "twins.txt"))
+    times["test evaluations"] = time.perf_counter() - phase_start
 
     report = make_report([out / "final"], out / "report", matrix=True)
-    grids = []
+    grid_notes = []
     for head in args.heads:
-        folders = [out / kind / task / head for kind in ("grid", "grid_pixels") for task in args.tasks]
-        head_runs = load_runs([folder for folder in folders if folder.is_dir()])
-        chosen, points = choose_lrs(head_runs)
-        grids.append(f"### head={head}\n\n" + grid_markdown(chosen, points) + "\n" + params_note(head_runs))
-    (report.out_dir / "lr_grid.md").write_text("\n".join(grids))
+        head_runs = load_runs([out / "grid" / task / head for task in args.tasks])
+        head_chosen, points = choose_lrs(head_runs)
+        grid_notes.append(f"### head={head}\n\n" + grid_markdown(head_chosen, points) + "\n" + params_note(head_runs))
+    (report.out_dir / "lr_grid.md").write_text("\n".join(grid_notes))
     final_runs = load_runs([out / "final"])
     (report.out_dir / "budget.md").write_text(budget_markdown(final_runs))
     plot_budget_curves(final_runs, report.out_dir)
@@ -330,6 +394,7 @@ def main(argv: list[str]) -> int:
             {
                 "args": argv,
                 "backbone": args.backbone,
+                "jobs": args.jobs,
                 "checkpoint": backbone_ckpt and str(backbone_ckpt),
                 "wall_s": times,
             },

@@ -153,7 +153,7 @@ def test_tiny_run_writes_metrics_and_checkpoints(data_root, tmp_path, caplog):
     best = max(val, key=lambda r: r["top1"])  # the first of equals: a later tie is not "better"
     last_line = caplog.messages[-1]
     assert last_line.startswith("training finished in ")
-    assert f"best clip-level val top-1 {best['top1']:.2f} at epoch {best['epoch']}" in last_line
+    assert f"best val top-1 {best['top1']:.2f} at epoch {best['epoch']}" in last_line
     assert f"final val top-1 {val[-1]['top1']:.2f} (epoch 2)" in last_line
     assert f"best.pt: {run / 'checkpoints' / 'best.pt'}" in last_line
     assert last_line.endswith(f"next: python eval.py ckpt={run / 'checkpoints' / 'best.pt'}")

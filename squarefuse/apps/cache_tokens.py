@@ -107,9 +107,13 @@ def _cache_info(
     """What every split of the cache shares (cache.json); `class_names` are the cached dataset's (its labels')."""
     backbone = model.model.backbone
     tokens = str(cfg.tokens)
-    patches = backbone.model.patch_embed.num_patches
+    if tokens == "cls" and not backbone.num_prefix_tokens:
+        raise ValueError(
+            f"tokens=cls keeps each frame's class and register tokens, and backbone {backbone.name} has none: "
+            "use tokens=all"
+        )
     num_tokens = {
-        "all": backbone.num_prefix_tokens + patches,
+        "all": backbone.num_tokens,
         "cls": backbone.num_prefix_tokens,
         "pooled": backbone.num_prefix_tokens + int(cfg.grid) ** 2,
     }[tokens]

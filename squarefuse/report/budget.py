@@ -2,8 +2,9 @@
 budget of optimiser steps (the earlier protocol's fixed 96), next to what it reaches when trained
 until val stops improving, and per task the val curves against optimiser steps.
 
-Both numbers are clip-level val top-1 (the test split is read only by the matrix): at the budget, the
-last validation at or before that step; converged, the best validation (the one `best.pt` holds).
+Both numbers are the trainer's val top-1, the number that picks best.pt (the test split is read only
+by the matrix): at the budget, the last validation at or before that step; converged, the best
+validation (the one `best.pt` holds).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ OLD_BUDGET_STEPS = 96  # 12 epochs x 8 steps: every run of the earlier temporal 
 
 
 def top1_within(run: Run, steps: int) -> float | None:
-    """The clip-level val top-1 of the run's last validation at or before optimiser step `steps`."""
+    """The val top-1 of the run's last validation at or before optimiser step `steps`."""
     within = [top1 for step, top1 in run.val_steps if step <= steps]
     return within[-1] if within else None
 
@@ -45,7 +46,7 @@ def budget_markdown(runs: Sequence[Run], steps: int = OLD_BUDGET_STEPS) -> str:
     that learns fastest (the highest mean within `steps`) named per task."""
     grouped = _by_task_and_option(runs)
     lines = [
-        f"## Sample efficiency: clip-level val top-1 (%) within {steps} optimiser steps and converged",
+        f"## Sample efficiency: val top-1 (%) within {steps} optimiser steps and converged",
         "",
         "| task | option | within budget | converged (best val) | steps run | n |",
         "|---|---|---|---|---|---|",
@@ -66,7 +67,7 @@ def budget_markdown(runs: Sequence[Run], steps: int = OLD_BUDGET_STEPS) -> str:
 
 
 def plot_budget_curves(runs: Sequence[Run], out_dir: Path, steps: int = OLD_BUDGET_STEPS) -> list[str]:
-    """`budget_<task>.png` per task: mean clip-level val top-1 over seeds against optimiser steps, a
+    """`budget_<task>.png` per task: mean val top-1 over seeds against optimiser steps, a
     line per option, the budget marked. Returns the file names written."""
     grouped = _by_task_and_option(runs)
     written = []
@@ -81,7 +82,7 @@ def plot_budget_curves(runs: Sequence[Run], out_dir: Path, steps: int = OLD_BUDG
             ax.plot(grid, mean, marker=".", label=plot_text(f"{option} (n={len(members)})"))
         ax.axvline(steps, color="grey", linestyle="--", linewidth=1, label=f"{steps} steps")
         ax.set_xlabel("optimiser steps")
-        ax.set_ylabel("clip-level val top-1 (%)")
+        ax.set_ylabel("val top-1 (%)")
         ax.set_title(plot_text(f"{task}: val top-1 against optimiser steps, mean over seeds"))
         ax.legend(fontsize=7, loc="lower right")
         name = f"budget_{task}.png"

@@ -1,10 +1,9 @@
 """The temporal benchmark's learning-rate choice: per task and fusion, the rate with the best mean
 val score over the grid's seeds (never the test split), and every grid point for the report.
 
-A run's val score is the rule that picks its `best.pt`, read the best way the run has: the top-1 of
-its multi-view evaluation of `best.pt` on val (`eval.py ckpt=.../best.pt split=val`, which the
-benchmark makes for every grid run: all the cached views of each val video), else its best
-clip-level val top-1 (the number `best.pt` was chosen by).
+A run's val score is the number that picked its `best.pt`: its best val top-1 during training
+(the benchmark's runs validate over every view of each val video, `trainer.val_views=all`, so
+that is the multi-view val top-1 eval.py would give on val), the same rule for every option.
 
 Runs are keyed by `dataset.task` (absent: ``direction``), the option (the fusion's Hydra choice,
 `pixels+<fusion>` for the pixel control: `groups.fusion_option`) and `optim.lr`;
@@ -37,9 +36,8 @@ class GridPoint:
 
 
 def val_score(run: Run) -> float | None:
-    """The top-1 of the run's multi-view val evaluation (frames in order), else its best clip-level val top-1."""
-    evaluation = run.split_eval("val")
-    return float(evaluation.results["top1"]) if evaluation is not None else run.best_top1
+    """The run's best val top-1: the one its `best.pt` holds."""
+    return run.best_top1
 
 
 def _grid(runs: Sequence[Run]) -> dict[tuple[str, str], dict[float, GridPoint]]:
@@ -76,7 +74,7 @@ def choose_lrs(runs: Sequence[Run]) -> tuple[dict[tuple[str, str], float], list[
 def grid_markdown(chosen: dict[tuple[str, str], float], points: Sequence[GridPoint]) -> str:
     """Every grid point's mean val top-1 (seeds), the chosen rate marked."""
     lines = [
-        "## Learning-rate grid: val top-1 (%) of best.pt (multi-view where evaluated), mean over the grid seeds",
+        "## Learning-rate grid: val top-1 (%) of best.pt (the number that picked it), mean over the grid seeds",
         "",
         "| task | fusion | lr | val top-1 | seeds | chosen |",
         "|---|---|---|---|---|---|",

@@ -42,6 +42,7 @@ def check_trainer_cfg(tcfg: DictConfig) -> None:
     need(int(tcfg.log_every) >= 1, "log_every", ">= 1")
     need(int(tcfg.ckpt_every) >= 1, "ckpt_every", ">= 1")
     need(int(tcfg.val_every) >= 0, "val_every", ">= 0")
+    need(tcfg.get("val_views", "first") in ("first", "all"), "val_views", "first or all")
     need(0.0 < float(tcfg.ema.decay) < 1.0, "ema", "a mapping with decay in (0, 1)")
 
 

@@ -122,7 +122,7 @@ class TrainLoop:
                 self.save("last.pt")
                 if self._out_of_patience() and self.dist.is_main:
                     log.info(
-                        "stopped early at epoch %d step %d: no better clip-level val top-1 in %d validations "
+                        "stopped early at epoch %d step %d: no better val top-1 in %d validations "
                         "(trainer.patience); best %.2f at epoch %s",
                         self.state.epoch,
                         self.state.step,
@@ -163,7 +163,7 @@ class TrainLoop:
         best = self.ckpt_dir / "best.pt"
         if self.state.best_epoch is not None or self.state.best_top1 > -math.inf:
             at = f" at epoch {self.state.best_epoch}" if self.state.best_epoch is not None else ""
-            parts.append(f"best clip-level val top-1 {self.state.best_top1:.2f}{at}")
+            parts.append(f"best val top-1 {self.state.best_top1:.2f}{at}")
         if self.state.last_val_top1 is not None:
             parts.append(f"final val top-1 {self.state.last_val_top1:.2f} (epoch {self.state.epoch})")
         if not best.is_file():
@@ -437,16 +437,23 @@ class TrainLoop:
 
     @torch.no_grad()
     def validate(self) -> dict[str, float]:
-        """Clip-level validation (1 clip x 1 crop): a training signal, not the multi-view test number."""
+        """Validation on val, by which best.pt and `trainer.patience` go: clip-level (1 clip x 1 crop, a
+        cheap training signal) or, with `trainer.val_views=all`, every eval view averaged as eval.py does.
+
+        The record keeps the split name `val_clip` either way (reports and resumed runs read it);
+        its `views` says which: ``1x1`` or ``CLIPSxCROPS``.
+        """
         tcfg = self.cfg.trainer
         model = self.ema.module if (self.ema is not None and tcfg.ema.eval) else self.model
         batch_size = int(tcfg.val_batch_size or tcfg.batch_size)
         settings = BatchSettings(self.device, self.normalizer, batch_size, self.num_workers, self.precision)
         result = evaluate(model, self.val_set, settings, dist_info=self.dist)
+        views = "x".join(str(v) for v in self.val_set.views)
         record = {
             "step": self.state.step,
             "epoch": self.state.epoch,
             "split": "val_clip",
+            "views": views,
             **result.metrics,  # every registered metric (`metrics.METRICS`), by name
             "topk": result.topk,
             "num_videos": result.num_videos,
@@ -457,9 +464,10 @@ class TrainLoop:
         self.state.last_val_step, self.state.last_val_top1 = self.state.step, result.top1
         if self.dist.is_main:
             log.info(
-                "epoch %d step %d | clip-level val %s (%d videos, %d failed)",
+                "epoch %d step %d | %s val %s (%d videos, %d failed)",
                 self.state.epoch,
                 self.state.step,
+                "clip-level" if views == "1x1" else f"{views}-view",
                 result.metrics_text(),
                 result.num_videos,
                 result.num_failed,

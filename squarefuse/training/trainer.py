@@ -184,7 +184,10 @@ class Trainer(TrainLoop):
         distributed.barrier()
         if not is_main:
             self.train_set = build_dataset(cfg.dataset, "train", report_dir=None)
-        self.val_set = build_dataset(cfg.dataset, "val", views=False, report_dir=report_dir) if tcfg.val_every else None
+        all_views = tcfg.get("val_views", "first") == "all"  # else clip-level (checkpoints of older code lack the key)
+        self.val_set = None
+        if tcfg.val_every:
+            self.val_set = build_dataset(cfg.dataset, "val", views=all_views, report_dir=report_dir)
         self.num_classes = self.train_set.num_classes
         self.training_list = training_list(self.train_set.records)  # compared on resume
         self.class_names = list(self.train_set.class_names)
