@@ -19,12 +19,14 @@ row without a better val top-1) within the cap `trainer.epochs` (--max-epochs, d
 validates over every view of each val video (`trainer.val_views=all`, as eval.py reads val), every
 option alike: best.pt and the lr choice go by that one number. Each step runs once per head (--heads,
 default mean and attentive):
-  1. grid: per option, `train.py -m fusion=<option> optim.lr=<grid> trainer.seed=<grid seeds> head=<head>`
-     -> OUT/grid/<task>/<head>/<option> (default lrs 1e-4 3e-4 1e-3 3e-3 1e-2, grid seeds 0 1)
+  1. grid: `train.py -m fusion=<all> optim.lr=<grid> trainer.seed=<grid seeds> head=<head>`
+     -> OUT/grid/<task>/<head>/fusions, the pixel control -> OUT/grid/<task>/<head>/pixels+joint_mlp
+     (default lrs 1e-4 3e-4 1e-3 3e-3 1e-2, grid seeds 0 1)
   2. per option, the lr with the best mean over the grid seeds of the val top-1 that picked best.pt
      (ties: the smaller lr; squarefuse/report/lr_grid.py)
   3. final: that lr, seeds --seeds (default 2 3 4 5 6: not the grid's) -> OUT/final/<task>/<head>/<option>;
-     each best.pt (chosen on val) evaluated on test with the twin confusion; test is read only here
+     each best.pt (chosen on val) evaluated on test with the twin confusion as its sweep ends; test is
+     read only here
 Two positive controls go through 1-3 with the same lr grid, seeds and selection (not with --no-controls):
 the token control `fusion=joint_mlp` (an MLP over all the tokens of a clip) among the fusions, and the
 pixel control `pixels+joint_mlp`: the same MLP on the raw frames, each frame averaged down to 8 x 8
@@ -50,7 +52,8 @@ import shlex
 import subprocess
 import sys
 import time
-from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -185,11 +188,14 @@ def data_root(data_dir: Path, task: str) -> Path:
 
 @dataclass(frozen=True)
 class Sweep:
-    """One `train.py -m` command: its sweep folder, and the log its output goes to."""
+    """One `train.py -m` command: its sweep folder, the log its output goes to, and its cost: runs
+    weighted by head (the attentive probe's step costs about twice the mean head's: measured, 2026-12-08),
+    by which the sweeps start, the costliest first, so that the last ones to end are short."""
 
     folder: Path
     command: list[str]
     log: Path
+    cost: float = 1.0
 
 
 def run(command: list[str]) -> None:
@@ -210,17 +216,21 @@ def run_logged(sweep: Sweep) -> None:
     print(f"done {sweep.folder} in {time.perf_counter() - start:.0f} s", flush=True)
 
 
-def run_sweeps(sweeps: list[Sweep], jobs: int) -> None:
-    """Run the sweeps `jobs` at a time (each in a process of its own); the first failure cancels
-    those not started and is raised once the running ones end."""
+def run_sweeps(sweeps: list[Sweep], jobs: int, when_done: Callable[[Sweep], None] | None = None) -> None:
+    """Run the sweeps `jobs` at a time (each in a process of its own), the costliest first; `when_done`
+    runs in this thread on each sweep as it ends, while the others go on. The first failure cancels the
+    sweeps not started and is raised once the running ones end."""
     with ThreadPoolExecutor(max_workers=jobs) as pool:
-        futures = [pool.submit(run_logged, sweep) for sweep in sweeps]
-        done, _ = wait(futures, return_when=FIRST_EXCEPTION)
-        failed = [future.exception() for future in futures if future in done and future.exception()]
-        if failed:
+        futures = {pool.submit(run_logged, sweep): sweep for sweep in sorted(sweeps, key=lambda s: -s.cost)}
+        try:
+            for future in as_completed(futures):
+                future.result()
+                if when_done is not None:
+                    when_done(futures[future])
+        except BaseException:
             for future in futures:
                 future.cancel()
-            raise failed[0]
+            raise
 
 
 def joined(values: list) -> str:
@@ -235,31 +245,29 @@ def pixel_control_data(video_data: list[str], pixel_cache: Path, end_to_end: boo
     return ["experiment=temporal_frozen", override("dataset.root", pixel_cache), f"fusion={TOKEN_CONTROL}"]
 
 
-def options(args: argparse.Namespace, data: list[str], pixel_data: list[str]) -> list[tuple[str, list[str]]]:
-    """(option, its model and data overrides) of everything the benchmark trains: each fusion on
-    `data`, then the pixel control on `pixel_data`."""
-    trained = [(fusion, [f"fusion={fusion}", *data]) for fusion in args.fusions]
-    return [*trained, (PIXEL_CONTROL, pixel_data)] if args.controls else trained
-
-
-def option_sweep(
-    args: argparse.Namespace, out: Path, phase: str, task: str, head: str, option: str, settings: list[str]
+def named_sweep(
+    args: argparse.Namespace, out: Path, phase: str, task: str, head: str, name: str, settings: list[str], runs: int
 ) -> Sweep:
-    """`train.py -m SETTINGS hydra.sweep.dir=OUT/PHASE/TASK/HEAD/OPTION OVERRIDES`."""
-    folder = out / phase / task / head / option
+    """`train.py -m SETTINGS hydra.sweep.dir=OUT/PHASE/TASK/HEAD/NAME OVERRIDES`, of `runs` runs."""
+    folder = out / phase / task / head / name
     command = [*args.train_prefix, "-m", *settings, override("hydra.sweep.dir", folder), *args.overrides]
-    return Sweep(folder, command, out / "logs" / f"{phase}_{task}_{head}_{option}.log")
+    cost = runs * (2.0 if head == "attentive" else 1.0)
+    return Sweep(folder, command, out / "logs" / f"{phase}_{task}_{head}_{name}.log", cost)
 
 
 def grid_commands(
     args: argparse.Namespace, data: list[str], pixel_data: list[str], out: Path, task: str, head: str
 ) -> list[Sweep]:
-    """Every option with `head` at every grid point: lrs x grid seeds, one sweep per option."""
+    """Every option with `head` at every grid point (lrs x grid seeds): one sweep of all the fusions on
+    `data` (OUT/grid/TASK/HEAD/fusions: one Python start-up for them all), and one of the pixel control
+    on `pixel_data` (OUT/grid/TASK/HEAD/pixels+joint_mlp)."""
     points = [f"optim.lr={joined(args.lrs)}", f"trainer.seed={joined(args.grid_seeds)}", f"head={head}"]
-    return [
-        option_sweep(args, out, "grid", task, head, option, [*settings, *points])
-        for option, settings in options(args, data, pixel_data)
-    ]
+    per_option = len(args.lrs) * len(args.grid_seeds)
+    fusions = [f"fusion={joined(args.fusions)}", *data, *points]
+    sweeps = [named_sweep(args, out, "grid", task, head, "fusions", fusions, per_option * len(args.fusions))]
+    if args.controls:
+        sweeps.append(named_sweep(args, out, "grid", task, head, PIXEL_CONTROL, [*pixel_data, *points], per_option))
+    return sweeps
 
 
 def final_commands(
@@ -271,12 +279,17 @@ def final_commands(
     head: str,
     chosen: dict[tuple[str, str], float],
 ) -> list[Sweep]:
-    """Every option with `head` at its chosen lr (`chosen[(task, option)]`) with the final seeds."""
+    """Every option with `head` at its chosen lr (`chosen[(task, option)]`) with the final seeds, one
+    sweep per option (OUT/final/TASK/HEAD/OPTION), the pixel control last."""
+    settings = {fusion: [f"fusion={fusion}", *data] for fusion in args.fusions}
+    if args.controls:
+        settings[PIXEL_CONTROL] = pixel_data
     seeds = [f"trainer.seed={joined(args.seeds)}", f"head={head}"]
-    return [
-        option_sweep(args, out, "final", task, head, option, [*settings, f"optim.lr={chosen[(task, option)]}", *seeds])
-        for option, settings in options(args, data, pixel_data)
-    ]
+    sweeps = []
+    for option, model in settings.items():
+        lr = f"optim.lr={chosen[(task, option)]}"
+        sweeps.append(named_sweep(args, out, "final", task, head, option, [*model, lr, *seeds], len(args.seeds)))
+    return sweeps
 
 
 def static_backbone_command(args: argparse.Namespace, out: Path) -> list[str]:
@@ -324,6 +337,81 @@ def evaluate(ckpt: Path, split: str, *extra: str) -> None:
     run_eval(cfg, default_eval_dir(str(ckpt), suffix=f"_{split}"))
 
 
+@dataclass
+class Inputs:
+    """Per task: its videos, and the model and data overrides of its fusion runs and its pixel control."""
+
+    videos: dict[str, Path]
+    data: dict[str, list[str]]
+    pixel_data: dict[str, list[str]]
+
+
+def prepare_inputs(args: argparse.Namespace, out: Path, backbone_ckpt: Path | None, times: dict) -> Inputs:
+    """Each task's inputs; without --end-to-end its token cache and its pixel cache, made in this process."""
+    inputs = Inputs({}, {}, {})
+    for task in args.tasks:
+        task_start = time.perf_counter()
+        videos = data_root(args.data_dir.resolve(), task)
+        video_data = [f"dataset.task={task}", override("dataset.root", videos), *args.data]
+        frozen = ["experiment=temporal_frozen", override("dataset.root", out / "cache" / task)]
+        inputs.videos[task] = videos
+        inputs.data[task] = video_data if args.end_to_end else frozen
+        inputs.pixel_data[task] = pixel_control_data(video_data, out / "cache_pixels" / task, args.end_to_end)
+        if not args.end_to_end:
+            cache_tokens(video_data, out / "cache" / task, backbone_ckpt)
+            if args.controls:  # the pixel backbone has no weights: the same cache whatever the backbone
+                cache_tokens([*video_data, *PIXEL_MODEL], out / "cache_pixels" / task)
+            times[f"{task}: token cache"] = time.perf_counter() - task_start
+    return inputs
+
+
+def run_grid(args: argparse.Namespace, out: Path, inputs: Inputs) -> dict[tuple[str, str], dict]:
+    """Steps 1-2: every grid sweep, then per (task, head) the lr of each option, chosen on val by the
+    number that picked best.pt (over every view: trainer.val_views=all)."""
+    grids = {
+        (task, head): grid_commands(args, inputs.data[task], inputs.pixel_data[task], out, task, head)
+        for task in args.tasks
+        for head in args.heads
+    }
+    run_sweeps([sweep for sweeps in grids.values() for sweep in sweeps], args.jobs)
+    return {key: choose_lrs(load_runs([sweep.folder for sweep in sweeps]))[0] for key, sweeps in grids.items()}
+
+
+def run_finals(args: argparse.Namespace, out: Path, inputs: Inputs, chosen: dict[tuple[str, str], dict]) -> float:
+    """Step 3: every final sweep; each best.pt evaluated on test in this process as its sweep ends,
+    while the other sweeps go on (test is read only here). Returns the seconds spent evaluating."""
+    finals = []
+    for (task, head), lrs in chosen.items():
+        finals += final_commands(args, inputs.data[task], inputs.pixel_data[task], out, task, head, lrs)
+    evaluating = 0.0
+
+    def evaluate_on_test(sweep: Sweep) -> None:
+        nonlocal evaluating
+        eval_start = time.perf_counter()
+        task = sweep.folder.relative_to(out / "final").parts[0]
+        for ckpt in sorted(sweep.folder.glob("*/checkpoints/best.pt")):
+            evaluate(ckpt, "test", override("twin_pairs", inputs.videos[task] / "twins.txt"))
+        evaluating += time.perf_counter() - eval_start
+
+    run_sweeps(finals, args.jobs, when_done=evaluate_on_test)
+    return evaluating
+
+
+def write_reports(args: argparse.Namespace, out: Path) -> Path:
+    """Step 4: the matrix, the lr grid of each head and the budget into OUT/report; returns that folder."""
+    report = make_report([out / "final"], out / "report", matrix=True)
+    grid_notes = []
+    for head in args.heads:
+        head_runs = load_runs([out / "grid" / task / head for task in args.tasks])
+        head_chosen, points = choose_lrs(head_runs)
+        grid_notes.append(f"### head={head}\n\n" + grid_markdown(head_chosen, points) + "\n" + params_note(head_runs))
+    (report.out_dir / "lr_grid.md").write_text("\n".join(grid_notes))
+    final_runs = load_runs([out / "final"])
+    (report.out_dir / "budget.md").write_text(budget_markdown(final_runs))
+    plot_budget_curves(final_runs, report.out_dir)
+    return report.out_dir
+
+
 def main(argv: list[str]) -> int:
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
     args = parse_args(argv)
@@ -335,76 +423,26 @@ def main(argv: list[str]) -> int:
         run(static_backbone_command(args, out))
         backbone_ckpt = out / "backbone_static" / "checkpoints" / "best.pt"
         times["static backbone"] = time.perf_counter() - start
-    # Each task's videos, and the model inputs of its runs (caches first: they are made in this process).
-    videos, data, pixel_data = {}, {}, {}
-    for task in args.tasks:
-        task_start = time.perf_counter()
-        videos[task] = data_root(args.data_dir.resolve(), task)
-        video_data = [f"dataset.task={task}", override("dataset.root", videos[task]), *args.data]
-        data[task] = (
-            video_data
-            if args.end_to_end
-            else ["experiment=temporal_frozen", override("dataset.root", out / "cache" / task)]
-        )
-        pixel_data[task] = pixel_control_data(video_data, out / "cache_pixels" / task, args.end_to_end)
-        if not args.end_to_end:
-            cache_tokens(video_data, out / "cache" / task, backbone_ckpt)
-            if args.controls:  # the pixel backbone has no weights: the same cache whatever the backbone
-                cache_tokens([*video_data, *PIXEL_MODEL], out / "cache_pixels" / task)
-            times[f"{task}: token cache"] = time.perf_counter() - task_start
-
+    inputs = prepare_inputs(args, out, backbone_ckpt, times)
     phase_start = time.perf_counter()
-    grids = {
-        (task, head): grid_commands(args, data[task], pixel_data[task], out, task, head)
-        for task in args.tasks
-        for head in args.heads
-    }
-    run_sweeps([sweep for sweeps in grids.values() for sweep in sweeps], args.jobs)
-    # The rate is chosen on val by the number that picked best.pt (over every view: trainer.val_views=all).
-    chosen = {key: choose_lrs(load_runs([sweep.folder for sweep in sweeps]))[0] for key, sweeps in grids.items()}
+    chosen = run_grid(args, out, inputs)
     times["grid"] = time.perf_counter() - phase_start
-
     phase_start = time.perf_counter()
-    finals = [
-        final_commands(args, data[task], pixel_data[task], out, task, head, chosen[(task, head)])
-        for task, head in grids
-    ]
-    run_sweeps([sweep for sweeps in finals for sweep in sweeps], args.jobs)
-    times["final runs"] = time.perf_counter() - phase_start
-
-    phase_start = time.perf_counter()
-    for task in args.tasks:
-        for ckpt in sorted((out / "final" / task).glob("*/*/*/checkpoints/best.pt")):
-            evaluate(ckpt, "test", override("twin_pairs", videos[task] / "twins.txt"))
-    times["test evaluations"] = time.perf_counter() - phase_start
-
-    report = make_report([out / "final"], out / "report", matrix=True)
-    grid_notes = []
-    for head in args.heads:
-        head_runs = load_runs([out / "grid" / task / head for task in args.tasks])
-        head_chosen, points = choose_lrs(head_runs)
-        grid_notes.append(f"### head={head}\n\n" + grid_markdown(head_chosen, points) + "\n" + params_note(head_runs))
-    (report.out_dir / "lr_grid.md").write_text("\n".join(grid_notes))
-    final_runs = load_runs([out / "final"])
-    (report.out_dir / "budget.md").write_text(budget_markdown(final_runs))
-    plot_budget_curves(final_runs, report.out_dir)
+    evaluating = run_finals(args, out, inputs, chosen)
+    times["final runs and test evaluations"] = time.perf_counter() - phase_start
+    times["test evaluations (within the final runs)"] = evaluating
+    report_dir = write_reports(args, out)
     times["total"] = time.perf_counter() - start
-    (out / "benchmark.json").write_text(
-        json.dumps(
-            {
-                "args": argv,
-                "backbone": args.backbone,
-                "jobs": args.jobs,
-                "checkpoint": backbone_ckpt and str(backbone_ckpt),
-                "wall_s": times,
-            },
-            indent=2,
-        )
-        + "\n"
-    )
-    print((report.out_dir / "matrix.md").read_text())
-    print((report.out_dir / "lr_grid.md").read_text())
-    print((report.out_dir / "budget.md").read_text())
+    summary = {
+        "args": argv,
+        "backbone": args.backbone,
+        "jobs": args.jobs,
+        "checkpoint": backbone_ckpt and str(backbone_ckpt),
+        "wall_s": times,
+    }
+    (out / "benchmark.json").write_text(json.dumps(summary, indent=2) + "\n")
+    for name in ("matrix.md", "lr_grid.md", "budget.md"):
+        print((report_dir / name).read_text())
     print("wall time: " + ", ".join(f"{k} {v / 60:.1f} min" for k, v in times.items()))
     return 0
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -15,10 +16,12 @@ from omegaconf import OmegaConf
 from test_report_matrix import benchmark_run
 from test_scripts import load_script
 
+from squarefuse.apps.cache_tokens import run_cache_tokens
 from squarefuse.apps.evaluate import run_eval
 from squarefuse.models import JointMLP, PixelFrames, build_classifier
 from squarefuse.models.complexity import model_complexity
 from squarefuse.report.app import make_report
+from squarefuse.report.groups import fusion_option
 from squarefuse.report.lr_grid import choose_lrs
 from squarefuse.report.matrix import matrix_markdown, task_fusion_matrix
 from squarefuse.report.runs import load_run
@@ -152,6 +155,46 @@ def test_the_pixel_control_trains_and_evaluates_on_videos(data_root, tmp_path):
     assert 0.0 <= result.top1 <= 100.0
 
 
+def test_the_pixel_control_is_cached_from_the_eval_views_and_validates_over_all_of_them(data_root, tmp_path):
+    """The benchmark's pixel control: the frames' pixels cached like the tokens (the same eval views),
+    trained with `trainer.val_views=all`, where best.pt holds the val top-1 eval.py gives on val."""
+    overrides = [o for o in tiny_overrides(data_root) if not o.startswith(("backbone.model_kwargs", "fusion."))]
+    video_model = [*overrides, "backbone=pixels", "fusion=joint_mlp"]
+    train_config = "train_config=[" + ",".join(f'"{o}"' for o in video_model) + "]"
+    cache = tmp_path / "cache"
+    for split in ("train", "val"):
+        common = [f"out={cache}", f"split={split}", "num_workers=0", "device=cpu", "progress=false"]
+        run_cache_tokens(compose_config("cache_tokens", [train_config, *common]))
+    info = json.loads((cache / "cache.json").read_text())
+    assert (info["backbone_name"], info["num_tokens"], info["embed_dim"], info["num_prefix_tokens"]) == (
+        "pixels",
+        1,
+        3 * 8 * 8,
+        0,
+    )
+    assert info["views"] == [2, 3]  # the synthetic dataset's eval views, as the token cache's
+    with pytest.raises(
+        ValueError, match="tokens=cls keeps each frame's class and register tokens, and backbone pixels"
+    ):
+        run_cache_tokens(compose_config("cache_tokens", [train_config, f"out={tmp_path / 'cls'}", "tokens=cls"]))
+
+    trainer = [o for o in overrides if o.startswith("trainer.")]
+    run = tmp_path / "run"
+    cfg = compose_config(
+        "train", ["dataset=tokens", f"dataset.root={cache}", "fusion=joint_mlp", *trainer, "trainer.val_views=all"]
+    )
+    assert Trainer(cfg, run).fit()["status"] == "finished"
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    vals = [r for r in records if r.get("split") == "val_clip"]
+    assert len(vals) == 2 and {r["views"] for r in vals} == {"2x3"}
+    evaluated = run_eval(compose_config("eval", [f"ckpt={run / 'checkpoints' / 'best.pt'}", "split=val"]), run / "ev")
+    best = load_run(run)
+    assert best.best_top1 == pytest.approx(evaluated.top1) == pytest.approx(max(r["top1"] for r in vals))
+    assert fusion_option(best) == "pixels+JointMLP"  # the report's pixel control (no Hydra choice here: the class)
+    with pytest.raises(ValueError, match=r"trainer.val_views must be first or all, got 'centre'"):
+        Trainer(compose_config("train", [*overrides, "trainer.val_views=centre"]), tmp_path / "refused")
+
+
 # ---------------------------------------------------------------------------------- the matrix
 
 
@@ -252,49 +295,71 @@ def compose_command(command: list[str]) -> dict:
     return compose_config("train", overrides)
 
 
+def one_point(command: list[str], *settings: str) -> list[str]:
+    """A grid sweep's command at its first point (each swept value's first), then `settings`."""
+    return [c.split(",")[0] if "=" in c and "," in c else c for c in command] + list(settings)
+
+
 def test_the_benchmark_runs_both_controls_with_the_same_protocol(tmp_path):
     bench, args = bench_args(tmp_path)
-    out, videos, cache = tmp_path / "bench", tmp_path / "videos", tmp_path / "cache"
+    out, videos, cache, pixel_cache = tmp_path / "bench", tmp_path / "videos", tmp_path / "cache", tmp_path / "pixels"
     video_data = ["dataset.task=speed", f"dataset.root={videos}"]
     data = ["experiment=temporal_frozen", f"dataset.root={cache}"]
-    grids = bench.grid_commands(args, data, video_data, out, "speed", "attentive")
-    assert list(grids) == [out / "grid" / "speed" / "attentive", out / "grid_pixels" / "speed" / "attentive"]
-    tokens_grid, pixels_grid = grids.values()
-    assert "fusion=none,square,joint_mlp" in tokens_grid  # the token control among the fusions, on the cache
-    assert "backbone=pixels" in pixels_grid and "fusion=joint_mlp" in pixels_grid and "-m" in pixels_grid
+    pixel_data = bench.pixel_control_data(video_data, pixel_cache, end_to_end=False)
+    grids = bench.grid_commands(args, data, pixel_data, out, "speed", "attentive")
+    options = ("none", "square", "joint_mlp", "pixels+joint_mlp")
+    # One sweep of all the fusions (the token control among them) and one of the pixel control, each with
+    # its folder and log; they run --jobs at a time, the costliest first (attentive: twice a run).
+    folders = ("fusions", "pixels+joint_mlp")
+    assert [sweep.folder for sweep in grids] == [out / "grid" / "speed" / "attentive" / f for f in folders]
+    assert [sweep.log.name for sweep in grids] == [f"grid_speed_attentive_{f}.log" for f in folders]
+    assert [sweep.cost for sweep in grids] == [2 * (3 * 2 * 2), 2 * (2 * 2)]  # options x lrs x seeds
     same = ("optim.lr=0.001,0.01", "trainer.seed=0,1", "head=attentive", "trainer.patience=3", "trainer.epochs=1")
-    for point in same:  # the same grid, head, patience and overrides
-        assert point in tokens_grid and point in pixels_grid
-    assert f"dataset.root={videos}" in pixels_grid and f"dataset.root={cache}" not in pixels_grid
+    for sweep in grids:  # the same grid, head, patience, val rule and overrides for every option
+        assert all(point in sweep.command for point in (*same, "trainer.val_views=all", "-m")), sweep.command
+    assert "fusion=none,square,joint_mlp" in grids[0].command
+    token_control = compose_command(one_point(grids[0].command, "fusion=joint_mlp"))
+    pixel_control = compose_command(one_point(grids[1].command))
+    # Both controls read a cache of the same eval views: the backbone's tokens, and the frames' pixels.
+    assert token_control.dataset.name == pixel_control.dataset.name == "tokens"
+    assert token_control.dataset.root == str(cache) and pixel_control.dataset.root == str(pixel_cache)
+    assert OmegaConf.to_container(pixel_control.fusion) == OmegaConf.to_container(token_control.fusion)
+    assert token_control.fusion._target_.endswith("JointMLP")
+    assert pixel_control.trainer == token_control.trainer and pixel_control.trainer.val_views == "all"
+    assert pixel_control.optim == token_control.optim and pixel_control.head == token_control.head
 
     chosen = {("speed", "none"): 1e-3, ("speed", "square"): 1e-2, ("speed", "joint_mlp"): 1e-2}
     chosen[("speed", "pixels+joint_mlp")] = 1e-3
-    finals = bench.final_commands(args, data, video_data, out, "speed", "attentive", chosen)
-    options = ("none", "square", "joint_mlp", "pixels+joint_mlp")
-    assert [c[c.index("trainer.epochs=96") - 1] for c in finals] == [  # the sweep folder, before the overrides
-        f"hydra.sweep.dir={out / 'final' / 'speed' / 'attentive' / option}" for option in options
-    ]
-    token_control, pixel_control = compose_command(finals[2]), compose_command(finals[3])
-    assert token_control.dataset.name == "tokens" and token_control.fusion._target_.endswith("JointMLP")
-    assert pixel_control.dataset.name == "synthetic" and pixel_control.dataset.task == "speed"
-    assert pixel_control.backbone._target_.endswith("PixelFrames")
-    # The same layer (num_frames: dataset.num_frames, filled in from the cache when a token run starts).
-    assert OmegaConf.to_container(pixel_control.fusion) == OmegaConf.to_container(token_control.fusion)
-    assert pixel_control.optim.lr == 1e-3 and token_control.optim.lr == 1e-2
-    # The frozen runs' trainer and optimiser settings, learning rate aside (chosen on val for each).
-    assert pixel_control.trainer == token_control.trainer and pixel_control.trainer.epochs == 1
-    assert {k: v for k, v in pixel_control.optim.items() if k != "lr"} == {
-        k: v for k, v in token_control.optim.items() if k != "lr"
-    }
-    assert pixel_control.head == token_control.head
-    # Train views of the cached eval views' zoom (64 of 73 px), no flip.
-    assert list(pixel_control.dataset.scale) == [0.77, 0.77] and not pixel_control.dataset.hflip
+    finals = bench.final_commands(args, data, pixel_data, out, "speed", "attentive", chosen)
+    assert [sweep.folder for sweep in finals] == [out / "final" / "speed" / "attentive" / o for o in options]
+    lrs = [compose_command(sweep.command).optim.lr for sweep in finals]
+    assert lrs == [1e-3, 1e-2, 1e-2, 1e-3]
+    assert all("trainer.seed=1" in sweep.command for sweep in finals)
+    # --end-to-end: the pixel control on the videos, as every end-to-end run.
+    on_videos = compose_command(["-m", *bench.pixel_control_data(video_data, pixel_cache, end_to_end=True)])
+    assert on_videos.dataset.name == "synthetic" and on_videos.backbone._target_.endswith("PixelFrames")
 
 
 def test_the_benchmark_without_controls_runs_only_the_fusions(tmp_path):
     bench, args = bench_args(tmp_path, "--no-controls")
-    grids = bench.grid_commands(args, ["experiment=temporal_frozen"], ["dataset.task=speed"], tmp_path, "speed", "mean")
-    folder = tmp_path / "grid" / "speed" / "mean"
-    assert list(grids) == [folder] and "fusion=none,square" in grids[folder]
+    grids = bench.grid_commands(args, ["experiment=temporal_frozen"], [], tmp_path, "speed", "mean")
+    assert [sweep.folder.name for sweep in grids] == ["fusions"] and "fusion=none,square" in grids[0].command
     chosen = {("speed", "none"): 1e-3, ("speed", "square"): 1e-2}
     assert len(bench.final_commands(args, [], [], tmp_path, "speed", "mean", chosen)) == 2
+
+
+def test_the_benchmark_names_the_log_of_a_sweep_that_failed(tmp_path):
+    bench = load_script("temporal_benchmark")
+    fine = bench.Sweep(tmp_path / "fine", [sys.executable, "-c", "print('trained')"], tmp_path / "logs" / "fine.log")
+    broken = [sys.executable, "-c", "import sys; print('the cache is damaged'); sys.exit(3)"]
+    failed = bench.Sweep(tmp_path / "broken", broken, tmp_path / "logs" / "broken.log")
+    done = []
+    bench.run_sweeps([fine], jobs=2, when_done=done.append)
+    assert done == [fine] and (tmp_path / "logs" / "fine.log").read_text() == "trained\n"
+    ends = r"(?s)broken failed \(exit 3\); its log .*broken.log ends:\nthe cache is damaged"
+    with pytest.raises(RuntimeError, match=ends):
+        bench.run_sweeps([failed, fine], jobs=1, when_done=done.append)
+    assert done == [fine]  # the sweep after the failure never started
+    assert bench.parse_args([str(tmp_path / "b"), "--jobs", "3"]).jobs == 3
+    with pytest.raises(SystemExit):
+        bench.parse_args([str(tmp_path / "b"), "--jobs", "0"])

@@ -9,6 +9,9 @@ import pytest
 import yaml
 from helpers.scripts import run_script
 
+from squarefuse.report.groups import fusion_option
+from squarefuse.report.runs import load_run
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -54,27 +57,32 @@ def test_the_benchmark_caches_tunes_on_val_and_reports_other_seeds_on_test(tmp_p
     for split, videos in (("train", 8), ("val", 4), ("test", 6)):
         index = json.loads((out / "cache" / "path_shape" / split / "index.json").read_text())
         assert len(index["videos"]) == videos, split
-    # 1-2. Every grid point ran on the cache at grid seed 0 (the token control joint_mlp among the
-    # fusions), the pixel control's on the videos; the chosen lr is the one lr_grid.md marks.
-    grid_runs = sorted((out / "grid" / "path_shape" / "mean").glob("*_*"))
-    grid = [yaml.safe_load((p / ".hydra" / "config.yaml").read_text()) for p in grid_runs]
-    swept = [yaml.safe_load((p / ".hydra" / "overrides.yaml").read_text())[:2] for p in grid_runs]
-    points = [[f"fusion={f}", f"optim.lr={lr}"] for f in ("none", "square", "joint_mlp") for lr in (0.001, 0.01)]
-    assert sorted(swept) == sorted(points)
+    # 0. The pixel control's cache: the same videos' eval views, each frame as its 8 x 8 pixels.
+    pixels = json.loads((out / "cache_pixels" / "path_shape" / "cache.json").read_text())
+    assert pixels["backbone_name"] == "pixels" and pixels["num_tokens"] == 1 and pixels["views"] == cache["views"]
+    # 1-2. Every grid point ran at grid seed 0, one sweep per option (the token control joint_mlp among
+    # the fusions, the pixel control on its cache), each validating over every view of each val video;
+    # the chosen lr is the one lr_grid.md marks.
+    grid_runs = sorted((out / "grid" / "path_shape" / "mean").glob("*/*_*"))
+    assert {p.parent.name for p in grid_runs} == {"fusions", "pixels+joint_mlp"}
+    grid = [yaml.safe_load((p / "config.yaml").read_text()) for p in grid_runs]
+    option = [fusion_option(load_run(p)) for p in grid_runs]
+    options = ("none", "square", "joint_mlp", "pixels+joint_mlp")
+    points = sorted((o, c["optim"]["lr"]) for o, c in zip(option, grid, strict=True))
+    assert points == sorted((option, lr) for option in options for lr in (0.001, 0.01))
     assert {c["trainer"]["seed"] for c in grid} == {0} and {c["dataset"]["name"] for c in grid} == {"tokens"}
+    roots = {o: c["dataset"]["root"] for o, c in zip(option, grid, strict=True)}
+    assert roots["pixels+joint_mlp"] == str(out / "cache_pixels" / "path_shape")
+    assert roots["square"] == roots["joint_mlp"] == str(out / "cache" / "path_shape")
     # Every run of every option: until val stops improving (the user's trainer.epochs=1 wins over the cap).
     assert {(c["trainer"]["patience"], c["trainer"]["epochs"], c["head"]["_target_"]) for c in grid} == {
         (3, 1, "squarefuse.models.heads.MeanHead")
     }
-    # The rate is chosen on val over all the views of each grid run's best.pt.
-    for run in grid_runs:
-        (val,) = [json.loads(p.read_text()) for p in run.glob("eval/*_val/results.json")]
-        assert val["split"] == "val" and val["num_videos"] == 4
-    pixel_runs = sorted((out / "grid_pixels" / "path_shape" / "mean").glob("*_*"))
-    pixel_grid = [yaml.safe_load((p / ".hydra" / "config.yaml").read_text()) for p in pixel_runs]
-    assert sorted(c["optim"]["lr"] for c in pixel_grid) == [0.001, 0.01]
-    assert {c["dataset"]["name"] for c in pixel_grid} == {"synthetic"}
-    assert {c["backbone"]["_target_"] for c in pixel_grid} == {"squarefuse.models.PixelFrames"}
+    for run in grid_runs:  # val over all of each video's cached views: the number that picks best.pt and the lr
+        records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        assert {r["views"] for r in records if r.get("split") == "val_clip"} == {"2x3"}, run
+        assert not list(run.glob("eval/*_val"))  # no second reading of val
+    assert len(list((out / "logs").glob("grid_path_shape_mean_*.log"))) == 2
     lr_grid = (out / "report" / "lr_grid.md").read_text()
     chosen = {
         line.split("|")[2].strip(): float(line.split("|")[3]) for line in lr_grid.splitlines() if "| yes |" in line
@@ -96,7 +104,8 @@ def test_the_benchmark_caches_tunes_on_val_and_reports_other_seeds_on_test(tmp_p
     assert "| path_shape |" in matrix and "token control" in matrix
     assert (out / "report" / "temporal_matrix.png").is_file()
     wall = json.loads((out / "benchmark.json").read_text())["wall_s"]
-    assert {"path_shape: token cache", "path_shape, head mean: grid", "path_shape, head mean: final runs"} <= set(wall)
+    phases = {"grid", "final runs and test evaluations", "test evaluations (within the final runs)", "total"}
+    assert {"path_shape: token cache", *phases} == set(wall)
     budget = (out / "report" / "budget.md").read_text()
     assert "within 96 optimiser steps" in budget and "| path_shape | square |" in budget
     assert (out / "report" / "budget_path_shape.png").is_file()

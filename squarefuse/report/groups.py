@@ -57,13 +57,12 @@ def group_choice(run: Run, group: str) -> str | None:
 
 def fusion_option(run: Run) -> str:
     """The run's option in the temporal benchmark: the fusion's choice (`group_choice`), `pixels+<fusion>`
-    for a run on the pixel backbone (`PixelFrames`, the pixel control), a model of another input: on
-    the videos, or on a token cache that backbone made (its name, `pixels`, is no timm model's)."""
+    for a run on the pixel backbone (`PixelFrames`, the pixel control), a model of another input: on the
+    videos, or on a cache that backbone made, whose runs carry its name (`pixels`, no timm model's)."""
     fusion = str(group_choice(run, "fusion"))
     flat = flatten(run.config)
-    on_videos = str(flat.get("backbone._target_", "")).endswith(".PixelFrames")
-    on_cache = flat.get("dataset.name") == "tokens" and flat.get("dataset.backbone") == "pixels"
-    return f"pixels+{fusion}" if on_videos or on_cache else fusion
+    pixels = str(flat.get("backbone._target_", "")).endswith(".PixelFrames") or flat.get("backbone.name") == "pixels"
+    return f"pixels+{fusion}" if pixels else fusion
 
 
 def benchmark_task(run: Run) -> str:
