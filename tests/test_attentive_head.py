@@ -139,8 +139,41 @@ def test_every_parameter_learns_from_step_0():
     probe = head("pos_embed=space_time", "max_frames=8", "max_tokens=8", randomised=False).train()
     logits = probe(tokens(2, 4, 3))
     torch.nn.functional.cross_entropy(logits, torch.tensor([0, 3])).backward()
-    silent = [name for name, p in probe.named_parameters() if p.grad is None or not p.grad[:4].abs().sum() > 0]
+    kv_bias = probe.blocks[0].kv.bias
+    # The key bias adds the same q . b_k to every score of a query, which the softmax removes: it is
+    # the one parameter no loss can move (textbook attention gives it a gradient of rounding noise).
+    assert kv_bias.grad is not None and torch.equal(kv_bias.grad[:D], torch.zeros(D))
+    grads = {name: p.grad for name, p in probe.named_parameters()} | {"blocks.0.kv.bias": kv_bias.grad[D:]}
+    silent = [name for name, grad in grads.items() if grad is None or not grad[:4].abs().sum() > 0]
     assert silent == []  # the positions used (4 frames, 3 tokens) get a gradient at once
+
+
+def textbook_block(block, query_B1D, tokens_BSD, keys_B11S):
+    """The cross-attention block as usually written: every token projected to a key and a value."""
+    B, S, D = tokens_BSD.shape
+    H, hd = block.heads, D // block.heads
+    k, v = block.kv(block.norm1(tokens_BSD)).reshape(B, S, 2, H, hd).permute(2, 0, 3, 1, 4).unbind(0)
+    q = block.q(query_B1D).reshape(B, 1, H, hd).transpose(1, 2)
+    attended = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=keys_B11S)
+    query_B1D = query_B1D + block.proj(attended.transpose(1, 2).reshape(B, 1, D))
+    return query_B1D + block.mlp(block.norm2(query_B1D))
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_the_block_is_textbook_cross_attention_without_projecting_every_token(masked):
+    # In float64, so that the two orders of the same sums agree to far below any tolerance's size.
+    block = head().blocks[0].double()  # two heads, every weight and bias far from zero
+    assert block.heads == 2 and block.kv.bias[:D].abs().min() > 0
+    g = torch.Generator().manual_seed(5)
+    query, x = (torch.randn(3, size, D, generator=g, dtype=torch.float64) for size in (1, 7))
+    keys = (torch.rand(3, 1, 1, 7, generator=g) > 0.4) | (torch.arange(7) == 0) if masked else None
+    fast, textbook = block(query, x, None, keys), textbook_block(block, query, x, keys)
+    torch.testing.assert_close(fast, textbook, rtol=1e-10, atol=1e-10)
+    x.requires_grad_(True)
+    fast, textbook = block(query, x, None, keys), textbook_block(block, query, x, keys)
+    grads = [torch.autograd.grad(out.square().sum(), [x, *block.parameters()]) for out in (fast, textbook)]
+    for name, a, b in zip(["tokens", *(n for n, _ in block.named_parameters())], *grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9, msg=name)
 
 
 def test_query_and_position_embeddings_get_no_weight_decay():

@@ -10,7 +10,6 @@ from __future__ import annotations
 import numbers
 
 import torch
-import torch.nn.functional as F
 from timm.layers import Mlp
 from torch import Tensor, nn
 
@@ -121,7 +120,15 @@ class MeanHead(_LinearHead):
 
 
 class _CrossAttentionBlock(nn.Module):
-    """The query attends over the tokens (pre-norm on the tokens, residual), then an MLP (pre-norm, residual)."""
+    """The query attends over the tokens (pre-norm on the tokens, residual), then an MLP (pre-norm, residual).
+
+    Computed for one query without projecting every token: per head, the score of token x is
+    ``q . (W_k x + b_k) = (W_k^T q) . x + q . b_k`` and the output ``sum_s a_s (W_v x_s + b_v) =
+    W_v (sum_s a_s x_s) + b_v`` (the weights a_s sum to 1), so the query goes through W_k once and the
+    attention-weighted token through W_v once: S x D work per head instead of S x D x D, the same
+    function and parameters (`kv` holds W_k, W_v as one layer, as timm's attention does). ``q . b_k`` is
+    the same for every token and the softmax ignores it: the key bias never changes the output.
+    """
 
     def __init__(self, d_model: int, heads: int, mlp_ratio: float) -> None:
         super().__init__()
@@ -139,14 +146,19 @@ class _CrossAttentionBlock(nn.Module):
         """Args: the query [B,1,D], the tokens [B,S,D], their position embeddings (broadcastable) or
         None, the keys taking part [B,1,1,S] (bool) or None."""
         B, S, D = tokens_BSD.shape
-        hd = D // self.heads
-        tokens_BSD = self.norm1(tokens_BSD)
+        H, hd = self.heads, D // self.heads
+        x_BSD = self.norm1(tokens_BSD)
         if pos_BSD is not None:
-            tokens_BSD = tokens_BSD + pos_BSD
-        k, v = self.kv(tokens_BSD).reshape(B, S, 2, self.heads, hd).permute(2, 0, 3, 1, 4).unbind(0)  # [B,H,S,hd]
-        q = self.q(query_B1D).reshape(B, 1, self.heads, hd).transpose(1, 2)  # [B,H,1,hd]
-        attn_BH1d = F.scaled_dot_product_attention(q, k, v, attn_mask=keys_B11S)
-        query_B1D = query_B1D + self.proj(attn_BH1d.transpose(1, 2).reshape(B, 1, D))
+            x_BSD = x_BSD + pos_BSD
+        w_k_HdD, w_v_HdD = self.kv.weight.reshape(2, H, hd, D).unbind(0)
+        q_BHd = self.q(query_B1D).reshape(B, H, hd)
+        query_keys_BHD = torch.einsum("bhk,hkd->bhd", q_BHd, w_k_HdD) * hd**-0.5  # W_k^T q, scaled
+        scores_BHS = query_keys_BHD @ x_BSD.transpose(1, 2)
+        if keys_B11S is not None:
+            scores_BHS = scores_BHS.masked_fill(~keys_B11S[:, 0], float("-inf"))
+        attended_BHD = scores_BHS.softmax(dim=-1) @ x_BSD  # the attention-weighted token, per head
+        values_BHd = torch.einsum("bhd,hkd->bhk", attended_BHD, w_v_HdD) + self.kv.bias[D:].reshape(H, hd)
+        query_B1D = query_B1D + self.proj(values_BHd.reshape(B, 1, D))
         return query_B1D + self.mlp(self.norm2(query_B1D))
 
 
