@@ -52,8 +52,7 @@ import shlex
 import subprocess
 import sys
 import time
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor, as_completed
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -188,14 +187,17 @@ def data_root(data_dir: Path, task: str) -> Path:
 
 @dataclass(frozen=True)
 class Sweep:
-    """One `train.py -m` command: its sweep folder, the log its output goes to, and its cost: runs
-    weighted by head (the attentive probe's step costs about twice the mean head's: measured, 2026-12-08),
-    by which the sweeps start, the costliest first, so that the last ones to end are short."""
+    """One `train.py -m` command: its sweep folder, the log its output goes to, and its cost in runs, by
+    which the sweeps of a batch start, the costliest first, so that the last ones to end are short."""
 
     folder: Path
     command: list[str]
     log: Path
     cost: float = 1.0
+
+
+class SweepFailed(RuntimeError):
+    """A training sweep exited with an error: the message names its log."""
 
 
 def run(command: list[str]) -> None:
@@ -212,25 +214,8 @@ def run_logged(sweep: Sweep) -> None:
         code = subprocess.run(sweep.command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT).returncode
     if code:
         tail = "\n".join(sweep.log.read_text(errors="replace").splitlines()[-15:])
-        raise RuntimeError(f"the sweep {sweep.folder} failed (exit {code}); its log {sweep.log} ends:\n{tail}")
+        raise SweepFailed(f"the sweep {sweep.folder} failed (exit {code}); its log {sweep.log} ends:\n{tail}")
     print(f"done {sweep.folder} in {time.perf_counter() - start:.0f} s", flush=True)
-
-
-def run_sweeps(sweeps: list[Sweep], jobs: int, when_done: Callable[[Sweep], None] | None = None) -> None:
-    """Run the sweeps `jobs` at a time (each in a process of its own), the costliest first; `when_done`
-    runs in this thread on each sweep as it ends, while the others go on. The first failure cancels the
-    sweeps not started and is raised once the running ones end."""
-    with ThreadPoolExecutor(max_workers=jobs) as pool:
-        futures = {pool.submit(run_logged, sweep): sweep for sweep in sorted(sweeps, key=lambda s: -s.cost)}
-        try:
-            for future in as_completed(futures):
-                future.result()
-                if when_done is not None:
-                    when_done(futures[future])
-        except BaseException:
-            for future in futures:
-                future.cancel()
-            raise
 
 
 def joined(values: list) -> str:
@@ -251,8 +236,7 @@ def named_sweep(
     """`train.py -m SETTINGS hydra.sweep.dir=OUT/PHASE/TASK/HEAD/NAME OVERRIDES`, of `runs` runs."""
     folder = out / phase / task / head / name
     command = [*args.train_prefix, "-m", *settings, override("hydra.sweep.dir", folder), *args.overrides]
-    cost = runs * (2.0 if head == "attentive" else 1.0)
-    return Sweep(folder, command, out / "logs" / f"{phase}_{task}_{head}_{name}.log", cost)
+    return Sweep(folder, command, out / "logs" / f"{phase}_{task}_{head}_{name}.log", runs)
 
 
 def grid_commands(
@@ -338,63 +322,90 @@ def evaluate(ckpt: Path, split: str, *extra: str) -> None:
 
 
 @dataclass
-class Inputs:
-    """Per task: its videos, and the model and data overrides of its fusion runs and its pixel control."""
+class Task:
+    """A task's videos, the model and data overrides of its fusion runs and of its pixel control, and the
+    sweeps of its grid per head that have not ended."""
 
-    videos: dict[str, Path]
-    data: dict[str, list[str]]
-    pixel_data: dict[str, list[str]]
-
-
-def prepare_inputs(args: argparse.Namespace, out: Path, backbone_ckpt: Path | None, times: dict) -> Inputs:
-    """Each task's inputs; without --end-to-end its token cache and its pixel cache, made in this process."""
-    inputs = Inputs({}, {}, {})
-    for task in args.tasks:
-        task_start = time.perf_counter()
-        videos = data_root(args.data_dir.resolve(), task)
-        video_data = [f"dataset.task={task}", override("dataset.root", videos), *args.data]
-        frozen = ["experiment=temporal_frozen", override("dataset.root", out / "cache" / task)]
-        inputs.videos[task] = videos
-        inputs.data[task] = video_data if args.end_to_end else frozen
-        inputs.pixel_data[task] = pixel_control_data(video_data, out / "cache_pixels" / task, args.end_to_end)
-        if not args.end_to_end:
-            cache_tokens(video_data, out / "cache" / task, backbone_ckpt)
-            if args.controls:  # the pixel backbone has no weights: the same cache whatever the backbone
-                cache_tokens([*video_data, *PIXEL_MODEL], out / "cache_pixels" / task)
-            times[f"{task}: token cache"] = time.perf_counter() - task_start
-    return inputs
+    name: str
+    videos: Path
+    data: list[str]
+    pixel_data: list[str]
+    grid: dict[str, list[Sweep]]
+    grid_left: dict[str, int]
 
 
-def run_grid(args: argparse.Namespace, out: Path, inputs: Inputs) -> dict[tuple[str, str], dict]:
-    """Steps 1-2: every grid sweep, then per (task, head) the lr of each option, chosen on val by the
-    number that picked best.pt (over every view: trainer.val_views=all)."""
-    grids = {
-        (task, head): grid_commands(args, inputs.data[task], inputs.pixel_data[task], out, task, head)
-        for task in args.tasks
-        for head in args.heads
-    }
-    run_sweeps([sweep for sweeps in grids.values() for sweep in sweeps], args.jobs)
-    return {key: choose_lrs(load_runs([sweep.folder for sweep in sweeps]))[0] for key, sweeps in grids.items()}
+def prepare_task(args: argparse.Namespace, out: Path, name: str, backbone_ckpt: Path | None) -> Task:
+    """The task's inputs; without --end-to-end its token cache and its pixel cache, made in this process."""
+    videos = data_root(args.data_dir.resolve(), name)
+    video_data = [f"dataset.task={name}", override("dataset.root", videos), *args.data]
+    frozen = ["experiment=temporal_frozen", override("dataset.root", out / "cache" / name)]
+    pixel_data = pixel_control_data(video_data, out / "cache_pixels" / name, args.end_to_end)
+    if not args.end_to_end:
+        cache_tokens(video_data, out / "cache" / name, backbone_ckpt)
+        if args.controls:  # the pixel backbone has no weights: the same cache whatever the backbone
+            cache_tokens([*video_data, *PIXEL_MODEL], out / "cache_pixels" / name)
+    task = Task(name, videos, video_data if args.end_to_end else frozen, pixel_data, {}, {})
+    for head in args.heads:
+        task.grid[head] = grid_commands(args, task.data, task.pixel_data, out, name, head)
+        task.grid_left[head] = len(task.grid[head])
+    return task
 
 
-def run_finals(args: argparse.Namespace, out: Path, inputs: Inputs, chosen: dict[tuple[str, str], dict]) -> float:
-    """Step 3: every final sweep; each best.pt evaluated on test in this process as its sweep ends,
-    while the other sweeps go on (test is read only here). Returns the seconds spent evaluating."""
-    finals = []
-    for (task, head), lrs in chosen.items():
-        finals += final_commands(args, inputs.data[task], inputs.pixel_data[task], out, task, head, lrs)
-    evaluating = 0.0
+def run_benchmark(args: argparse.Namespace, out: Path, backbone_ckpt: Path | None, times: dict[str, float]) -> None:
+    """Steps 0-3 for every task, the sweeps --jobs at a time, each started as soon as what it needs is
+    there: a task's grid once its caches are made (while the sweeps of the tasks before it run), its
+    final sweeps once its grid has ended and the lrs are chosen, its test evaluations as each final
+    sweep ends. Caches and evaluations run in this thread (one thread composes configs), the sweeps in
+    processes of their own. The first failure cancels the sweeps not started and is raised."""
+    start = time.perf_counter()
+    pool = ThreadPoolExecutor(max_workers=args.jobs)
+    running: dict[Future, tuple[Task, str, str, Sweep]] = {}  # -> task, head, phase, sweep
+    finals_left: dict[str, int] = {}
+    times["test evaluations"] = 0.0
 
-    def evaluate_on_test(sweep: Sweep) -> None:
-        nonlocal evaluating
+    def launch(task: Task, head: str, phase: str, sweeps: list[Sweep]) -> None:
+        for sweep in sorted(sweeps, key=lambda s: -s.cost):  # the costliest first
+            running[pool.submit(run_logged, sweep)] = (task, head, phase, sweep)
+
+    def ended(task: Task, head: str, phase: str, sweep: Sweep) -> None:
+        if phase == "grid":
+            task.grid_left[head] -= 1
+            if not task.grid_left[head]:
+                # Step 2: on val, by the number that picked best.pt (every view: trainer.val_views=all).
+                chosen, _ = choose_lrs(load_runs([s.folder for s in task.grid[head]]))
+                finals = final_commands(args, task.data, task.pixel_data, out, task.name, head, chosen)
+                finals_left[task.name] = finals_left.get(task.name, 0) + len(finals)
+                launch(task, head, "final", finals)
+            return
         eval_start = time.perf_counter()
-        task = sweep.folder.relative_to(out / "final").parts[0]
-        for ckpt in sorted(sweep.folder.glob("*/checkpoints/best.pt")):
-            evaluate(ckpt, "test", override("twin_pairs", inputs.videos[task] / "twins.txt"))
-        evaluating += time.perf_counter() - eval_start
+        for ckpt in sorted(sweep.folder.glob("*/checkpoints/best.pt")):  # test is read only here
+            evaluate(ckpt, "test", override("twin_pairs", task.videos / "twins.txt"))
+        times["test evaluations"] += time.perf_counter() - eval_start
+        finals_left[task.name] -= 1
+        if not finals_left[task.name] and not any(task.grid_left.values()):
+            times[f"{task.name}: done after"] = time.perf_counter() - start
 
-    run_sweeps(finals, args.jobs, when_done=evaluate_on_test)
-    return evaluating
+    def collect(block: bool) -> None:
+        done, _ = wait(list(running), timeout=None if block else 0, return_when=FIRST_COMPLETED)
+        for future in done:
+            task, head, phase, sweep = running.pop(future)
+            future.result()
+            ended(task, head, phase, sweep)
+
+    try:
+        for name in args.tasks:
+            cache_start = time.perf_counter()
+            task = prepare_task(args, out, name, backbone_ckpt)
+            times[f"{name}: caches"] = time.perf_counter() - cache_start
+            for head in args.heads:
+                launch(task, head, "grid", task.grid[head])
+            collect(block=False)
+        while running:
+            collect(block=True)
+    finally:
+        for future in running:
+            future.cancel()
+        pool.shutdown(wait=True)
 
 
 def write_reports(args: argparse.Namespace, out: Path) -> Path:
@@ -423,14 +434,11 @@ def main(argv: list[str]) -> int:
         run(static_backbone_command(args, out))
         backbone_ckpt = out / "backbone_static" / "checkpoints" / "best.pt"
         times["static backbone"] = time.perf_counter() - start
-    inputs = prepare_inputs(args, out, backbone_ckpt, times)
-    phase_start = time.perf_counter()
-    chosen = run_grid(args, out, inputs)
-    times["grid"] = time.perf_counter() - phase_start
-    phase_start = time.perf_counter()
-    evaluating = run_finals(args, out, inputs, chosen)
-    times["final runs and test evaluations"] = time.perf_counter() - phase_start
-    times["test evaluations (within the final runs)"] = evaluating
+    try:
+        run_benchmark(args, out, backbone_ckpt, times)
+    except SweepFailed as e:
+        print(f"temporal_benchmark: {e}\nthe runs that ended are kept in {out}", file=sys.stderr)
+        return 1
     report_dir = write_reports(args, out)
     times["total"] = time.perf_counter() - start
     summary = {

@@ -104,8 +104,7 @@ def test_the_benchmark_caches_tunes_on_val_and_reports_other_seeds_on_test(tmp_p
     assert "| path_shape |" in matrix and "token control" in matrix
     assert (out / "report" / "temporal_matrix.png").is_file()
     wall = json.loads((out / "benchmark.json").read_text())["wall_s"]
-    phases = {"grid", "final runs and test evaluations", "test evaluations (within the final runs)", "total"}
-    assert {"path_shape: token cache", *phases} == set(wall)
+    assert {"path_shape: caches", "path_shape: done after", "test evaluations", "total"} == set(wall)
     budget = (out / "report" / "budget.md").read_text()
     assert "within 96 optimiser steps" in budget and "| path_shape | square |" in budget
     assert (out / "report" / "budget_path_shape.png").is_file()
@@ -141,3 +140,18 @@ def test_the_static_backbone_is_trained_on_the_shape_task_and_every_task_is_cach
     bench = json.loads((out / "benchmark.json").read_text())
     assert bench["backbone"] == "static" and bench["checkpoint"] == str(best)
     assert "static backbone" in bench["wall_s"]
+
+
+@pytest.mark.slow
+def test_a_failed_sweep_stops_the_benchmark_naming_its_log(tmp_path):
+    out = tmp_path / "bench"
+    args = [str(out), "--tasks", "path_shape", "--fusions", "none", "--no-controls", "--lrs", "1e-3"]
+    args += ["--seeds", "1", "--grid-seeds", "0", "--heads", "mean", "--data-dir", str(tmp_path / "data")]
+    args += ["--data", "dataset.generate.train_per_class=2", "dataset.generate.val_per_class=1"]
+    args += ["dataset.generate.test_per_class=1", "--", "trainer.batch_size=0"]
+    done = run_script("scripts/temporal_benchmark.py", *args, cwd=REPO, env={"OMP_NUM_THREADS": "1"})
+    assert done.returncode != 0
+    log = out / "logs" / "grid_path_shape_mean_fusions.log"
+    assert f"the sweep {out / 'grid' / 'path_shape' / 'mean' / 'fusions'} failed" in done.stderr
+    assert str(log) in done.stderr and "trainer.batch_size must be >= 1" in done.stderr
+    assert not (out / "final").exists()  # nothing after the grid started
