@@ -355,16 +355,25 @@ def run_benchmark(args: argparse.Namespace, out: Path, backbone_ckpt: Path | Non
     """Steps 0-3 for every task, the sweeps --jobs at a time, each started as soon as what it needs is
     there: a task's grid once its caches are made (while the sweeps of the tasks before it run), its
     final sweeps once its grid has ended and the lrs are chosen, its test evaluations as each final
-    sweep ends. Caches and evaluations run in this thread (one thread composes configs), the sweeps in
-    processes of their own. The first failure cancels the sweeps not started and is raised."""
+    sweep ends. Of the sweeps ready, final ones start first, then those of the earlier tasks, the
+    costliest first: the tasks end one after another, so a benchmark stopped early keeps whole tasks.
+    Caches and evaluations run in this thread (one thread composes configs), the sweeps in processes
+    of their own. The first failure stops the sweeps not started and is raised."""
     start = time.perf_counter()
     pool = ThreadPoolExecutor(max_workers=args.jobs)
     running: dict[Future, tuple[Task, str, str, Sweep]] = {}  # -> task, head, phase, sweep
+    ready: list[tuple[tuple[bool, int, float], Task, str, str, Sweep]] = []  # (priority, task, head, phase, sweep)
     finals_left: dict[str, int] = {}
     times["test evaluations"] = 0.0
 
     def launch(task: Task, head: str, phase: str, sweeps: list[Sweep]) -> None:
-        for sweep in sorted(sweeps, key=lambda s: -s.cost):  # the costliest first
+        for sweep in sweeps:
+            ready.append(((phase != "final", args.tasks.index(task.name), -sweep.cost), task, head, phase, sweep))
+        ready.sort(key=lambda item: item[0])
+
+    def fill() -> None:
+        while ready and len(running) < args.jobs:
+            _, task, head, phase, sweep = ready.pop(0)
             running[pool.submit(run_logged, sweep)] = (task, head, phase, sweep)
 
     def ended(task: Task, head: str, phase: str, sweep: Sweep) -> None:
@@ -391,6 +400,7 @@ def run_benchmark(args: argparse.Namespace, out: Path, backbone_ckpt: Path | Non
             task, head, phase, sweep = running.pop(future)
             future.result()
             ended(task, head, phase, sweep)
+            fill()
 
     try:
         for name in args.tasks:
@@ -399,6 +409,7 @@ def run_benchmark(args: argparse.Namespace, out: Path, backbone_ckpt: Path | Non
             times[f"{name}: caches"] = time.perf_counter() - cache_start
             for head in args.heads:
                 launch(task, head, "grid", task.grid[head])
+            fill()
             collect(block=False)
         while running:
             collect(block=True)
