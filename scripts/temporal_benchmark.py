@@ -151,8 +151,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument(
         "--jobs",
         type=int,
-        default=os.cpu_count() or 1,
-        help="training sweeps run at a time (default: the CPU count; a frozen run uses one thread)",
+        help="training sweeps run at a time (default: the CPU count, as a frozen run uses one torch thread; "
+        "with --end-to-end 1, as those runs use the cores their loader workers leave)",
     )
     parser.add_argument("--train", default=f"{shlex.quote(sys.executable)} train.py", help="training command prefix")
     # train.py overrides for every run come after "--"
@@ -174,6 +174,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         parser.error("--backbone static trains a frozen backbone: it does not go with --end-to-end")
     if args.controls and TOKEN_CONTROL not in args.fusions:
         args.fusions = [*args.fusions, TOKEN_CONTROL]
+    if args.jobs is None:
+        args.jobs = 1 if args.end_to_end else os.cpu_count() or 1
     if args.jobs < 1:
         parser.error(f"--jobs {args.jobs}: must be >= 1")
     if args.out.exists():

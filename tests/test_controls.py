@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -358,5 +359,7 @@ def test_the_benchmark_names_the_log_of_a_sweep_that_failed(tmp_path):
     with pytest.raises(RuntimeError, match=ends):
         bench.run_logged(bench.Sweep(tmp_path / "broken", broken, tmp_path / "logs" / "broken.log"))
     assert bench.parse_args([str(tmp_path / "b"), "--jobs", "3"]).jobs == 3
+    assert bench.parse_args([str(tmp_path / "b")]).jobs == (os.cpu_count() or 1)
+    assert bench.parse_args([str(tmp_path / "b"), "--end-to-end"]).jobs == 1  # those runs use the cores
     with pytest.raises(SystemExit):
         bench.parse_args([str(tmp_path / "b"), "--jobs", "0"])
