@@ -144,7 +144,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--matrix",
         action="store_true",
         help="also the temporal benchmark's task x fusion matrix of test top-1 (matrix.md, matrix.csv, "
-        "temporal_matrix.png): best per task, McNemar against it",
+        "temporal_matrix.png): `square` against every other option per task, seeds as the unit (bootstrap "
+        "interval, Welch, Holm), the tasks without a strong token control marked not informative",
     )
     parser.add_argument("--split", default="test", help="the evaluated split the matrix reads (default: test)")
     parser.add_argument(

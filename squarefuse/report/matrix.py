@@ -286,7 +286,7 @@ def write_matrix_csv(matrix: Matrix, path: Path) -> None:
 
 
 def plot_matrix(matrix: Matrix, path: Path) -> None:
-    """A heat map of mean top-1 per task and fusion; the best per task framed, ties marked with ~."""
+    """A heat map of mean top-1 per task and option, each cell marked by its verdict against the reference."""
     fig = Figure(figsize=(1.6 * len(matrix.fusions) + 2, 0.7 * len(matrix.tasks) + 1.8), dpi=100, layout="constrained")
     ax = fig.add_subplot()
     values = [
