@@ -61,7 +61,6 @@ from squarefuse.apps.evaluate import run_eval
 from squarefuse.config.compose_config import compose_app_config, override
 from squarefuse.config.output_dirs import default_eval_dir
 from squarefuse.report.app import make_report
-from squarefuse.report.budget import budget_markdown, plot_budget_curves
 from squarefuse.report.lr_grid import choose_lrs, grid_markdown, params_note
 from squarefuse.report.matrix import PIXEL_CONTROL, TOKEN_CONTROL
 from squarefuse.report.runs import load_runs
@@ -422,7 +421,8 @@ def run_benchmark(args: argparse.Namespace, out: Path, backbone_ckpt: Path | Non
 
 
 def write_reports(args: argparse.Namespace, out: Path) -> Path:
-    """Step 4: the matrix, the lr grid of each head and the budget into OUT/report; returns that folder."""
+    """Step 4: the matrix and the budget (`scripts/report.py --matrix`), and the lr grid of each head, into
+    OUT/report; returns that folder."""
     report = make_report([out / "final"], out / "report", matrix=True)
     grid_notes = []
     for head in args.heads:
@@ -430,9 +430,6 @@ def write_reports(args: argparse.Namespace, out: Path) -> Path:
         head_chosen, points = choose_lrs(head_runs)
         grid_notes.append(f"### head={head}\n\n" + grid_markdown(head_chosen, points) + "\n" + params_note(head_runs))
     (report.out_dir / "lr_grid.md").write_text("\n".join(grid_notes))
-    final_runs = load_runs([out / "final"])
-    (report.out_dir / "budget.md").write_text(budget_markdown(final_runs))
-    plot_budget_curves(final_runs, report.out_dir)
     return report.out_dir
 
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from squarefuse.report.aggregate import Comparison, GroupSummary, compare, summarise
+from squarefuse.report.budget import budget_markdown, plot_budget_curves
 from squarefuse.report.groups import baseline_for, find_baseline, group_runs, parse_terms
 from squarefuse.report.matrix import matrix_markdown, plot_matrix, task_fusion_matrix, write_matrix_csv
 from squarefuse.report.plots import (
@@ -70,7 +71,8 @@ def make_report(
         out_dir: where report.md, report.csv and the PNG plots go (created).
         baseline: KEY=VALUE terms selecting the baseline group; None: `fusion=none` if any group has it.
         matrix: also write the temporal benchmark's task x fusion matrix of `split` top-1
-            (matrix.md, matrix.csv, temporal_matrix.png; `squarefuse.report.matrix`).
+            (matrix.md, matrix.csv, temporal_matrix.png; `squarefuse.report.matrix`) and its budget
+            (budget.md, budget_<task>.png; `squarefuse.report.budget`).
         split: the evaluated split the matrix reads.
 
     Raises:
@@ -125,6 +127,9 @@ def make_report(
         write_matrix_csv(verdict, out_dir / "matrix.csv")
         plot_matrix(verdict, out_dir / "temporal_matrix.png")
         plots.append("temporal_matrix.png")
+        # The second axis, sample efficiency: val top-1 within 96 steps and converged, and the val curves.
+        (out_dir / "budget.md").write_text(budget_markdown(runs))
+        plots += plot_budget_curves(runs, out_dir)
     return Report(summaries=summaries, out_dir=out_dir, notes=notes, plots=plots)
 
 
