@@ -37,8 +37,8 @@ control reaches 90 % test top-1 (squarefuse/report/matrix.py).
      OUT/report/lr_grid.md (every grid point, the chosen rates, the fusion parameters), budget.md and
      budget_<task>.png (val top-1 within the earlier protocol's 96 steps and converged; val curves
      against optimiser steps: squarefuse/report/budget.py)
-The training sweeps run --jobs at a time (default: the CPU count; each frozen run uses one thread),
-each one's output in OUT/logs/<sweep>.log. `--train` is the training command prefix (default: this
+The training sweeps run --jobs at a time (default: the CPU count, each frozen run using one thread;
+with --end-to-end 1), each one's output in OUT/logs/<sweep>.log. `--train` is the training command prefix (default: this
 Python with train.py). Wall times of each phase go to OUT/benchmark.json.
 """
 
